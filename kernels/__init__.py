@@ -1,0 +1,49 @@
+"""The ``mka::`` custom ops: one module per op family (reference, registration; Triton on GPU).
+
+Importing this package registers every op with ``torch.library``:
+
+- ``mka::session_scan`` (+ ``_backward``): L2 session EMA with carried float32 state;
+- ``mka::chunk_update`` (+ ``_backward``) and ``mka::recall_select``: L3 chunk summaries and recall;
+- ``mka::route_mix`` (+ ``_backward``): FastMKA's routed mix of K/V levels;
+- ``mka::mka_attention`` (+ ``_backward``): MKA's multi-level attention.
+"""
+
+from __future__ import annotations
+
+from .longterm import (
+    gather_recalled,
+    real_positions,
+    recall_weights,
+    reference_chunk_update,
+    reference_recall_select,
+)
+from .mka_attention import mka_attention, reference_mka_attention
+from .route_mix import reference_route_mix, route_mix
+from .session_scan import reference_session_scan, session_scan
+
+OPS = (
+    "session_scan",
+    "session_scan_backward",
+    "chunk_update",
+    "chunk_update_backward",
+    "recall_select",
+    "route_mix",
+    "route_mix_backward",
+    "mka_attention",
+    "mka_attention_backward",
+)
+
+__all__ = [
+    "OPS",
+    "gather_recalled",
+    "mka_attention",
+    "real_positions",
+    "recall_weights",
+    "reference_chunk_update",
+    "reference_mka_attention",
+    "reference_recall_select",
+    "reference_route_mix",
+    "reference_session_scan",
+    "route_mix",
+    "session_scan",
+]

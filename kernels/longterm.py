@@ -1,0 +1,256 @@
+"""L3 long-term memory: chunk summaries and causal memory-keyed top-R recall.
+
+The past is cut into chunks of C real tokens (padding does not count). A completed chunk c (real
+positions ``[c*C, (c+1)*C)``) has a summary key and value: the mean of its ``k1`` / ``v1`` per kv head.
+A query at real position p may recall chunk c iff ``(c + 1) * C <= p`` (the chunk was completed before
+it), so ``p // C`` chunks are available to it, plus every valid entry of an optional external memory
+bank. It recalls the top-R entries by ``q_r . key`` where ``q_r`` is the recall query (the mean over
+the query heads of a kv group of the un-rotated query; for MHA simply the query).
+
+State carried between calls (float32): ``part_k, part_v: [B, Hkv, d]``, the sums of the current
+incomplete chunk (it holds ``n_seen % C`` tokens), and ``summ_k, summ_v: [B, Hkv, N, d]``, the
+summaries of completed chunks in a buffer of N slots (slot c = chunk c; a row uses
+``n_seen // C`` of them). The caller sizes N; ``mka::chunk_update`` raises when it is too small.
+
+Ops:
+- ``mka::chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size)
+  -> (part_k, part_v, summ_k, summ_v)`` (differentiable in k, v and the state);
+- ``mka::recall_select(q_r, summ_k, pos, chunk_size, top_r, bank_k, bank_valid) -> (idx, found)``:
+  ``idx, found: [B, Hkv, T, R]`` index into ``cat(summ, bank)`` along the slot axis (a discrete
+  selection: not differentiable; gradients reach keys and values through :func:`gather_recalled`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validate as check
+from ._vjp import reference_vjp, zeros_for_none
+
+
+def real_positions(valid: torch.Tensor, n_seen: torch.Tensor) -> torch.Tensor:
+    """``pos: [B, T]`` int64, the real (padding-free) position of each token; 0 on leading padding."""
+    return (n_seen[:, None] + valid.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def reference_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size: int):
+    """Pure-torch definition of ``mka::chunk_update`` (see the module docstring)."""
+    B, H, T, d = k.shape
+    N = summ_k.shape[2]
+    cdt = part_k.dtype
+    x = torch.cat([k, v], -1).to(cdt)  # (B, H, T, 2d)
+    pos = real_positions(valid, n_seen)
+    slot = torch.where(valid, pos // chunk_size, torch.full_like(pos, N + 1))  # pads -> dump slot
+    sums = x.new_zeros(B, H, N + 2, 2 * d)
+    sums = sums.scatter_add(2, slot[:, None, :, None].expand(B, H, T, 2 * d), x)
+    first = n_seen // chunk_size  # (B,) chunk that holds the carried partial sum
+    part = torch.cat([part_k, part_v], -1)[:, :, None, :]  # (B, H, 1, 2d)
+    sums = sums.scatter_add(2, first[:, None, None, None].expand(B, H, 1, 2 * d), part)
+    n_new = n_seen + valid.long().sum(-1)
+    done = n_new // chunk_size  # (B,) completed chunks after this call
+    slots = torch.arange(N, device=k.device)
+    fresh = (slots[None, :] >= first[:, None]) & (slots[None, :] < done[:, None])  # (B, N)
+    summ = torch.where(fresh[:, None, :, None], sums[:, :, :N] / chunk_size, torch.cat([summ_k, summ_v], -1))
+    new_part = sums.gather(2, done[:, None, None, None].expand(B, H, 1, 2 * d)).squeeze(2)
+    return (
+        new_part[..., :d].contiguous(),
+        new_part[..., d:].contiguous(),
+        summ[..., :d].contiguous(),
+        summ[..., d:].contiguous(),
+    )
+
+
+def check_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size) -> None:
+    check.rank("k", k, 4, "[B, Hkv, T, d]")
+    check.floating("k", k)
+    check.shape("v", v, k.shape, "[B, Hkv, T, d] like k")
+    check.same_dtype("k", k, v=v)
+    B, H, T, d = k.shape
+    check.shape("valid", valid, (B, T), "[B, T]")
+    check.dtype("valid", valid, torch.bool, " (True = real token)")
+    check.shape("n_seen", n_seen, (B,), "[B]")
+    check.dtype("n_seen", n_seen, torch.int64)
+    state_dt = (torch.float32, torch.float64) if k.dtype == torch.float64 else torch.float32
+    for name, s in (("part_k", part_k), ("part_v", part_v)):
+        check.shape(name, s, (B, H, d), "[B, Hkv, d]")
+        check.dtype(name, s, state_dt, " (MKA state is float32 whatever the activation dtype)")
+    check.rank("summ_k", summ_k, 4, "[B, Hkv, N, d]")
+    for name, s in (("summ_k", summ_k), ("summ_v", summ_v)):
+        check.shape(name, s, (B, H, summ_k.shape[2], d), "[B, Hkv, N, d]")
+        check.dtype(name, s, state_dt, " (MKA state is float32 whatever the activation dtype)")
+    check.same_dtype("part_k", part_k, part_v=part_v, summ_k=summ_k, summ_v=summ_v)
+    check.same_device("k", k, v=v, valid=valid, n_seen=n_seen, part_k=part_k, part_v=part_v, summ_k=summ_k,
+                      summ_v=summ_v)
+    check.positive_int("chunk_size", chunk_size)
+
+
+def _check_capacity(valid, n_seen, summ_k, chunk_size) -> None:
+    need = int(((n_seen + valid.long().sum(-1)) // chunk_size).max().item()) if n_seen.numel() else 0
+    if need > summ_k.shape[2]:
+        raise ValueError(
+            f"summ_k has {summ_k.shape[2]} chunk slots but {need} chunks are complete after this call; "
+            "grow the summary buffer (MKACache does this) or preallocate max_len // chunk_size slots"
+        )
+
+
+@torch.library.custom_op("mka::chunk_update", mutates_args=())
+def _chunk_update_op(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor,
+    n_seen: torch.Tensor,
+    part_k: torch.Tensor,
+    part_v: torch.Tensor,
+    summ_k: torch.Tensor,
+    summ_v: torch.Tensor,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size)
+    _check_capacity(valid, n_seen, summ_k, chunk_size)
+    return reference_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size)
+
+
+@_chunk_update_op.register_fake
+def _(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size):
+    check_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size)
+    return tuple(torch.empty_like(t) for t in (part_k, part_v, summ_k, summ_v))
+
+
+@torch.library.custom_op("mka::chunk_update_backward", mutates_args=())
+def _chunk_update_backward_op(
+    grad_part_k: torch.Tensor,
+    grad_part_v: torch.Tensor,
+    grad_summ_k: torch.Tensor,
+    grad_summ_v: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor,
+    n_seen: torch.Tensor,
+    part_k: torch.Tensor,
+    part_v: torch.Tensor,
+    summ_k: torch.Tensor,
+    summ_v: torch.Tensor,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def ref(k_, v_, pk, pv, sk, sv):
+        return reference_chunk_update(k_, v_, valid, n_seen, pk, pv, sk, sv, chunk_size)
+
+    grads = [grad_part_k, grad_part_v, grad_summ_k, grad_summ_v]
+    return tuple(reference_vjp(ref, [k, v, part_k, part_v, summ_k, summ_v], grads))
+
+
+@_chunk_update_backward_op.register_fake
+def _(grad_part_k, grad_part_v, grad_summ_k, grad_summ_v, k, v, valid, n_seen, part_k, part_v, summ_k, summ_v,
+      chunk_size):
+    return tuple(torch.empty_like(t) for t in (k, v, part_k, part_v, summ_k, summ_v))
+
+
+def _chunk_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8])
+    ctx.chunk_size = inputs[8]
+
+
+def _chunk_backward(ctx, gpk, gpv, gsk, gsv):
+    k, v, valid, n_seen, part_k, part_v, summ_k, summ_v = ctx.saved_tensors
+    grads = zeros_for_none([gpk, gpv, gsk, gsv], [part_k, part_v, summ_k, summ_v])
+    gk, gv, gpk_, gpv_, gsk_, gsv_ = torch.ops.mka.chunk_update_backward(
+        *grads, k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, ctx.chunk_size
+    )
+    return gk, gv, None, None, gpk_, gpv_, gsk_, gsv_, None
+
+
+_chunk_update_op.register_autograd(_chunk_backward, setup_context=_chunk_setup)
+
+
+def reference_recall_select(q_r, summ_k, pos, chunk_size: int, top_r: int, bank_k=None, bank_valid=None):
+    """Pure-torch definition of ``mka::recall_select`` (see the module docstring)."""
+    B, H, T, d = q_r.shape
+    N = summ_k.shape[2]
+    cdt = summ_k.dtype
+    scores = torch.einsum("bhtd,bhnd->bhtn", q_r.to(cdt), summ_k)  # (B, H, T, N)
+    avail = torch.arange(N, device=q_r.device)[None, None, :] < (pos // chunk_size)[:, :, None]  # (B, T, N)
+    avail = avail[:, None].expand(B, H, T, N)
+    if bank_k is not None:
+        scores = torch.cat([scores, torch.einsum("bhtd,bhmd->bhtm", q_r.to(cdt), bank_k.to(cdt))], -1)
+        M = bank_k.shape[2]
+        bv = bank_valid if bank_valid is not None else torch.ones(B, M, dtype=torch.bool, device=q_r.device)
+        avail = torch.cat([avail, bv[:, None, None, :].expand(B, H, T, M)], -1)
+    width = scores.shape[-1]
+    take = min(top_r, width)
+    idx = torch.zeros(B, H, T, top_r, dtype=torch.int64, device=q_r.device)
+    found = torch.zeros(B, H, T, top_r, dtype=torch.bool, device=q_r.device)
+    if take > 0:
+        vals, top = scores.masked_fill(~avail, -torch.inf).topk(take, dim=-1)
+        ok = torch.isfinite(vals)
+        idx[..., :take] = torch.where(ok, top, torch.zeros_like(top))
+        found[..., :take] = ok
+    return idx, found
+
+
+def check_recall_select(q_r, summ_k, pos, chunk_size, top_r, bank_k, bank_valid) -> None:
+    check.rank("q_r", q_r, 4, "[B, Hkv, T, d]")
+    check.floating("q_r", q_r)
+    B, H, T, d = q_r.shape
+    check.rank("summ_k", summ_k, 4, "[B, Hkv, N, d]")
+    check.shape("summ_k", summ_k, (B, H, summ_k.shape[2], d), "[B, Hkv, N, d]")
+    check.floating("summ_k", summ_k)
+    check.shape("pos", pos, (B, T), "[B, T]")
+    check.dtype("pos", pos, torch.int64)
+    check.positive_int("chunk_size", chunk_size)
+    check.positive_int("top_r", top_r)
+    if bank_k is not None:
+        check.rank("bank_k", bank_k, 4, "[B, Hkv, M, d]")
+        check.shape("bank_k", bank_k, (B, H, bank_k.shape[2], d), "[B, Hkv, M, d]")
+        check.floating("bank_k", bank_k)
+        if bank_valid is not None:
+            check.shape("bank_valid", bank_valid, (B, bank_k.shape[2]), "[B, M]")
+            check.dtype("bank_valid", bank_valid, torch.bool)
+    elif bank_valid is not None:
+        raise ValueError("bank_valid was given without bank_k; pass the bank keys too")
+    check.same_device("q_r", q_r, summ_k=summ_k, pos=pos, bank_k=bank_k, bank_valid=bank_valid)
+
+
+@torch.library.custom_op("mka::recall_select", mutates_args=())
+def _recall_select_op(
+    q_r: torch.Tensor,
+    summ_k: torch.Tensor,
+    pos: torch.Tensor,
+    chunk_size: int,
+    top_r: int,
+    bank_k: torch.Tensor | None = None,
+    bank_valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_recall_select(q_r, summ_k, pos, chunk_size, top_r, bank_k, bank_valid)
+    return reference_recall_select(q_r, summ_k, pos, chunk_size, top_r, bank_k, bank_valid)
+
+
+@_recall_select_op.register_fake
+def _(q_r, summ_k, pos, chunk_size, top_r, bank_k=None, bank_valid=None):
+    check_recall_select(q_r, summ_k, pos, chunk_size, top_r, bank_k, bank_valid)
+    B, H, T, _ = q_r.shape
+    return (
+        q_r.new_empty(B, H, T, top_r, dtype=torch.int64),
+        q_r.new_empty(B, H, T, top_r, dtype=torch.bool),
+    )
+
+
+def gather_recalled(
+    idx: torch.Tensor,
+    summ: torch.Tensor,
+    bank: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Recalled entries ``[B, Hkv, T, R, d]`` from ``summ: [B, Hkv, N, d]`` (+ ``bank: [B, Hkv, M, d]``)."""
+    table = summ if bank is None else torch.cat([summ, bank.to(summ.dtype)], 2)
+    B, H, T, R = idx.shape
+    d = table.shape[-1]
+    flat = idx.reshape(B, H, T * R, 1).expand(B, H, T * R, d)
+    return table.gather(2, flat).view(B, H, T, R, d)  # (B, Hkv, T, R, d)
+
+
+def recall_weights(q_r: torch.Tensor, k3: torch.Tensor, found: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax of ``scale * q_r . k3`` over the found entries: ``[B, Hkv, T, R]``; all-zero if none."""
+    s = torch.einsum("bhtd,bhtrd->bhtr", q_r.to(k3.dtype), k3) * scale
+    s = s.masked_fill(~found, -torch.inf)
+    any_found = found.any(-1, keepdim=True)
+    w = torch.softmax(s.masked_fill(~any_found, 0.0), -1)
+    return torch.where(found, w, torch.zeros_like(w))

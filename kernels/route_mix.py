@@ -1,0 +1,98 @@
+"""FastMKA route-mix: ``kf_t = sum_l lam_tl * k_l,t`` and ``vf_t`` likewise, for every kv head.
+
+Shapes: ``lam: [B, G, T, L]`` with G = 1 (one routing shared by all heads) or G = Hkv (per kv head);
+``ks, vs``: lists of L tensors ``[B, Hkv, T, d]`` (level order as in ``MKAConfig.levels``).
+Returns ``kf, vf: [B, Hkv, T, d]`` in the dtype of ``ks[0]``; the sum is accumulated in float32
+(float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validate as check
+from ._vjp import reference_vjp, zeros_for_none
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def reference_route_mix(lam, ks, vs):
+    """Pure-torch definition of ``mka::route_mix``."""
+    acc = _acc_dtype(ks[0])
+    w = lam.to(acc)[..., None]  # (B, G, T, L, 1)
+    kf = sum(w[..., i, :] * k.to(acc) for i, k in enumerate(ks))
+    vf = sum(w[..., i, :] * v.to(acc) for i, v in enumerate(vs))
+    return kf.to(ks[0].dtype), vf.to(vs[0].dtype)
+
+
+def check_route_mix(lam, ks, vs) -> None:
+    if len(ks) == 0 or len(ks) != len(vs):
+        raise ValueError(f"ks and vs must be lists of the same non-zero length, got {len(ks)} and {len(vs)}")
+    check.rank("ks[0]", ks[0], 4, "[B, Hkv, T, d]")
+    for i, (k, v) in enumerate(zip(ks, vs)):
+        check.floating(f"ks[{i}]", k)
+        check.shape(f"ks[{i}]", k, ks[0].shape, "[B, Hkv, T, d] like ks[0]")
+        check.shape(f"vs[{i}]", v, ks[0].shape, "[B, Hkv, T, d] like ks[0]")
+        check.same_dtype("ks[0]", ks[0], **{f"ks[{i}]": k, f"vs[{i}]": v})
+        check.same_device("ks[0]", ks[0], **{f"ks[{i}]": k, f"vs[{i}]": v})
+    B, H, T, _ = ks[0].shape
+    check.rank("lam", lam, 4, "[B, G, T, L]")
+    check.floating("lam", lam)
+    if lam.shape[1] not in (1, H):
+        raise ValueError(f"lam has {lam.shape[1]} routing groups; use G = 1 (shared) or G = Hkv = {H}")
+    check.shape("lam", lam, (B, lam.shape[1], T, len(ks)), "[B, G, T, L] with L = len(ks)")
+    check.same_device("ks[0]", ks[0], lam=lam)
+
+
+@torch.library.custom_op("mka::route_mix", mutates_args=())
+def _route_mix_op(lam: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    check_route_mix(lam, ks, vs)
+    return reference_route_mix(lam, ks, vs)
+
+
+@_route_mix_op.register_fake
+def _(lam, ks, vs):
+    check_route_mix(lam, ks, vs)
+    return torch.empty_like(ks[0]), torch.empty_like(vs[0])
+
+
+@torch.library.custom_op("mka::route_mix_backward", mutates_args=())
+def _route_mix_backward_op(
+    grad_kf: torch.Tensor, grad_vf: torch.Tensor, lam: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    n = len(ks)
+
+    def ref(lam_, *kv):
+        return reference_route_mix(lam_, list(kv[:n]), list(kv[n:]))
+
+    got = reference_vjp(ref, [lam, *ks, *vs], [grad_kf, grad_vf])
+    return got[0], got[1 : n + 1], got[n + 1 :]
+
+
+@_route_mix_backward_op.register_fake
+def _(grad_kf, grad_vf, lam, ks, vs):
+    return torch.empty_like(lam), [torch.empty_like(k) for k in ks], [torch.empty_like(v) for v in vs]
+
+
+def _setup(ctx, inputs, output):
+    lam, ks, vs = inputs
+    ctx.n = len(ks)
+    ctx.save_for_backward(lam, *ks, *vs)
+
+
+def _backward(ctx, grad_kf, grad_vf):
+    lam, *kv = ctx.saved_tensors
+    ks, vs = kv[: ctx.n], kv[ctx.n :]
+    gk, gv = zeros_for_none([grad_kf, grad_vf], [ks[0], vs[0]])
+    glam, gks, gvs = torch.ops.mka.route_mix_backward(gk, gv, lam, list(ks), list(vs))
+    return glam, list(gks), list(gvs)
+
+
+_route_mix_op.register_autograd(_backward, setup_context=_setup)
+
+
+def route_mix(lam: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mka::route_mix``: ``(kf, vf) = (sum_l lam_l ks[l], sum_l lam_l vs[l])``; see the module docstring."""
+    return torch.ops.mka.route_mix(lam, list(ks), list(vs))

@@ -1,0 +1,202 @@
+"""L2 session memory: a causal exponential moving average of keys and values, carried across calls.
+
+Math (per batch row b, kv head h, feature i; ``a_t`` depends only on b and t)::
+
+    s_t = a_t * s_{t-1} + (1 - a_t) * k_t
+    a_t = 1     if token t is padding      (the state is left untouched)
+    a_t = 0     if t is the first real token the state ever sees (n_seen == 0): s_t = k_t
+    a_t = beta  otherwise
+
+Starting from the first token (rather than from zeros) makes the weights of every state sum to one,
+so the EMA of ``x W + b`` equals the EMA of ``x`` projected by ``W`` plus ``b``: mixing in K/V space
+equals projecting the mixed hidden state, biases included.
+
+Shapes: ``k, v: [B, Hkv, T, d]``; ``valid: [B, T]`` bool; ``state_k, state_v: [B, Hkv, d]`` float32
+(float64 with float64 inputs); ``n_seen: [B]`` int64, real tokens seen before this call.
+Returns ``s_k, s_v: [B, Hkv, T, d]`` in the activation dtype and the new states (state dtype).
+
+The reference is a two-level chunked scan (intra-chunk decay matrices, then a scan over chunk
+carries), computed in the state dtype with float64 log-decays; no Python loop over T.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _validate as check
+from ._vjp import reference_vjp, zeros_for_none
+
+SCAN_CHUNK = 32
+_LOG_ZERO = -1.0e4  # log of a zero decay: exp() of anything that includes it is exactly 0
+
+
+def decay_factors(valid: torch.Tensor, n_seen: torch.Tensor, beta: float) -> torch.Tensor:
+    """``a: [B, T]`` float64 per the definition above."""
+    first = valid & (n_seen[:, None] == 0) & (valid.cumsum(-1) == 1)
+    a = torch.full(valid.shape, float(beta), dtype=torch.float64, device=valid.device)
+    a = torch.where(valid, a, torch.ones_like(a))
+    return torch.where(first, torch.zeros_like(a), a)
+
+
+def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor, chunk: int = SCAN_CHUNK) -> torch.Tensor:
+    """``h_t = a_t * h_{t-1} + x_t``; ``a: [B, T]`` in [0, 1], ``x: [B, H, T, D]``, ``h0: [B, H, D]``."""
+    B, H, T, D = x.shape
+    cs_len = max(1, min(chunk, T))
+    n = math.ceil(T / cs_len)
+    pad = n * cs_len - T
+    la = torch.where(a > 0, torch.log(a.clamp_min(1e-300)), torch.full_like(a, _LOG_ZERO))
+    if pad:
+        la = torch.nn.functional.pad(la, (0, pad))
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    cs = la.cumsum(-1).view(B, n, cs_len)  # (B, n, C) cumulative log-decay
+    tri = torch.ones(cs_len, cs_len, dtype=torch.bool, device=x.device).tril()
+    diff = (cs[..., :, None] - cs[..., None, :]).masked_fill(~tri, -math.inf)
+    intra = torch.exp(diff).to(x.dtype)  # (B, n, C, C): decay from j to t inside a chunk
+    y = torch.einsum("bntj,bhnjd->bhntd", intra, x.view(B, H, n, cs_len, D))  # zero-carry states
+    ends = cs[..., -1]  # (B, n)
+    starts = torch.nn.functional.pad(ends[:, :-1], (1, 0))  # cumulative log-decay before chunk m
+    m_idx = torch.arange(n, device=x.device)
+    lower = m_idx[None, :] < m_idx[:, None]  # (m, j): j < m
+    carry_w = torch.exp((starts[:, :, None] - ends[:, None, :]).masked_fill(~lower, -math.inf))
+    carry = torch.einsum("bmj,bhjd->bhmd", carry_w.to(x.dtype), y[:, :, :, -1])
+    carry = carry + torch.exp(starts).to(x.dtype)[:, None, :, None] * h0[:, :, None, :]  # (B, H, n, D)
+    into = torch.exp(cs - starts[..., None]).to(x.dtype)  # (B, n, C): decay from chunk start to t
+    h = y + into[:, None, :, :, None] * carry[:, :, :, None, :]
+    return h.reshape(B, H, n * cs_len, D)[:, :, :T]
+
+
+def reference_session_scan(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor,
+    state_k: torch.Tensor,
+    state_v: torch.Tensor,
+    n_seen: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pure-torch definition (differentiable); see the module docstring for shapes."""
+    d = k.shape[-1]
+    cdt = state_k.dtype
+    a = decay_factors(valid, n_seen, beta)  # (B, T)
+    x = torch.cat([k, v], -1).to(cdt) * (1.0 - a).to(cdt)[:, None, :, None]  # (B, Hkv, T, 2d)
+    h = linear_scan(a, x, torch.cat([state_k, state_v], -1))
+    return (
+        h[..., :d].to(k.dtype).contiguous(),  # a slice of the last dim: always a fresh tensor
+        h[..., d:].to(v.dtype).contiguous(),
+        h[:, :, -1, :d].contiguous(),
+        h[:, :, -1, d:].contiguous(),
+    )
+
+
+def check_session_scan(k, v, valid, state_k, state_v, n_seen, beta) -> None:
+    check.rank("k", k, 4, "[B, Hkv, T, d]")
+    check.floating("k", k)
+    check.shape("v", v, k.shape, "[B, Hkv, T, d] like k")
+    check.same_dtype("k", k, v=v)
+    B, H, T, d = k.shape
+    if T < 1:
+        raise ValueError("k must hold at least one token (T >= 1)")
+    check.shape("valid", valid, (B, T), "[B, T]")
+    check.dtype("valid", valid, torch.bool, " (True = real token)")
+    state_dt = (torch.float32, torch.float64) if k.dtype == torch.float64 else torch.float32
+    for name, s in (("state_k", state_k), ("state_v", state_v)):
+        check.shape(name, s, (B, H, d), "[B, Hkv, d]")
+        check.dtype(name, s, state_dt, " (MKA state is float32 whatever the activation dtype)")
+    check.same_dtype("state_k", state_k, state_v=state_v)
+    check.shape("n_seen", n_seen, (B,), "[B]")
+    check.dtype("n_seen", n_seen, torch.int64)
+    check.same_device("k", k, v=v, valid=valid, state_k=state_k, state_v=state_v, n_seen=n_seen)
+    check.beta(beta)
+
+
+@torch.library.custom_op("mka::session_scan", mutates_args=())
+def _session_scan_op(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor,
+    state_k: torch.Tensor,
+    state_v: torch.Tensor,
+    n_seen: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_session_scan(k, v, valid, state_k, state_v, n_seen, beta)
+    return reference_session_scan(k, v, valid, state_k, state_v, n_seen, beta)
+
+
+@_session_scan_op.register_fake
+def _(k, v, valid, state_k, state_v, n_seen, beta):
+    check_session_scan(k, v, valid, state_k, state_v, n_seen, beta)
+    return torch.empty_like(k), torch.empty_like(v), torch.empty_like(state_k), torch.empty_like(state_v)
+
+
+@torch.library.custom_op("mka::session_scan_backward", mutates_args=())
+def _session_scan_backward_op(
+    grad_sk: torch.Tensor,
+    grad_sv: torch.Tensor,
+    grad_state_k: torch.Tensor,
+    grad_state_v: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor,
+    state_k: torch.Tensor,
+    state_v: torch.Tensor,
+    n_seen: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def ref(k_, v_, sk_, sv_):
+        return reference_session_scan(k_, v_, valid, sk_, sv_, n_seen, beta)
+
+    gk, gv, gsk, gsv = reference_vjp(
+        ref, [k, v, state_k, state_v], [grad_sk, grad_sv, grad_state_k, grad_state_v]
+    )
+    return gk, gv, gsk, gsv
+
+
+@_session_scan_backward_op.register_fake
+def _(grad_sk, grad_sv, grad_state_k, grad_state_v, k, v, valid, state_k, state_v, n_seen, beta):
+    return torch.empty_like(k), torch.empty_like(v), torch.empty_like(state_k), torch.empty_like(state_v)
+
+
+def _setup_context(ctx, inputs, output):
+    k, v, valid, state_k, state_v, n_seen, beta = inputs
+    ctx.save_for_backward(k, v, valid, state_k, state_v, n_seen)
+    ctx.beta = beta
+
+
+def _backward(ctx, grad_sk, grad_sv, grad_state_k, grad_state_v):
+    k, v, valid, state_k, state_v, n_seen = ctx.saved_tensors
+    grads = zeros_for_none([grad_sk, grad_sv, grad_state_k, grad_state_v], [k, v, state_k, state_v])
+    gk, gv, gsk, gsv = torch.ops.mka.session_scan_backward(*grads, k, v, valid, state_k, state_v, n_seen, ctx.beta)
+    return gk, gv, None, gsk, gsv, None, None
+
+
+_session_scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def session_scan(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: float,
+    valid: torch.Tensor | None = None,
+    state_k: torch.Tensor | None = None,
+    state_v: torch.Tensor | None = None,
+    n_seen: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``mka::session_scan`` with defaults: all tokens valid, an empty float32 state.
+
+    ``k, v: [B, Hkv, T, d]`` -> ``(s_k, s_v, state_k, state_v)``; see the module docstring.
+    """
+    check.rank("k", k, 4, "[B, Hkv, T, d]")
+    B, H, T, d = k.shape
+    sdt = torch.float64 if k.dtype == torch.float64 else torch.float32
+    if valid is None:
+        valid = torch.ones(B, T, dtype=torch.bool, device=k.device)
+    if state_k is None:
+        state_k = torch.zeros(B, H, d, dtype=sdt, device=k.device)
+    if state_v is None:
+        state_v = torch.zeros(B, H, d, dtype=sdt, device=k.device)
+    if n_seen is None:
+        n_seen = torch.zeros(B, dtype=torch.int64, device=k.device)
+    return torch.ops.mka.session_scan(k, v, valid, state_k, state_v, n_seen, float(beta))
