@@ -17,7 +17,7 @@ from .longterm import (
     reference_chunk_update,
     reference_recall_select,
 )
-from .mka_attention import mka_attention, reference_mka_attention
+from .mka_attention import mka_attention, reference_mka_attention, visibility
 from .route_mix import reference_route_mix, route_mix
 from .session_scan import reference_session_scan, session_scan
 
@@ -46,4 +46,5 @@ __all__ = [
     "reference_session_scan",
     "route_mix",
     "session_scan",
+    "visibility",
 ]

@@ -1,0 +1,268 @@
+"""``FastMKAAttention`` and ``MKAAttention``: attention layers built on the ``mka::`` ops.
+
+Both take ``x: [B, T, D]`` and return ``[B, T, D]``. A layer owns q/k/v/o projections, an optional
+RoPE, GQA (``num_kv_heads`` dividing ``num_heads``), a router MLP on the query projection, and a gate
+on the non-local levels. Pass an :class:`MKACache` to run prefill and decode: the KV cache and the
+MKA state (session EMA, long-term chunk state) ride in it, so decoding equals one full forward.
+
+``attention_mask: [B, T]`` (bool, True = real token) marks padding of this call's tokens; padded
+tokens leave the memory untouched and do not count as positions (left padding gives the same
+outputs on the real tokens as running each sequence alone).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mka_compile import kernels as K
+from mka_compile.config import MKAConfig
+from mka_compile.kernels import _validate as check
+from mka_compile.layers.cache import MKACache, MKALayerState
+from mka_compile.layers.rope import RotaryEmbedding
+
+MemoryBank = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class Router(nn.Module):
+    """``logits = W2 silu(W1 q)``: ``[B, T, D_q] -> [B, T, G * L]``."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, out_features)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.silu(self.fc1(q)))
+
+
+class _MKABase(nn.Module):
+    mode: str = ""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        *,
+        config: MKAConfig | None = None,
+        rope: bool = True,
+        rope_base: float = 10000.0,
+        bias: bool = False,
+        layer_idx: int = 0,
+    ) -> None:
+        super().__init__()
+        self.config = config if config is not None else MKAConfig()
+        if not isinstance(self.config, MKAConfig):
+            raise ValueError(f"config must be an MKAConfig, got {type(self.config).__name__}")
+        for name, val in (("hidden_size", hidden_size), ("num_heads", num_heads)):
+            check.positive_int(name, val)
+        self.num_heads = num_heads
+        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        check.positive_int("num_kv_heads", self.num_kv_heads)
+        check.heads_divide(num_heads, self.num_kv_heads, "num_heads", "num_kv_heads")
+        if head_dim is None and hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}; pass head_dim")
+        self.head_dim = head_dim if head_dim is not None else hidden_size // num_heads
+        check.positive_int("head_dim", self.head_dim)
+        self.hidden_size = hidden_size
+        self.layer_idx = layer_idx
+        self.scale = self.head_dim**-0.5
+        qd, kvd = num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden_size, qd, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, kvd, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, kvd, bias=bias)
+        self.o_proj = nn.Linear(qd, hidden_size, bias=bias)
+        self.rotary = RotaryEmbedding(self.head_dim, rope_base) if rope else None
+        self.groups = self.num_kv_heads if self.config.router_per_head else 1
+        hidden = self.config.router_hidden or max(1, qd // 2)
+        self.router = Router(qd, hidden, self.groups * self.config.num_levels)
+        self.gate = nn.Parameter(torch.full((1,), float(self.config.gate_init)))
+
+    # -- shared pieces ---------------------------------------------------------------------------
+    def _rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return t if self.rotary is None else self.rotary(t, pos)
+
+    def _check_inputs(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        check.rank("x", x, 3, "[B, T, hidden_size]")
+        check.floating("x", x)
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x has {x.shape[-1]} features but the layer expects hidden_size={self.hidden_size}")
+        if x.shape[1] < 1:
+            raise ValueError("x must hold at least one token (T >= 1)")
+        w = self.q_proj.weight
+        if x.dtype != w.dtype:
+            raise ValueError(f"x has dtype {x.dtype} but the layer's weights are {w.dtype}; cast one to the other")
+        check.same_device("layer weights", w, x=x)
+        B, T, _ = x.shape
+        if attention_mask is None:
+            return torch.ones(B, T, dtype=torch.bool, device=x.device)
+        check.shape("attention_mask", attention_mask, (B, T), "[B, T] for this call's tokens")
+        check.same_device("x", x, attention_mask=attention_mask)
+        if attention_mask.dtype != torch.bool:
+            if attention_mask.is_floating_point() or attention_mask.dtype == torch.bool:
+                raise ValueError("attention_mask must be bool or 0/1 integers (True/1 = real token)")
+            attention_mask = attention_mask != 0
+        return attention_mask
+
+    def _state(self, cache: MKACache | None, B: int, x: torch.Tensor) -> MKALayerState:
+        sdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        kw = dict(batch=B, kv_heads=self.num_kv_heads, head_dim=self.head_dim, device=x.device, state_dtype=sdt)
+        if cache is None:
+            return MKALayerState.empty(kw["batch"], kw["kv_heads"], kw["head_dim"], kw["device"], sdt)
+        if not isinstance(cache, MKACache):
+            raise ValueError(f"cache must be an MKACache, got {type(cache).__name__}")
+        return cache.layer(self.layer_idx, **kw)
+
+    def _bank(self, bank: MemoryBank | None, B: int, x: torch.Tensor):
+        if bank is None:
+            return None, None, None
+        if not self.config.uses_longterm:
+            raise ValueError("memory_bank needs the 'longterm' level in config.levels")
+        if not isinstance(bank, (tuple, list)) or len(bank) not in (2, 3):
+            raise ValueError("memory_bank must be (bank_k, bank_v) or (bank_k, bank_v, bank_valid)")
+        bk, bv = bank[0], bank[1]
+        bvalid = bank[2] if len(bank) == 3 else None
+        check.rank("memory_bank[0]", bk, 4, "[B, Hkv, M, head_dim]")
+        check.shape("memory_bank[0]", bk, (B, self.num_kv_heads, bk.shape[2], self.head_dim), "[B, Hkv, M, head_dim]")
+        check.shape("memory_bank[1]", bv, bk.shape, "[B, Hkv, M, head_dim] like memory_bank[0]")
+        check.same_device("x", x, memory_bank_k=bk, memory_bank_v=bv, memory_bank_valid=bvalid)
+        return bk, bv, bvalid
+
+    def _memory(self, x, valid, st: MKALayerState, bank):
+        """Projections, levels and routing. Returns q, [k_l], [v_l], recall info, lam, pos."""
+        B, T, _ = x.shape
+        H, Hkv, d, cfg = self.num_heads, self.num_kv_heads, self.head_dim, self.config
+        q_flat = self.q_proj(x)
+        q = q_flat.view(B, T, H, d).transpose(1, 2)  # (B, H, T, d)
+        k1 = self.k_proj(x).view(B, T, Hkv, d).transpose(1, 2)  # (B, Hkv, T, d)
+        v1 = self.v_proj(x).view(B, T, Hkv, d).transpose(1, 2)
+        pos = K.real_positions(valid, st.n_seen)  # (B, T)
+        ks, vs = [k1], [v1]
+        if cfg.uses_session:
+            sk, sv, st.ema_k, st.ema_v = K.session_scan(k1, v1, cfg.ema_beta, valid, st.ema_k, st.ema_v, st.n_seen)
+            ks.append(sk)
+            vs.append(sv)
+        recall = None
+        has_recall = None
+        if cfg.uses_longterm:
+            bk, bv, bvalid = bank
+            st.ensure_summary_slots(int(((st.n_seen + valid.sum(-1)) // cfg.chunk_size).max()))
+            st.part_k, st.part_v, st.summ_k, st.summ_v = torch.ops.mka.chunk_update(
+                k1, v1, valid, st.n_seen, st.part_k, st.part_v, st.summ_k, st.summ_v, cfg.chunk_size
+            )
+            q_r = q.view(B, Hkv, H // Hkv, T, d).mean(2)  # (B, Hkv, T, d) recall query per kv group
+            idx, found = torch.ops.mka.recall_select(q_r, st.summ_k, pos, cfg.chunk_size, cfg.top_r, bk, bvalid)
+            k3 = K.gather_recalled(idx, st.summ_k, bk)  # (B, Hkv, T, R, d)
+            v3 = K.gather_recalled(idx, st.summ_v, bv)
+            recall = (q_r, k3, v3, found)
+            has_recall = found[:, 0].any(-1)  # (B, T): availability is the same for every head
+        lam = self._route(q_flat, has_recall)
+        st.n_seen = st.n_seen + valid.sum(-1)
+        return q, ks, vs, recall, lam, pos
+
+    def _route(self, q_flat: torch.Tensor, has_recall: torch.Tensor | None) -> torch.Tensor:
+        """``lam: [B, G, T, L]`` float32: gated softmax routing; L3 is masked where nothing is recalled."""
+        B, T, _ = q_flat.shape
+        L = self.config.num_levels
+        logits = self.router(q_flat).float().view(B, T, self.groups, L).transpose(1, 2)  # (B, G, T, L)
+        if has_recall is not None:
+            off = torch.zeros_like(logits, dtype=torch.bool)
+            off[..., L - 1] = ~has_recall[:, None, :]
+            logits = logits.masked_fill(off, -torch.inf)
+        p = torch.softmax(logits, -1)
+        onehot = torch.zeros(L, dtype=p.dtype, device=p.device)
+        onehot[0] = 1.0
+        return onehot + self.gate.float() * (p - onehot)
+
+    def level_weights(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Routing weights this layer would use for ``x`` (no cache): ``[B, G, T, L]``, for statistics."""
+        with torch.no_grad():
+            valid = self._check_inputs(x, attention_mask)
+            st = self._state(None, x.shape[0], x)
+            return self._memory(x, valid, st, self._bank(None, x.shape[0], x))[4]
+
+
+class FastMKAAttention(_MKABase):
+    """FastMKA (route-fused): ``kf = sum_l lam_l k_l``, ``vf`` likewise, then ordinary attention.
+
+    The cache stores ``kf, vf`` (rotated keys), so memory equals a plain KV cache's.
+    """
+
+    mode = "fastmka"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        cache: MKACache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        memory_bank: MemoryBank | None = None,
+    ) -> torch.Tensor:
+        """``x: [B, T, hidden_size] -> [B, T, hidden_size]``; see the module docstring."""
+        valid = self._check_inputs(x, attention_mask)
+        B, T, _ = x.shape
+        st = self._state(cache, B, x)
+        q, ks, vs, recall, lam, pos = self._memory(x, valid, st, self._bank(memory_bank, B, x))
+        if recall is not None:
+            q_r, k3, v3, found = recall
+            scale3 = self.config.recall_scale or self.scale
+            w3 = K.recall_weights(q_r, k3, found, scale3)[..., None]  # (B, Hkv, T, R, 1)
+            ks.append((w3 * k3).sum(-2).to(x.dtype))
+            vs.append((w3 * v3).sum(-2).to(x.dtype))
+        kf, vf = K.route_mix(lam, ks, vs)  # (B, Hkv, T, d)
+        q = self._rope(q, pos)
+        (kc, vc), kv_valid = st.append([self._rope(kf, pos), vf], valid)
+        out = attend(q, kc, vc, kv_valid, self.scale, self.config.causal)  # (B, H, T, d)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MKAAttention(_MKABase):
+    """MKA (full): ``out = sum_l lam_l Attn(q, K_l, V_l)`` through ``mka::mka_attention``.
+
+    The cache stores ``k1, v1`` and ``k2, v2`` (L2 EMA keys/values), twice a plain KV cache.
+    """
+
+    mode = "mka"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        cache: MKACache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        memory_bank: MemoryBank | None = None,
+    ) -> torch.Tensor:
+        """``x: [B, T, hidden_size] -> [B, T, hidden_size]``; see the module docstring."""
+        valid = self._check_inputs(x, attention_mask)
+        B, T, _ = x.shape
+        st = self._state(cache, B, x)
+        q, ks, vs, recall, lam, pos = self._memory(x, valid, st, self._bank(memory_bank, B, x))
+        stored = [t for pair in zip([self._rope(k, pos) for k in ks], vs) for t in pair]
+        full, kv_valid = st.append(stored, valid)
+        kw = {}
+        if recall is not None:
+            q_r, k3, v3, found = recall
+            kw = dict(q3=q, k3=k3, v3=v3, found3=found)
+        out = K.mka_attention(
+            self._rope(q, pos), full[0::2], full[1::2], lam, kv_valid=kv_valid, scale=self.scale,
+            causal=self.config.causal, **kw,
+        )  # (B, H, T, d)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def attend(q, k, v, kv_valid, scale: float, causal: bool) -> torch.Tensor:
+    """Ordinary attention over a (cached) key set: ``q: [B, H, Tq, d]``, ``k, v: [B, Hkv, Tk, d]``.
+
+    Queries are the last Tq keys; padded keys are masked; a query that sees no key returns zeros.
+    """
+    Tq, Tk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if causal and Tq == Tk and bool(kv_valid.all()):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    vis = K.visibility(kv_valid, Tq, causal)  # (B, 1, Tq, Tk)
+    empty = ~vis.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=vis | empty, scale=scale, enable_gqa=gqa)
+    return out.masked_fill(empty, 0.0)

@@ -1,0 +1,96 @@
+"""``MKACache``: a KV cache that also carries the MKA state (session EMA, long-term chunk state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class MKALayerState:
+    """What one attention layer keeps between calls.
+
+    ``kv``: the cached key/value tensors of each stored level, ``[B, Hkv, Tk, d]`` (FastMKA: the
+    routed ``kf, vf``; MKA: ``k1, v1, k2, v2``); ``kv_valid: [B, Tk]``; ``n_seen: [B]`` real tokens
+    seen; ``ema_k, ema_v: [B, Hkv, d]``, ``part_k, part_v: [B, Hkv, d]`` and
+    ``summ_k, summ_v: [B, Hkv, N, d]`` in float32 (see ``mka_compile.kernels``).
+    """
+
+    n_seen: torch.Tensor
+    ema_k: torch.Tensor
+    ema_v: torch.Tensor
+    part_k: torch.Tensor
+    part_v: torch.Tensor
+    summ_k: torch.Tensor
+    summ_v: torch.Tensor
+    kv: list[torch.Tensor] = field(default_factory=list)
+    kv_valid: torch.Tensor | None = None
+
+    @classmethod
+    def empty(cls, batch: int, kv_heads: int, head_dim: int, device, state_dtype: torch.dtype) -> MKALayerState:
+        z = lambda *s: torch.zeros(*s, dtype=state_dtype, device=device)  # noqa: E731
+        return cls(
+            n_seen=torch.zeros(batch, dtype=torch.int64, device=device),
+            ema_k=z(batch, kv_heads, head_dim),
+            ema_v=z(batch, kv_heads, head_dim),
+            part_k=z(batch, kv_heads, head_dim),
+            part_v=z(batch, kv_heads, head_dim),
+            summ_k=z(batch, kv_heads, 0, head_dim),
+            summ_v=z(batch, kv_heads, 0, head_dim),
+        )
+
+    def ensure_summary_slots(self, needed: int) -> None:
+        """Grow the summary buffers (by doubling) to hold ``needed`` completed chunks."""
+        have = self.summ_k.shape[2]
+        if needed <= have:
+            return
+        grow = max(needed, 2 * have) - have
+        pad = (0, 0, 0, grow)
+        self.summ_k = torch.nn.functional.pad(self.summ_k, pad)
+        self.summ_v = torch.nn.functional.pad(self.summ_v, pad)
+
+    def append(self, tensors: list[torch.Tensor], valid: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Append this call's ``[B, Hkv, T, d]`` level tensors and ``valid: [B, T]``; return the full cache."""
+        if self.kv:
+            if len(tensors) != len(self.kv):
+                raise ValueError(
+                    f"this cache holds {len(self.kv)} tensors per layer but {len(tensors)} were appended; "
+                    "a cache serves one kind of layer (FastMKA or MKA)"
+                )
+            self.kv = [torch.cat([old, new], 2) for old, new in zip(self.kv, tensors)]
+            self.kv_valid = torch.cat([self.kv_valid, valid], 1)
+        else:
+            self.kv, self.kv_valid = list(tensors), valid
+        return self.kv, self.kv_valid
+
+
+class MKACache:
+    """Per-layer MKA state, keyed by each layer's ``layer_idx``. Pass one object to every layer call.
+
+    Example::
+
+        cache = MKACache()
+        y = layer(x[:, :16], cache=cache)      # prefill
+        y1 = layer(x[:, 16:17], cache=cache)   # decode: same output as a full forward at position 16
+    """
+
+    def __init__(self) -> None:
+        self.layers: dict[int, MKALayerState] = {}
+
+    def layer(self, idx: int, *, batch: int, kv_heads: int, head_dim: int, device, state_dtype) -> MKALayerState:
+        st = self.layers.get(idx)
+        if st is None:
+            st = self.layers[idx] = MKALayerState.empty(batch, kv_heads, head_dim, device, state_dtype)
+        elif st.n_seen.shape[0] != batch or st.ema_k.shape[1:] != (kv_heads, head_dim):
+            raise ValueError(
+                f"cache layer {idx} holds state for batch {st.n_seen.shape[0]}, {st.ema_k.shape[1]} kv heads, "
+                f"head_dim {st.ema_k.shape[2]}; this call has batch {batch}, {kv_heads} kv heads, head_dim "
+                f"{head_dim}. Use a fresh MKACache per sequence batch and give each layer its own layer_idx"
+            )
+        return st
+
+    def get_seq_length(self, idx: int = 0) -> int:
+        """Positions cached for layer ``idx`` (padding included)."""
+        st = self.layers.get(idx)
+        return 0 if st is None or st.kv_valid is None else int(st.kv_valid.shape[1])
