@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import _validate as check
-from ._vjp import reference_vjp, zeros_for_none
+from ._grads import zeros_for_none
 
 
 def real_positions(valid: torch.Tensor, n_seen: torch.Tensor) -> torch.Tensor:
@@ -116,6 +116,37 @@ def _(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size):
     return tuple(torch.empty_like(t) for t in (part_k, part_v, summ_k, summ_v))
 
 
+def reference_chunk_update_backward(
+    grad_part_k, grad_part_v, grad_summ_k, grad_summ_v, k, v, valid, n_seen, part_k, part_v, summ_k, summ_v,
+    chunk_size: int,
+):
+    """Adjoint of :func:`reference_chunk_update`: route each slot's gradient back to its tokens."""
+    B, H, T, d = k.shape
+    N = summ_k.shape[2]
+    cdt = part_k.dtype
+    pos = real_positions(valid, n_seen)
+    slot = torch.where(valid, pos // chunk_size, torch.full_like(pos, N + 1))
+    first = n_seen // chunk_size
+    done = (n_seen + valid.long().sum(-1)) // chunk_size
+    slots = torch.arange(N, device=k.device)
+    fresh = ((slots[None, :] >= first[:, None]) & (slots[None, :] < done[:, None]))[:, None, :, None]  # (B,1,N,1)
+    g_summ = torch.cat([grad_summ_k, grad_summ_v], -1).to(cdt)  # (B, H, N, 2d)
+    g_slots = torch.nn.functional.pad(torch.where(fresh, g_summ / chunk_size, torch.zeros_like(g_summ)), (0, 0, 0, 2))
+    g_part = torch.cat([grad_part_k, grad_part_v], -1).to(cdt)[:, :, None, :]
+    g_slots = g_slots.scatter_add(2, done[:, None, None, None].expand(B, H, 1, 2 * d), g_part)  # (B, H, N+2, 2d)
+    g_x = g_slots.gather(2, slot[:, None, :, None].expand(B, H, T, 2 * d))  # pads read the empty dump slot
+    g_part_in = g_slots.gather(2, first[:, None, None, None].expand(B, H, 1, 2 * d)).squeeze(2)
+    g_summ_in = torch.where(fresh, torch.zeros_like(g_summ), g_summ)
+    return (
+        g_x[..., :d].to(k.dtype).contiguous(),
+        g_x[..., d:].to(v.dtype).contiguous(),
+        g_part_in[..., :d].contiguous(),
+        g_part_in[..., d:].contiguous(),
+        g_summ_in[..., :d].contiguous(),
+        g_summ_in[..., d:].contiguous(),
+    )
+
+
 @torch.library.custom_op("mka::chunk_update_backward", mutates_args=())
 def _chunk_update_backward_op(
     grad_part_k: torch.Tensor,
@@ -132,11 +163,10 @@ def _chunk_update_backward_op(
     summ_v: torch.Tensor,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    def ref(k_, v_, pk, pv, sk, sv):
-        return reference_chunk_update(k_, v_, valid, n_seen, pk, pv, sk, sv, chunk_size)
-
-    grads = [grad_part_k, grad_part_v, grad_summ_k, grad_summ_v]
-    return tuple(reference_vjp(ref, [k, v, part_k, part_v, summ_k, summ_v], grads))
+    return reference_chunk_update_backward(
+        grad_part_k, grad_part_v, grad_summ_k, grad_summ_v, k, v, valid, n_seen, part_k, part_v, summ_k, summ_v,
+        chunk_size,
+    )
 
 
 @_chunk_update_backward_op.register_fake

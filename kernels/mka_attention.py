@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validate as check
-from ._vjp import reference_vjp, zeros_for_none
+from ._grads import zeros_for_none
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -144,6 +144,72 @@ def _(q, ks, vs, lam, q3, k3, v3, found3, kv_valid, scale, causal):
     return torch.empty_like(q)
 
 
+BWD_Q_BLOCK = 256
+
+
+def _reduce_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, Hkv, rep, Tq] -> [B, G, Tq]``: sum a per-head quantity over the heads of each routing group."""
+    x = x.sum(2)
+    return x.sum(1, keepdim=True) if groups == 1 else x
+
+
+def reference_mka_attention_backward(grad_out, q, ks, vs, lam, q3, k3, v3, found3, kv_valid, scale, causal):
+    """Adjoint of :func:`reference_mka_attention`, flash-style: per query block recompute
+    ``P_l = softmax(S_l)``, then ``dV_l = P_l^T dO_l``, ``dS_l = P_l * (dP_l - rowsum(dP_l * P_l))`` with
+    ``dO_l = lam_l dO`` and ``dlam_l = <O_l, dO>``. Memory is O(block x Tk) per level."""
+    B, H, Tq, d = q.shape
+    Hkv, Tk = ks[0].shape[1], ks[0].shape[2]
+    rep, nf, G = H // Hkv, len(ks), lam.shape[1]
+    acc = _acc_dtype(q)
+    vis = visibility(kv_valid, Tq, causal)  # (B, 1, Tq, Tk)
+    empty = ~vis.any(-1, keepdim=True)  # (B, 1, Tq, 1)
+    allowed = (vis | empty).view(B, 1, 1, Tq, Tk)
+    go = grad_out.to(acc).view(B, Hkv, rep, Tq, d)
+    go_full = go.masked_fill(empty.view(B, 1, 1, Tq, 1), 0.0)  # full-length levels are zeroed on empty rows
+    w = lam.to(acc).view(B, G, 1, Tq, lam.shape[-1])
+    qg = q.to(acc).view(B, Hkv, rep, Tq, d)
+    dq = torch.zeros_like(qg)
+    dlam = torch.zeros(B, G, Tq, lam.shape[-1], dtype=acc, device=q.device)
+    dks, dvs = [], []
+    for lvl in range(nf):
+        k, v = ks[lvl].to(acc), vs[lvl].to(acc)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        for t0 in range(0, Tq, BWD_Q_BLOCK):
+            sl = slice(t0, min(Tq, t0 + BWD_Q_BLOCK))
+            s = torch.einsum("bgrtd,bgsd->bgrts", qg[:, :, :, sl], k) * scale  # (B, Hkv, rep, tb, Tk)
+            p = torch.softmax(s.masked_fill(~allowed[:, :, :, sl], -torch.inf), -1)
+            o = torch.einsum("bgrts,bgsd->bgrtd", p, v)
+            g_o = go_full[:, :, :, sl]
+            dlam[:, :, sl, lvl] = _reduce_groups((o * g_o).sum(-1), G)
+            g_ol = w[:, :, :, sl, lvl, None] * g_o  # (B, Hkv, rep, tb, d)
+            dv += torch.einsum("bgrts,bgrtd->bgsd", p, g_ol)
+            dp = torch.einsum("bgrtd,bgsd->bgrts", g_ol, v)
+            ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+            dq[:, :, :, sl] += torch.einsum("bgrts,bgsd->bgrtd", ds, k) * scale
+            dk += torch.einsum("bgrts,bgrtd->bgsd", ds, qg[:, :, :, sl]) * scale
+        dks.append(dk.to(ks[lvl].dtype))
+        dvs.append(dv.to(vs[lvl].dtype))
+    dq3 = torch.zeros_like(q3)
+    dk3, dv3 = torch.zeros_like(k3), torch.zeros_like(v3)
+    if k3.shape[3] > 0:
+        q3g = q3.to(acc).view(B, Hkv, rep, Tq, d)
+        k3a, v3a = k3.to(acc), v3.to(acc)
+        s3 = torch.einsum("bgrtd,bgtsd->bgrts", q3g, k3a) * scale
+        f3 = found3[:, :, None]
+        any3 = f3.any(-1, keepdim=True)
+        p3 = torch.softmax(s3.masked_fill(~f3, -torch.inf).masked_fill(~any3, 0.0), -1)
+        p3 = torch.where(f3, p3, torch.zeros_like(p3))
+        o3 = torch.einsum("bgrts,bgtsd->bgrtd", p3, v3a)
+        dlam[..., nf] = _reduce_groups((o3 * go).sum(-1), G)
+        g3 = w[..., nf, None] * go
+        dv3 = torch.einsum("bgrts,bgrtd->bgtsd", p3, g3).to(v3.dtype)
+        dp3 = torch.einsum("bgrtd,bgtsd->bgrts", g3, v3a)
+        ds3 = p3 * (dp3 - (dp3 * p3).sum(-1, keepdim=True))
+        dq3 = (torch.einsum("bgrts,bgtsd->bgrtd", ds3, k3a) * scale).reshape(B, H, Tq, d).to(q3.dtype)
+        dk3 = (torch.einsum("bgrts,bgrtd->bgtsd", ds3, q3g) * scale).to(k3.dtype)
+    return dq.reshape(B, H, Tq, d).to(q.dtype), dks, dvs, dlam.to(lam.dtype), dq3, dk3, dv3
+
+
 @torch.library.custom_op("mka::mka_attention_backward", mutates_args=())
 def _mka_attention_backward_op(
     grad_out: torch.Tensor,
@@ -159,14 +225,7 @@ def _mka_attention_backward_op(
     scale: float,
     causal: bool,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    n = len(ks)
-
-    def ref(q_, lam_, q3_, k3_, v3_, *kv):
-        return (reference_mka_attention(q_, list(kv[:n]), list(kv[n:]), lam_, q3_, k3_, v3_, found3, kv_valid,
-                                        scale, causal),)
-
-    g = reference_vjp(ref, [q, lam, q3, k3, v3, *ks, *vs], [grad_out])
-    return g[0], g[5 : 5 + n], g[5 + n :], g[1], g[2], g[3], g[4]
+    return reference_mka_attention_backward(grad_out, q, ks, vs, lam, q3, k3, v3, found3, kv_valid, scale, causal)
 
 
 @_mka_attention_backward_op.register_fake

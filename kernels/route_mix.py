@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _validate as check
-from ._vjp import reference_vjp, zeros_for_none
+from ._grads import zeros_for_none
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -58,17 +58,23 @@ def _(lam, ks, vs):
     return torch.empty_like(ks[0]), torch.empty_like(vs[0])
 
 
+def reference_route_mix_backward(grad_kf, grad_vf, lam, ks, vs):
+    """``dk_l = lam_l * dkf``; ``dlam_l = sum(dkf * k_l + dvf * v_l)`` over d (and heads when G = 1)."""
+    acc = _acc_dtype(ks[0])
+    w = lam.to(acc)[..., None]  # (B, G, T, L, 1)
+    gk, gv = grad_kf.to(acc), grad_vf.to(acc)
+    dks = [(w[..., i, :] * gk).to(k.dtype) for i, k in enumerate(ks)]
+    dvs = [(w[..., i, :] * gv).to(v.dtype) for i, v in enumerate(vs)]
+    dlam = torch.stack([(gk * k.to(acc) + gv * v.to(acc)).sum(-1) for k, v in zip(ks, vs)], -1)  # (B, Hkv, T, L)
+    dlam = dlam.sum(1, keepdim=True) if lam.shape[1] == 1 else dlam
+    return dlam.to(lam.dtype), dks, dvs
+
+
 @torch.library.custom_op("mka::route_mix_backward", mutates_args=())
 def _route_mix_backward_op(
     grad_kf: torch.Tensor, grad_vf: torch.Tensor, lam: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    n = len(ks)
-
-    def ref(lam_, *kv):
-        return reference_route_mix(lam_, list(kv[:n]), list(kv[n:]))
-
-    got = reference_vjp(ref, [lam, *ks, *vs], [grad_kf, grad_vf])
-    return got[0], got[1 : n + 1], got[n + 1 :]
+    return reference_route_mix_backward(grad_kf, grad_vf, lam, ks, vs)
 
 
 @_route_mix_backward_op.register_fake

@@ -26,7 +26,7 @@ import math
 import torch
 
 from . import _validate as check
-from ._vjp import reference_vjp, zeros_for_none
+from ._grads import zeros_for_none
 
 SCAN_CHUNK = 32
 _LOG_ZERO = -1.0e4  # log of a zero decay: exp() of anything that includes it is exactly 0
@@ -131,6 +131,29 @@ def _(k, v, valid, state_k, state_v, n_seen, beta):
     return torch.empty_like(k), torch.empty_like(v), torch.empty_like(state_k), torch.empty_like(state_v)
 
 
+def reference_session_scan_backward(
+    grad_sk, grad_sv, grad_state_k, grad_state_v, k, v, valid, state_k, state_v, n_seen, beta
+):
+    """Adjoint of the scan: ``lam_t = g_t + a_{t+1} lam_{t+1}`` (a reverse scan with the same decays);
+    ``dk_t = (1 - a_t) lam_t`` and ``dstate = a_0 lam_0``."""
+    d = k.shape[-1]
+    cdt = state_k.dtype
+    a = decay_factors(valid, n_seen, beta)  # (B, T)
+    g = torch.cat([grad_sk, grad_sv], -1).to(cdt)  # (B, Hkv, T, 2d)
+    g = g.clone()
+    g[:, :, -1] += torch.cat([grad_state_k, grad_state_v], -1).to(cdt)
+    a_rev = torch.cat([torch.ones_like(a[:, :1]), a.flip(-1)[:, :-1]], -1)  # a'_u = a_{T-u}
+    adj = linear_scan(a_rev, g.flip(2), torch.zeros_like(g[:, :, 0])).flip(2)  # (B, Hkv, T, 2d)
+    dx = adj * (1.0 - a).to(cdt)[:, None, :, None]
+    d0 = adj[:, :, 0] * a[:, :1].to(cdt)[:, :, None]
+    return (
+        dx[..., :d].to(k.dtype).contiguous(),
+        dx[..., d:].to(v.dtype).contiguous(),
+        d0[..., :d].contiguous(),
+        d0[..., d:].contiguous(),
+    )
+
+
 @torch.library.custom_op("mka::session_scan_backward", mutates_args=())
 def _session_scan_backward_op(
     grad_sk: torch.Tensor,
@@ -145,13 +168,9 @@ def _session_scan_backward_op(
     n_seen: torch.Tensor,
     beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    def ref(k_, v_, sk_, sv_):
-        return reference_session_scan(k_, v_, valid, sk_, sv_, n_seen, beta)
-
-    gk, gv, gsk, gsv = reference_vjp(
-        ref, [k, v, state_k, state_v], [grad_sk, grad_sv, grad_state_k, grad_state_v]
+    return reference_session_scan_backward(
+        grad_sk, grad_sv, grad_state_k, grad_state_v, k, v, valid, state_k, state_v, n_seen, beta
     )
-    return gk, gv, gsk, gsv
 
 
 @_session_scan_backward_op.register_fake

@@ -164,10 +164,11 @@ class _MKABase(nn.Module):
         return q, ks, vs, recall, lam, pos
 
     def _route(self, q_flat: torch.Tensor, has_recall: torch.Tensor | None) -> torch.Tensor:
-        """``lam: [B, G, T, L]`` float32: gated softmax routing; L3 is masked where nothing is recalled."""
+        """``lam: [B, G, T, L]`` float32 (float64 for float64 inputs): gated softmax routing; L3 is masked where nothing is recalled."""
         B, T, _ = q_flat.shape
         L = self.config.num_levels
-        logits = self.router(q_flat).float().view(B, T, self.groups, L).transpose(1, 2)  # (B, G, T, L)
+        rdt = torch.float64 if q_flat.dtype == torch.float64 else torch.float32
+        logits = self.router(q_flat).to(rdt).view(B, T, self.groups, L).transpose(1, 2)  # (B, G, T, L)
         if has_recall is not None:
             off = torch.zeros_like(logits, dtype=torch.bool)
             off[..., L - 1] = ~has_recall[:, None, :]
@@ -175,7 +176,7 @@ class _MKABase(nn.Module):
         p = torch.softmax(logits, -1)
         onehot = torch.zeros(L, dtype=p.dtype, device=p.device)
         onehot[0] = 1.0
-        return onehot + self.gate.float() * (p - onehot)
+        return onehot + self.gate.to(rdt) * (p - onehot)
 
     def level_weights(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Routing weights this layer would use for ``x`` (no cache): ``[B, G, T, L]``, for statistics."""

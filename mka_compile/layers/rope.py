@@ -7,19 +7,23 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    """``apply(x: [B, h, T, d], pos: [B, T]) -> [B, h, T, d]`` rotating pairs ``(i, i + d/2)``."""
+    """``forward(x: [B, h, T, d], pos: [B, T]) -> [B, h, T, d]`` rotating pairs ``(i, i + d/2)``.
 
-    inv_freq: torch.Tensor
+    Angles are computed in float32 (float64 for float64 inputs) and applied in the input dtype.
+    """
 
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
-        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        self.register_buffer("inv_freq", inv.float(), persistent=False)
+        self.head_dim = head_dim
+        self.base = float(base)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        ang = pos.to(torch.float32)[:, None, :, None] * self.inv_freq  # (B, 1, T, d/2)
+        adt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        exps = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=x.device) / self.head_dim
+        inv_freq = (1.0 / self.base**exps).to(adt)
+        ang = pos.to(adt)[:, None, :, None] * inv_freq  # (B, 1, T, d/2)
         cos = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype)
         sin = torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype)
         x1, x2 = x.chunk(2, -1)

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from mka_compile import MKAConfig
+
+
+def test_defaults() -> None:
+    cfg = MKAConfig()
+    assert cfg.levels == ("local", "session", "longterm")
+    assert (cfg.ema_beta, cfg.chunk_size, cfg.top_r, cfg.router_hidden) == (0.9, 64, 8, None)
+    assert cfg.num_levels == 3 and cfg.uses_session and cfg.uses_longterm
+
+
+def test_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        MKAConfig().ema_beta = 0.5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("levels", [("local", "session"), ("local", "longterm"), ["local", "session", "longterm"]])
+def test_level_subsets(levels) -> None:
+    assert MKAConfig(levels=levels).levels == tuple(levels)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("levels", ("session", "local")),
+        ("levels", ("local",)),
+        ("levels", ("local", "local")),
+        ("levels", ("local", "bogus")),
+        ("levels", "local"),
+        ("ema_beta", 0.0),
+        ("ema_beta", 1.0),
+        ("ema_beta", 1.5),
+        ("ema_beta", -0.1),
+        ("chunk_size", 0),
+        ("chunk_size", -4),
+        ("chunk_size", 2.5),
+        ("top_r", 0),
+        ("top_r", True),
+        ("router_hidden", 0),
+        ("router_per_head", "yes"),
+        ("gate_init", "zero"),
+        ("recall_scale", -1.0),
+        ("causal", False),
+    ],
+)
+def test_invalid_values_name_the_field(field: str, value) -> None:
+    with pytest.raises(ValueError, match=field):
+        MKAConfig(**{field: value})
