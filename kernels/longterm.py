@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import _validate as check
-from ._grads import zeros_for_none
+from ._grads import split_halves, zeros_for_none
 
 
 def real_positions(valid: torch.Tensor, n_seen: torch.Tensor) -> torch.Tensor:
@@ -53,10 +53,8 @@ def reference_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, 
     summ = torch.where(fresh[:, None, :, None], sums[:, :, :N] / chunk_size, torch.cat([summ_k, summ_v], -1))
     new_part = sums.gather(2, done[:, None, None, None].expand(B, H, 1, 2 * d)).squeeze(2)
     return (
-        new_part[..., :d].contiguous(),
-        new_part[..., d:].contiguous(),
-        summ[..., :d].contiguous(),
-        summ[..., d:].contiguous(),
+        *split_halves(new_part, d, new_part.dtype, new_part.dtype),
+        *split_halves(summ, d, summ.dtype, summ.dtype),
     )
 
 
@@ -138,12 +136,9 @@ def reference_chunk_update_backward(
     g_part_in = g_slots.gather(2, first[:, None, None, None].expand(B, H, 1, 2 * d)).squeeze(2)
     g_summ_in = torch.where(fresh, torch.zeros_like(g_summ), g_summ)
     return (
-        g_x[..., :d].to(k.dtype).contiguous(),
-        g_x[..., d:].to(v.dtype).contiguous(),
-        g_part_in[..., :d].contiguous(),
-        g_part_in[..., d:].contiguous(),
-        g_summ_in[..., :d].contiguous(),
-        g_summ_in[..., d:].contiguous(),
+        *split_halves(g_x, d, k.dtype, v.dtype),
+        *split_halves(g_part_in, d, g_part_in.dtype, g_part_in.dtype),
+        *split_halves(g_summ_in, d, g_summ_in.dtype, g_summ_in.dtype),
     )
 
 
@@ -273,6 +268,8 @@ def gather_recalled(
     table = summ if bank is None else torch.cat([summ, bank.to(summ.dtype)], 2)
     B, H, T, R = idx.shape
     d = table.shape[-1]
+    if table.shape[2] == 0:  # nothing to recall yet: every entry is "not found"
+        return table.new_zeros(B, H, T, R, d)
     flat = idx.reshape(B, H, T * R, 1).expand(B, H, T * R, d)
     return table.gather(2, flat).view(B, H, T, R, d)  # (B, Hkv, T, R, d)
 

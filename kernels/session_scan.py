@@ -26,7 +26,7 @@ import math
 import torch
 
 from . import _validate as check
-from ._grads import zeros_for_none
+from ._grads import split_halves, zeros_for_none
 
 SCAN_CHUNK = 32
 _LOG_ZERO = -1.0e4  # log of a zero decay: exp() of anything that includes it is exactly 0
@@ -83,10 +83,8 @@ def reference_session_scan(
     x = torch.cat([k, v], -1).to(cdt) * (1.0 - a).to(cdt)[:, None, :, None]  # (B, Hkv, T, 2d)
     h = linear_scan(a, x, torch.cat([state_k, state_v], -1))
     return (
-        h[..., :d].to(k.dtype).contiguous(),  # a slice of the last dim: always a fresh tensor
-        h[..., d:].to(v.dtype).contiguous(),
-        h[:, :, -1, :d].contiguous(),
-        h[:, :, -1, d:].contiguous(),
+        *split_halves(h, d, k.dtype, v.dtype),
+        *split_halves(h[:, :, -1], d, h.dtype, h.dtype),
     )
 
 
@@ -147,10 +145,8 @@ def reference_session_scan_backward(
     dx = adj * (1.0 - a).to(cdt)[:, None, :, None]
     d0 = adj[:, :, 0] * a[:, :1].to(cdt)[:, :, None]
     return (
-        dx[..., :d].to(k.dtype).contiguous(),
-        dx[..., d:].to(v.dtype).contiguous(),
-        d0[..., :d].contiguous(),
-        d0[..., d:].contiguous(),
+        *split_halves(dx, d, k.dtype, v.dtype),
+        *split_halves(d0, d, d0.dtype, d0.dtype),
     )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import platform
 import statistics
 import time
@@ -40,6 +41,11 @@ from torch import nn
 
 from mka_compile import FastMKAAttention, MKAAttention, MKAConfig
 from mka_compile.kernels import session_scan
+
+try:  # Unix only: minor page faults per call (fresh large allocations are mapped and zeroed by the kernel)
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None  # type: ignore[assignment]
 
 SCAN_TOL = 1e-4  # fp32 chunked scan vs sequential recurrence; observed differences are ~1e-6
 
@@ -65,9 +71,10 @@ QUICK_SIZES = Sizes(2, 4, 512, 64, 1, 256, 256, 4, 4)
 
 @dataclass(frozen=True)
 class Timing:
-    """Per-repeat wall times of one candidate, in seconds."""
+    """Per-repeat wall times (seconds) and minor page faults of one candidate."""
 
     times: list[float]
+    faults: list[int]
 
     @property
     def median_ms(self) -> float:
@@ -77,6 +84,14 @@ class Timing:
     def min_ms(self) -> float:
         return min(self.times) * 1e3
 
+    @property
+    def faults_per_call(self) -> str:
+        return f"{statistics.median(self.faults):,.0f}" if resource is not None else "n/a"
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
 
 def bench_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, Timing]:
     """Time every function once per repeat, rotating their order each repeat; warm each up first."""
@@ -85,6 +100,7 @@ def bench_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup
         for name in names:
             fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    faults: dict[str, list[int]] = {name: [] for name in names}
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -92,13 +108,15 @@ def bench_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup
         for r in range(repeats):
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
+                f0 = _minor_faults()
                 t0 = time.perf_counter()
                 fns[name]()
                 times[name].append(time.perf_counter() - t0)
+                faults[name].append(_minor_faults() - f0)
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {name: Timing(ts) for name, ts in times.items()}
+    return {name: Timing(times[name], faults[name]) for name in names}
 
 
 # -- 1. L2 session scan ---------------------------------------------------------------------------------
@@ -198,42 +216,53 @@ def ratio(num: Timing, den: Timing) -> str:
     return f"{num.median_ms / den.median_ms:.2f}x"
 
 
-def render(sizes: Sizes, scan: ScanResult, layers: LayerResult, repeats: int, warmup: int, wall_s: float) -> Table:
+def load_average() -> str:
+    """1-minute load average (other processes on the machine skew multi-threaded timings badly)."""
+    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
+
+
+def render(
+    sizes: Sizes, scan: ScanResult, layers: LayerResult, repeats: int, warmup: int, wall_s: float, load: str
+) -> Table:
     st, lt, s = scan.timings, layers.timings, sizes
     table = Table(
         title=(
             f"mka-compile CPU benchmark - torch {torch.__version__}, {torch.get_num_threads()} threads "
-            f"({platform.processor() or platform.machine()})"
+            f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs)"
         ),
         caption=(
             f"median / min over {repeats} interleaved repeats after {warmup} warm-up(s), inference_mode; "
-            f"total wall time {wall_s:.1f} s"
+            f"faults = median minor page faults per call;\nload average (1 min) at start {load}, at end "
+            f"{load_average()}; total wall time {wall_s:.1f} s"
         ),
     )
-    table.add_column("Measurement")
-    table.add_column("Config")
-    table.add_column("Median ms", justify="right")
-    table.add_column("Min ms", justify="right")
-    table.add_column("Ratio / check", justify="right")
+    for col in ("Measurement", "Config"):
+        table.add_column(col)
+    for col in ("Median ms", "Min ms", "Faults/call", "Ratio / check"):
+        table.add_column(col, justify="right")
+
+    def timed(name: str, config: str, t: Timing) -> None:
+        table.add_row(name, config, f"{t.median_ms:.2f}", f"{t.min_ms:.2f}", t.faults_per_call, "")
+
+    def derived(name: str, value: str, config: str = "") -> None:
+        table.add_row(name, config, "", "", "", value)
 
     scan_cfg = f"B={s.scan_batch} Hkv={s.scan_heads} T={s.scan_len} d={s.scan_dim} fp32"
-    table.add_row(
-        "L2 session_scan (mka::session_scan)", scan_cfg, f"{st['scan'].median_ms:.2f}", f"{st['scan'].min_ms:.2f}", ""
-    )
-    table.add_row("L2 per-token Python loop", scan_cfg, f"{st['loop'].median_ms:.2f}", f"{st['loop'].min_ms:.2f}", "")
-    table.add_row("speed-up: loop / session_scan", "", "", "", ratio(st["loop"], st["scan"]))
+    timed("L2 session_scan (mka::session_scan)", scan_cfg, st["scan"])
+    timed("L2 per-token Python loop", scan_cfg, st["loop"])
+    derived("speed-up: loop / session_scan", ratio(st["loop"], st["scan"]))
     verdict = "PASS" if scan.max_diff <= SCAN_TOL else "FAIL"
-    table.add_row("max |scan - loop| (s_k, s_v, states)", f"tol {SCAN_TOL:g}", "", "", f"{scan.max_diff:.2e} {verdict}")
+    derived("max |scan - loop| (s_k, s_v, states)", f"{scan.max_diff:.2e} {verdict}", f"tol {SCAN_TOL:g}")
     table.add_section()
 
     attn_cfg = f"B={s.attn_batch} T={s.attn_len} D={s.hidden} H={s.heads} Hkv={s.kv_heads} fp32"
-    levels = "+".join(layers.config.levels)
-    for key, name in (("mka", "MKAAttention fwd"), ("fast", "FastMKAAttention fwd"), ("sdpa", "SDPA attention fwd")):
-        note = f"{attn_cfg}, {levels}" if key != "sdpa" else f"{attn_cfg}, causal SDPA, no RoPE"
-        table.add_row(name, note, f"{lt[key].median_ms:.2f}", f"{lt[key].min_ms:.2f}", "")
-    table.add_row("MKA / FastMKA", "", "", "", ratio(lt["mka"], lt["fast"]))
-    table.add_row("FastMKA / SDPA", "", "", "", ratio(lt["fast"], lt["sdpa"]))
-    table.add_row("outputs finite", "", "", "", "PASS" if layers.finite else "FAIL")
+    mka_cfg = f"{attn_cfg}, {'+'.join(layers.config.levels)}"
+    timed("MKAAttention fwd", mka_cfg, lt["mka"])
+    timed("FastMKAAttention fwd", mka_cfg, lt["fast"])
+    timed("SDPA attention fwd", f"{attn_cfg}, causal SDPA, no RoPE", lt["sdpa"])
+    derived("MKA / FastMKA", ratio(lt["mka"], lt["fast"]))
+    derived("FastMKA / SDPA", ratio(lt["fast"], lt["sdpa"]))
+    derived("outputs finite", "PASS" if layers.finite else "FAIL")
     return table
 
 
@@ -261,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     console = Console()
     if not console.is_terminal:  # piped / captured output: do not squeeze the table into 80 columns
         console.width = max(console.width, 140)
+    load = load_average()
     start = time.perf_counter()
     with torch.inference_mode():
         with console.status("L2 session scan vs per-token loop ..."):
@@ -268,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         with console.status("MKA / FastMKA / SDPA layer forwards ..."):
             layers = bench_layers(sizes, args.repeats, args.warmup, args.seed)
     wall_s = time.perf_counter() - start
-    console.print(render(sizes, scan, layers, args.repeats, args.warmup, wall_s))
+    console.print(render(sizes, scan, layers, args.repeats, args.warmup, wall_s, load))
 
 
 if __name__ == "__main__":
