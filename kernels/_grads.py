@@ -12,7 +12,9 @@ def zeros_for_none(grads: Sequence[torch.Tensor | None], like: Sequence[torch.Te
     return [torch.zeros_like(r) if g is None else g.contiguous() for g, r in zip(grads, like)]
 
 
-def split_halves(t: torch.Tensor, d: int, k_dtype: torch.dtype, v_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def split_halves(
+    t: torch.Tensor, d: int, k_dtype: torch.dtype, v_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Split ``[..., 2d]`` into fresh contiguous ``[..., d]`` halves (op outputs must not alias)."""
     fmt = torch.contiguous_format
     return t[..., :d].to(k_dtype).clone(memory_format=fmt), t[..., d:].to(v_dtype).clone(memory_format=fmt)

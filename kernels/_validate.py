@@ -31,17 +31,13 @@ def dtype(name: str, t: torch.Tensor, expected: torch.dtype | Sequence[torch.dty
 def same_dtype(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
     for name, t in others.items():
         if t.dtype != ref.dtype:
-            raise ValueError(
-                f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; cast them to one dtype"
-            )
+            raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; cast them to one dtype")
 
 
 def same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
     for name, t in others.items():
         if t is not None and t.device != ref.device:
-            raise ValueError(
-                f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device"
-            )
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
 
 
 def shape(name: str, t: torch.Tensor, expected: Sequence[int], layout: str) -> None:

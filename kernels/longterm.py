@@ -77,8 +77,9 @@ def check_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chun
         check.shape(name, s, (B, H, summ_k.shape[2], d), "[B, Hkv, N, d]")
         check.dtype(name, s, state_dt, " (MKA state is float32 whatever the activation dtype)")
     check.same_dtype("part_k", part_k, part_v=part_v, summ_k=summ_k, summ_v=summ_v)
-    check.same_device("k", k, v=v, valid=valid, n_seen=n_seen, part_k=part_k, part_v=part_v, summ_k=summ_k,
-                      summ_v=summ_v)
+    check.same_device(
+        "k", k, v=v, valid=valid, n_seen=n_seen, part_k=part_k, part_v=part_v, summ_k=summ_k, summ_v=summ_v
+    )
     check.positive_int("chunk_size", chunk_size)
 
 
@@ -115,7 +116,18 @@ def _(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size):
 
 
 def reference_chunk_update_backward(
-    grad_part_k, grad_part_v, grad_summ_k, grad_summ_v, k, v, valid, n_seen, part_k, part_v, summ_k, summ_v,
+    grad_part_k,
+    grad_part_v,
+    grad_summ_k,
+    grad_summ_v,
+    k,
+    v,
+    valid,
+    n_seen,
+    part_k,
+    part_v,
+    summ_k,
+    summ_v,
     chunk_size: int,
 ):
     """Adjoint of :func:`reference_chunk_update`: route each slot's gradient back to its tokens."""
@@ -159,14 +171,26 @@ def _chunk_update_backward_op(
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return reference_chunk_update_backward(
-        grad_part_k, grad_part_v, grad_summ_k, grad_summ_v, k, v, valid, n_seen, part_k, part_v, summ_k, summ_v,
+        grad_part_k,
+        grad_part_v,
+        grad_summ_k,
+        grad_summ_v,
+        k,
+        v,
+        valid,
+        n_seen,
+        part_k,
+        part_v,
+        summ_k,
+        summ_v,
         chunk_size,
     )
 
 
 @_chunk_update_backward_op.register_fake
-def _(grad_part_k, grad_part_v, grad_summ_k, grad_summ_v, k, v, valid, n_seen, part_k, part_v, summ_k, summ_v,
-      chunk_size):
+def _(
+    grad_part_k, grad_part_v, grad_summ_k, grad_summ_v, k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size
+):
     return tuple(torch.empty_like(t) for t in (k, v, part_k, part_v, summ_k, summ_v))
 
 

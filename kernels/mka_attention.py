@@ -114,8 +114,18 @@ def check_mka_attention(q, ks, vs, lam, q3, k3, v3, found3, kv_valid, scale, cau
     if lam.shape[1] not in (1, Hkv):
         raise ValueError(f"lam has {lam.shape[1]} routing groups; use G = 1 (shared) or G = Hkv = {Hkv}")
     check.shape("lam", lam, (B, lam.shape[1], Tq, L), f"[B, G, Tq, L] with L = {L} levels")
-    check.same_device("q", q, lam=lam, q3=q3, k3=k3, v3=v3, found3=found3, kv_valid=kv_valid,
-                      **{f"ks[{i}]": k for i, k in enumerate(ks)}, **{f"vs[{i}]": v for i, v in enumerate(vs)})
+    check.same_device(
+        "q",
+        q,
+        lam=lam,
+        q3=q3,
+        k3=k3,
+        v3=v3,
+        found3=found3,
+        kv_valid=kv_valid,
+        **{f"ks[{i}]": k for i, k in enumerate(ks)},
+        **{f"vs[{i}]": v for i, v in enumerate(vs)},
+    )
     if not isinstance(scale, float) or not scale > 0:
         raise ValueError(f"scale must be a positive float, got {scale!r}")
 
@@ -224,7 +234,9 @@ def _mka_attention_backward_op(
     kv_valid: torch.Tensor,
     scale: float,
     causal: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[
+    torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
     return reference_mka_attention_backward(grad_out, q, ks, vs, lam, q3, k3, v3, found3, kv_valid, scale, causal)
 
 
@@ -281,6 +293,15 @@ def mka_attention(
     if kv_valid is None:
         kv_valid = torch.ones(B, Tk, dtype=torch.bool, device=q.device)
     return torch.ops.mka.mka_attention(
-        q, list(ks), list(vs), lam, q if q3 is None else q3, k3, v3, found3, kv_valid,
-        float(d**-0.5 if scale is None else scale), bool(causal),
+        q,
+        list(ks),
+        list(vs),
+        lam,
+        q if q3 is None else q3,
+        k3,
+        v3,
+        found3,
+        kv_valid,
+        float(d**-0.5 if scale is None else scale),
+        bool(causal),
     )

@@ -47,7 +47,9 @@ def check_route_mix(lam, ks, vs) -> None:
 
 
 @torch.library.custom_op("mka::route_mix", mutates_args=())
-def _route_mix_op(lam: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _route_mix_op(
+    lam: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     check_route_mix(lam, ks, vs)
     return reference_route_mix(lam, ks, vs)
 

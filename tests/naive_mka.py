@@ -138,11 +138,14 @@ def naive_layer(layer, x: torch.Tensor, valid: torch.Tensor | None = None, bank=
                     o = lv[0] * _softmax_attend(qrot[h], [e[0][g] for e in past], [e[1][g] for e in past], scale)
                     i = 1
                     if cfg.uses_session:
-                        o = o + lv[i] * _softmax_attend(qrot[h], [e[2][g] for e in past], [e[3][g] for e in past], scale)
+                        o = o + lv[i] * _softmax_attend(
+                            qrot[h], [e[2][g] for e in past], [e[3][g] for e in past], scale
+                        )
                         i += 1
                     if cfg.uses_longterm and rec[g]:
-                        o = o + lv[i] * _softmax_attend(q[h], [kk for kk, _, _ in rec[g]], [vv for _, vv, _ in rec[g]],
-                                                        scale)
+                        o = o + lv[i] * _softmax_attend(
+                            q[h], [kk for kk, _, _ in rec[g]], [vv for _, vv, _ in rec[g]], scale
+                        )
                     head_out[h] = o
             out[b, t] = layer.o_proj(head_out.reshape(-1))
             p += 1

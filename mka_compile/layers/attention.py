@@ -164,7 +164,9 @@ class _MKABase(nn.Module):
         return q, ks, vs, recall, lam, pos
 
     def _route(self, q_flat: torch.Tensor, has_recall: torch.Tensor | None) -> torch.Tensor:
-        """``lam: [B, G, T, L]`` float32 (float64 for float64 inputs): gated softmax routing; L3 is masked where nothing is recalled."""
+        """``lam: [B, G, T, L]`` float32 (float64 for float64 inputs): gated softmax routing.
+
+        L3 is masked out where nothing is recalled, so those positions route over the other levels."""
         B, T, _ = q_flat.shape
         L = self.config.num_levels
         rdt = torch.float64 if q_flat.dtype == torch.float64 else torch.float32
@@ -248,8 +250,14 @@ class MKAAttention(_MKABase):
             q_r, k3, v3, found = recall
             kw = dict(q3=q, k3=k3, v3=v3, found3=found)
         out = K.mka_attention(
-            self._rope(q, pos), full[0::2], full[1::2], lam, kv_valid=kv_valid, scale=self.scale,
-            causal=self.config.causal, **kw,
+            self._rope(q, pos),
+            full[0::2],
+            full[1::2],
+            lam,
+            kv_valid=kv_valid,
+            scale=self.scale,
+            causal=self.config.causal,
+            **kw,
         )  # (B, H, T, d)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 

@@ -118,7 +118,7 @@ def test_recall_is_causal_and_top_r(with_bank: bool) -> None:
 
 
 def test_recall_weights_and_gather() -> None:
-    B, H, T, N, R, d = 1, 1, 2, 3, 2, 2
+    B, H, T, N, d = 1, 1, 2, 3, 2
     summ = torch.arange(B * H * N * d, dtype=torch.float32).view(B, H, N, d)
     idx = torch.tensor([[[[2, 0], [1, 0]]]])
     found = torch.tensor([[[[True, True], [False, False]]]])
@@ -142,8 +142,15 @@ def test_recall_weights_and_gather() -> None:
     ],
 )
 def test_recall_bad_input_names_the_argument(over, name: str) -> None:
-    args = dict(q_r=torch.zeros(2, 2, 5, 4), summ_k=torch.zeros(2, 2, 4, 4), pos=torch.zeros(2, 5, dtype=torch.int64),
-                chunk_size=4, top_r=2, bank_k=None, bank_valid=None)
+    args = dict(
+        q_r=torch.zeros(2, 2, 5, 4),
+        summ_k=torch.zeros(2, 2, 4, 4),
+        pos=torch.zeros(2, 5, dtype=torch.int64),
+        chunk_size=4,
+        top_r=2,
+        bank_k=None,
+        bank_valid=None,
+    )
     args.update(over)
     with pytest.raises(ValueError, match=name):
         torch.ops.mka.recall_select(**args)

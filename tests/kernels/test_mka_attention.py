@@ -70,8 +70,17 @@ def test_decode_offset_equals_full() -> None:
     for t in range(9):
         s = slice(t, t + 1)
         step = torch.ops.mka.mka_attention(
-            q[:, :, s], [k[:, :, : t + 1] for k in ks], [v[:, :, : t + 1] for v in vs], lam[:, :, s], q3[:, :, s],
-            k3[:, :, s], v3[:, :, s], found3[:, :, s], valid[:, : t + 1], 0.5, True,
+            q[:, :, s],
+            [k[:, :, : t + 1] for k in ks],
+            [v[:, :, : t + 1] for v in vs],
+            lam[:, :, s],
+            q3[:, :, s],
+            k3[:, :, s],
+            v3[:, :, s],
+            found3[:, :, s],
+            valid[:, : t + 1],
+            0.5,
+            True,
         )
         torch.testing.assert_close(step, full[:, :, s])
 

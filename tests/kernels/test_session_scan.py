@@ -83,9 +83,7 @@ def test_linear_scan_handles_zero_decay() -> None:
 def test_gradcheck_fp64() -> None:
     k, v, valid, sk, sv, n_seen = _inputs(T=37, d=3)
     ins = [t.clone().requires_grad_() for t in (k, v, sk, sv)]
-    assert torch.autograd.gradcheck(
-        lambda a, b, c, e: torch.ops.mka.session_scan(a, b, valid, c, e, n_seen, 0.7), ins
-    )
+    assert torch.autograd.gradcheck(lambda a, b, c, e: torch.ops.mka.session_scan(a, b, valid, c, e, n_seen, 0.7), ins)
 
 
 def test_opcheck() -> None:
@@ -94,8 +92,10 @@ def test_opcheck() -> None:
     k.requires_grad_()
     opcheck(torch.ops.mka.session_scan.default, (k, v, valid, sk, sv, n_seen, 0.9))
     g = torch.randn_like(k)
-    opcheck(torch.ops.mka.session_scan_backward.default,
-            (g, g.clone(), torch.randn_like(sk), torch.randn_like(sv), k.detach(), v, valid, sk, sv, n_seen, 0.9))
+    opcheck(
+        torch.ops.mka.session_scan_backward.default,
+        (g, g.clone(), torch.randn_like(sk), torch.randn_like(sv), k.detach(), v, valid, sk, sv, n_seen, 0.9),
+    )
 
 
 def _bad(**over):

@@ -102,8 +102,13 @@ def test_left_padding_equals_each_sequence_alone(cls) -> None:
         valid[b, 29 - n :] = True
     with torch.no_grad():
         cache = MKACache()
-        batched = torch.cat([layer(x[:, :20], cache=cache, attention_mask=valid[:, :20]),
-                             layer(x[:, 20:], cache=cache, attention_mask=valid[:, 20:])], 1)
+        batched = torch.cat(
+            [
+                layer(x[:, :20], cache=cache, attention_mask=valid[:, :20]),
+                layer(x[:, 20:], cache=cache, attention_mask=valid[:, 20:]),
+            ],
+            1,
+        )
         for b, n in enumerate(lens):
             alone = layer(x[b : b + 1, 29 - n :])
             assert _rel(batched[b : b + 1, 29 - n :], alone) <= 1e-5, b
