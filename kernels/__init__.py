@@ -11,9 +11,10 @@ Importing this package registers every op with ``torch.library``:
 from __future__ import annotations
 
 from .longterm import (
-    gather_recalled,
     real_positions,
-    recall_weights,
+    recall_mask,
+    recall_mix,
+    recall_probs,
     reference_chunk_update,
     reference_recall_select,
 )
@@ -35,10 +36,11 @@ OPS = (
 
 __all__ = [
     "OPS",
-    "gather_recalled",
     "mka_attention",
     "real_positions",
-    "recall_weights",
+    "recall_mask",
+    "recall_mix",
+    "recall_probs",
     "reference_chunk_update",
     "reference_mka_attention",
     "reference_recall_select",

@@ -283,25 +283,35 @@ def _(q_r, summ_k, pos, chunk_size, top_r, bank_k=None, bank_valid=None):
     )
 
 
-def gather_recalled(
-    idx: torch.Tensor,
-    summ: torch.Tensor,
-    bank: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Recalled entries ``[B, Hkv, T, R, d]`` from ``summ: [B, Hkv, N, d]`` (+ ``bank: [B, Hkv, M, d]``)."""
-    table = summ if bank is None else torch.cat([summ, bank.to(summ.dtype)], 2)
-    B, H, T, R = idx.shape
-    d = table.shape[-1]
-    if table.shape[2] == 0:  # nothing to recall yet: every entry is "not found"
-        return table.new_zeros(B, H, T, R, d)
-    flat = idx.reshape(B, H, T * R, 1).expand(B, H, T * R, d)
-    return table.gather(2, flat).view(B, H, T, R, d)  # (B, Hkv, T, R, d)
+def recall_mask(idx: torch.Tensor, found: torch.Tensor, slots: int) -> torch.Tensor:
+    """``[B, Hkv, T, S]`` bool: which of the S memory slots each query recalled (from ``recall_select``)."""
+    hits = torch.zeros(*idx.shape[:-1], slots, dtype=torch.int32, device=idx.device)
+    if slots == 0:
+        return hits.bool()
+    return hits.scatter_add(-1, idx, found.to(torch.int32)) > 0
 
 
-def recall_weights(q_r: torch.Tensor, k3: torch.Tensor, found: torch.Tensor, scale: float) -> torch.Tensor:
-    """Softmax of ``scale * q_r . k3`` over the found entries: ``[B, Hkv, T, R]``; all-zero if none."""
-    s = torch.einsum("bhtd,bhtrd->bhtr", q_r.to(k3.dtype), k3) * scale
-    s = s.masked_fill(~found, -torch.inf)
-    any_found = found.any(-1, keepdim=True)
-    w = torch.softmax(s.masked_fill(~any_found, 0.0), -1)
-    return torch.where(found, w, torch.zeros_like(w))
+def recall_probs(qg: torch.Tensor, mem_k: torch.Tensor, sel: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax of ``scale * q . key`` over each query's recalled slots; zeros where it recalled nothing.
+
+    ``qg: [B, Hkv, rep, T, d]`` (queries grouped by kv head), ``mem_k: [B, Hkv, S, d]``,
+    ``sel: [B, Hkv, T, S]`` -> ``[B, Hkv, rep, T, S]`` in the dtype of ``mem_k``. Dense over the S slots
+    (S = chunks + bank entries, small next to T), so no ``[T, R, d]`` gather is materialised.
+    """
+    s = torch.matmul(qg.to(mem_k.dtype), mem_k[:, :, None].transpose(-1, -2)) * scale  # (B, Hkv, rep, T, S)
+    m = sel[:, :, None]
+    any_hit = m.any(-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(~m, -torch.inf).masked_fill(~any_hit, 0.0), -1)
+    return torch.where(m, p, torch.zeros_like(p))
+
+
+def recall_mix(
+    q_r: torch.Tensor, mem_k: torch.Tensor, mem_v: torch.Tensor, sel: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FastMKA's L3 level: the recall-score-weighted mean of the recalled keys and values.
+
+    ``q_r: [B, Hkv, T, d]``, ``mem_k, mem_v: [B, Hkv, S, d]``, ``sel: [B, Hkv, T, S]`` ->
+    ``k3, v3: [B, Hkv, T, d]`` (zeros where nothing was recalled).
+    """
+    p = recall_probs(q_r[:, :, None], mem_k, sel, scale)[:, :, 0]  # (B, Hkv, T, S)
+    return p @ mem_k, p @ mem_v

@@ -9,7 +9,9 @@ Shapes::
     ks, vs:   Lf x [B, Hkv, Tk, d] full-length levels, the cache included (rotated keys)
     lam:      [B, G, Tq, L]       routing weights, G in {1, Hkv}, L = Lf + (R > 0)
     q3:       [B, H, Tq, d]       query for L3 (un-rotated: recalled summaries carry no position)
-    k3, v3:   [B, Hkv, Tq, R, d]  recalled entries (R may be 0: no L3)
+    mem_k,
+    mem_v:    [B, Hkv, S, d]      L3 memory table (chunk summaries, then bank entries)
+    idx3:     [B, Hkv, Tq, R]     slots each query recalled (``mka::recall_select``); R = 0: no L3
     found3:   [B, Hkv, Tq, R]     which recalled entries exist
     kv_valid: [B, Tk]             False for padded keys
     out:      [B, H, Tq, d]       in the dtype of q
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 
 from . import _validate as check
 from ._grads import zeros_for_none
+from .longterm import recall_mask, recall_probs
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -48,7 +51,7 @@ def visibility(kv_valid: torch.Tensor, tq: int, causal: bool) -> torch.Tensor:
     return vis
 
 
-def reference_mka_attention(q, ks, vs, lam, q3, k3, v3, found3, kv_valid, scale: float, causal: bool):
+def reference_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale: float, causal: bool):
     """Pure-torch definition of ``mka::mka_attention`` (see the module docstring)."""
     B, H, Tq, d = q.shape
     Hkv, Tk = ks[0].shape[1], ks[0].shape[2]
@@ -70,19 +73,14 @@ def reference_mka_attention(q, ks, vs, lam, q3, k3, v3, found3, kv_valid, scale:
     w = w.view(B, w.shape[1], 1, Tq, w.shape[-1])  # (B, G, 1, Tq, L): broadcasts over the group
     out = sum(w[..., i, None] * o[i] for i in range(nf))  # (B, Hkv, rep, Tq, d)
     out = out.masked_fill(empty.view(B, 1, 1, Tq, 1), 0.0)
-    if k3.shape[3] > 0:
-        qg = q3.to(acc).view(B, Hkv, rep, Tq, d)
-        s3 = torch.einsum("bgrtd,bgtsd->bgrts", qg, k3.to(acc)) * scale  # (B, Hkv, rep, Tq, R)
-        f3 = found3[:, :, None]  # (B, Hkv, 1, Tq, R)
-        any3 = f3.any(-1, keepdim=True)
-        p3 = torch.softmax(s3.masked_fill(~f3, -torch.inf).masked_fill(~any3, 0.0), -1)
-        p3 = torch.where(f3, p3, torch.zeros_like(p3))
-        o3 = torch.einsum("bgrts,bgtsd->bgrtd", p3, v3.to(acc))
-        out = out + w[..., nf, None] * o3
+    if idx3.shape[3] > 0:
+        sel = recall_mask(idx3, found3, mem_k.shape[2])  # (B, Hkv, Tq, S)
+        p3 = recall_probs(q3.view(B, Hkv, rep, Tq, d), mem_k.to(acc), sel, scale)  # (B, Hkv, rep, Tq, S)
+        out = out + w[..., nf, None] * (p3 @ mem_v.to(acc)[:, :, None])
     return out.reshape(B, H, Tq, d).to(q.dtype)
 
 
-def check_mka_attention(q, ks, vs, lam, q3, k3, v3, found3, kv_valid, scale, causal) -> None:
+def check_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal) -> None:
     check.rank("q", q, 4, "[B, H, Tq, d]")
     check.floating("q", q)
     B, H, Tq, d = q.shape
@@ -98,14 +96,17 @@ def check_mka_attention(q, ks, vs, lam, q3, k3, v3, found3, kv_valid, scale, cau
     if causal and Tq > Tk:
         raise ValueError(f"q has {Tq} positions but the keys only {Tk}; causal queries are the last Tq keys")
     check.shape("q3", q3, q.shape, "[B, H, Tq, d] like q")
-    check.rank("k3", k3, 5, "[B, Hkv, Tq, R, d]")
-    R = k3.shape[3]
-    check.shape("k3", k3, (B, Hkv, Tq, R, d), "[B, Hkv, Tq, R, d]")
-    check.shape("v3", v3, (B, Hkv, Tq, R, d), "[B, Hkv, Tq, R, d]")
-    check.shape("found3", found3, (B, Hkv, Tq, R), "[B, Hkv, Tq, R]")
+    check.rank("mem_k", mem_k, 4, "[B, Hkv, S, d]")
+    check.shape("mem_k", mem_k, (B, Hkv, mem_k.shape[2], d), "[B, Hkv, S, d]")
+    check.shape("mem_v", mem_v, mem_k.shape, "[B, Hkv, S, d] like mem_k")
+    check.floating("mem_k", mem_k)
+    check.same_dtype("mem_k", mem_k, mem_v=mem_v)
+    check.rank("idx3", idx3, 4, "[B, Hkv, Tq, R]")
+    R = idx3.shape[3]
+    check.shape("idx3", idx3, (B, Hkv, Tq, R), "[B, Hkv, Tq, R]")
+    check.dtype("idx3", idx3, torch.int64)
+    check.shape("found3", found3, (B, Hkv, Tq, R), "[B, Hkv, Tq, R] like idx3")
     check.dtype("found3", found3, torch.bool)
-    check.same_dtype("k3", k3, v3=v3)
-    check.floating("k3", k3)
     check.shape("kv_valid", kv_valid, (B, Tk), "[B, Tk]")
     check.dtype("kv_valid", kv_valid, torch.bool, " (True = real key)")
     check.rank("lam", lam, 4, "[B, G, Tq, L]")
@@ -119,8 +120,9 @@ def check_mka_attention(q, ks, vs, lam, q3, k3, v3, found3, kv_valid, scale, cau
         q,
         lam=lam,
         q3=q3,
-        k3=k3,
-        v3=v3,
+        mem_k=mem_k,
+        mem_v=mem_v,
+        idx3=idx3,
         found3=found3,
         kv_valid=kv_valid,
         **{f"ks[{i}]": k for i, k in enumerate(ks)},
@@ -137,20 +139,21 @@ def _mka_attention_op(
     vs: list[torch.Tensor],
     lam: torch.Tensor,
     q3: torch.Tensor,
-    k3: torch.Tensor,
-    v3: torch.Tensor,
+    mem_k: torch.Tensor,
+    mem_v: torch.Tensor,
+    idx3: torch.Tensor,
     found3: torch.Tensor,
     kv_valid: torch.Tensor,
     scale: float,
     causal: bool,
 ) -> torch.Tensor:
-    check_mka_attention(q, ks, vs, lam, q3, k3, v3, found3, kv_valid, scale, causal)
-    return reference_mka_attention(q, ks, vs, lam, q3, k3, v3, found3, kv_valid, scale, causal)
+    check_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal)
+    return reference_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal)
 
 
 @_mka_attention_op.register_fake
-def _(q, ks, vs, lam, q3, k3, v3, found3, kv_valid, scale, causal):
-    check_mka_attention(q, ks, vs, lam, q3, k3, v3, found3, kv_valid, scale, causal)
+def _(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal):
+    check_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal)
     return torch.empty_like(q)
 
 
@@ -163,7 +166,7 @@ def _reduce_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.sum(1, keepdim=True) if groups == 1 else x
 
 
-def reference_mka_attention_backward(grad_out, q, ks, vs, lam, q3, k3, v3, found3, kv_valid, scale, causal):
+def reference_mka_attention_backward(grad_out, q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal):
     """Adjoint of :func:`reference_mka_attention`, flash-style: per query block recompute
     ``P_l = softmax(S_l)``, then ``dV_l = P_l^T dO_l``, ``dS_l = P_l * (dP_l - rowsum(dP_l * P_l))`` with
     ``dO_l = lam_l dO`` and ``dlam_l = <O_l, dO>``. Memory is O(block x Tk) per level."""
@@ -183,41 +186,38 @@ def reference_mka_attention_backward(grad_out, q, ks, vs, lam, q3, k3, v3, found
     dks, dvs = [], []
     for lvl in range(nf):
         k, v = ks[lvl].to(acc), vs[lvl].to(acc)
+        kt, vt = k[:, :, None].transpose(-1, -2), v[:, :, None].transpose(-1, -2)  # (B, Hkv, 1, d, Tk)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         for t0 in range(0, Tq, BWD_Q_BLOCK):
             sl = slice(t0, min(Tq, t0 + BWD_Q_BLOCK))
-            s = torch.einsum("bgrtd,bgsd->bgrts", qg[:, :, :, sl], k) * scale  # (B, Hkv, rep, tb, Tk)
+            s = torch.matmul(qg[:, :, :, sl], kt) * scale  # (B, Hkv, rep, tb, Tk)
             p = torch.softmax(s.masked_fill(~allowed[:, :, :, sl], -torch.inf), -1)
-            o = torch.einsum("bgrts,bgsd->bgrtd", p, v)
+            o = p @ v[:, :, None]
             g_o = go_full[:, :, :, sl]
             dlam[:, :, sl, lvl] = _reduce_groups((o * g_o).sum(-1), G)
             g_ol = w[:, :, :, sl, lvl, None] * g_o  # (B, Hkv, rep, tb, d)
             dv += torch.einsum("bgrts,bgrtd->bgsd", p, g_ol)
-            dp = torch.einsum("bgrtd,bgsd->bgrts", g_ol, v)
+            dp = torch.matmul(g_ol, vt)
             ds = p * (dp - (dp * p).sum(-1, keepdim=True))
-            dq[:, :, :, sl] += torch.einsum("bgrts,bgsd->bgrtd", ds, k) * scale
+            dq[:, :, :, sl] += (ds @ k[:, :, None]) * scale
             dk += torch.einsum("bgrts,bgrtd->bgsd", ds, qg[:, :, :, sl]) * scale
         dks.append(dk.to(ks[lvl].dtype))
         dvs.append(dv.to(vs[lvl].dtype))
     dq3 = torch.zeros_like(q3)
-    dk3, dv3 = torch.zeros_like(k3), torch.zeros_like(v3)
-    if k3.shape[3] > 0:
+    dmk, dmv = torch.zeros_like(mem_k), torch.zeros_like(mem_v)
+    if idx3.shape[3] > 0:
         q3g = q3.to(acc).view(B, Hkv, rep, Tq, d)
-        k3a, v3a = k3.to(acc), v3.to(acc)
-        s3 = torch.einsum("bgrtd,bgtsd->bgrts", q3g, k3a) * scale
-        f3 = found3[:, :, None]
-        any3 = f3.any(-1, keepdim=True)
-        p3 = torch.softmax(s3.masked_fill(~f3, -torch.inf).masked_fill(~any3, 0.0), -1)
-        p3 = torch.where(f3, p3, torch.zeros_like(p3))
-        o3 = torch.einsum("bgrts,bgtsd->bgrtd", p3, v3a)
+        mk, mv = mem_k.to(acc), mem_v.to(acc)
+        p3 = recall_probs(q3g, mk, recall_mask(idx3, found3, mem_k.shape[2]), scale)  # (B, Hkv, rep, Tq, S)
+        o3 = p3 @ mv[:, :, None]
         dlam[..., nf] = _reduce_groups((o3 * go).sum(-1), G)
         g3 = w[..., nf, None] * go
-        dv3 = torch.einsum("bgrts,bgrtd->bgtsd", p3, g3).to(v3.dtype)
-        dp3 = torch.einsum("bgrtd,bgtsd->bgrts", g3, v3a)
+        dmv = torch.einsum("bgrts,bgrtd->bgsd", p3, g3).to(mem_v.dtype)
+        dp3 = torch.matmul(g3, mv[:, :, None].transpose(-1, -2))
         ds3 = p3 * (dp3 - (dp3 * p3).sum(-1, keepdim=True))
-        dq3 = (torch.einsum("bgrts,bgtsd->bgrtd", ds3, k3a) * scale).reshape(B, H, Tq, d).to(q3.dtype)
-        dk3 = (torch.einsum("bgrts,bgrtd->bgtsd", ds3, q3g) * scale).to(k3.dtype)
-    return dq.reshape(B, H, Tq, d).to(q.dtype), dks, dvs, dlam.to(lam.dtype), dq3, dk3, dv3
+        dq3 = ((ds3 @ mk[:, :, None]) * scale).reshape(B, H, Tq, d).to(q3.dtype)
+        dmk = (torch.einsum("bgrts,bgrtd->bgsd", ds3, q3g) * scale).to(mem_k.dtype)
+    return dq.reshape(B, H, Tq, d).to(q.dtype), dks, dvs, dlam.to(lam.dtype), dq3, dmk, dmv
 
 
 @torch.library.custom_op("mka::mka_attention_backward", mutates_args=())
@@ -228,8 +228,9 @@ def _mka_attention_backward_op(
     vs: list[torch.Tensor],
     lam: torch.Tensor,
     q3: torch.Tensor,
-    k3: torch.Tensor,
-    v3: torch.Tensor,
+    mem_k: torch.Tensor,
+    mem_v: torch.Tensor,
+    idx3: torch.Tensor,
     found3: torch.Tensor,
     kv_valid: torch.Tensor,
     scale: float,
@@ -237,29 +238,31 @@ def _mka_attention_backward_op(
 ) -> tuple[
     torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
-    return reference_mka_attention_backward(grad_out, q, ks, vs, lam, q3, k3, v3, found3, kv_valid, scale, causal)
+    return reference_mka_attention_backward(
+        grad_out, q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal
+    )
 
 
 @_mka_attention_backward_op.register_fake
-def _(grad_out, q, ks, vs, lam, q3, k3, v3, found3, kv_valid, scale, causal):
+def _(grad_out, q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal):
     e = torch.empty_like
-    return e(q), [e(k) for k in ks], [e(v) for v in vs], e(lam), e(q3), e(k3), e(v3)
+    return e(q), [e(k) for k in ks], [e(v) for v in vs], e(lam), e(q3), e(mem_k), e(mem_v)
 
 
 def _setup(ctx, inputs, output):
-    q, ks, vs, lam, q3, k3, v3, found3, kv_valid, scale, causal = inputs
+    q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal = inputs
     ctx.n, ctx.scale, ctx.causal = len(ks), scale, causal
-    ctx.save_for_backward(q, lam, q3, k3, v3, found3, kv_valid, *ks, *vs)
+    ctx.save_for_backward(q, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, *ks, *vs)
 
 
 def _backward(ctx, grad_out):
-    q, lam, q3, k3, v3, found3, kv_valid, *kv = ctx.saved_tensors
+    q, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, *kv = ctx.saved_tensors
     ks, vs = list(kv[: ctx.n]), list(kv[ctx.n :])
     (g,) = zeros_for_none([grad_out], [q])
-    gq, gks, gvs, glam, gq3, gk3, gv3 = torch.ops.mka.mka_attention_backward(
-        g, q, ks, vs, lam, q3, k3, v3, found3, kv_valid, ctx.scale, ctx.causal
+    gq, gks, gvs, glam, gq3, gmk, gmv = torch.ops.mka.mka_attention_backward(
+        g, q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, ctx.scale, ctx.causal
     )
-    return gq, list(gks), list(gvs), glam, gq3, gk3, gv3, None, None, None, None
+    return gq, list(gks), list(gvs), glam, gq3, gmk, gmv, None, None, None, None, None
 
 
 _mka_attention_op.register_autograd(_backward, setup_context=_setup)
@@ -272,8 +275,9 @@ def mka_attention(
     lam: torch.Tensor,
     *,
     q3: torch.Tensor | None = None,
-    k3: torch.Tensor | None = None,
-    v3: torch.Tensor | None = None,
+    mem_k: torch.Tensor | None = None,
+    mem_v: torch.Tensor | None = None,
+    idx3: torch.Tensor | None = None,
     found3: torch.Tensor | None = None,
     kv_valid: torch.Tensor | None = None,
     scale: float | None = None,
@@ -284,12 +288,13 @@ def mka_attention(
     check.rank("ks[0]", ks[0], 4, "[B, Hkv, Tk, d]")
     B, H, Tq, d = q.shape
     Hkv, Tk = ks[0].shape[1], ks[0].shape[2]
-    if k3 is None:
-        k3 = q.new_zeros(B, Hkv, Tq, 0, d)
-        v3 = q.new_zeros(B, Hkv, Tq, 0, d)
+    l3 = (mem_k, mem_v, idx3, found3)
+    if all(t is None for t in l3):
+        mem_k = mem_v = q.new_zeros(B, Hkv, 0, d)
+        idx3 = torch.zeros(B, Hkv, Tq, 0, dtype=torch.int64, device=q.device)
         found3 = torch.zeros(B, Hkv, Tq, 0, dtype=torch.bool, device=q.device)
-    elif v3 is None or found3 is None:
-        raise ValueError("k3 was given without v3 and found3; pass all three recalled tensors")
+    elif any(t is None for t in l3):
+        raise ValueError("pass all of mem_k, mem_v, idx3 and found3 for the long-term level, or none of them")
     if kv_valid is None:
         kv_valid = torch.ones(B, Tk, dtype=torch.bool, device=q.device)
     return torch.ops.mka.mka_attention(
@@ -298,8 +303,9 @@ def mka_attention(
         list(vs),
         lam,
         q if q3 is None else q3,
-        k3,
-        v3,
+        mem_k,
+        mem_v,
+        idx3,
         found3,
         kv_valid,
         float(d**-0.5 if scale is None else scale),

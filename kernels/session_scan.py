@@ -24,9 +24,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from . import _validate as check
-from ._grads import split_halves, zeros_for_none
+from ._grads import zeros_for_none
 
 SCAN_CHUNK = 32
 _LOG_ZERO = -1.0e4  # log of a zero decay: exp() of anything that includes it is exactly 0
@@ -40,31 +41,48 @@ def decay_factors(valid: torch.Tensor, n_seen: torch.Tensor, beta: float) -> tor
     return torch.where(first, torch.zeros_like(a), a)
 
 
-def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor, chunk: int = SCAN_CHUNK) -> torch.Tensor:
-    """``h_t = a_t * h_{t-1} + x_t``; ``a: [B, T]`` in [0, 1], ``x: [B, H, T, D]``, ``h0: [B, H, D]``."""
+def linear_scan(
+    a: torch.Tensor,
+    x: torch.Tensor,
+    h0: torch.Tensor,
+    u: torch.Tensor | None = None,
+    chunk: int = SCAN_CHUNK,
+) -> torch.Tensor:
+    """``h_t = a_t * h_{t-1} + u_t * x_t`` for all t; returns ``h: [B, H, T, D]`` in the dtype of ``h0``.
+
+    ``a, u: [B, T]`` (``a`` in [0, 1]; ``u`` defaults to ones), ``x: [B, H, T, D]``, ``h0: [B, H, D]``.
+    Two levels: inside chunks of ``chunk`` steps a ``[C, C]`` decay matrix (with ``u`` folded in) is
+    applied by one broadcast matmul; chunk carries follow from an ``[n, n]`` matrix over chunk ends.
+    Log-decays are float64; a zero decay is ``exp(-1e4) == 0`` exactly. Few full-size temporaries.
+    """
     B, H, T, D = x.shape
+    cdt = h0.dtype
     cs_len = max(1, min(chunk, T))
     n = math.ceil(T / cs_len)
     pad = n * cs_len - T
+    u = torch.ones_like(a) if u is None else u
     la = torch.where(a > 0, torch.log(a.clamp_min(1e-300)), torch.full_like(a, _LOG_ZERO))
     if pad:
-        la = torch.nn.functional.pad(la, (0, pad))
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+        la = F.pad(la, (0, pad))
+        u = F.pad(u, (0, pad))
+        x = F.pad(x, (0, 0, 0, pad))
     cs = la.cumsum(-1).view(B, n, cs_len)  # (B, n, C) cumulative log-decay
     tri = torch.ones(cs_len, cs_len, dtype=torch.bool, device=x.device).tril()
     diff = (cs[..., :, None] - cs[..., None, :]).masked_fill(~tri, -math.inf)
-    intra = torch.exp(diff).to(x.dtype)  # (B, n, C, C): decay from j to t inside a chunk
-    y = torch.einsum("bntj,bhnjd->bhntd", intra, x.view(B, H, n, cs_len, D))  # zero-carry states
+    intra = (torch.exp(diff) * u.view(B, n, 1, cs_len)).to(cdt)  # (B, n, C, C): weight of x_j in h_t
+    y = torch.matmul(intra[:, None], x.view(B, H, n, cs_len, D).to(cdt))  # (B, H, n, C, D) zero-carry states
     ends = cs[..., -1]  # (B, n)
-    starts = torch.nn.functional.pad(ends[:, :-1], (1, 0))  # cumulative log-decay before chunk m
+    starts = F.pad(ends[:, :-1], (1, 0))  # cumulative log-decay before chunk m
     m_idx = torch.arange(n, device=x.device)
     lower = m_idx[None, :] < m_idx[:, None]  # (m, j): j < m
-    carry_w = torch.exp((starts[:, :, None] - ends[:, None, :]).masked_fill(~lower, -math.inf))
-    carry = torch.einsum("bmj,bhjd->bhmd", carry_w.to(x.dtype), y[:, :, :, -1])
-    carry = carry + torch.exp(starts).to(x.dtype)[:, None, :, None] * h0[:, :, None, :]  # (B, H, n, D)
-    into = torch.exp(cs - starts[..., None]).to(x.dtype)  # (B, n, C): decay from chunk start to t
-    h = y + into[:, None, :, :, None] * carry[:, :, :, None, :]
-    return h.reshape(B, H, n * cs_len, D)[:, :, :T]
+    carry_w = torch.exp((starts[:, :, None] - ends[:, None, :]).masked_fill(~lower, -math.inf)).to(cdt)
+    carry = torch.matmul(carry_w[:, None], y[:, :, :, -1])  # (B, H, n, D): state entering each chunk
+    carry = carry + torch.exp(starts).to(cdt)[:, None, :, None] * h0[:, :, None, :]
+    into = torch.exp(cs - starts[..., None]).to(cdt)  # (B, n, C): decay from chunk start to t
+    into = into[:, None].expand(B, H, n, cs_len).reshape(B * H * n, cs_len, 1)
+    y.view(B * H * n, cs_len, D).baddbmm_(into, carry.reshape(B * H * n, 1, D))  # y += into (x) carry
+    y = y.view(B, H, n * cs_len, D)
+    return y[:, :, :T] if pad else y
 
 
 def reference_session_scan(
@@ -77,15 +95,12 @@ def reference_session_scan(
     beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pure-torch definition (differentiable); see the module docstring for shapes."""
-    d = k.shape[-1]
-    cdt = state_k.dtype
     a = decay_factors(valid, n_seen, beta)  # (B, T)
-    x = torch.cat([k, v], -1).to(cdt) * (1.0 - a).to(cdt)[:, None, :, None]  # (B, Hkv, T, 2d)
-    h = linear_scan(a, x, torch.cat([state_k, state_v], -1))
-    return (
-        *split_halves(h, d, k.dtype, v.dtype),
-        *split_halves(h[:, :, -1], d, h.dtype, h.dtype),
-    )
+    u = 1.0 - a
+    s_k = linear_scan(a, k, state_k, u)  # (B, Hkv, T, d) in the state dtype
+    s_v = linear_scan(a, v, state_v, u)
+    # each scan output is a fresh buffer; the final states are copied out so no two outputs alias
+    return s_k.to(k.dtype), s_v.to(v.dtype), s_k[:, :, -1].clone(), s_v[:, :, -1].clone()
 
 
 def check_session_scan(k, v, valid, state_k, state_v, n_seen, beta) -> None:
@@ -134,20 +149,18 @@ def reference_session_scan_backward(
 ):
     """Adjoint of the scan: ``lam_t = g_t + a_{t+1} lam_{t+1}`` (a reverse scan with the same decays);
     ``dk_t = (1 - a_t) lam_t`` and ``dstate = a_0 lam_0``."""
-    d = k.shape[-1]
     cdt = state_k.dtype
     a = decay_factors(valid, n_seen, beta)  # (B, T)
-    g = torch.cat([grad_sk, grad_sv], -1).to(cdt)  # (B, Hkv, T, 2d)
-    g = g.clone()
-    g[:, :, -1] += torch.cat([grad_state_k, grad_state_v], -1).to(cdt)
     a_rev = torch.cat([torch.ones_like(a[:, :1]), a.flip(-1)[:, :-1]], -1)  # a'_u = a_{T-u}
-    adj = linear_scan(a_rev, g.flip(2), torch.zeros_like(g[:, :, 0])).flip(2)  # (B, Hkv, T, 2d)
-    dx = adj * (1.0 - a).to(cdt)[:, None, :, None]
-    d0 = adj[:, :, 0] * a[:, :1].to(cdt)[:, :, None]
-    return (
-        *split_halves(dx, d, k.dtype, v.dtype),
-        *split_halves(d0, d, d0.dtype, d0.dtype),
-    )
+    u = (1.0 - a).to(cdt)[:, None, :, None]
+    out = []
+    for g, g_state, x in ((grad_sk, grad_state_k, k), (grad_sv, grad_state_v, v)):
+        g = g.to(cdt).clone()
+        g[:, :, -1] += g_state.to(cdt)
+        adj = linear_scan(a_rev, g.flip(2), torch.zeros_like(g_state, dtype=cdt)).flip(2)  # (B, Hkv, T, d)
+        out.append(((adj * u).to(x.dtype), adj[:, :, 0] * a[:, :1, None].to(cdt)))
+    (dk, d0k), (dv, d0v) = out
+    return dk, dv, d0k, d0v
 
 
 @torch.library.custom_op("mka::session_scan_backward", mutates_args=())

@@ -155,9 +155,9 @@ class _MKABase(nn.Module):
             )
             q_r = q.view(B, Hkv, H // Hkv, T, d).mean(2)  # (B, Hkv, T, d) recall query per kv group
             idx, found = torch.ops.mka.recall_select(q_r, st.summ_k, pos, cfg.chunk_size, cfg.top_r, bk, bvalid)
-            k3 = K.gather_recalled(idx, st.summ_k, bk)  # (B, Hkv, T, R, d)
-            v3 = K.gather_recalled(idx, st.summ_v, bv)
-            recall = (q_r, k3, v3, found)
+            mem_k = st.summ_k if bk is None else torch.cat([st.summ_k, bk.to(st.summ_k.dtype)], 2)  # (B, Hkv, S, d)
+            mem_v = st.summ_v if bv is None else torch.cat([st.summ_v, bv.to(st.summ_v.dtype)], 2)
+            recall = (q_r, mem_k, mem_v, idx, found)
             has_recall = found[:, 0].any(-1)  # (B, T): availability is the same for every head
         lam = self._route(q_flat, has_recall)
         st.n_seen = st.n_seen + valid.sum(-1)
@@ -210,11 +210,11 @@ class FastMKAAttention(_MKABase):
         st = self._state(cache, B, x)
         q, ks, vs, recall, lam, pos = self._memory(x, valid, st, self._bank(memory_bank, B, x))
         if recall is not None:
-            q_r, k3, v3, found = recall
-            scale3 = self.config.recall_scale or self.scale
-            w3 = K.recall_weights(q_r, k3, found, scale3)[..., None]  # (B, Hkv, T, R, 1)
-            ks.append((w3 * k3).sum(-2).to(x.dtype))
-            vs.append((w3 * v3).sum(-2).to(x.dtype))
+            q_r, mem_k, mem_v, idx, found = recall
+            sel = K.recall_mask(idx, found, mem_k.shape[2])  # (B, Hkv, T, S)
+            k3, v3 = K.recall_mix(q_r, mem_k, mem_v, sel, self.config.recall_scale or self.scale)
+            ks.append(k3.to(x.dtype))
+            vs.append(v3.to(x.dtype))
         kf, vf = K.route_mix(lam, ks, vs)  # (B, Hkv, T, d)
         q = self._rope(q, pos)
         (kc, vc), kv_valid = st.append([self._rope(kf, pos), vf], valid)
@@ -247,8 +247,8 @@ class MKAAttention(_MKABase):
         full, kv_valid = st.append(stored, valid)
         kw = {}
         if recall is not None:
-            q_r, k3, v3, found = recall
-            kw = dict(q3=q, k3=k3, v3=v3, found3=found)
+            _, mem_k, mem_v, idx, found = recall
+            kw = dict(q3=q, mem_k=mem_k, mem_v=mem_v, idx3=idx, found3=found)
         out = K.mka_attention(
             self._rope(q, pos),
             full[0::2],

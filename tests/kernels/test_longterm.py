@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from mka_compile.kernels import gather_recalled, real_positions, recall_weights
+from mka_compile.kernels import real_positions, recall_mask, recall_mix
 
 F64 = torch.float64
 
@@ -117,16 +117,20 @@ def test_recall_is_causal_and_top_r(with_bank: bool) -> None:
     opcheck(torch.ops.mka.recall_select.default, (q_r, summ, pos, C, R, bank, bank_valid))
 
 
-def test_recall_weights_and_gather() -> None:
-    B, H, T, N, d = 1, 1, 2, 3, 2
-    summ = torch.arange(B * H * N * d, dtype=torch.float32).view(B, H, N, d)
+def test_recall_mask_and_mix() -> None:
+    B, H, T, S, d = 1, 1, 2, 3, 2
+    mem_k = torch.arange(B * H * S * d, dtype=torch.float32).view(B, H, S, d)
+    mem_v = -mem_k
     idx = torch.tensor([[[[2, 0], [1, 0]]]])
     found = torch.tensor([[[[True, True], [False, False]]]])
-    k3 = gather_recalled(idx, summ)
-    torch.testing.assert_close(k3[0, 0, 0], summ[0, 0, [2, 0]])
-    w = recall_weights(torch.ones(B, H, T, d), k3, found, 1.0)
-    assert torch.isfinite(w).all() and w[0, 0, 1].abs().sum() == 0
-    torch.testing.assert_close(w[0, 0, 0].sum(), torch.tensor(1.0))
+    sel = recall_mask(idx, found, S)
+    assert sel.tolist() == [[[[True, False, True], [False, False, False]]]]
+    q_r = torch.ones(B, H, T, d)
+    k3, v3 = recall_mix(q_r, mem_k, mem_v, sel, 0.5)
+    w = torch.softmax(torch.stack([q_r[0, 0, 0] @ mem_k[0, 0, 2], q_r[0, 0, 0] @ mem_k[0, 0, 0]]) * 0.5, 0)
+    torch.testing.assert_close(k3[0, 0, 0], w[0] * mem_k[0, 0, 2] + w[1] * mem_k[0, 0, 0])
+    torch.testing.assert_close(v3[0, 0, 0], -k3[0, 0, 0])
+    assert torch.isfinite(k3).all() and k3[0, 0, 1].abs().sum() == 0  # nothing recalled -> zeros
 
 
 @pytest.mark.parametrize(
