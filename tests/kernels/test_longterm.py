@@ -170,3 +170,11 @@ def test_chunk_update_bad_input_names_the_argument() -> None:
         torch.ops.mka.chunk_update(k, v, valid, n0, st[0].bfloat16(), *st[1:], 4)
     with pytest.raises(ValueError, match="summ_v"):
         torch.ops.mka.chunk_update(k, v, valid, n0, *st[:3], torch.zeros(2, 2, 3, 3), 4)
+
+
+def test_chunk_update_backward_opcheck() -> None:
+    k, v, valid = _tokens(T=11, dtype=torch.float32)
+    n_seen = torch.tensor([0, 3])
+    st = [torch.randn(2, 2, 3), torch.randn(2, 2, 3), torch.randn(2, 2, 5, 3), torch.randn(2, 2, 5, 3)]
+    grads = [torch.randn_like(t) for t in st]
+    opcheck(torch.ops.mka.chunk_update_backward.default, (*grads, k, v, valid, n_seen, *st, 3))

@@ -174,3 +174,9 @@ def test_bad_input_names_the_argument(index: int, value, name: str) -> None:
 def test_bad_scale() -> None:
     with pytest.raises(ValueError, match="scale"):
         torch.ops.mka.mka_attention(*_inputs(), -1.0, True)
+
+
+@pytest.mark.parametrize("R", [0, 3])
+def test_backward_opcheck(R: int) -> None:
+    args = _inputs(dtype=torch.float32, R=R)
+    opcheck(torch.ops.mka.mka_attention_backward.default, (torch.randn_like(args[0]), *args, 0.5, True))

@@ -62,3 +62,9 @@ def test_bad_input_names_the_argument(mutate, name: str) -> None:
     lam, ks, vs = mutate(*_inputs(1))
     with pytest.raises(ValueError, match=name):
         route_mix(lam, ks, vs)
+
+
+def test_backward_opcheck() -> None:
+    lam, ks, vs = _inputs(3, dtype=torch.float32)
+    g = torch.randn_like(ks[0])
+    opcheck(torch.ops.mka.route_mix_backward.default, (g, g.clone(), lam, ks, vs))
