@@ -1,15 +1,39 @@
 """mka-compile: find attention in PyTorch models and rewrite it into MKA / FastMKA.
 
-This release ships the foundation: :class:`MKAConfig`, the ``mka::`` custom ops
-(:mod:`mka_compile.kernels`) and the layers (:mod:`mka_compile.layers`).
+:func:`inspect` finds attention sites; :class:`Rule` / :class:`PassManager` run custom passes;
+:class:`MKAConfig`, the ``mka::`` custom ops (:mod:`mka_compile.kernels`) and the layers
+(:mod:`mka_compile.layers`) carry the MKA semantics.
 """
 
 from __future__ import annotations
 
 from mka_compile import kernels, layers
 from mka_compile.config import MKAConfig
+from mka_compile.graph.capture import CaptureError
+from mka_compile.graph.pattern import any_, op, opt
+from mka_compile.graph.rules import PassError, PassManager, Rule
+from mka_compile.inspect import inspect
 from mka_compile.layers import FastMKAAttention, MKAAttention, MKACache
+from mka_compile.report import Report, Site
 
 __version__ = "0.1.0"
 
-__all__ = ["FastMKAAttention", "MKAAttention", "MKACache", "MKAConfig", "__version__", "kernels", "layers"]
+__all__ = [
+    "CaptureError",
+    "FastMKAAttention",
+    "MKAAttention",
+    "MKACache",
+    "MKAConfig",
+    "PassError",
+    "PassManager",
+    "Report",
+    "Rule",
+    "Site",
+    "__version__",
+    "any_",
+    "inspect",
+    "kernels",
+    "layers",
+    "op",
+    "opt",
+]

@@ -1,0 +1,79 @@
+"""Triton plumbing shared by the ``*_triton`` kernel modules.
+
+``triton.jit`` decides between compiling and interpreting when a kernel is *defined*, from
+``TRITON_INTERPRET``. The package defines its kernels at import, often before a test could set that
+variable, so the launchers pick the kernel per call instead: tensors on the CPU always run the
+Triton interpreter (whatever ``TRITON_INTERPRET`` said), tensors on a GPU the compiled kernel. The
+CPU tests therefore pass in any import order, and CPU interpreter tests can share a process with
+compiled GPU tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import triton
+
+_INTERPRETED: dict[int, _Interpreted] = {}
+_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def _nested_calls_interpreted():
+    """While an interpreted launch runs, a call to a compiled-mode ``@triton.jit`` function (triton's own
+    ``tl.sum``, ``tl.cumsum``... are such functions when triton was imported without ``TRITON_INTERPRET``)
+    runs interpreted too, as it would had ``TRITON_INTERPRET`` been set before triton was imported."""
+    cls = triton.runtime.JITFunction
+    with _LOCK:
+        original = cls.__call__
+        cls.__call__ = lambda self, *args, **kwargs: _interpreted(self).fn(*args, **kwargs)
+        try:
+            yield
+        finally:
+            cls.__call__ = original
+
+
+class _Interpreted:
+    """``kernel[grid](...)`` through the Triton interpreter, for a kernel defined in compiled mode."""
+
+    def __init__(self, kernel) -> None:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        self.fn = InterpretedFunction(kernel.fn)
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            with _nested_calls_interpreted():
+                return self.fn[grid](*args, **kwargs)
+
+        return run
+
+
+def _interpreted(kernel) -> _Interpreted:
+    fn = _INTERPRETED.get(id(kernel))
+    if fn is None:
+        fn = _INTERPRETED[id(kernel)] = _Interpreted(kernel)
+    return fn
+
+
+def for_device(kernel, device: torch.device):
+    """The launchable form of ``kernel`` for tensors on ``device``: ``for_device(k, dev)[grid](*args)``.
+
+    CPU tensors run the Triton interpreter; other devices the kernel as defined (compiled, or interpreted
+    when ``TRITON_INTERPRET=1`` was set before the kernel module was imported)."""
+    if device.type == "cpu" and isinstance(kernel, triton.runtime.JITFunction):
+        return _interpreted(kernel)
+    return kernel
+
+
+def pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
+    """``next_power_of_2(n)`` clamped to ``[lo, hi]``."""
+    p = max(lo, triton.next_power_of_2(max(1, int(n))))
+    return p if hi is None else min(p, hi)
+
+
+def as_bytes(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor viewed as uint8 (same storage), so kernels read/write it as 0/1 bytes."""
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask

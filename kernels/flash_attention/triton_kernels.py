@@ -1,0 +1,608 @@
+"""Triton kernels of the plain-attention families: flash attention (forward, backward) and split-K decode.
+
+Only ``@triton.jit`` code lives here; the launchers (strides, grids, block sizes) are
+:func:`mka_compile.kernels.flash_attention.flash_attention_fwd` / ``flash_attention_bwd`` and
+:func:`mka_compile.kernels.decode_attention.decode_attention_fwd`. This module is imported lazily, on
+the first launch, so that importing the package needs no Triton (a Linux-only dependency) and so that
+``TRITON_INTERPRET=1`` set by a test before that first launch decides how the kernels are built.
+
+Conventions shared by every kernel:
+
+- tensors are addressed through explicit strides; program ids and row/column offsets are cast to
+  ``tl.int64`` before they meet a stride, so a tensor may exceed 2**31 elements;
+- query row ``i`` sits at key position ``i + Tk - Tq`` (bottom-right alignment), so ``CAUSAL`` lets it
+  see keys ``j <= i + Tk - Tq``; GQA maps query head ``h`` to kv head ``h // group``;
+- scores live in base 2: ``qk_scale = scale * log2(e)``, so ``exp2`` replaces ``exp``; the stored
+  log-sum-exp is in natural units (``-inf`` for a row that sees no key, whose output is 0);
+- the head dim is padded to ``BLOCK_D`` (a power of two >= 16) by masked loads of zeros;
+- ``MASK_KIND``: 0 = no mask, 1 = boolean keep-mask (stored as uint8), 2 = additive float mask; the mask
+  is read through its own strides, 0 on broadcast dims.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _flash_attention_fwd_kernel(
+    Q,
+    K,
+    V,
+    Mask,
+    Out,
+    Lse,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    num_heads,
+    group,
+    seq_q,
+    seq_k,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program = BLOCK_M query rows of one (batch, head); online softmax over key blocks.
+
+    Writes ``Out [B, H, Tq, d]`` and ``Lse [B, H, Tq]`` (float32, contiguous)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    hk = h // group
+    offset = seq_k - seq_q  # query row i sits at key position i + offset
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m64 = offs_m.to(tl.int64)
+    row_ok = offs_m < seq_q
+    d_ok = offs_d < HEAD_DIM
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # keys [0, full_hi) are visible to every row of the block; [full_hi, hi) need the causal/bounds mask
+    if CAUSAL:
+        hi = tl.minimum(seq_k, start_m + BLOCK_M + offset)
+        full_hi = tl.minimum(seq_k, start_m + 1 + offset)
+    else:
+        hi = seq_k
+        full_hi = seq_k
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n64 = offs_n.to(tl.int64)
+        col_ok = offs_n < seq_k
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n64[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if MASK_KIND != 0:
+            tile = mask_base + offs_m64[:, None] * stride_mm + offs_n64[None, :] * stride_mn
+            tile_ok = row_ok[:, None] & col_ok[None, :]
+            if MASK_KIND == 1:
+                keep = tl.load(tile, mask=tile_ok, other=0)
+                s = tl.where(keep != 0, s, float("-inf"))
+            else:
+                bias = tl.load(tile, mask=tile_ok, other=0.0)
+                s = s + bias.to(tl.float32) * LOG2E
+        if start_n + BLOCK_N > full_hi:
+            ok = col_ok[None, :] & row_ok[:, None]
+            if CAUSAL:
+                ok = ok & (offs_n[None, :] <= offs_m[:, None] + offset)
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key so far: keep exp2 finite
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n64[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_use = tl.where(empty, 1.0, l_i)
+    out = acc / l_use[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_use)) * LN2)
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m64[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + pid_bh * seq_q + offs_m64, lse, mask=row_ok)
+
+
+@triton.jit
+def _flash_attention_bwd_preprocess(
+    Out,
+    DOut,
+    DLse,
+    Delta,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_gb,
+    stride_gh,
+    stride_gm,
+    stride_gd,
+    num_heads,
+    seq_q,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+):
+    """``Delta = rowsum(dO * O) - dLse``  (float32 ``[B, H, Tq]``; ``DLse`` contiguous like ``Lse``)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_m64 = offs_m.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seq_q
+    tile_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(
+        Out + b * stride_ob + h * stride_oh + offs_m64[:, None] * stride_om + offs_d[None, :] * stride_od,
+        mask=tile_ok,
+        other=0.0,
+    )
+    do = tl.load(
+        DOut + b * stride_gb + h * stride_gh + offs_m64[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+        mask=tile_ok,
+        other=0.0,
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
+    if HAS_DLSE:
+        delta = delta - tl.load(DLse + pid_bh * seq_q + offs_m64, mask=row_ok, other=0.0)
+    tl.store(Delta + pid_bh * seq_q + offs_m64, delta, mask=row_ok)
+
+
+@triton.jit
+def _flash_attention_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    Mask,
+    DOut,
+    Lse,
+    Delta,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_gb,
+    stride_gh,
+    stride_gm,
+    stride_gd,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dkd,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    stride_dvd,
+    num_kv_heads,
+    group,
+    seq_q,
+    seq_k,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program = BLOCK_N keys of one (batch, kv head); loops over the ``group`` query heads sharing
+    that kv head and over their query blocks, so dK/dV of a GQA group are summed without atomics::
+
+        P^T = exp(S^T - lse),  dV += P^T dO,  dS^T = P^T * (V dO^T - Delta),  dK += dS^T Q * scale
+    """
+    start_n = tl.program_id(0) * BLOCK_N
+    pid_bk = tl.program_id(1).to(tl.int64)
+    b = pid_bk // num_kv_heads
+    hk = pid_bk % num_kv_heads
+    num_heads = num_kv_heads * group
+    offset = seq_k - seq_q
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_n64 = offs_n.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = offs_n < seq_k
+    d_ok = offs_d < HEAD_DIM
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(
+        K + b * stride_kb + hk * stride_kh + offs_n64[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        mask=kv_mask,
+        other=0.0,
+    )  # (BLOCK_N, BLOCK_D)
+    v = tl.load(
+        V + b * stride_vb + hk * stride_vh + offs_n64[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    # causal: rows < start_n - offset see none of these keys; rows >= full_lo see all of them
+    if CAUSAL:
+        lo = (tl.maximum(start_n - offset, 0) // BLOCK_M) * BLOCK_M
+        full_lo = start_n + BLOCK_N - 1 - offset
+    else:
+        lo = 0
+        full_lo = 0
+    for r in range(0, group):
+        h = hk * group + r
+        q_base = Q + b * stride_qb + h * stride_qh
+        g_base = DOut + b * stride_gb + h * stride_gh
+        mask_base = Mask + b * stride_mb + h * stride_mh
+        row_base = (b * num_heads + h) * seq_q  # Lse / Delta are contiguous [B, H, Tq]
+        for start_m in range(lo, seq_q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            offs_m64 = offs_m.to(tl.int64)
+            row_ok = offs_m < seq_q
+            qd_mask = row_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+            lse = tl.load(Lse + row_base + offs_m64, mask=row_ok, other=float("inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # a row with no key: P = 0
+            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+            if MASK_KIND != 0:
+                tile = mask_base + offs_m64[None, :] * stride_mm + offs_n64[:, None] * stride_mn
+                tile_ok = col_ok[:, None] & row_ok[None, :]
+                if MASK_KIND == 1:
+                    keep = tl.load(tile, mask=tile_ok, other=0)
+                    s_t = tl.where(keep != 0, s_t, float("-inf"))
+                else:
+                    bias = tl.load(tile, mask=tile_ok, other=0.0)
+                    s_t = s_t + bias.to(tl.float32) * LOG2E
+            if CAUSAL:
+                if start_m < full_lo:
+                    s_t = tl.where(offs_n[:, None] <= offs_m[None, :] + offset, s_t, float("-inf"))
+            p_t = tl.exp2(s_t - lse2[None, :])  # (BLOCK_N, BLOCK_M)
+            do = tl.load(g_base + offs_m64[:, None] * stride_gm + offs_d[None, :] * stride_gd, mask=qd_mask, other=0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            delta = tl.load(Delta + row_base + offs_m64, mask=row_ok, other=0.0)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    dk = dk * sm_scale
+    tl.store(
+        DK + b * stride_dkb + hk * stride_dkh + offs_n64[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+        dk.to(DK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        DV + b * stride_dvb + hk * stride_dvh + offs_n64[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+        dv.to(DV.dtype.element_ty),
+        mask=kv_mask,
+    )
+
+
+@triton.jit
+def _flash_attention_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    Mask,
+    DOut,
+    Lse,
+    Delta,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_gb,
+    stride_gh,
+    stride_gm,
+    stride_gd,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    stride_dqd,
+    num_heads,
+    group,
+    seq_q,
+    seq_k,
+    qk_scale,
+    sm_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program = BLOCK_M query rows of one (batch, head)::
+
+    P = exp(S - lse),  dS = P * (dO V^T - Delta),  dQ = dS K * scale
+    """
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    hk = h // group
+    offset = seq_k - seq_q
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_m64 = offs_m.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seq_q
+    d_ok = offs_d < HEAD_DIM
+    qd_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=qd_mask,
+        other=0.0,
+    )  # (BLOCK_M, BLOCK_D)
+    do = tl.load(
+        DOut + b * stride_gb + h * stride_gh + offs_m64[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+        mask=qd_mask,
+        other=0.0,
+    )
+    lse = tl.load(Lse + pid_bh * seq_q + offs_m64, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    delta = tl.load(Delta + pid_bh * seq_q + offs_m64, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    mask_base = Mask + b * stride_mb + h * stride_mh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    if CAUSAL:
+        hi = tl.minimum(seq_k, start_m + BLOCK_M + offset)
+        full_hi = tl.minimum(seq_k, start_m + 1 + offset)
+    else:
+        hi = seq_k
+        full_hi = seq_k
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n64 = offs_n.to(tl.int64)
+        col_ok = offs_n < seq_k
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n64[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n64[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if MASK_KIND != 0:
+            tile = mask_base + offs_m64[:, None] * stride_mm + offs_n64[None, :] * stride_mn
+            tile_ok = row_ok[:, None] & col_ok[None, :]
+            if MASK_KIND == 1:
+                keep = tl.load(tile, mask=tile_ok, other=0)
+                s = tl.where(keep != 0, s, float("-inf"))
+            else:
+                bias = tl.load(tile, mask=tile_ok, other=0.0)
+                s = s + bias.to(tl.float32) * LOG2E
+        if start_n + BLOCK_N > full_hi:
+            ok = col_ok[None, :] & row_ok[:, None]
+            if CAUSAL:
+                ok = ok & (offs_n[None, :] <= offs_m[:, None] + offset)
+            s = tl.where(ok, s, float("-inf"))
+        p = tl.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    dq = dq * sm_scale
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + offs_m64[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+        dq.to(DQ.dtype.element_ty),
+        mask=qd_mask,
+    )
+
+
+@triton.jit
+def _decode_attention_split_kernel(
+    Q,
+    K,
+    V,
+    KvValid,
+    PartOut,
+    PartLse,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_vab,
+    stride_van,
+    num_kv_heads,
+    group,
+    seq_q,
+    seq_k,
+    split_len,
+    num_splits,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Kernel 1 of split-K decode: one program = one KV split x one (batch, kv head) x BLOCK_M rows, where
+    the ``group * Tq`` query rows sharing the kv head are packed (row ``r`` = head ``hk * group + r // Tq``,
+    query ``r % Tq``), so each K/V tile is read once for the whole GQA group.
+
+    Writes the split's normalised output ``PartOut [B, H, Tq, S, d]`` and log-sum-exp ``PartLse [B, H, Tq, S]``
+    (float32, contiguous; ``-inf`` and zeros for a split the row sees no key of)."""
+    split = tl.program_id(0)
+    pid_bk = tl.program_id(1).to(tl.int64)
+    b = pid_bk // num_kv_heads
+    hk = pid_bk % num_kv_heads
+    offset = seq_k - seq_q
+
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < group * seq_q
+    t = rows % seq_q
+    h = hk * group + (rows // seq_q).to(tl.int64)  # (BLOCK_M,)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = Q + b * stride_qb + h[:, None] * stride_qh + t.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo = split * split_len
+    hi = tl.minimum(seq_k, lo + split_len)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n64 = offs_n.to(tl.int64)
+        col_ok = offs_n < hi
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n64[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        ok = row_ok[:, None] & col_ok[None, :]
+        if HAS_VALID:
+            real = tl.load(KvValid + b * stride_vab + offs_n64 * stride_van, mask=col_ok, other=0)
+            ok = ok & (real != 0)[None, :]
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= t[:, None] + offset)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n64[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_use = tl.where(empty, 1.0, l_i)
+    out = acc / l_use[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_use)) * LN2)
+    row = (b * num_kv_heads * group + h) * seq_q + t  # index into [B, H, Tq]
+    part = row * num_splits + split  # index into [B, H, Tq, S]
+    tl.store(PartOut + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(PartLse + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _decode_attention_merge_kernel(
+    PartOut,
+    PartLse,
+    Out,
+    Lse,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    num_heads,
+    seq_q,
+    num_splits,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Kernel 2 of split-K decode: one program = one query row; merges its splits by log-sum-exp::
+
+    out = sum_s exp(lse_s - lse) out_s,  lse = log sum_s exp(lse_s)
+
+    Each lane of BLOCK_S keeps a running (max, sum, acc) over splits ``lane, lane + BLOCK_S, ...``; the lanes
+    are merged at the end. Writes ``Out [B, H, Tq, d]`` (dtype of q) and ``Lse [B, H, Tq]`` (float32)."""
+    row = tl.program_id(0).to(tl.int64)  # (b * H + h) * Tq + t
+    t = row % seq_q
+    bh = row // seq_q
+    b = bh // num_heads
+    h = bh % num_heads
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    m_s = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    l_s = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    for start_s in range(0, num_splits, BLOCK_S):
+        offs_s = start_s + tl.arange(0, BLOCK_S)
+        s_ok = offs_s < num_splits
+        part = row * num_splits + offs_s
+        lse = tl.load(PartLse + part, mask=s_ok, other=float("-inf"))  # (BLOCK_S,)
+        po = tl.load(PartOut + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        m_new = tl.maximum(m_s, lse)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_s - m_use)
+        w = tl.exp(lse - m_use)
+        l_s = l_s * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * po
+        m_s = m_new
+
+    m = tl.max(m_s, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    f = tl.exp(m_s - m_use)  # (BLOCK_S,)
+    l_tot = tl.sum(l_s * f, 0)
+    out = tl.sum(acc * f[:, None], 0)  # (BLOCK_D,)
+    empty = l_tot == 0.0
+    out = out / tl.where(empty, 1.0, l_tot)
+    lse_tot = tl.where(empty, float("-inf"), m_use + tl.log(tl.where(empty, 1.0, l_tot)))
+    o_ptrs = Out + b * stride_ob + h * stride_oh + t * stride_om + offs_d * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_ok)
+    tl.store(Lse + row, lse_tot)

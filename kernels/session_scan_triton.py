@@ -1,0 +1,330 @@
+"""Triton kernels for ``mka::session_scan`` and ``mka::session_scan_backward`` (the CUDA implementations).
+
+Math (per batch row b, kv head h, feature i; see :mod:`.session_scan` for the definition)::
+
+    forward:   s_t = a_t s_{t-1} + (1 - a_t) k_t,   s_{-1} = state
+               a_t = 1 (padding), 0 (first real token when n_seen == 0), beta (otherwise)
+    backward:  lam_t = g_t + a_{t+1} lam_{t+1},     lam_{T-1} = g_{T-1} + g_state
+               dk_t = (1 - a_t) lam_t,              dstate = a_0 lam_0
+
+Both are first-order linear recurrences ``h_t = c_t h_{t-1} + x_t``. One program owns a
+(batch, kv head, feature block of BLOCK_D) and walks T in tiles of BLOCK_T tokens (the backward from
+the end): inside a tile ``tl.associative_scan`` solves the recurrence over pairs ``(c, x)`` with
+``(c1, x1) o (c2, x2) = (c1 c2, c2 x1 + x2)`` (zero carry in, plus the running product ``C_t``), and
+``h_t = H_t + C_t * carry`` adds the state carried in registers from the previous tile. k and v share
+the decays, so one scan carries both. The state and all arithmetic are in the state dtype (float32;
+float64 for float64 states); ``s_k, s_v`` are written in the dtype of the output tensors (the
+activation dtype for the op). ``beta`` reaches the kernel as a float32 scalar.
+
+Launchers: :func:`session_scan_fwd`, :func:`session_scan_bwd` (strided inputs and outputs; CPU tensors
+run the Triton interpreter). Importing this module registers them for CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton import as_bytes, for_device, pow2
+from .session_scan import check_session_scan
+
+
+@triton.jit
+def _linrec2_combine(c1, x1, y1, c2, x2, y2):
+    # (c1, x1) then (c2, x2): h -> c2 (c1 h + x1) + x2; two right-hand sides share the decays
+    return c1 * c2, c2 * x1 + x2, c2 * y1 + y2
+
+
+@triton.jit
+def _session_scan_fwd_kernel(
+    k_ptr,
+    v_ptr,
+    valid_ptr,
+    n_seen_ptr,
+    state_k_ptr,
+    state_v_ptr,
+    sk_ptr,
+    sv_ptr,
+    out_state_k_ptr,
+    out_state_v_ptr,
+    beta,
+    T,
+    D,
+    H,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_vd,
+    stride_mb,
+    stride_mt,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_od,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid ``(B * H, cdiv(D, BLOCK_D))``; states are contiguous ``[B, H, D]``; ``sk``/``sv`` share strides."""
+    pid_bh = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    cdt = state_k_ptr.dtype.element_ty
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    st_off = pid_bh * D + cols
+    carry_k = tl.load(state_k_ptr + st_off, mask=cmask, other=0.0).to(cdt)  # (BLOCK_D,)
+    carry_v = tl.load(state_v_ptr + st_off, mask=cmask, other=0.0).to(cdt)
+    seen = tl.load(n_seen_ptr + b)  # real tokens before the current tile
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    o_off = b * stride_ob + h * stride_oh
+    for t0 in range(0, T, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        rmask = rows < T
+        ok = tl.load(valid_ptr + b * stride_mb + rows * stride_mt, mask=rmask, other=0) != 0  # (BLOCK_T,)
+        first = ok & (seen + tl.cumsum(ok.to(tl.int32), 0) == 1)
+        a = tl.where(first, 0.0, tl.where(ok, beta, 1.0)).to(cdt)  # pads (and rows past T) keep the state
+        m2 = rmask[:, None] & cmask[None, :]
+        kx = tl.load(k_base + rows[:, None] * stride_kt + cols[None, :] * stride_kd, mask=m2, other=0.0).to(cdt)
+        vx = tl.load(v_base + rows[:, None] * stride_vt + cols[None, :] * stride_vd, mask=m2, other=0.0).to(cdt)
+        a2 = tl.broadcast_to(a[:, None], (BLOCK_T, BLOCK_D))  # (BLOCK_T, BLOCK_D)
+        prod, hk, hv = tl.associative_scan((a2, (1.0 - a2) * kx, (1.0 - a2) * vx), 0, _linrec2_combine)
+        sk = hk + prod * carry_k[None, :]
+        sv = hv + prod * carry_v[None, :]
+        offs = o_off + rows[:, None] * stride_ot + cols[None, :] * stride_od
+        tl.store(sk_ptr + offs, sk.to(sk_ptr.dtype.element_ty), mask=m2)
+        tl.store(sv_ptr + offs, sv.to(sv_ptr.dtype.element_ty), mask=m2)
+        last = rows[:, None] == t0 + BLOCK_T - 1  # rows past T carry the state unchanged to the tile end
+        carry_k = tl.sum(tl.where(last, sk, 0.0), 0)
+        carry_v = tl.sum(tl.where(last, sv, 0.0), 0)
+        seen += tl.sum(ok.to(tl.int32), 0)
+    tl.store(out_state_k_ptr + st_off, carry_k, mask=cmask)
+    tl.store(out_state_v_ptr + st_off, carry_v, mask=cmask)
+
+
+def _blocks(T: int, D: int, block_t: int | None, block_d: int | None) -> tuple[int, int]:
+    return block_t or pow2(T, 16, 64), block_d or pow2(D, 16, 32)
+
+
+def session_scan_fwd(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor,
+    state_k: torch.Tensor,
+    state_v: torch.Tensor,
+    n_seen: torch.Tensor,
+    beta: float,
+    out_dtype: torch.dtype | None = None,
+    *,
+    BLOCK_T: int | None = None,
+    BLOCK_D: int | None = None,
+    num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward scan: ``k, v: [B, H, T, d]`` (any strides), ``valid: [B, T]`` bool, ``state_k, state_v: [B, H, d]``
+    (float32/float64), ``n_seen: [B]`` int64 -> ``(s_k, s_v, state_k, state_v)``.
+
+    ``s_k, s_v`` are new contiguous ``[B, H, T, d]`` tensors in ``out_dtype`` (default: ``k.dtype``); the
+    states keep the state dtype. No argument checks (the op does them).
+    """
+    B, H, T, D = k.shape
+    sdt = state_k.dtype
+    out_dtype = out_dtype or k.dtype
+    sk = torch.empty(B, H, T, D, dtype=out_dtype, device=k.device)  # (B, H, T, d)
+    sv = torch.empty_like(sk)
+    st_k = torch.empty(B, H, D, dtype=sdt, device=k.device)  # (B, H, d)
+    st_v = torch.empty_like(st_k)
+    valid = as_bytes(valid)
+    bt, bd = _blocks(T, D, BLOCK_T, BLOCK_D)
+    grid = (B * H, triton.cdiv(D, bd))
+    for_device(_session_scan_fwd_kernel, k.device)[grid](
+        k,
+        v,
+        valid,
+        n_seen,
+        state_k.contiguous(),
+        state_v.contiguous(),
+        sk,
+        sv,
+        st_k,
+        st_v,
+        float(beta),
+        T,
+        D,
+        H,
+        *k.stride(),
+        *v.stride(),
+        *valid.stride(),
+        *sk.stride(),
+        BLOCK_T=bt,
+        BLOCK_D=bd,
+        num_warps=num_warps,
+    )
+    return sk, sv, st_k, st_v
+
+
+@triton.jit
+def _session_scan_bwd_kernel(
+    gk_ptr,
+    gv_ptr,
+    gstate_k_ptr,
+    gstate_v_ptr,
+    valid_ptr,
+    n_seen_ptr,
+    dk_ptr,
+    dv_ptr,
+    dstate_k_ptr,
+    dstate_v_ptr,
+    beta,
+    T,
+    D,
+    H,
+    stride_gkb,
+    stride_gkh,
+    stride_gkt,
+    stride_gkd,
+    stride_gvb,
+    stride_gvh,
+    stride_gvt,
+    stride_gvd,
+    stride_mb,
+    stride_mt,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_od,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid ``(B * H, cdiv(D, BLOCK_D))``; the reverse scan, walking tiles from the end of T."""
+    pid_bh = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    cdt = dstate_k_ptr.dtype.element_ty
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    st_off = pid_bh * D + cols
+    n_seen = tl.load(n_seen_ptr + b)
+    # the first real token of the row (only it has a_t = 0, and only when n_seen == 0)
+    first = T
+    for t0 in range(0, T, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        ok = tl.load(valid_ptr + b * stride_mb + rows * stride_mt, mask=rows < T, other=0) != 0
+        first = tl.minimum(first, tl.min(tl.where(ok, rows, T), 0))
+    first = tl.where(n_seen == 0, first, -1)
+    # lam just after the tile being processed; g_state enters at T - 1 with a_T := 1
+    carry_k = tl.load(gstate_k_ptr + st_off, mask=cmask, other=0.0).to(cdt)
+    carry_v = tl.load(gstate_v_ptr + st_off, mask=cmask, other=0.0).to(cdt)
+    gk_base = gk_ptr + b * stride_gkb + h * stride_gkh
+    gv_base = gv_ptr + b * stride_gvb + h * stride_gvh
+    o_off = b * stride_ob + h * stride_oh
+    n_tiles = tl.cdiv(T, BLOCK_T)
+    for i in range(0, n_tiles):
+        t0 = (n_tiles - 1 - i) * BLOCK_T
+        rows = t0 + tl.arange(0, BLOCK_T)
+        rmask = rows < T
+        ok = tl.load(valid_ptr + b * stride_mb + rows * stride_mt, mask=rmask, other=0) != 0
+        a = tl.where(rows == first, 0.0, tl.where(ok, beta, 1.0)).to(cdt)  # a_t
+        nxt = rows + 1
+        ok_n = tl.load(valid_ptr + b * stride_mb + nxt * stride_mt, mask=nxt < T, other=0) != 0
+        a_n = tl.where(nxt == first, 0.0, tl.where(ok_n, beta, 1.0)).to(cdt)  # a_{t+1}; 1 past the end
+        m2 = rmask[:, None] & cmask[None, :]
+        gk = tl.load(gk_base + rows[:, None] * stride_gkt + cols[None, :] * stride_gkd, mask=m2, other=0.0).to(cdt)
+        gv = tl.load(gv_base + rows[:, None] * stride_gvt + cols[None, :] * stride_gvd, mask=m2, other=0.0).to(cdt)
+        c2 = tl.broadcast_to(a_n[:, None], (BLOCK_T, BLOCK_D))  # (BLOCK_T, BLOCK_D)
+        prod, lk, lv = tl.associative_scan((c2, gk, gv), 0, _linrec2_combine, reverse=True)
+        lam_k = lk + prod * carry_k[None, :]
+        lam_v = lv + prod * carry_v[None, :]
+        u = 1.0 - a[:, None]
+        offs = o_off + rows[:, None] * stride_ot + cols[None, :] * stride_od
+        tl.store(dk_ptr + offs, (u * lam_k).to(dk_ptr.dtype.element_ty), mask=m2)
+        tl.store(dv_ptr + offs, (u * lam_v).to(dv_ptr.dtype.element_ty), mask=m2)
+        head = rows[:, None] == t0
+        carry_k = tl.sum(tl.where(head, lam_k, 0.0), 0)
+        carry_v = tl.sum(tl.where(head, lam_v, 0.0), 0)
+    ok0 = tl.load(valid_ptr + b * stride_mb) != 0
+    a0 = tl.where(first == 0, 0.0, tl.where(ok0, beta, 1.0)).to(cdt)
+    tl.store(dstate_k_ptr + st_off, a0 * carry_k, mask=cmask)
+    tl.store(dstate_v_ptr + st_off, a0 * carry_v, mask=cmask)
+
+
+def session_scan_bwd(
+    grad_sk: torch.Tensor,
+    grad_sv: torch.Tensor,
+    grad_state_k: torch.Tensor,
+    grad_state_v: torch.Tensor,
+    valid: torch.Tensor,
+    n_seen: torch.Tensor,
+    beta: float,
+    out_dtype: torch.dtype | None = None,
+    state_dtype: torch.dtype | None = None,
+    *,
+    BLOCK_T: int | None = None,
+    BLOCK_D: int | None = None,
+    num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reverse scan: ``grad_sk, grad_sv: [B, H, T, d]`` (any strides), ``grad_state_k, grad_state_v: [B, H, d]``
+    -> ``(dk, dv, dstate_k, dstate_v)``.
+
+    ``dk, dv`` are contiguous in ``out_dtype`` (default ``grad_sk.dtype``); ``dstate_*`` and the arithmetic
+    are in ``state_dtype`` (default ``grad_state_k.dtype``).
+    """
+    B, H, T, D = grad_sk.shape
+    sdt = state_dtype or grad_state_k.dtype
+    dk = torch.empty(B, H, T, D, dtype=out_dtype or grad_sk.dtype, device=grad_sk.device)  # (B, H, T, d)
+    dv = torch.empty_like(dk)
+    d0k = torch.empty(B, H, D, dtype=sdt, device=grad_sk.device)  # (B, H, d)
+    d0v = torch.empty_like(d0k)
+    valid = as_bytes(valid)
+    bt, bd = _blocks(T, D, BLOCK_T, BLOCK_D)
+    grid = (B * H, triton.cdiv(D, bd))
+    for_device(_session_scan_bwd_kernel, grad_sk.device)[grid](
+        grad_sk,
+        grad_sv,
+        grad_state_k.contiguous(),
+        grad_state_v.contiguous(),
+        valid,
+        n_seen,
+        dk,
+        dv,
+        d0k,
+        d0v,
+        float(beta),
+        T,
+        D,
+        H,
+        *grad_sk.stride(),
+        *grad_sv.stride(),
+        *valid.stride(),
+        *dk.stride(),
+        BLOCK_T=bt,
+        BLOCK_D=bd,
+        num_warps=num_warps,
+    )
+    return dk, dv, d0k, d0v
+
+
+# -- CUDA implementations of the ops --------------------------------------------------------------------
+
+
+def _session_scan_cuda(k, v, valid, state_k, state_v, n_seen, beta):
+    check_session_scan(k, v, valid, state_k, state_v, n_seen, beta)
+    return session_scan_fwd(k, v, valid, state_k, state_v, n_seen, beta)
+
+
+def _session_scan_backward_cuda(
+    grad_sk, grad_sv, grad_state_k, grad_state_v, k, v, valid, state_k, state_v, n_seen, beta
+):
+    return session_scan_bwd(
+        grad_sk, grad_sv, grad_state_k, grad_state_v, valid, n_seen, beta, k.dtype, state_k.dtype
+    )
+
+
+torch.library.register_kernel("mka::session_scan", "cuda", _session_scan_cuda)
+torch.library.register_kernel("mka::session_scan_backward", "cuda", _session_scan_backward_cuda)

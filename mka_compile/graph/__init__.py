@@ -1,0 +1,1 @@
+"""Graph engine: capture, canonical op view, patterns, rules, pass manager."""

@@ -1,0 +1,102 @@
+"""Filters and site facts shared by the attention rule families."""
+
+from __future__ import annotations
+
+import re
+
+from torch import fx
+
+from mka_compile.graph import ops
+from mka_compile.graph.pattern import Match
+
+from .provenance import Provenance, walk
+
+
+def provenance(m: Match, role: str) -> Provenance:
+    """Walk back from capture ``role`` ('q', 'k' or 'v'; 'kt' for transposed keys), cached on the match."""
+    key = f"prov_{role}"
+    if key not in m.facts:
+        name = "kt" if role == "k" and "kt" in m.captures else role
+        m.facts[key] = walk(m.captures[name], m.gm, {"q": "query", "k": "keys", "v": "values"}[role])
+    return m.facts[key]
+
+
+def query_is_projection(m: Match) -> str | None:
+    p = provenance(m, "q")
+    return None if p.kind == "projection" else p.reason
+
+
+def keys_are_projection(m: Match) -> str | None:
+    p = provenance(m, "k")
+    return None if p.kind == "projection" else p.reason
+
+
+def values_same_sequence(m: Match) -> str | None:
+    pv, pk = provenance(m, "v"), provenance(m, "k")
+    if pv.kind != "projection":
+        return pv.reason
+    if pv.source is not pk.source:
+        return (
+            f"the values ({pv.describe}) are not a projection of the same sequence as the keys ({pk.describe})"
+        )
+    return None
+
+
+def softmax_over_keys(m: Match) -> str | None:
+    """The softmax normalises over the key axis of the scores (the last axis of ``q @ k^T``)."""
+    sm = m.captures["softmax"]
+    nd = ops.rank(sm)
+    dim = ops.arg(sm, 1, "dim", -1)
+    if not isinstance(dim, int):
+        return f"softmax at {sm.name} has a non-constant dim"
+    key_axis = m.facts.get("key_axis")
+    want = nd - 1 if key_axis is None and nd is not None else key_axis
+    if nd is not None and ops.normalize_dim(dim, nd) != want:
+        return f"softmax at {sm.name} normalises axis {dim}, not the key axis of the scores ({want})"
+    return None
+
+
+_EINSUM = re.compile(r"^\s*([a-zA-Z.]+)\s*,\s*([a-zA-Z.]+)\s*->\s*([a-zA-Z.]+)\s*$")
+
+
+def einsum_scores(node: fx.Node, m: Match) -> str | None:
+    """``einsum('...qd,...kd->...qk', q, k)``: contract the head dim, keep the key axis last or not."""
+    eq = node.args[0] if isinstance(node.args[0], str) else None
+    parts = _EINSUM.match(eq or "")
+    if not parts:
+        return f"einsum at {node.name} is not a two-operand contraction ({eq!r})"
+    a, b, out = parts.groups()
+    contracted = set(a) & set(b) - set(out)
+    if len(contracted) != 1 or a[-1] not in contracted:
+        return f"einsum {eq!r} at {node.name} does not contract the head dimension of q with k"
+    key = [c for c in b if c not in a]
+    if len(key) != 1:
+        return f"einsum {eq!r} at {node.name} has no single key axis"
+    m.facts["key_axis"] = out.index(key[0])
+    m.facts["key_letter"] = key[0]
+    return None
+
+
+def einsum_output(node: fx.Node, m: Match) -> str | None:
+    """``einsum('...qk,...kd->...qd', p, v)``: contract the key axis."""
+    eq = node.args[0] if isinstance(node.args[0], str) else None
+    parts = _EINSUM.match(eq or "")
+    if not parts:
+        return f"einsum at {node.name} is not a two-operand contraction ({eq!r})"
+    a, b, out = parts.groups()
+    contracted = set(a) & set(b) - set(out)
+    if len(contracted) != 1:
+        return f"einsum {eq!r} at {node.name} does not contract the key axis of the probabilities with v"
+    return None
+
+
+def scalar_operand(node: fx.Node, m: Match) -> str | None:
+    """A scale layer multiplies/divides by a constant (a number or a tensor without graph inputs)."""
+    ins = ops.tensor_inputs(node)
+    if len(ins) == 1:
+        return None
+    from .provenance import _const_like
+
+    if len(ins) == 2 and any(_const_like(i, m.gm) and (ops.shape(i) or ()) in ((), (1,)) for i in ins):
+        return None
+    return f"{node.name} multiplies the scores by a tensor, not a constant scale"

@@ -1,0 +1,259 @@
+"""Where does an attention operand come from? Walk back from q, k or v to its projection.
+
+On the way the walk records what it passes: head split/merge layouts, scalar scale factors, GQA
+expansion (``expand`` + ``reshape``, ``repeat_interleave``), RoPE (rotate-half, interleaved, complex,
+partial), q/k norms, KV-cache updates (concatenation with a past tensor, ``index_copy`` /
+``index_put`` / slice assignment into a static buffer) and which part of a fused QKV projection was
+taken (split / chunk / unbind / slicing). It stops at a projection (linear, addmm as in GPT-2's
+Conv1D, matmul with a weight), a model parameter, a graph input, or an op it does not know.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from torch import fx
+
+from mka_compile.graph import ops
+from mka_compile.graph.capture import module_path
+
+_ROTATION_OPS = frozenset(
+    {"slice", "neg", "cat", "stack", "view", "getitem", "select", "unsqueeze", "squeeze", "identity", "cast", "split"}
+)
+_REDUCTION_OPS = frozenset(
+    {"rsqrt", "sqrt", "add", "sub", "mean", "pow", "mul", "div", "cast", "identity", "view", "unsqueeze", "unknown"}
+)
+
+
+@dataclass
+class Provenance:
+    """The result of walking back from one operand."""
+
+    role: str
+    kind: str = "other"  # projection | parameter | input | other
+    stop: fx.Node | None = None  # where the walk ended
+    projection: fx.Node | None = None
+    source: fx.Node | None = None  # the hidden states the projection reads
+    weight: fx.Node | None = None
+    module: str = ""  # dotted path of the projection module
+    select: str | None = None  # part of a fused projection
+    rope: str | None = None
+    norm_shape: tuple[int, ...] | None = None
+    cache: str | None = None
+    scale: float = 1.0
+    n_rep: int = 1
+    reason: str | None = None
+
+    @property
+    def describe(self) -> str:
+        base = self.module or (self.stop.name if self.stop is not None else "?")
+        return f"{base}[{self.select}]" if self.select else base
+
+
+def _reaches(start: fx.Node, target: fx.Node, allowed: frozenset[str], gm, limit: int = 12) -> str | None:
+    """Is ``target`` an ancestor of ``start`` through ``allowed`` kinds only? Returns the kinds seen."""
+    seen_kinds: set[str] = set()
+    queue = deque([(start, 0)])
+    visited = set()
+    while queue:
+        n, depth = queue.popleft()
+        if n is target:
+            return ",".join(sorted(seen_kinds)) or "direct"
+        if depth >= limit or n in visited or not isinstance(n, fx.Node):
+            continue
+        visited.add(n)
+        k = ops.kind(n, gm)
+        if n is not start and k not in allowed:
+            continue
+        seen_kinds.add(k)
+        for i in ops.tensor_inputs(n):
+            queue.append((i, depth + 1))
+    return None
+
+
+def _rope_source(add: fx.Node, gm) -> tuple[fx.Node, str] | None:
+    """``x * cos + rot(x) * sin`` -> ``(x, style)``; None when ``add`` is not a rotation."""
+    ins = [ops.skip_transparent(i, gm) for i in ops.tensor_inputs(add)]
+    if len(ins) != 2 or any(ops.kind(i, gm) != "mul" for i in ins):
+        return None
+    for m1, m2 in (ins, ins[::-1]):
+        for x in ops.tensor_inputs(m1):
+            x = ops.skip_transparent(x, gm)
+            for r in ops.tensor_inputs(m2):
+                r = ops.skip_transparent(r, gm)
+                if r is x:
+                    continue
+                kinds = _reaches(r, x, _ROTATION_OPS, gm)
+                if kinds and ("neg" in kinds or "cat" in kinds or "stack" in kinds):
+                    return x, ("interleaved" if "stack" in kinds else "rotate_half")
+    return None
+
+
+def _const_like(n: fx.Node, gm, limit: int = 5000) -> bool:
+    """No graph input among the ancestors (a buffer, a constant, a lifted cache tensor)."""
+    queue, visited = deque([n]), set()
+    while queue:
+        x = queue.popleft()
+        if x in visited:
+            continue
+        visited.add(x)
+        if x.op == "placeholder" or len(visited) > limit:
+            return False
+        queue.extend(ops.tensor_inputs(x))
+    return True
+
+
+def _is_past(n: fx.Node, gm) -> bool:
+    """A cached past tensor: a graph input or buffer reached only through layout/copy ops."""
+    while ops.kind(n, gm) in ops.TRANSPARENT | ops.LAYOUT:
+        n = n.args[0]
+    return n.op in ("placeholder", "get_attr") or _const_like(n, gm)
+
+
+def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) -> Provenance:
+    """Walk back from ``node`` (an attention operand) to its projection; see the module docstring."""
+    p = Provenance(role)
+    n = node
+    for _ in range(limit):
+        k = ops.kind(n, gm)
+        if k in ops.TRANSPARENT or k in ("view", "unsqueeze", "squeeze", "permute", "transpose"):
+            n = n.args[0]
+            continue
+        if k == "expand":
+            s_in, s_out = ops.shape(n.args[0]), ops.shape(n)
+            if s_in and s_out and math.prod(s_in):
+                p.n_rep *= max(1, math.prod(s_out) // math.prod(s_in))
+            n = n.args[0]
+            continue
+        if k in ("repeat_interleave", "repeat"):
+            s_in, s_out = ops.shape(n.args[0]), ops.shape(n)
+            if s_in and s_out and math.prod(s_in):
+                p.n_rep *= max(1, math.prod(s_out) // math.prod(s_in))
+            n = n.args[0]
+            continue
+        if k in ("mul", "div"):
+            ins = ops.tensor_inputs(n)
+            if len(ins) == 1:
+                c = next((ops.scalar(a) for a in n.args if ops.scalar(a) is not None), None)
+                if c is not None:
+                    p.scale = p.scale * c if k == "mul" else p.scale / c
+                    n = ins[0]
+                    continue
+            if len(ins) == 2 and k == "mul":
+                a, b = (ops.skip_transparent(i, gm) for i in ins)
+                if ops.is_parameter(b, gm) and not ops.is_parameter(a, gm):  # a norm's weight
+                    n = a
+                    continue
+                if ops.is_parameter(a, gm) and not ops.is_parameter(b, gm):
+                    n = b
+                    continue
+                for x, y in ((a, b), (b, a)):
+                    if _reaches(y, x, _REDUCTION_OPS, gm) and ops.kind(y, gm) in ("rsqrt", "div", "reciprocal"):
+                        p.norm_shape = ops.shape(x)
+                        n = x
+                        break
+                else:
+                    return _stop(p, n, f"the {role} path multiplies two tensors at {n.name}")
+                continue
+            return _stop(p, n, f"the {role} path divides by a tensor at {n.name}")
+        if k == "add":
+            rope = _rope_source(n, gm)
+            if rope is None:
+                return _stop(p, n, f"the {role} path adds tensors at {n.name} (not a rotary embedding)")
+            n, p.rope = rope[0], p.rope or rope[1]
+            continue
+        if k == "view_as_real":
+            inner = ops.skip_transparent(n.args[0], gm)
+            if ops.kind(inner, gm) == "mul":
+                cands = [i for i in ops.tensor_inputs(inner) if ops.kind(i, gm) == "view_as_complex"]
+                if cands:
+                    n, p.rope = cands[0].args[0], "complex"
+                    continue
+            return _stop(p, n, f"the {role} path has a complex op at {n.name}")
+        if k == "cat":
+            tensors = [t for t in n.args[0]] if isinstance(n.args[0], (list, tuple)) else ops.tensor_inputs(n)
+            dim = ops.arg(n, 1, "dim", 0)
+            nd = ops.rank(n)
+            if nd is not None and ops.normalize_dim(dim, nd) == nd - 1:  # partial rotary: cat(rotated, pass)
+                p.rope = p.rope or "partial"
+                n = tensors[0]
+                continue
+            past = [t for t in tensors if _is_past(t, gm)]
+            new = [t for t in tensors if t not in past]
+            if past and new:
+                p.cache = p.cache or "concat"
+                n = new[-1]
+                continue
+            return _stop(p, n, f"the {role} path concatenates tensors at {n.name}")
+        if k == "index_copy":
+            p.cache, n = p.cache or "index_copy", ops.arg(n, 3, "source")
+            continue
+        if k == "index_put":
+            p.cache, n = p.cache or "index_put", ops.arg(n, 2, "values")
+            continue
+        if k == "copy" and len(ops.tensor_inputs(n)) >= 2:  # slice_scatter(buffer, src, ...)
+            p.cache, n = p.cache or "slice_assign", ops.tensor_inputs(n)[1]
+            continue
+        if k == "getitem":
+            src = n.args[0]
+            if isinstance(src, fx.Node) and ops.kind(src, gm) == "split":
+                p.select = p.select or f"{_target(src)}[{n.args[1]}]"
+                n = src.args[0]
+                continue
+            if isinstance(src, fx.Node) and ops.shape(src) is not None:  # tensor indexing x[..., a:b]
+                p.select = p.select or f"getitem{n.args[1]}"
+                n = src
+                continue
+            return _stop(p, n, f"the {role} path indexes a non-tensor at {n.name}")
+        if k in ("slice", "select"):
+            p.select = p.select or f"{k}(dim={n.args[1] if len(n.args) > 1 else 0}, {n.args[2:]})"
+            n = n.args[0]
+            continue
+        if k in ("rms_norm", "layer_norm"):
+            p.norm_shape = ops.shape(n)
+            n = n.args[0]
+            continue
+        if k == "linear":
+            return _projection(p, n, n.args[0] if n.op != "call_module" else n.args[0], _weight(n, gm), gm)
+        if k == "addmm":
+            return _projection(p, n, n.args[1], n.args[2], gm)
+        if k == "matmul":
+            a, b = ops.tensor_inputs(n)[:2]
+            if ops.is_parameter(b, gm) and not ops.is_parameter(a, gm):
+                return _projection(p, n, a, b, gm)
+            return _stop(p, n, f"the {role} path is a product of activations at {n.name}, not a projection")
+        if k == "placeholder":
+            p.kind, p.stop = "input", n
+            p.reason = f"the {role} is a model input ({n.name}), not a projection of a sequence"
+            return p
+        if k == "get_attr":
+            p.kind, p.stop = "parameter", n
+            p.reason = f"the {role} is a learned parameter ({n.target}), not a projection of the sequence"
+            return p
+        return _stop(p, n, f"the {role} path reaches {n.name} ({k}), which is not a projection")
+    return _stop(p, n, f"the {role} path is longer than {limit} ops")
+
+
+def _target(n: fx.Node) -> str:
+    t = n.target
+    return getattr(t, "__name__", None) or str(t).split(".")[-2 if str(t).count(".") > 1 else -1]
+
+
+def _weight(n: fx.Node, gm) -> fx.Node | None:
+    if n.op == "call_module":
+        return None
+    return ops.arg(n, 1, "weight")
+
+
+def _projection(p: Provenance, n: fx.Node, src, weight, gm) -> Provenance:
+    p.kind, p.stop, p.projection, p.weight = "projection", n, n, weight
+    p.source = ops.skip_transparent(src, gm) if isinstance(src, fx.Node) else None
+    p.module = str(n.target) if n.op == "call_module" else module_path(n)
+    return p
+
+
+def _stop(p: Provenance, n: fx.Node, reason: str) -> Provenance:
+    p.kind, p.stop, p.reason = "other", n, reason
+    return p

@@ -1,0 +1,272 @@
+"""Attention sites: run the rules over a captured graph, derive each site's facts, explain the misses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from mka_compile.graph import ops
+from mka_compile.graph.capture import Captured, module_path
+from mka_compile.graph.pattern import Match
+from mka_compile.graph.rules import Rule
+
+from .common import provenance
+
+
+@dataclass
+class SiteFacts:
+    """What one attention site is. ``name`` is the dotted path of the module that owns it."""
+
+    name: str
+    kind: str  # "self" | "cross"
+    causal: bool
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    has_kv_cache: bool
+    rule: str
+    scale: float
+    mask: str  # "none" | "causal" | "padding" | "causal+padding" | "custom"
+    q_proj: str
+    k_proj: str
+    v_proj: str
+    rope: str | None
+    qk_norm: str | None  # "per_head" | "full" | None
+    cache: str | None  # "concat" | "index_copy" | "index_put" | "slice_assign" | None
+    anchor: fx.Node = field(repr=False)
+    match: Match = field(repr=False)
+
+
+@dataclass
+class Rejected:
+    """A softmax that did not become a site, with the closest rule and its reason."""
+
+    node: str
+    module: str
+    closest_rule: str | None
+    reason: str
+
+
+def _consumers(node: fx.Node, gm) -> list[fx.Node]:
+    """Users of ``node``, looking through casts, copies and dropout."""
+    out, todo, seen = [], list(node.users), set()
+    while todo:
+        u = todo.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if ops.kind(u, gm) in ops.TRANSPARENT:
+            todo.extend(u.users)
+        else:
+            out.append(u)
+    return out
+
+
+def _very_negative(x: Any) -> bool:
+    v = ops.scalar(x)
+    return v is not None and v <= -1e4
+
+
+def _keep_masks(m: Match, captured: Captured) -> tuple[list[torch.Tensor], bool]:
+    """Boolean "may attend" masks of a match (True = keep) and whether ``is_causal`` was set."""
+    gm = m.gm
+    out = m.captures["out"]
+    wanted: list[tuple[str, fx.Node]] = []
+    is_causal = False
+    if ops.kind(out, gm) == "sdpa":
+        is_causal = bool(ops.arg(out, 5, "is_causal", False))
+        mask = ops.arg(out, 3, "attn_mask")
+        if isinstance(mask, fx.Node):
+            wanted.append(("sdpa", mask))
+    else:
+        if "mask_add" in m.captures:
+            wanted.append(("add", m.captures["mask_add"]))
+        if "mask_fill" in m.captures and _very_negative(ops.arg(m.captures["mask_fill_op"], 2, "value")):
+            wanted.append(("fill", m.captures["mask_fill"]))
+        if "mask_where" in m.captures:
+            w = m.captures["mask_where_op"]
+            other = w.args[2] if len(w.args) > 2 else None
+            if _very_negative(other) or (isinstance(other, fx.Node) and _const_like_negative(other, captured)):
+                wanted.append(("where", m.captures["mask_where"]))
+        bias = m.captures.get("bias")
+        if bias is not None and float(ops.arg(m.captures["scores"], 3, "beta", 1) or 0) != 0:
+            wanted.append(("add", bias))
+    values = captured.evaluate([n for _, n in wanted]) if wanted else {}
+    keeps = []
+    for how, node in wanted:
+        val = values.get(node)
+        if not isinstance(val, torch.Tensor):
+            continue
+        if how in ("fill",):
+            keeps.append(~val.bool())
+        elif how == "where" or (how == "sdpa" and val.dtype == torch.bool):
+            keeps.append(val.bool())
+        else:
+            keeps.append(val > torch.finfo(val.dtype).min / 2 if val.is_floating_point() else val.bool())
+    return keeps, is_causal
+
+
+def _const_like_negative(node: fx.Node, captured: Captured) -> bool:
+    val = captured.evaluate([node]).get(node)
+    return isinstance(val, torch.Tensor) and val.numel() > 0 and bool((val <= -1e4).all())
+
+
+def _mask_facts(keeps: list[torch.Tensor], is_causal: bool, tq: int, tk: int) -> tuple[bool, str]:
+    tri = torch.arange(tk)[None, :] <= torch.arange(tq)[:, None] + (tk - tq)
+    keep = torch.ones(tq, tk, dtype=torch.bool)
+    for k in keeps:
+        keep = keep & k.to("cpu")
+    if is_causal:
+        keep = keep & tri
+    keep = keep.reshape(-1, tq, tk) if keep.dim() >= 2 else keep.expand(tq, tk).reshape(1, tq, tk)
+    if bool(keep.all()):
+        return False, "none"
+    if tq > 1 and bool((keep == tri).all()):
+        return True, "causal"
+    if tq > 1 and bool((keep & ~tri).sum() == 0) and bool((keep.any(-2) | ~keep.any(-2)).all()):
+        causal_part = bool((keep | ~keep.any(-2, keepdim=True) | ~tri).all())
+        if causal_part:
+            return True, "causal+padding"
+    return False, "padding" if bool(((keep == keep[..., -1:, :]) | ~keep.any(-1, keepdim=True)).all()) else "custom"
+
+
+def _heads(node: fx.Node, batch: int | None, head_letter_index: int | None = None) -> int | None:
+    s = ops.shape(node)
+    if s is None:
+        return None
+    if head_letter_index is not None and len(s) > head_letter_index:
+        return s[head_letter_index]
+    if len(s) == 4:
+        return s[1]
+    if len(s) == 3 and batch:
+        return s[0] // batch
+    return None
+
+
+def _facts(rule: Rule, m: Match, captured: Captured) -> SiteFacts:
+    gm = m.gm
+    out = m.captures["out"]
+    pq, pk, pv = provenance(m, "q"), provenance(m, "k"), provenance(m, "v")
+    q = m.captures["q"]
+    q_shape = ops.shape(q) or ()
+    d = q_shape[-1] if q_shape else 0
+    src_shape = ops.shape(pq.source) if pq.source is not None else None
+    batch = src_shape[0] if src_shape else None
+    is_sdpa = ops.kind(out, gm) == "sdpa"
+    head_idx = None
+    if ops.kind(m.captures.get("scores", out), gm) == "einsum" and not is_sdpa:
+        head_idx = _einsum_head_index(m)
+    H = _heads(q, batch, head_idx) or 0
+    k_node = m.captures["k"] if is_sdpa else m.captures["kt"]
+    Hk = _heads(k_node, batch, head_idx) or 0
+    Hkv = max(1, Hk // max(1, pk.n_rep)) if Hk else 0
+    # scale
+    scale = pq.scale * pk.scale
+    if is_sdpa:
+        s = ops.arg(out, 6, "scale")
+        scale *= float(s) if ops.scalar(s) is not None else d**-0.5
+    else:
+        so = m.captures.get("scale_op")
+        if so is not None:
+            c = next((ops.scalar(a) for a in so.args if ops.scalar(a) is not None), None)
+            if c is None:
+                cnode = next(i for i in ops.tensor_inputs(so) if i is not ops.tensor_inputs(so)[0]) if len(
+                    ops.tensor_inputs(so)
+                ) > 1 else None
+                val = captured.evaluate([cnode]).get(cnode) if cnode is not None else None
+                c = float(val) if isinstance(val, torch.Tensor) and val.numel() == 1 else 1.0
+            scale *= c if ops.kind(so, gm) == "mul" else 1.0 / c
+        if "bias" in m.captures:
+            scale *= float(ops.arg(m.captures["scores"], 4, "alpha", 1.0))
+    # masks and causality
+    if is_sdpa:
+        tq, tk = (ops.shape(q) or (0, 0))[-2], (ops.shape(m.captures["k"]) or (0, 0))[-2]
+    else:
+        sc = ops.shape(m.captures["softmax"]) or (0, 0)
+        key_axis = m.facts.get("key_axis", len(sc) - 1)
+        tk = sc[key_axis]
+        tq = sc[key_axis - 1] if key_axis >= 1 else 0
+    keeps, is_causal = _keep_masks(m, captured)
+    causal, mask = _mask_facts(keeps, is_causal, tq, tk)
+    norm = pq.norm_shape or pk.norm_shape
+    qk_norm = None if norm is None else ("per_head" if norm[-1] == d and len(norm) >= 3 else "full")
+    anchor = out if is_sdpa else m.captures["softmax"]
+    name = module_path(anchor) or pq.module.rsplit(".", 1)[0]
+    return SiteFacts(
+        name=name,
+        kind="self" if pq.source is pk.source else "cross",
+        causal=causal,
+        num_heads=H,
+        num_kv_heads=Hkv,
+        head_dim=d,
+        has_kv_cache=bool(pk.cache or pv.cache),
+        rule=rule.name,
+        scale=scale,
+        mask=mask,
+        q_proj=pq.describe,
+        k_proj=pk.describe,
+        v_proj=pv.describe,
+        rope=pq.rope or pk.rope,
+        qk_norm=qk_norm,
+        cache=pk.cache or pv.cache,
+        anchor=anchor,
+        match=m,
+    )
+
+
+def _einsum_head_index(m: Match) -> int | None:
+    eq = m.captures["scores"].args[0]
+    a, rest = eq.split(",")
+    b, out = rest.split("->")
+    shared = [c for c in a if c in b and c in out]
+    return a.index(shared[-1]) if len(shared) >= 2 else None
+
+
+def find_sites(captured: Captured, rules: Sequence[Rule]) -> tuple[list[SiteFacts], list[Rejected]]:
+    """All attention sites of ``captured`` and every other softmax with the reason it is not one."""
+    gm = captured.gm
+    sites: list[SiteFacts] = []
+    claimed: set[fx.Node] = set()
+    for rule in rules:
+        for node in list(gm.graph.nodes):
+            if ops.kind(node, gm) not in rule.anchor_kinds:
+                continue
+            ok, m = rule.match_at(node, gm)
+            if not ok:
+                continue
+            core = m.captures.get("softmax", node)
+            if core in claimed:
+                continue
+            claimed.add(core)
+            sites.append(_facts(rule, m, captured))
+    rejected = [
+        explain_softmax(n, gm, rules)
+        for n in gm.graph.nodes
+        if ops.kind(n, gm) in ("softmax", "sdpa") and n not in claimed
+    ]
+    return sites, rejected
+
+
+def explain_softmax(node: fx.Node, gm: fx.GraphModule, rules: Sequence[Rule]) -> Rejected:
+    """Why ``node`` (a softmax or SDPA call) is not a site: the rule that came closest and what refused."""
+    products = [node] if ops.kind(node, gm) == "sdpa" else []
+    products += [u for u in _consumers(node, gm) if ops.kind(u, gm) in ("matmul", "einsum")]
+    if not products:
+        return Rejected(node.name, module_path(node), None,
+                        "its output is not multiplied with values (a gating / router / classifier softmax)")
+    best: tuple[int, str | None, str] = (-1, None, "")
+    for u in products:
+        for rule in rules:
+            if ops.kind(u, gm) not in rule.anchor_kinds:
+                continue
+            ok, m = rule.match_at(u, gm)
+            if ok:
+                return Rejected(node.name, module_path(node), rule.name, "matched (claimed by another site)")
+            score = m.progress + (100 if "softmax" in m.captures else 0)
+            if score > best[0]:
+                best = (score, rule.name, m.reason or "no match")
+    return Rejected(node.name, module_path(node), best[1], best[2])
