@@ -89,7 +89,9 @@ class Rule:
             anchor: fx.Node = m.facts["anchor"]
             missing = [p for p in params if p not in m.captures]
             if missing:
-                raise ValueError(f"rule {self.name!r}: replacement parameters {missing} are not captures of the pattern")
+                raise ValueError(
+                    f"rule {self.name!r}: replacement parameters {missing} are not captures of the pattern"
+                )
             with gm.graph.inserting_before(anchor):
                 new = gm.graph.call_function(self.replacement, kwargs={p: m.captures[p] for p in params})
             new.meta.update({k: v for k, v in anchor.meta.items() if k != "val"})

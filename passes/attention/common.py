@@ -36,9 +36,7 @@ def values_same_sequence(m: Match) -> str | None:
     if pv.kind != "projection":
         return pv.reason
     if pv.source is not pk.source:
-        return (
-            f"the values ({pv.describe}) are not a projection of the same sequence as the keys ({pk.describe})"
-        )
+        return f"the values ({pv.describe}) are not a projection of the same sequence as the keys ({pk.describe})"
     return None
 
 

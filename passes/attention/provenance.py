@@ -207,6 +207,10 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
                 n = src
                 continue
             return _stop(p, n, f"the {role} path indexes a non-tensor at {n.name}")
+        if k == "index":  # advanced indexing into a fused projection, e.g. qkv[:, :, :, [-2]]
+            p.select = p.select or "index"
+            n = n.args[0]
+            continue
         if k in ("slice", "select"):
             p.select = p.select or f"{k}(dim={n.args[1] if len(n.args) > 1 else 0}, {n.args[2:]})"
             n = n.args[0]

@@ -115,23 +115,37 @@ def _const_like_negative(node: fx.Node, captured: Captured) -> bool:
     return isinstance(val, torch.Tensor) and val.numel() > 0 and bool((val <= -1e4).all())
 
 
+def _is_causal(keep: torch.Tensor) -> bool:
+    """Every query row sees a prefix of the keys, one key longer than the row before (``[N, Tq, Tk]``).
+
+    This holds for bottom-right aligned causal masks and for static caches (unfilled slots masked)."""
+    if keep.shape[-2] < 2:
+        return False
+    prefix = bool((keep[..., 1:] <= keep[..., :-1]).all())  # True-then-False along the keys
+    lengths = keep.sum(-1)
+    return prefix and bool((lengths[..., 1:] - lengths[..., :-1] == 1).all())
+
+
 def _mask_facts(keeps: list[torch.Tensor], is_causal: bool, tq: int, tk: int) -> tuple[bool, str]:
-    tri = torch.arange(tk)[None, :] <= torch.arange(tq)[:, None] + (tk - tq)
+    """``(causal, mask kind)`` from the "may attend" masks of a site, evaluated on the example inputs."""
     keep = torch.ones(tq, tk, dtype=torch.bool)
     for k in keeps:
         keep = keep & k.to("cpu")
     if is_causal:
-        keep = keep & tri
-    keep = keep.reshape(-1, tq, tk) if keep.dim() >= 2 else keep.expand(tq, tk).reshape(1, tq, tk)
+        keep = keep & (torch.arange(tk)[None, :] <= torch.arange(tq)[:, None] + (tk - tq))
+    keep = keep.reshape(-1, tq, tk)
     if bool(keep.all()):
         return False, "none"
-    if tq > 1 and bool((keep == tri).all()):
+    if _is_causal(keep):
         return True, "causal"
-    if tq > 1 and bool((keep & ~tri).sum() == 0) and bool((keep.any(-2) | ~keep.any(-2)).all()):
-        causal_part = bool((keep | ~keep.any(-2, keepdim=True) | ~tri).all())
-        if causal_part:
-            return True, "causal+padding"
-    return False, "padding" if bool(((keep == keep[..., -1:, :]) | ~keep.any(-1, keepdim=True)).all()) else "custom"
+    seen = keep.any(-2, keepdim=True)  # (N, 1, Tk): keys some query may attend (others are padding)
+    live = keep.any(-1)  # (N, Tq): queries that see anything
+    filled = keep | ~seen
+    rows_ok = [int(lv.sum()) > 1 and _is_causal(f[lv][None]) for f, lv in zip(filled, live)]
+    if all(rows_ok):
+        return True, "causal+padding"
+    same = (keep == keep[..., -1:, :]) | ~live[..., None]
+    return False, "padding" if bool(same.all()) else "custom"
 
 
 def _heads(node: fx.Node, batch: int | None, head_letter_index: int | None = None) -> int | None:
@@ -174,9 +188,11 @@ def _facts(rule: Rule, m: Match, captured: Captured) -> SiteFacts:
         if so is not None:
             c = next((ops.scalar(a) for a in so.args if ops.scalar(a) is not None), None)
             if c is None:
-                cnode = next(i for i in ops.tensor_inputs(so) if i is not ops.tensor_inputs(so)[0]) if len(
-                    ops.tensor_inputs(so)
-                ) > 1 else None
+                cnode = (
+                    next(i for i in ops.tensor_inputs(so) if i is not ops.tensor_inputs(so)[0])
+                    if len(ops.tensor_inputs(so)) > 1
+                    else None
+                )
                 val = captured.evaluate([cnode]).get(cnode) if cnode is not None else None
                 c = float(val) if isinstance(val, torch.Tensor) and val.numel() == 1 else 1.0
             scale *= c if ops.kind(so, gm) == "mul" else 1.0 / c
@@ -256,8 +272,12 @@ def explain_softmax(node: fx.Node, gm: fx.GraphModule, rules: Sequence[Rule]) ->
     products = [node] if ops.kind(node, gm) == "sdpa" else []
     products += [u for u in _consumers(node, gm) if ops.kind(u, gm) in ("matmul", "einsum")]
     if not products:
-        return Rejected(node.name, module_path(node), None,
-                        "its output is not multiplied with values (a gating / router / classifier softmax)")
+        return Rejected(
+            node.name,
+            module_path(node),
+            None,
+            "its output is not multiplied with values (a gating / router / classifier softmax)",
+        )
     best: tuple[int, str | None, str] = (-1, None, "")
     for u in products:
         for rule in rules:

@@ -1,0 +1,243 @@
+"""Tiny random Hugging Face models (built from configs, no downloads) and hand-written models for tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+COMMON = dict(vocab_size=96, max_position_embeddings=64)
+
+
+def _cfg(name: str):
+    import transformers as tf
+
+    h, L, H, kv, inter = 64, 2, 4, 2, 128
+    table = {
+        "llama": lambda: tf.LlamaConfig(
+            hidden_size=h,
+            num_hidden_layers=L,
+            num_attention_heads=H,
+            num_key_value_heads=kv,
+            intermediate_size=inter,
+            **COMMON,
+        ),
+        "mistral": lambda: tf.MistralConfig(
+            hidden_size=h,
+            num_hidden_layers=L,
+            num_attention_heads=H,
+            num_key_value_heads=kv,
+            intermediate_size=inter,
+            **COMMON,
+        ),
+        "qwen2": lambda: tf.Qwen2Config(
+            hidden_size=h,
+            num_hidden_layers=L,
+            num_attention_heads=H,
+            num_key_value_heads=kv,
+            intermediate_size=inter,
+            **COMMON,
+        ),
+        "qwen3": lambda: tf.Qwen3Config(
+            hidden_size=h,
+            num_hidden_layers=L,
+            num_attention_heads=H,
+            num_key_value_heads=kv,
+            intermediate_size=inter,
+            head_dim=16,
+            **COMMON,
+        ),
+        "gemma": lambda: tf.GemmaConfig(
+            hidden_size=h,
+            num_hidden_layers=L,
+            num_attention_heads=H,
+            num_key_value_heads=kv,
+            intermediate_size=inter,
+            head_dim=16,
+            **COMMON,
+        ),
+        "phi3": lambda: tf.Phi3Config(
+            hidden_size=h,
+            num_hidden_layers=L,
+            num_attention_heads=H,
+            num_key_value_heads=kv,
+            intermediate_size=inter,
+            pad_token_id=0,
+            **COMMON,
+        ),
+        "gpt2": lambda: tf.GPT2Config(n_embd=h, n_layer=L, n_head=H, vocab_size=96, n_positions=64),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(
+            hidden_size=h, num_hidden_layers=L, num_attention_heads=H, intermediate_size=inter, **COMMON
+        ),
+        "gptj": lambda: tf.GPTJConfig(n_embd=h, n_layer=L, n_head=H, rotary_dim=8, vocab_size=96, n_positions=64),
+        "opt": lambda: tf.OPTConfig(
+            hidden_size=h, num_hidden_layers=L, num_attention_heads=H, ffn_dim=inter, word_embed_proj_dim=h, **COMMON
+        ),
+        "falcon": lambda: tf.FalconConfig(
+            hidden_size=h,
+            num_hidden_layers=L,
+            num_attention_heads=H,
+            new_decoder_architecture=True,
+            num_kv_heads=kv,
+            vocab_size=96,
+        ),
+        "stablelm": lambda: tf.StableLmConfig(
+            hidden_size=h,
+            num_hidden_layers=L,
+            num_attention_heads=H,
+            num_key_value_heads=kv,
+            intermediate_size=inter,
+            **COMMON,
+        ),
+        "starcoder2": lambda: tf.Starcoder2Config(
+            hidden_size=h,
+            num_hidden_layers=L,
+            num_attention_heads=H,
+            num_key_value_heads=kv,
+            intermediate_size=inter,
+            **COMMON,
+        ),
+        "olmo": lambda: tf.OlmoConfig(
+            hidden_size=h,
+            num_hidden_layers=L,
+            num_attention_heads=H,
+            num_key_value_heads=kv,
+            intermediate_size=inter,
+            pad_token_id=0,
+            **COMMON,
+        ),
+        "cohere": lambda: tf.CohereConfig(
+            hidden_size=h,
+            num_hidden_layers=L,
+            num_attention_heads=H,
+            num_key_value_heads=kv,
+            intermediate_size=inter,
+            pad_token_id=0,
+            **COMMON,
+        ),
+        "granite": lambda: tf.GraniteConfig(
+            hidden_size=h,
+            num_hidden_layers=L,
+            num_attention_heads=H,
+            num_key_value_heads=kv,
+            intermediate_size=inter,
+            **COMMON,
+        ),
+    }
+    return table[name]()
+
+
+CAUSAL_LMS = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+    "gptj",
+    "opt",
+    "falcon",
+    "stablelm",
+    "starcoder2",
+    "olmo",
+    "cohere",
+    "granite",
+]
+
+
+def causal_lm(name: str, attn: str = "eager", seed: int = 0):
+    """``(model, config)`` for a tiny random causal LM of family ``name`` with ``attn_implementation``."""
+    import transformers as tf
+
+    cfg = _cfg(name)
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    return tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval(), cfg
+
+
+def expected_heads(cfg) -> tuple[int, int, int]:
+    """``(H, Hkv, d)`` from a config."""
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    H = getattr(text, "num_attention_heads", None) or text.n_head
+    hidden = getattr(text, "hidden_size", None) or text.n_embd
+    kv = getattr(text, "num_key_value_heads", None)
+    if kv is None:
+        kv = getattr(text, "num_kv_heads", None) if getattr(text, "new_decoder_architecture", False) else None
+    if kv is None and getattr(text, "multi_query", False):
+        kv = 1
+    d = getattr(text, "head_dim", None) or hidden // H
+    return H, kv or H, d
+
+
+def attention_modules(model: nn.Module) -> list[str]:
+    """Dotted names of the modules that compute attention (class name ending in 'Attention' with projections)."""
+    out = []
+    for name, mod in model.named_modules():
+        cls = type(mod).__name__
+        if cls.endswith(("Attention", "SelfAttention", "Attention2")) and any(
+            isinstance(c, nn.Linear) or type(c).__name__ == "Conv1D" for c in mod.children()
+        ):
+            if not any(name.startswith(o + ".") for o in out):
+                out.append(name)
+    return out
+
+
+# --- hand-written models -------------------------------------------------------------------------------
+
+
+class NanoGPTAttention(nn.Module):
+    """nanoGPT's CausalSelfAttention: fused c_attn, split, flash (SDPA) or manual path with a tril buffer."""
+
+    def __init__(self, n_embd: int = 32, n_head: int = 4, block_size: int = 16, flash: bool = True) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.attn_dropout = nn.Dropout(0.0)
+        self.n_head, self.n_embd, self.flash = n_head, n_embd, flash
+        self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.flash:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+            att = F.softmax(att, dim=-1)
+            att = self.attn_dropout(att)
+            y = att @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, flash: bool = True, n_layer: int = 2, n_embd: int = 32, vocab: int = 50) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, n_embd)
+        self.h = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "ln_1": nn.LayerNorm(n_embd),
+                    "attn": NanoGPTAttention(n_embd, flash=flash),
+                    "ln_2": nn.LayerNorm(n_embd),
+                    "mlp": nn.Linear(n_embd, n_embd),
+                }
+            )
+            for _ in range(n_layer)
+        )
+        self.lm_head = nn.Linear(n_embd, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx)
+        for blk in self.h:
+            x = x + blk["attn"](blk["ln_1"](x))
+            x = x + blk["mlp"](blk["ln_2"](x))
+        return self.lm_head(x)
