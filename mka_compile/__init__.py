@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from mka_compile import kernels, layers
 from mka_compile.config import MKAConfig
-from mka_compile.graph.capture import CaptureError
+from mka_compile.graph.capture import Captured, CaptureError, capture
 from mka_compile.graph.pattern import any_, op, opt
 from mka_compile.graph.rules import PassError, PassManager, Rule
 from mka_compile.inspect import inspect
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CaptureError",
+    "Captured",
     "FastMKAAttention",
     "MKAAttention",
     "MKACache",
@@ -31,6 +32,7 @@ __all__ = [
     "Site",
     "__version__",
     "any_",
+    "capture",
     "inspect",
     "kernels",
     "layers",

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mka_compile.graph.capture import capture
+from mka_compile.graph.capture import capture_all
 from mka_compile.passes.attention import RULES, find_sites
 from mka_compile.report import NotAttention, Report, Site
 
@@ -54,7 +54,7 @@ def _status(model: nn.Module, name: str) -> str:
     return str(getattr(owner, "mka_mode", "original"))
 
 
-def inspect(model: nn.Module, example_inputs: Any = None) -> Report:
+def inspect(model: nn.Module, example_inputs: Any = None, *, capture: str = "export") -> Report:
     """Find every attention site of ``model``.
 
     ``example_inputs``: a tuple of positional arguments or a dict of keyword arguments for
@@ -62,6 +62,8 @@ def inspect(model: nn.Module, example_inputs: Any = None) -> Report:
     Returns a :class:`~mka_compile.report.Report`: ``report.sites`` (name, kind, causal, heads, kv heads,
     head_dim, has_kv_cache, convertible, reason, status, and the rule/projection/RoPE/norm/cache facts)
     and ``report.not_attention`` (every other softmax with the closest rule and the reason).
+    ``capture``: ``"export"`` (torch.export, aten ops; default) or ``"dynamo"`` (torch-level ops, graph
+    breaks allowed).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -72,8 +74,12 @@ def inspect(model: nn.Module, example_inputs: Any = None) -> Report:
                 f"example_inputs is required for {type(model).__name__} (not a Hugging Face model with a config): "
                 "pass a tuple of positional arguments or a dict of keyword arguments for model(...)"
             )
-    captured = capture(model, example_inputs)
-    facts, rejected = find_sites(captured, RULES)
+    graphs = capture_all(model, example_inputs, capture)
+    facts, rejected = [], []
+    for captured in graphs:
+        f, r = find_sites(captured, RULES)
+        facts += f
+        rejected += r
     sites = []
     for f in facts:
         ok, reason = _convertible(f.kind, f.causal)
@@ -102,7 +108,7 @@ def inspect(model: nn.Module, example_inputs: Any = None) -> Report:
         )
     return Report(
         model=type(model).__name__,
-        capture=captured.method,
+        capture=graphs[0].method + (f" ({len(graphs)} graphs)" if len(graphs) > 1 else ""),
         sites=sites,
         not_attention=[NotAttention(r.node, r.module, r.closest_rule, r.reason) for r in rejected],
     )

@@ -241,3 +241,69 @@ class NanoGPT(nn.Module):
             x = x + blk["attn"](blk["ln_1"](x))
             x = x + blk["mlp"](blk["ln_2"](x))
         return self.lm_head(x)
+
+
+# --- look-alikes: softmaxes that are not attention ----------------------------------------------------
+
+
+class MoERouter(nn.Module):
+    """A mixture-of-experts layer: softmax over experts weights the expert outputs (an einsum with values)."""
+
+    def __init__(self, d: int = 16, experts: int = 4) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d, experts)
+        self.experts = nn.ModuleList(nn.Linear(d, d) for _ in range(experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(self.gate(x), dim=-1)  # (B, T, E)
+        outs = torch.stack([e(x) for e in self.experts], dim=-2)  # (B, T, E, d)
+        return torch.einsum("bte,bted->btd", probs, outs)
+
+
+class FeatureSoftmax(nn.Module):
+    """``softmax(q k^T)`` over the query axis (dim=-2), then times v: normalises the wrong axis."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.q(x) @ self.k(x).transpose(-1, -2) / 4.0
+        return torch.softmax(s, dim=-2) @ self.v(x)
+
+
+class AttentionPooling(nn.Module):
+    """Attention pooling with a learned query (as in perceiver / pooling heads)."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, d))
+        self.k, self.v = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.query.expand(x.shape[0], -1, -1)
+        w = torch.softmax(q @ self.k(x).transpose(-1, -2) / 4.0, dim=-1)
+        return w @ self.v(x)
+
+
+class ForeignValues(nn.Module):
+    """matmul-softmax-matmul whose right operand is not a projection of the keys' sequence."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        w = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / 4.0, dim=-1)
+        return w @ y
+
+
+class ClassifierHead(nn.Module):
+    """A classifier softmax over features."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.fc(x), dim=-1)

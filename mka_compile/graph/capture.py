@@ -12,6 +12,8 @@ returns the output's tensors only.
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,7 +121,9 @@ def module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
-    path = path.replace("L['self'].", "").replace("L__self___", "")
+    path = re.sub(r"^L\['[^']*'\](\[\d+\])*\.?", "", path)  # dynamo: L['self'].h[0] / L['args'][0].model
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']*)'\]", r".\1", path).replace("L__self___", "")
     prefix = f"{_WRAP}."
     if path.startswith(prefix):
         path = path[len(prefix) :]
@@ -128,11 +132,21 @@ def module_path(node: fx.Node) -> str:
     return path
 
 
-def capture(model: nn.Module, example_inputs: Any) -> Captured:
-    """Capture ``model`` called on ``example_inputs`` with ``torch.export`` (non-strict).
+def capture(model: nn.Module, example_inputs: Any, method: str = "export") -> Captured:
+    """Capture ``model`` called on ``example_inputs``.
 
+    ``method="export"`` (default): ``torch.export`` non-strict, one aten-level graph.
+    ``method="dynamo"``: ``torch.compile`` with a recording backend, torch-level graphs; graph breaks
+    are allowed and the graphs are returned as one :class:`Captured` per graph by :func:`capture_all`.
     Raises :class:`CaptureError` naming the capture that was tried, why it failed, and what to do.
     """
+    if method == "dynamo":
+        graphs = capture_all(model, example_inputs, method)
+        if len(graphs) != 1:
+            raise CaptureError(f"dynamo produced {len(graphs)} graphs (graph breaks); use capture_all()")
+        return graphs[0]
+    if method != "export":
+        raise ValueError(f"method must be 'export' or 'dynamo', got {method!r}")
     args, kwargs, slots, tensors = split_inputs(example_inputs)
     wrapper = _TensorArgs(model, args, kwargs, slots)
     was_training = model.training
@@ -150,3 +164,36 @@ def capture(model: nn.Module, example_inputs: Any) -> Captured:
         model.train(was_training)
     gm = ep.module()
     return Captured(gm=gm, inputs=list(tensors), method="torch.export(strict=False)")
+
+
+def capture_all(model: nn.Module, example_inputs: Any, method: str = "export") -> list[Captured]:
+    """Like :func:`capture`, returning every graph (dynamo splits a model at graph breaks)."""
+    if method == "export":
+        return [capture(model, example_inputs)]
+    if method != "dynamo":
+        raise ValueError(f"method must be 'export' or 'dynamo', got {method!r}")
+    args, kwargs, _, _ = split_inputs(example_inputs)
+    graphs: list[Captured] = []
+
+    def record(gm: fx.GraphModule, inputs: list[Any]):
+        holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        for n, x in zip(holders, inputs):
+            if isinstance(x, nn.Parameter) or "_parameters_" in n.name or "_buffers_" in n.name:
+                n.meta["mka_param"] = True  # dynamo lifts weights to inputs; remember which are weights
+        graphs.append(Captured(gm=gm, inputs=list(inputs), method="dynamo"))
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=record, dynamic=False)(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise CaptureError(
+            f"could not capture {type(model).__name__}: torch.compile (dynamo) failed with {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}. Pass example_inputs the forward accepts."
+        ) from exc
+    finally:
+        torch._dynamo.reset()
+    if not graphs:
+        raise CaptureError(f"dynamo captured no graph of {type(model).__name__} (is its forward all Python?)")
+    return graphs

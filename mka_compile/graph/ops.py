@@ -207,7 +207,7 @@ def is_parameter(node: Any, gm: fx.GraphModule | None) -> bool:
     """Is ``node`` a learned weight or buffer of the model (a ``get_attr``, possibly cast/viewed)?"""
     while isinstance(node, fx.Node) and kind(node, gm) in TRANSPARENT | LAYOUT:
         node = node.args[0]
-    return isinstance(node, fx.Node) and node.op == "get_attr"
+    return isinstance(node, fx.Node) and (node.op == "get_attr" or bool(node.meta.get("mka_param")))
 
 
 def scalar(x: Any) -> float | None:

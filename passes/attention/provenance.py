@@ -99,7 +99,7 @@ def _const_like(n: fx.Node, gm, limit: int = 5000) -> bool:
         if x in visited:
             continue
         visited.add(x)
-        if x.op == "placeholder" or len(visited) > limit:
+        if (x.op == "placeholder" and not x.meta.get("mka_param")) or len(visited) > limit:
             return False
         queue.extend(ops.tensor_inputs(x))
     return True
@@ -228,16 +228,24 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
             if ops.is_parameter(b, gm) and not ops.is_parameter(a, gm):
                 return _projection(p, n, a, b, gm)
             return _stop(p, n, f"the {role} path is a product of activations at {n.name}, not a projection")
+        if k == "placeholder" and n.meta.get("mka_param"):  # a weight lifted to an input by dynamo
+            p.kind, p.stop = "parameter", n
+            p.reason = f"the {role} {_be(role)} a learned parameter ({n.name}), not a projection of the sequence"
+            return p
         if k == "placeholder":
             p.kind, p.stop = "input", n
-            p.reason = f"the {role} is a model input ({n.name}), not a projection of a sequence"
+            p.reason = f"the {role} {_be(role)} a model input ({n.name}), not a projection of a sequence"
             return p
         if k == "get_attr":
             p.kind, p.stop = "parameter", n
-            p.reason = f"the {role} is a learned parameter ({n.target}), not a projection of the sequence"
+            p.reason = f"the {role} {_be(role)} a learned parameter ({n.target}), not a projection of the sequence"
             return p
         return _stop(p, n, f"the {role} path reaches {n.name} ({k}), which is not a projection")
     return _stop(p, n, f"the {role} path is longer than {limit} ops")
+
+
+def _be(role: str) -> str:
+    return "are" if role.endswith("s") else "is"
 
 
 def _target(n: fx.Node) -> str:
