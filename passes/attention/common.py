@@ -76,7 +76,9 @@ def einsum_scores(node: fx.Node, m: Match) -> str | None:
 
 
 def einsum_output(node: fx.Node, m: Match) -> str | None:
-    """``einsum('...qk,...kd->...qd', p, v)``: contract the key axis."""
+    """``einsum('...qk,...kd->...qd', p, v)``: contract the key axis (no condition on a matmul)."""
+    if ops.kind(node, m.gm) != "einsum":
+        return None
     eq = node.args[0] if isinstance(node.args[0], str) else None
     parts = _EINSUM.match(eq or "")
     if not parts:

@@ -34,19 +34,18 @@ def masked_scores(product: Pat) -> Pat:
     return s
 
 
-PRODUCTS: dict[str, tuple[Pat, str]] = {
-    # axis value -> (scores pattern, kind of the output product)
-    "matmul": (op("matmul", any_("q"), any_("kt"), name="scores"), "matmul"),
-    "einsum": (op("einsum", any_("q"), any_("kt"), name="scores", check=einsum_scores), "einsum"),
-    "baddbmm": (op("baddbmm", any_("bias"), any_("q"), any_("kt"), name="scores"), "matmul"),
+PRODUCTS: dict[str, Pat] = {
+    # axis: how the scores are produced (the output product may be matmul or einsum in every case)
+    "matmul": op("matmul", any_("q"), any_("kt"), name="scores"),
+    "einsum": op("einsum", any_("q"), any_("kt"), name="scores", check=einsum_scores),
+    "baddbmm": op("baddbmm", any_("bias"), any_("q"), any_("kt"), name="scores"),
 }
 
 
 def make_rule(product: str) -> Rule:
-    scores, out_kind = PRODUCTS[product]
-    probs = op("softmax", masked_scores(scores), name="softmax")
-    check = einsum_output if out_kind == "einsum" else None
-    return Rule(f"attention.eager.{product}", op(out_kind, probs, any_("v"), name="out", check=check), FILTERS)
+    probs = op("softmax", masked_scores(PRODUCTS[product]), name="softmax")
+    out = op({"matmul", "einsum"}, probs, any_("v"), name="out", check=einsum_output)
+    return Rule(f"attention.eager.{product}", out, FILTERS)
 
 
 RULES = tuple(make_rule(p) for p in PRODUCTS)
