@@ -98,20 +98,29 @@ class Captured:
         return self.gm.graph
 
     def evaluate(self, nodes: Sequence[fx.Node]) -> dict[fx.Node, Any]:
-        """Run the graph on the example inputs and return the values of ``nodes``."""
-        want = {n.name for n in nodes} - set(self._values)
+        """Values of ``nodes`` on the example inputs, running only the nodes they depend on."""
+        want = [n for n in nodes if n.name not in self._values]
         if want:
-            keep = self._values
-
-            class _Rec(fx.Interpreter):
-                def run_node(self, n: fx.Node) -> Any:
-                    out = super().run_node(n)
-                    if n.name in want:
-                        keep[n.name] = out.detach().clone() if isinstance(out, torch.Tensor) else out
-                    return out
-
+            needed: set[fx.Node] = set()
+            todo = list(want)
+            while todo:
+                n = todo.pop()
+                if n not in needed:
+                    needed.add(n)
+                    todo.extend(n.all_input_nodes)
+            interp = fx.Interpreter(self.gm)
+            inputs = iter(self.inputs)
             with torch.no_grad():
-                _Rec(self.gm).run(*self.inputs)
+                for n in self.gm.graph.nodes:
+                    if n.op == "placeholder":
+                        val = next(inputs, None)
+                        if n in needed:
+                            interp.env[n] = val
+                    elif n in needed:
+                        interp.env[n] = interp.run_node(n)
+            for n in want:
+                out = interp.env.get(n)
+                self._values[n.name] = out.detach().clone() if isinstance(out, torch.Tensor) else out
         return {n: self._values.get(n.name) for n in nodes}
 
 
