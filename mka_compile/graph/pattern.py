@@ -104,7 +104,7 @@ def match(pat: Pat, node: Any, m: Match) -> bool:
     if k not in pat.kinds:
         if pat.optional:
             return match(pat.inputs[pat.through], node, m)
-        return m.fail(f"expected {'/'.join(sorted(pat.kinds))} but {node.name} is {k}")
+        return m.fail(f"expected {'/'.join(sorted(pat.kinds))} but found {k} ({node.name})")
     ins = ops.tensor_inputs(node)
     orders = [ins]
     if pat.commutative and len(ins) == 2:

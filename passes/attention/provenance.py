@@ -238,7 +238,8 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
             return p
         if k == "get_attr":
             p.kind, p.stop = "parameter", n
-            p.reason = f"the {role} {_be(role)} a learned parameter ({n.target}), not a projection of the sequence"
+            target = str(n.target).removeprefix("_mka_wrapped.")
+            p.reason = f"the {role} {_be(role)} a learned parameter ({target}), not a projection of the sequence"
             return p
         return _stop(p, n, f"the {role} path reaches {n.name} ({k}), which is not a projection")
     return _stop(p, n, f"the {role} path is longer than {limit} ops")

@@ -51,7 +51,12 @@ def test_static_cache(family: str) -> None:
     cache = tf.StaticCache(config=cfg, max_cache_len=16)
     with torch.no_grad():
         model(ids[:, :5], past_key_values=cache, use_cache=True)
-    inputs = {"input_ids": ids[:, 5:], "past_key_values": cache, "use_cache": True, "cache_position": torch.arange(5, 8)}
+    inputs = {
+        "input_ids": ids[:, 5:],
+        "past_key_values": cache,
+        "use_cache": True,
+        "cache_position": torch.arange(5, 8),
+    }
     report = mka_compile.inspect(model, inputs)
     _check_decoder_sites(report, model, cfg, has_cache=True)
     assert {s.cache for s in report.sites} == {"index_copy"}
@@ -79,8 +84,14 @@ def test_nanogpt(flash: bool) -> None:
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_encoder_with_padding_mask(attn: str) -> None:
-    cfg = tf.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=64)
+    cfg = tf.BertConfig(
+        vocab_size=96,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
     model = tf.BertModel._from_config(cfg, attn_implementation=attn).eval()
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[1, 5:] = 0
@@ -93,8 +104,9 @@ def test_encoder_with_padding_mask(attn: str) -> None:
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_vit_block(attn: str) -> None:
-    cfg = tf.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                       image_size=16, patch_size=4)
+    cfg = tf.ViTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=16, patch_size=4
+    )
     model = tf.ViTModel._from_config(cfg, attn_implementation=attn).eval()
     report = mka_compile.inspect(model)
     assert len(report.sites) == 2 == len(zoo.attention_modules(model))
@@ -103,9 +115,17 @@ def test_vit_block(attn: str) -> None:
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_encoder_decoder_cross_attention(attn: str) -> None:
-    cfg = tf.BartConfig(vocab_size=96, d_model=64, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
-                        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
-                        max_position_embeddings=64)
+    cfg = tf.BartConfig(
+        vocab_size=96,
+        d_model=64,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=64,
+    )
     model = tf.BartForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
     report = mka_compile.inspect(model)
     assert [s.name for s in report.sites] == zoo.attention_modules(model)

@@ -126,11 +126,15 @@ class Generated(nn.Module):
             else:
                 k, val = k.repeat_interleave(H // Hkv, dim=1), val.repeat_interleave(H // Hkv, dim=1)
         m = v["mask"]
-        mask = {"masked_fill_tril": self.tril.bool(), "additive_causal": self.causal_add,
-                "additive_padding": self.pad_add}.get(m)
+        mask = {
+            "masked_fill_tril": self.tril.bool(),
+            "additive_causal": self.causal_add,
+            "additive_padding": self.pad_add,
+        }.get(m)
         scale = s if v["scale"] in ("scores_mul", "scores_div") else (1.0 if v["scale"] != "none" else None)
-        out = F.scaled_dot_product_attention(q, k, val, attn_mask=mask, is_causal=m == "where_arange", scale=scale,
-                                             enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(
+            q, k, val, attn_mask=mask, is_causal=m == "where_arange", scale=scale, enable_gqa=gqa
+        )
         return self.o(out.transpose(1, 2).reshape(B, T, H * d))
 
 
@@ -155,14 +159,17 @@ def variants(draw) -> dict:
         "heads": draw(st.sampled_from(["view_transpose", "reshape_permute", "unflatten"])),
         "scale": draw(st.sampled_from(["scores_mul", "scores_div", "q", "k", "split_sqrt", "none"])),
         "product": draw(st.sampled_from(["matmul", "bmm", "einsum", "baddbmm", "sdpa"])),
-        "mask": draw(st.sampled_from(["none", "additive_causal", "masked_fill_tril", "where_arange",
-                                      "additive_padding"])),
+        "mask": draw(
+            st.sampled_from(["none", "additive_causal", "masked_fill_tril", "where_arange", "additive_padding"])
+        ),
         "upcast": draw(st.booleans()),
         "dropout": draw(st.booleans()),
         "look": draw(st.sampled_from([None] * 6 + ["router", "feature_softmax", "learned_query", "foreign_values"])),
         "capture": draw(st.sampled_from(["export"] * 4 + ["dynamo"])),
     }
-    v["gqa"] = draw(st.sampled_from(["expand", "repeat_interleave"] + (["enable_gqa"] if v["product"] == "sdpa" else [])))
+    v["gqa"] = draw(
+        st.sampled_from(["expand", "repeat_interleave"] + (["enable_gqa"] if v["product"] == "sdpa" else []))
+    )
     if v["look"] == "feature_softmax" and v["product"] == "sdpa":
         v["product"] = "matmul"
     return v
@@ -185,18 +192,26 @@ def test_composed_variants(v: dict) -> None:
     if v["look"] is not None:
         assert report.sites == [], v
         assert report.not_attention, v
-        want = {"router": "", "feature_softmax": "not the key axis", "learned_query": "learned parameter",
-                "foreign_values": "model input"}[v["look"]]
+        want = {
+            "router": "",
+            "feature_softmax": "not the key axis",
+            "learned_query": "learned parameter",
+            "foreign_values": "model input",
+        }[v["look"]]
         assert any(want in r.reason for r in report.not_attention), (v, report.not_attention)
         return
     assert len(report.sites) == 1, (v, report.not_attention)
     s = report.sites[0]
     causal = v["mask"] in ("additive_causal", "masked_fill_tril", "where_arange")
     bmm_padding = v["mask"] == "additive_padding" and v["product"] in ("bmm", "baddbmm")
-    assert (s.num_heads, s.num_kv_heads, s.head_dim) == (v["H"], v["Hkv"] if v["gqa"] == "enable_gqa" or
-                                                         v["product"] != "sdpa" else v["Hkv"], v["d"]), (v, s)
+    assert (s.num_heads, s.num_kv_heads, s.head_dim) == (
+        v["H"],
+        v["Hkv"] if v["gqa"] == "enable_gqa" or v["product"] != "sdpa" else v["Hkv"],
+        v["d"],
+    ), (v, s)
     assert s.causal is causal, (v, s)
     assert s.kind == "self" and s.has_kv_cache is False, (v, s)
-    assert s.mask == ("causal" if causal else "padding" if v["mask"] == "additive_padding" and not bmm_padding
-                      else "none"), (v, s)
+    assert s.mask == (
+        "causal" if causal else "padding" if v["mask"] == "additive_padding" and not bmm_padding else "none"
+    ), (v, s)
     assert abs(s.scale - _expected_scale(v)) < 1e-6, (v, s.scale)

@@ -10,7 +10,7 @@ import mka_compile
 
 X = torch.randn(2, 6, 16)
 CASES = [
-    (zoo.MoERouter(), (X,), "attention.eager.matmul", "is linear"),
+    (zoo.MoERouter(), (X,), "attention.eager.matmul", "but found linear"),
     (zoo.FeatureSoftmax(), (X,), "attention.eager.matmul", "normalises axis -2, not the key axis"),
     (zoo.AttentionPooling(), (X,), "attention.eager.matmul", "the query is a learned parameter"),
     (zoo.ForeignValues(), (X, torch.randn(2, 6, 16)), "attention.eager.matmul", "the values are a model input"),
