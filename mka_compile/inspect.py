@@ -104,6 +104,7 @@ def inspect(model: nn.Module, example_inputs: Any = None, *, capture: str = "exp
                 rope=f.rope,
                 qk_norm=f.qk_norm,
                 cache=f.cache,
+                proj_bias=f.proj_bias,
             )
         )
     return Report(

@@ -32,6 +32,7 @@ class Site:
     rope: str | None = None
     qk_norm: str | None = None
     cache: str | None = None
+    proj_bias: tuple[bool, bool, bool] = (False, False, False)  # q, k, v projections add a bias
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -71,7 +72,7 @@ class Report:
             t.add_column(col)
         for s in self.sites:
             t.add_row(
-                s.name,
+                s.name or "<root>",
                 s.kind,
                 "yes" if s.causal else "no",
                 str(s.num_heads),

@@ -307,3 +307,51 @@ class ClassifierHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.fc(x), dim=-1)
+
+
+class MetaLlamaAttention(nn.Module):
+    """Meta's reference Llama attention: complex-multiply RoPE and a static cache written by slice assignment."""
+
+    def __init__(self, dim: int = 32, n_heads: int = 4, n_kv_heads: int = 2, max_batch: int = 2, max_seq: int = 16):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        shape = (max_batch, max_seq, n_kv_heads, self.head_dim)
+        self.register_buffer("cache_k", torch.zeros(shape), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(shape), persistent=False)
+        freqs = 1.0 / (10000 ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
+        angles = torch.outer(torch.arange(max_seq).float(), freqs)
+        self.register_buffer("freqs_cis", torch.polar(torch.ones_like(angles), angles), persistent=False)
+
+    def rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        f = self.freqs_cis[start : start + x.shape[1]].view(1, x.shape[1], 1, -1)
+        return torch.view_as_real(xc * f).flatten(3).type_as(x)
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xq, xk = self.rope(xq, start_pos), self.rope(xk, start_pos)
+        self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
+        self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
+        keys = self.cache_k[:bsz, : start_pos + seqlen]
+        values = self.cache_v[:bsz, : start_pos + seqlen]
+        rep = self.n_heads // self.n_kv_heads
+        keys = keys[:, :, :, None].expand(bsz, start_pos + seqlen, self.n_kv_heads, rep, self.head_dim)
+        keys = keys.reshape(bsz, start_pos + seqlen, self.n_heads, self.head_dim)
+        values = values[:, :, :, None].expand(bsz, start_pos + seqlen, self.n_kv_heads, rep, self.head_dim)
+        values = values.reshape(bsz, start_pos + seqlen, self.n_heads, self.head_dim)
+        xq, keys, values = xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+        scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)
+        if seqlen > 1:
+            mask = torch.full((seqlen, seqlen), float("-inf")).triu(1)
+            mask = torch.hstack([torch.zeros(seqlen, start_pos), mask])
+            scores = scores + mask
+        scores = F.softmax(scores.float(), dim=-1).type_as(xq)
+        out = torch.matmul(scores, values).transpose(1, 2).contiguous().view(bsz, seqlen, -1)
+        return self.wo(out)

@@ -92,6 +92,7 @@ _BY_FUNCTION: dict[Any, str] = {
     operator.sub: "sub",
     operator.neg: "neg",
     operator.getitem: "getitem",
+    operator.setitem: "setitem",
     operator.pow: "pow",
     operator.and_: "logical",
     operator.le: "compare",

@@ -44,6 +44,7 @@ class Provenance:
     cache: str | None = None
     scale: float = 1.0
     n_rep: int = 1
+    bias: bool = False
     reason: str | None = None
 
     @property
@@ -159,6 +160,12 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
                 continue
             return _stop(p, n, f"the {role} path divides by a tensor at {n.name}")
         if k == "add":
+            ins = ops.tensor_inputs(n)
+            params = [i for i in ins if ops.is_parameter(i, gm)]
+            if len(ins) == 2 and len(params) == 1:  # x @ W + b written out (Falcon's linear)
+                p.bias = True
+                n = ins[0] if ins[1] is params[0] else ins[1]
+                continue
             rope = _rope_source(n, gm)
             if rope is None:
                 return _stop(p, n, f"the {role} path adds tensors at {n.name} (not a rotary embedding)")
@@ -184,17 +191,18 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
             new = [t for t in tensors if t not in past]
             if past and new:
                 p.cache = p.cache or "concat"
+                p.select = None
                 n = new[-1]
                 continue
             return _stop(p, n, f"the {role} path concatenates tensors at {n.name}")
         if k == "index_copy":
-            p.cache, n = p.cache or "index_copy", ops.arg(n, 3, "source")
+            p.cache, p.select, n = p.cache or "index_copy", None, ops.arg(n, 3, "source")
             continue
         if k == "index_put":
-            p.cache, n = p.cache or "index_put", ops.arg(n, 2, "values")
+            p.cache, p.select, n = p.cache or "index_put", None, ops.arg(n, 2, "values")
             continue
         if k == "copy" and len(ops.tensor_inputs(n)) >= 2:  # slice_scatter(buffer, src, ...)
-            p.cache, n = p.cache or "slice_assign", ops.tensor_inputs(n)[1]
+            p.cache, p.select, n = p.cache or "slice_assign", None, ops.tensor_inputs(n)[1]
             continue
         if k == "getitem":
             src = n.args[0]
@@ -220,14 +228,27 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
             n = n.args[0]
             continue
         if k == "linear":
-            return _projection(p, n, n.args[0] if n.op != "call_module" else n.args[0], _weight(n, gm), gm)
+            p.bias = (
+                p.bias
+                or ops.arg(n, 2, "bias") is not None
+                or (n.op == "call_module" and getattr(gm.get_submodule(str(n.target)), "bias", None) is not None)
+            )
+            return _projection(p, n, n.args[0], _weight(n, gm), gm)
         if k == "addmm":
+            p.bias = True
             return _projection(p, n, n.args[1], n.args[2], gm)
         if k == "matmul":
             a, b = ops.tensor_inputs(n)[:2]
             if ops.is_parameter(b, gm) and not ops.is_parameter(a, gm):
                 return _projection(p, n, a, b, gm)
             return _stop(p, n, f"the {role} path is a product of activations at {n.name}, not a projection")
+        if k == "get_attr" or (k == "placeholder" and n.meta.get("mka_param")):
+            write = _last_write(n, node, gm)  # a cache buffer written in place before it is read
+            if write is not None:
+                p.cache = p.cache or write[0]
+                p.select = None  # slicing so far read the cache, not a fused projection
+                n = write[1]
+                continue
         if k == "placeholder" and n.meta.get("mka_param"):  # a weight lifted to an input by dynamo
             p.kind, p.stop = "parameter", n
             p.reason = f"the {role} {_be(role)} a learned parameter ({n.name}), not a projection of the sequence"
@@ -243,6 +264,48 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
             return p
         return _stop(p, n, f"the {role} path reaches {n.name} ({k}), which is not a projection")
     return _stop(p, n, f"the {role} path is longer than {limit} ops")
+
+
+_VIEW_KINDS = frozenset({"slice", "select", "view", "getitem", "identity", "transpose", "permute", "unsqueeze"})
+_INPLACE = {"copy_": ("slice_assign", 1), "index_put_": ("index_put", 2), "index_copy_": ("index_copy", 3)}
+
+
+def _last_write(buffer: fx.Node, reader: fx.Node, gm) -> tuple[str, fx.Node] | None:
+    """The last in-place write into ``buffer`` (or a view of it) before ``reader``: ``(cache kind, source)``.
+
+    Covers ``cache[:, a:b] = new`` (``aten.copy_`` on a slice, or ``operator.setitem`` in dynamo graphs) and
+    in-place ``index_put_`` / ``index_copy_``."""
+    order = {n: i for i, n in enumerate(buffer.graph.nodes)}
+    limit = order.get(reader, len(order))
+    best: tuple[int, str, fx.Node] | None = None
+    todo, seen = [buffer], set()
+    while todo:
+        v = todo.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        for u in v.users:
+            if order.get(u, limit) >= limit:
+                continue
+            name = _target_name(u)
+            if name in _INPLACE and u.args and u.args[0] is v:
+                kind, pos = _INPLACE[name]
+                src = ops.arg(u, pos, "src")
+                if isinstance(src, fx.Node) and (best is None or order[u] > best[0]):
+                    best = (order[u], kind, src)
+            elif ops.kind(u, gm) == "setitem" and u.args[0] is v and isinstance(u.args[2], fx.Node):
+                if best is None or order[u] > best[0]:
+                    best = (order[u], "slice_assign", u.args[2])
+            elif ops.kind(u, gm) in _VIEW_KINDS and u.args and u.args[0] is v:
+                todo.append(u)
+    return None if best is None else (best[1], best[2])
+
+
+def _target_name(n: fx.Node) -> str:
+    t = n.target
+    if hasattr(t, "_overloadpacket"):
+        return t._overloadpacket.__name__
+    return str(t) if n.op == "call_method" else getattr(t, "__name__", "")
 
 
 def _be(role: str) -> str:

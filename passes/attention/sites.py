@@ -37,6 +37,7 @@ class SiteFacts:
     rope: str | None
     qk_norm: str | None  # "per_head" | "full" | None
     cache: str | None  # "concat" | "index_copy" | "index_put" | "slice_assign" | None
+    proj_bias: tuple[bool, bool, bool]  # whether the q, k, v projections add a bias
     anchor: fx.Node = field(repr=False)
     match: Match = field(repr=False)
 
@@ -211,7 +212,7 @@ def _facts(rule: Rule, m: Match, captured: Captured) -> SiteFacts:
     norm = pq.norm_shape or pk.norm_shape
     qk_norm = None if norm is None else ("per_head" if norm[-1] == d and len(norm) >= 3 else "full")
     anchor = out if is_sdpa else m.captures["softmax"]
-    name = module_path(anchor) or pq.module.rsplit(".", 1)[0]
+    name = module_path(anchor) or (pq.module.rsplit(".", 1)[0] if "." in pq.module else "")
     return SiteFacts(
         name=name,
         kind="self" if pq.source is pk.source else "cross",
@@ -229,6 +230,7 @@ def _facts(rule: Rule, m: Match, captured: Captured) -> SiteFacts:
         rope=pq.rope or pk.rope,
         qk_norm=qk_norm,
         cache=pk.cache or pv.cache,
+        proj_bias=(pq.bias, pk.bias, pv.bias),
         anchor=anchor,
         match=m,
     )

@@ -144,3 +144,29 @@ def test_t5_relative_bias_and_cross() -> None:
     assert len(report.sites) == 6
     assert sum(s.kind == "cross" for s in report.sites) == 2
     assert all(s.scale == 1.0 for s in report.sites)  # T5 does not scale its scores
+
+
+@pytest.mark.parametrize("capture", ["export", "dynamo"])
+@pytest.mark.parametrize("start", [0, 3])
+def test_meta_llama_complex_rope_and_slice_assigned_cache(capture: str, start: int) -> None:
+    model = zoo.MetaLlamaAttention().eval()
+    report = mka_compile.inspect(model, (torch.randn(2, 5, 32), start), capture=capture)
+    (s,) = report.sites
+    assert (s.name, s.kind, s.causal, s.num_heads, s.num_kv_heads, s.head_dim) == ("", "self", True, 4, 2, 8)
+    assert (s.rope, s.cache, s.has_kv_cache, s.k_proj, s.v_proj) == ("complex", "slice_assign", True, "wk", "wv")
+
+
+@pytest.mark.parametrize(("family", "bias"), [("qwen2", True), ("gpt2", True), ("llama", False)])
+def test_projection_biases(family: str, bias: bool) -> None:
+    report = mka_compile.inspect(zoo.causal_lm(family)[0])
+    assert all(s.proj_bias == (bias, bias, bias) for s in report.sites)
+
+
+def test_falcon_written_out_linear_with_bias() -> None:
+    import transformers as tf
+
+    cfg = zoo._cfg("falcon")
+    cfg.bias = True
+    report = mka_compile.inspect(tf.AutoModelForCausalLM.from_config(cfg).eval())
+    assert len(report.sites) == 2 and all(s.proj_bias == (True, True, True) for s in report.sites)
+    assert report.sites[0].q_proj.startswith("transformer.h.0.self_attention.query_key_value[")
