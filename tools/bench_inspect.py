@@ -31,8 +31,15 @@ def main(argv: list[str] | None = None) -> None:
     for col in ("layers", "attention", "capture", "sites", "median s", "min s"):
         table.add_column(col)
     for attn in ("eager", "sdpa"):
-        cfg = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=args.layers,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        cfg = tf.LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=args.layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
         model = tf.LlamaForCausalLM._from_config(cfg, attn_implementation=attn).eval()
         for cap in args.captures:
             times, n = [], 0
