@@ -5,11 +5,15 @@ Importing this package registers every op with ``torch.library``:
 - ``mka::session_scan`` (+ ``_backward``): L2 session EMA with carried float32 state;
 - ``mka::chunk_update`` (+ ``_backward``) and ``mka::recall_select``: L3 chunk summaries and recall;
 - ``mka::route_mix`` (+ ``_backward``): FastMKA's routed mix of K/V levels;
+- ``mka::fastmka_mix`` (+ ``_backward``): FastMKA's memory path fused (session scan, route-mix, RoPE);
 - ``mka::mka_attention`` (+ ``_backward``): MKA's multi-level attention.
+
+With triton installed, the ``*_triton`` modules register Triton kernels as the CUDA implementations.
 """
 
 from __future__ import annotations
 
+from .fastmka_mix import fastmka_mix, reference_fastmka_mix, rope_tables
 from .longterm import (
     real_positions,
     recall_mask,
@@ -30,22 +34,27 @@ OPS = (
     "recall_select",
     "route_mix",
     "route_mix_backward",
+    "fastmka_mix",
+    "fastmka_mix_backward",
     "mka_attention",
     "mka_attention_backward",
 )
 
 __all__ = [
     "OPS",
+    "fastmka_mix",
     "mka_attention",
     "real_positions",
     "recall_mask",
     "recall_mix",
     "recall_probs",
     "reference_chunk_update",
+    "reference_fastmka_mix",
     "reference_mka_attention",
     "reference_recall_select",
     "reference_route_mix",
     "reference_session_scan",
+    "rope_tables",
     "route_mix",
     "session_scan",
     "visibility",

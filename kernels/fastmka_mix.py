@@ -84,7 +84,8 @@ def reference_fastmka_mix(
     kf, vf = reference_route_mix(lam, ks, vs)  # (B, Hkv, T, d) in acc
     if cos is not None:
         kf = kf * cos.to(acc)[:, None] + rotate_half(kf) * sin.to(acc)[:, None]
-    return kf.to(k1.dtype), vf.to(v1.dtype), st_k, st_v
+    fmt = torch.contiguous_format
+    return kf.to(k1.dtype, memory_format=fmt), vf.to(v1.dtype, memory_format=fmt), st_k, st_v
 
 
 def check_fastmka_mix(lam, k1, v1, k3, v3, valid, state_k, state_v, n_seen, beta, cos, sin) -> None:
@@ -136,7 +137,9 @@ def _fastmka_mix_op(
 @_fastmka_mix_op.register_fake
 def _(lam, k1, v1, k3, v3, valid, state_k, state_v, n_seen, beta, cos=None, sin=None):
     check_fastmka_mix(lam, k1, v1, k3, v3, valid, state_k, state_v, n_seen, beta, cos, sin)
-    return torch.empty_like(k1), torch.empty_like(v1), torch.empty_like(state_k), torch.empty_like(state_v)
+    fmt = torch.contiguous_format  # kf, vf are new contiguous tensors whatever the strides of k1, v1
+    e = torch.empty_like
+    return e(k1, memory_format=fmt), e(v1, memory_format=fmt), e(state_k), e(state_v)
 
 
 def reference_fastmka_mix_backward(
@@ -181,10 +184,11 @@ def reference_fastmka_mix_backward(
     dk_s, dv_s, dsk, dsv = reference_session_scan_backward(
         dks[1], dvs[1], grad_state_k, grad_state_v, k1a, v1a, valid, state_k, state_v, n_seen, beta
     )
-    dk1 = (dks[0] + dk_s).to(k1.dtype)
-    dv1 = (dvs[0] + dv_s).to(v1.dtype)
-    d_long = [] if k3 is None else [dks[2].to(k3.dtype), dvs[2].to(v3.dtype)]
-    return dlam, dk1, dv1, dsk, dsv, d_long, d_rope
+    fmt = torch.contiguous_format
+    dk1 = (dks[0] + dk_s).to(k1.dtype, memory_format=fmt)
+    dv1 = (dvs[0] + dv_s).to(v1.dtype, memory_format=fmt)
+    d_long = [] if k3 is None else [dks[2].to(k3.dtype, memory_format=fmt), dvs[2].to(v3.dtype, memory_format=fmt)]
+    return dlam.contiguous(), dk1, dv1, dsk, dsv, d_long, d_rope
 
 
 @torch.library.custom_op("mka::fastmka_mix_backward", mutates_args=())
@@ -206,19 +210,55 @@ def _fastmka_mix_backward_op(
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
     rope_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]
+]:
     return reference_fastmka_mix_backward(
-        grad_kf, grad_vf, grad_state_k, grad_state_v, lam, k1, v1, k3, v3, valid, state_k, state_v, n_seen, beta,
-        cos, sin, rope_grad
+        grad_kf,
+        grad_vf,
+        grad_state_k,
+        grad_state_v,
+        lam,
+        k1,
+        v1,
+        k3,
+        v3,
+        valid,
+        state_k,
+        state_v,
+        n_seen,
+        beta,
+        cos,
+        sin,
+        rope_grad,
     )
 
 
 @_fastmka_mix_backward_op.register_fake
-def _(grad_kf, grad_vf, grad_state_k, grad_state_v, lam, k1, v1, k3, v3, valid, state_k, state_v, n_seen, beta,
-      cos, sin, rope_grad):
-    d_long = [] if k3 is None else [torch.empty_like(k3), torch.empty_like(v3)]
-    d_rope = [torch.empty_like(cos), torch.empty_like(sin)] if cos is not None and rope_grad else []
-    e = torch.empty_like
+def _(
+    grad_kf,
+    grad_vf,
+    grad_state_k,
+    grad_state_v,
+    lam,
+    k1,
+    v1,
+    k3,
+    v3,
+    valid,
+    state_k,
+    state_v,
+    n_seen,
+    beta,
+    cos,
+    sin,
+    rope_grad,
+):
+    def e(t):  # every gradient is a new contiguous tensor
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    d_long = [] if k3 is None else [e(k3), e(v3)]
+    d_rope = [e(cos), e(sin)] if cos is not None and rope_grad else []
     return e(lam), e(k1), e(v1), e(state_k), e(state_v), d_long, d_rope
 
 

@@ -315,3 +315,10 @@ def recall_mix(
     """
     p = recall_probs(q_r[:, :, None], mem_k, sel, scale)[:, :, 0]  # (B, Hkv, T, S)
     return p @ mem_k, p @ mem_v
+
+
+try:  # the Triton kernels register themselves as the CUDA implementations; triton is optional
+    from . import longterm_triton  # noqa: E402, F401
+except ModuleNotFoundError as _err:  # pragma: no cover - without triton, CUDA runs the reference
+    if _err.name != "triton":
+        raise

@@ -70,16 +70,27 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
-def _attend_block(q, k, v, vis, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+def _mm(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """``a @ b`` with float32 accumulation. ``DOT_UPCAST``: multiply float32 copies (the operands are already
+    rounded to their dtype), for the Triton interpreter, whose ``tl.dot`` misreads bfloat16."""
+    if DOT_UPCAST:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=DOT_PRECISION)
+    return c
+
+
+@triton.jit
+def _attend_block(q, k, v, vis, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """One online-softmax step of one level: ``q: [M, D]``, ``k, v: [N, D]``, ``vis: [M, N]``; scores in
     log2 units. ``m_i`` starts finite (-1e30) so fully masked blocks leave ``(l_i, acc)`` unchanged."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N)
+    s = _mm(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # (M, N)
     s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])  # 0 where masked
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
     return m_new, l_i, acc
 
 
@@ -128,6 +139,7 @@ def _mka_attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(cdiv(Tq, BLOCK_M), B * H)``. Writes ``OUT [B, H, Tq, d]`` and ``LSE [B, H, NLVL, Tq]``;
     ``STORE_LEVELS`` also writes ``LVL [B, H, NLVL, Tq, d]`` (float32, each level's own output);
@@ -171,11 +183,11 @@ def _mka_attention_fwd_kernel(
         nd_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k1_base + offs_n[:, None] * stride_k1t + offs_d[None, :] * stride_k1d, mask=nd_mask, other=0.0)
         v = tl.load(v1_base + offs_n[:, None] * stride_v1t + offs_d[None, :] * stride_v1d, mask=nd_mask, other=0.0)
-        m1, l1, acc1 = _attend_block(q, k, v, vis, m1, l1, acc1, qk_scale, DOT_PRECISION)
+        m1, l1, acc1 = _attend_block(q, k, v, vis, m1, l1, acc1, qk_scale, DOT_PRECISION, DOT_UPCAST)
         if NUM_LEVELS == 2:
             k = tl.load(k2_base + offs_n[:, None] * stride_k2t + offs_d[None, :] * stride_k2d, mask=nd_mask, other=0.0)
             v = tl.load(v2_base + offs_n[:, None] * stride_v2t + offs_d[None, :] * stride_v2d, mask=nd_mask, other=0.0)
-            m2, l2, acc2 = _attend_block(q, k, v, vis, m2, l2, acc2, qk_scale, DOT_PRECISION)
+            m2, l2, acc2 = _attend_block(q, k, v, vis, m2, l2, acc2, qk_scale, DOT_PRECISION, DOT_UPCAST)
 
     lam_row = LAM + b * stride_lamb + hk * stride_lamg + offs_m * stride_lamt  # stride_lamg = 0 when G = 1
     lse_row = LSE + pid_bh * NLVL * TQ + offs_m
@@ -245,13 +257,13 @@ def _mka_attention_fwd_kernel(
 
 
 @triton.jit
-def _dq_block(q, go, k, v, vis, lse2, dot, w, dq, qk_scale, DOT_PRECISION: tl.constexpr):
+def _dq_block(q, go, k, v, vis, lse2, dot, w, dq, qk_scale, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """``dq += dS k`` for one key block of one level (``dS = P (lam dO . v - lam dot)``), unscaled."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N)
+    s = _mm(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * qk_scale  # (M, N)
     p = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-    dp = tl.dot(go, tl.trans(v), input_precision=DOT_PRECISION)  # (M, N)
+    dp = _mm(go, tl.trans(v), DOT_PRECISION, DOT_UPCAST)  # (M, N)
     ds = p * (dp - dot[:, None]) * w[:, None]
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq + _mm(ds.to(k.dtype), k, DOT_PRECISION, DOT_UPCAST)
 
 
 @triton.jit
@@ -282,6 +294,7 @@ def _mka_attention_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(cdiv(Tq, BLOCK_M), B * H)``: ``DQ`` over the key blocks of every level, then ``DQ3`` and
     float32 atomic adds into ``DMEM_K, DMEM_V [B, Hkv, S, d]`` over the recalled slots."""
@@ -337,11 +350,11 @@ def _mka_attention_bwd_dq_kernel(
         nd_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k1_base + offs_n[:, None] * stride_k1t + offs_d[None, :] * stride_k1d, mask=nd_mask, other=0.0)
         v = tl.load(v1_base + offs_n[:, None] * stride_v1t + offs_d[None, :] * stride_v1d, mask=nd_mask, other=0.0)
-        dq = _dq_block(q, go_kv, k, v, vis, lse1, dot1, w1, dq, qk_scale, DOT_PRECISION)
+        dq = _dq_block(q, go_kv, k, v, vis, lse1, dot1, w1, dq, qk_scale, DOT_PRECISION, DOT_UPCAST)
         if NUM_LEVELS == 2:
             k = tl.load(k2_base + offs_n[:, None] * stride_k2t + offs_d[None, :] * stride_k2d, mask=nd_mask, other=0.0)
             v = tl.load(v2_base + offs_n[:, None] * stride_v2t + offs_d[None, :] * stride_v2d, mask=nd_mask, other=0.0)
-            dq = _dq_block(q, go_kv, k, v, vis, lse2, dot2, w2, dq, qk_scale, DOT_PRECISION)
+            dq = _dq_block(q, go_kv, k, v, vis, lse2, dot2, w2, dq, qk_scale, DOT_PRECISION, DOT_UPCAST)
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
 
@@ -393,6 +406,7 @@ def _mka_attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(cdiv(Tk, BLOCK_N), B * Hkv)`` for full-length level ``LEVEL``: ``DK, DV`` of one key block,
     summed over the query blocks of the ``REP`` query heads that share the kv head (no atomics)."""
@@ -438,12 +452,12 @@ def _mka_attention_bwd_dkdv_kernel(
             vis_t = valid[:, None] & m_mask[None, :]  # (N, M)
             if CAUSAL:
                 vis_t = vis_t & (offs_n[:, None] <= offs_m[None, :] + off)
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (N, M)
+            s_t = _mm(k, tl.trans(q), DOT_PRECISION, DOT_UPCAST) * qk_scale  # (N, M)
             p_t = tl.where(vis_t, tl.exp2(s_t - lse[None, :]), 0.0)
-            dv += tl.dot((p_t * w[None, :]).to(go.dtype), go, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(go), input_precision=DOT_PRECISION)  # (N, M)
+            dv += _mm((p_t * w[None, :]).to(go.dtype), go, DOT_PRECISION, DOT_UPCAST)
+            dp_t = _mm(v, tl.trans(go), DOT_PRECISION, DOT_UPCAST)  # (N, M)
             ds_t = p_t * (dp_t - dot[None, :]) * w[None, :]
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+            dk += _mm(ds_t.to(q.dtype), q, DOT_PRECISION, DOT_UPCAST)
     dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
     dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
@@ -453,15 +467,16 @@ def _mka_attention_bwd_dkdv_kernel(
 # --------------------------------------------------------------------------------------------- launchers
 
 
-def _config(d_pad: int, block_m: int | None, block_n: int | None, num_warps: int | None, num_stages: int | None):
+def _config(d_pad: int, tq: int, block_m, block_n, num_warps, num_stages) -> tuple[int, int, int, int]:
     """Tile sizes: untuned guesses for a Hopper/Ampere-class GPU (two float32 accumulators per program in
-    the forward); every value can be overridden from the launchers."""
+    the forward), query tiles no taller than the queries (decode); every value can be overridden."""
     if d_pad <= 64:
         bm, bn, nw, ns = 64, 64, 4, 3
     elif d_pad <= 128:
         bm, bn, nw, ns = 64, 32, 4, 2
     else:
         bm, bn, nw, ns = 32, 32, 8, 1
+    bm = min(bm, pow2(tq, lo=16))
     return block_m or bm, block_n or bn, num_warps or nw, num_stages or ns
 
 
@@ -475,8 +490,9 @@ def _lam_strides(lam: torch.Tensor) -> tuple[int, int, int, int]:
     return sb, (sg if lam.shape[1] > 1 else 0), st, sl
 
 
-def _common(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, block_m, block_n, num_warps, num_stages):
-    """Argument preparation shared by the forward and the backward launchers."""
+def _common(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal, tiles):
+    """Argument checks and preparation shared by the forward and the backward launchers."""
+    check_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal)
     B, H, Tq, d = q.shape
     Hkv, Tk = ks[0].shape[1], ks[0].shape[2]
     nf, R, S = len(ks), idx3.shape[3], mem_k.shape[2]
@@ -487,7 +503,7 @@ def _common(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, block_m, b
     if B * max(H, Hkv) > 65535:
         raise ValueError(f"B * H = {B * H} exceeds the 65535 programs of grid axis 1")
     d_pad = pow2(d, lo=16)
-    bm, bn, nw, ns = _config(d_pad, block_m, block_n, num_warps, num_stages)
+    bm, bn, nw, ns = _config(d_pad, Tq, *tiles)
     k1, v1 = _nonempty(ks[0], q), _nonempty(vs[0], q)
     k2, v2 = (_nonempty(ks[1], q), _nonempty(vs[1], q)) if nf == 2 else (k1, v1)
     has_l3 = R > 0
@@ -521,8 +537,14 @@ def _common(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, block_m, b
     )
 
 
-def _dot_precision(q: torch.Tensor, allow_tf32: bool) -> str:
-    return "tf32" if allow_tf32 and q.dtype == torch.float32 else "ieee"
+def _dot_meta(q: torch.Tensor, allow_tf32: bool) -> dict:
+    """``DOT_PRECISION``: IEEE for float32 unless ``allow_tf32`` (Triton's default, which half-precision
+    operands ignore, otherwise); ``DOT_UPCAST``: bfloat16 run by the interpreter."""
+    interpreted = q.device.type == "cpu" or not isinstance(_mka_attention_fwd_kernel, triton.runtime.JITFunction)
+    return dict(
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 and not allow_tf32 else "tf32",
+        DOT_UPCAST=interpreted and q.dtype == torch.bfloat16,
+    )
 
 
 def _run_fwd(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal, go, store_levels, cfg):
@@ -576,8 +598,9 @@ def mka_attention_fwd(
     level's own output, for :func:`mka_attention_bwd` to skip its recompute), else None.
     ``L = len(ks) + (R > 0)``.
     """
-    cfg = _common(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, block_m, block_n, num_warps, num_stages)
-    cfg["meta"]["DOT_PRECISION"] = _dot_precision(q, allow_tf32)
+    tiles = (block_m, block_n, num_warps, num_stages)
+    cfg = _common(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal, tiles)
+    cfg["meta"].update(_dot_meta(q, allow_tf32))
     B, H, Tq, d, Hkv, Tk, nf, R, S = cfg["dims"]
     if q.numel() == 0:
         nlvl = nf + (R > 0)
@@ -621,9 +644,11 @@ def mka_attention_bwd(
     from the stored outputs; without them one forward-like pass (``BWD_PREP``) recomputes ``lse`` and the
     dots. Then one dq kernel (+ L3 gradients) and one dk/dv kernel per full-length level run.
     """
-    cfg = _common(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, block_m, block_n, num_warps, num_stages)
-    precision = _dot_precision(q, allow_tf32)
-    cfg["meta"]["DOT_PRECISION"] = precision
+    tiles = (block_m, block_n, num_warps, num_stages)
+    cfg = _common(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal, tiles)
+    cfg["meta"].update(_dot_meta(q, allow_tf32))
+    if grad_out.shape != q.shape or grad_out.device != q.device:
+        raise ValueError(f"grad_out must be like q {tuple(q.shape)} on {q.device}, got {tuple(grad_out.shape)}")
     B, H, Tq, d, Hkv, Tk, nf, R, S = cfg["dims"]
     k1, v1, k2, v2, mk, mv, idx, found, valid = cfg["tensors"]
     nlvl, rep, G = nf + (R > 0), H // Hkv, lam.shape[1]
@@ -673,10 +698,10 @@ def mka_attention_bwd(
                 *dks[lvl].stride(), *dvs[lvl].stride(),
                 H, Hkv, rep, Tq, Tk, d, nlvl, lvl, scale, scale * _LOG2E_F,
                 CAUSAL=bool(causal), BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"], BLOCK_D=meta["BLOCK_D"],
-                DOT_PRECISION=precision, **launch,
+                DOT_PRECISION=meta["DOT_PRECISION"], DOT_UPCAST=meta["DOT_UPCAST"], **launch,
             )  # fmt: skip
-    dmem_k = dmk.to(mem_k.dtype) if has_l3 else torch.zeros_like(mem_k)
-    dmem_v = dmv.to(mem_v.dtype) if has_l3 else torch.zeros_like(mem_v)
+    dmem_k = torch.empty_like(mem_k).copy_(dmk) if has_l3 else torch.zeros_like(mem_k)  # layout of mem_k
+    dmem_v = torch.empty_like(mem_v).copy_(dmv) if has_l3 else torch.zeros_like(mem_v)
     return dq, dks, dvs, dlam, dq3, dmem_k, dmem_v
 
 
@@ -690,8 +715,8 @@ def _triton_ok(q: torch.Tensor, ks: list[torch.Tensor], lam: torch.Tensor, q3: t
 
 
 def _mka_attention_cuda(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal):
-    check_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal)
     if not _triton_ok(q, ks, lam, q3, mem_k):
+        check_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal)
         return reference_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal)
     return mka_attention_fwd(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal)[0]
 

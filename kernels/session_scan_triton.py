@@ -70,7 +70,7 @@ def _session_scan_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Grid ``(B * H, cdiv(D, BLOCK_D))``; states are contiguous ``[B, H, D]``; ``sk``/``sv`` share strides."""
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets for large tensors
     pid_d = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -109,7 +109,7 @@ def _session_scan_fwd_kernel(
 
 
 def _blocks(T: int, D: int, block_t: int | None, block_d: int | None) -> tuple[int, int]:
-    return block_t or pow2(T, 16, 64), block_d or pow2(D, 16, 32)
+    return block_t or pow2(T, 16, 64), block_d or pow2(D, 1, 16)
 
 
 def session_scan_fwd(
@@ -146,7 +146,7 @@ def session_scan_fwd(
         k,
         v,
         valid,
-        n_seen,
+        n_seen.contiguous(),
         state_k.contiguous(),
         state_v.contiguous(),
         sk,
@@ -202,7 +202,7 @@ def _session_scan_bwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Grid ``(B * H, cdiv(D, BLOCK_D))``; the reverse scan, walking tiles from the end of T."""
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets for large tensors
     pid_d = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -217,7 +217,7 @@ def _session_scan_bwd_kernel(
         rows = t0 + tl.arange(0, BLOCK_T)
         ok = tl.load(valid_ptr + b * stride_mb + rows * stride_mt, mask=rows < T, other=0) != 0
         first = tl.minimum(first, tl.min(tl.where(ok, rows, T), 0))
-    first = tl.where(n_seen == 0, first, -1)
+    first = tl.where((n_seen == 0) & (first < T), first, -1)
     # lam just after the tile being processed; g_state enters at T - 1 with a_T := 1
     carry_k = tl.load(gstate_k_ptr + st_off, mask=cmask, other=0.0).to(cdt)
     carry_v = tl.load(gstate_v_ptr + st_off, mask=cmask, other=0.0).to(cdt)
@@ -290,7 +290,7 @@ def session_scan_bwd(
         grad_state_k.contiguous(),
         grad_state_v.contiguous(),
         valid,
-        n_seen,
+        n_seen.contiguous(),
         dk,
         dv,
         d0k,
@@ -321,9 +321,7 @@ def _session_scan_cuda(k, v, valid, state_k, state_v, n_seen, beta):
 def _session_scan_backward_cuda(
     grad_sk, grad_sv, grad_state_k, grad_state_v, k, v, valid, state_k, state_v, n_seen, beta
 ):
-    return session_scan_bwd(
-        grad_sk, grad_sv, grad_state_k, grad_state_v, valid, n_seen, beta, k.dtype, state_k.dtype
-    )
+    return session_scan_bwd(grad_sk, grad_sv, grad_state_k, grad_state_v, valid, n_seen, beta, k.dtype, state_k.dtype)
 
 
 torch.library.register_kernel("mka::session_scan", "cuda", _session_scan_cuda)

@@ -2,9 +2,8 @@
 
 Only ``@triton.jit`` code lives here; the launchers (strides, grids, block sizes) are
 :func:`mka_compile.kernels.flash_attention.flash_attention_fwd` / ``flash_attention_bwd`` and
-:func:`mka_compile.kernels.decode_attention.decode_attention_fwd`. This module is imported lazily, on
-the first launch, so that importing the package needs no Triton (a Linux-only dependency) and so that
-``TRITON_INTERPRET=1`` set by a test before that first launch decides how the kernels are built.
+:func:`mka_compile.kernels.decode_attention.decode_attention_fwd`, which run CPU tensors through the
+Triton interpreter (``flash_attention.launchable``).
 
 Conventions shared by every kernel:
 
@@ -15,8 +14,9 @@ Conventions shared by every kernel:
 - scores live in base 2: ``qk_scale = scale * log2(e)``, so ``exp2`` replaces ``exp``; the stored
   log-sum-exp is in natural units (``-inf`` for a row that sees no key, whose output is 0);
 - the head dim is padded to ``BLOCK_D`` (a power of two >= 16) by masked loads of zeros;
-- ``MASK_KIND``: 0 = no mask, 1 = boolean keep-mask (stored as uint8), 2 = additive float mask; the mask
-  is read through its own strides, 0 on broadcast dims.
+- ``MASK_KIND``: 0 = no mask, 1 = boolean keep-mask (stored as uint8), 2 = additive float mask (values
+  <= -1e4 act as -inf, see ``_bias_log2``); the mask is read through its own strides, 0 on broadcast
+  dims.
 """
 
 from __future__ import annotations
@@ -26,6 +26,14 @@ import triton.language as tl
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+HIDDEN_BIAS: tl.constexpr = tl.constexpr(-1.0e4)  # additive-mask values at or below it act as -inf
+
+
+@triton.jit
+def _bias_log2(bias):
+    """An additive mask tile in log2 units (float32); values <= ``HIDDEN_BIAS`` hide the key as -inf does."""
+    b = bias.to(tl.float32)
+    return tl.where(b <= HIDDEN_BIAS, float("-inf"), tl.maximum(b, HIDDEN_BIAS) * LOG2E)  # no overflow
 
 
 @triton.jit
@@ -117,7 +125,7 @@ def _flash_attention_fwd_kernel(
                 s = tl.where(keep != 0, s, float("-inf"))
             else:
                 bias = tl.load(tile, mask=tile_ok, other=0.0)
-                s = s + bias.to(tl.float32) * LOG2E
+                s = s + _bias_log2(bias)
         if start_n + BLOCK_N > full_hi:
             ok = col_ok[None, :] & row_ok[:, None]
             if CAUSAL:
@@ -302,7 +310,7 @@ def _flash_attention_bwd_dkdv_kernel(
                     s_t = tl.where(keep != 0, s_t, float("-inf"))
                 else:
                     bias = tl.load(tile, mask=tile_ok, other=0.0)
-                    s_t = s_t + bias.to(tl.float32) * LOG2E
+                    s_t = s_t + _bias_log2(bias)
             if CAUSAL:
                 if start_m < full_lo:
                     s_t = tl.where(offs_n[:, None] <= offs_m[None, :] + offset, s_t, float("-inf"))
@@ -431,7 +439,7 @@ def _flash_attention_bwd_dq_kernel(
                 s = tl.where(keep != 0, s, float("-inf"))
             else:
                 bias = tl.load(tile, mask=tile_ok, other=0.0)
-                s = s + bias.to(tl.float32) * LOG2E
+                s = s + _bias_log2(bias)
         if start_n + BLOCK_N > full_hi:
             ok = col_ok[None, :] & row_ok[:, None]
             if CAUSAL:
@@ -504,7 +512,9 @@ def _decode_attention_split_kernel(
     h = hk * group + (rows // seq_q).to(tl.int64)  # (BLOCK_M,)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q_ptrs = Q + b * stride_qb + h[:, None] * stride_qh + t.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q_ptrs = (
+        Q + b * stride_qb + h[:, None] * stride_qh + t.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    )
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
@@ -586,7 +596,9 @@ def _decode_attention_merge_kernel(
         s_ok = offs_s < num_splits
         part = row * num_splits + offs_s
         lse = tl.load(PartLse + part, mask=s_ok, other=float("-inf"))  # (BLOCK_S,)
-        po = tl.load(PartOut + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        po = tl.load(
+            PartOut + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0
+        )
         m_new = tl.maximum(m_s, lse)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_s - m_use)

@@ -1,0 +1,600 @@
+"""Flash attention for plain attention sites: ``out = softmax(scale * q k^T + mask) v`` per head.
+
+Shapes::
+
+    q:     [B, H, Tq, d]
+    k, v:  [B, Hkv, Tk, d]            H % Hkv == 0: query head h reads kv head h // (H / Hkv) (GQA, MQA)
+    mask:  [B or 1, H or 1, Tq, Tk]   optional; bool (True = attend) or additive float (any float dtype)
+    out:   [B, H, Tq, d]              dtype of q
+    lse:   [B, H, Tq]                 row log-sum-exp of the scores; float32 (float64 for float64 inputs)
+
+Math, per head (S = scale * q k^T + mask, -inf where masked or causally hidden)::
+
+    lse_i = log sum_j exp(S_ij),   P_ij = exp(S_ij - lse_i),   out_i = sum_j P_ij v_j
+    dV = P^T dO,   dP = dO V^T,   dS = P * (dP - Delta),   Delta_i = rowsum(dO * O)_i - dlse_i
+    dQ = scale * dS K,   dK = scale * dS^T Q   (dK, dV summed over the query heads sharing a kv head)
+
+Queries are the last Tq of the Tk positions (bottom-right alignment): ``causal`` lets query i see keys
+``j <= i + Tk - Tq`` and needs Tq <= Tk. A row that sees no key (everything masked) outputs zeros with
+lse = -inf and passes no gradient. The mask receives no gradient; lse does (``dlse`` above). Additive
+mask values <= ``HIDDEN_BIAS = -1e4`` hide the key exactly like -inf: padding masks built from
+``finfo.min``, -1e9 or -10000 then act as boolean masks. Rows with a visible key are unaffected (such keys
+get weight exp(-1e4) = 0 in float32 anyway); a row with no visible key gives zeros. (Eager softmax would
+average v over such a row, an artefact of rounding, and its lse near -3e38 would lose the log-sum that
+the backward needs.)
+
+``mka::flash_attention(q, k, v, mask, scale, causal) -> (out, lse)`` returns lse because the backward
+needs it (a custom op can only save its outputs) and because level merges (MKA) combine attention
+results by their log-sum-exp; :func:`flash_attention` returns ``out`` alone. Implementations: CPU =
+:func:`reference_flash_attention` (float32 accumulation, float64 for float64 inputs, query blocks of
+``Q_BLOCK`` rows); CUDA = the Triton launcher :func:`flash_attention_fwd` for fp16/bf16/fp32 and
+d <= 256 (anything else runs the reference). ``mka::flash_attention_backward`` is the adjoint: CPU =
+:func:`reference_flash_attention_backward` (analytic, recomputes P), CUDA = :func:`flash_attention_bwd`
+(FlashAttention-2: a preprocess kernel for Delta, one kernel for dK/dV per key block, one for dQ per
+query block). The ``@triton.jit`` kernels are in :mod:`.triton_kernels`, defined when this module is
+imported (like the other families' kernels, so that all of them see the same ``TRITON_INTERPRET``);
+without triton (a Linux-only dependency) every device runs the reference. CPU tensors run the kernels
+in the Triton interpreter (:func:`launchable`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+
+from .. import _validate as check
+from .._grads import zeros_for_none
+
+try:  # triton is optional (Linux-only); without it the ops run the reference on every device
+    from .. import _triton
+    from . import triton_kernels
+except ModuleNotFoundError as _err:  # pragma: no cover - exercised only where triton is missing
+    if _err.name != "triton":
+        raise
+    _triton = triton_kernels = None
+
+Q_BLOCK = 256  # query rows per step of the reference (memory O(Q_BLOCK x Tk) per head)
+MAX_HEAD_DIM = 256
+MAX_GRID_Y = 65535  # B * H (B * Hkv) programs run along grid axis 1
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+HIDDEN_BIAS = -1.0e4  # additive-mask values at or below it hide the key exactly as -inf does
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------------- reference
+
+
+def _block_scores(
+    qg: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, rows: slice, tq: int, scale: float, causal: bool
+) -> torch.Tensor:
+    """Scores of the query rows ``rows``: ``qg [B, Hkv, rep, tb, d]``, ``k [B, Hkv, Tk, d]`` (accumulation
+    dtype) -> ``[B, Hkv, rep, tb, Tk]`` with -inf where masked."""
+    B, Hkv, rep, tb, _ = qg.shape
+    tk = k.shape[2]
+    s = torch.matmul(qg, k.transpose(-1, -2)[:, :, None]) * scale  # (B, Hkv, rep, tb, Tk)
+    if mask is not None:
+        m = mask[:, :, rows]  # (B|1, H|1, tb, Tk)
+        if m.shape[1] == Hkv * rep:
+            m = m.reshape(m.shape[0], Hkv, rep, tb, tk)  # (B|1, Hkv, rep, tb, Tk)
+        else:
+            m = m[:, :, None]  # (B|1, 1, 1, tb, Tk)
+        if m.dtype == torch.bool:
+            s = s.masked_fill(~m, -torch.inf)
+        else:
+            m = m.to(s.dtype)
+            s = s + m.masked_fill(m <= HIDDEN_BIAS, -torch.inf)
+    if causal:
+        i = torch.arange(rows.start, rows.stop, device=s.device)[:, None] + (tk - tq)
+        j = torch.arange(tk, device=s.device)[None, :]
+        s = s.masked_fill(j > i, -torch.inf)
+    return s
+
+
+def _softmax_parts(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``exp(s - m)``, its row sum ``l`` and the row max ``m`` (0 for a row with no visible key, so the
+    exponentials stay finite and such a row gets ``l = 0``). ``m`` is detached: the results do not
+    depend on it."""
+    m = s.detach().amax(-1, keepdim=True)
+    m = m.masked_fill(m == -torch.inf, 0.0)
+    p = torch.exp(s - m)
+    return p, p.sum(-1, keepdim=True), m
+
+
+def reference_flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch definition of ``mka::flash_attention`` (see the module docstring): ``(out, lse)``.
+
+    Differentiable by autograd (the tests compare the kernels' gradients with it)."""
+    B, H, Tq, d = q.shape
+    Hkv = k.shape[1]
+    rep = H // Hkv
+    acc = _acc_dtype(q)
+    qg = q.to(acc).reshape(B, Hkv, rep, Tq, d)
+    kk, vv = k.to(acc), v.to(acc)
+    out = q.new_empty(B, Hkv, rep, Tq, d)
+    lse = q.new_empty(B, Hkv, rep, Tq, dtype=_lse_dtype(q))
+    for t0 in range(0, Tq, Q_BLOCK):
+        rows = slice(t0, min(Tq, t0 + Q_BLOCK))
+        s = _block_scores(qg[:, :, :, rows], kk, mask, rows, Tq, scale, causal)  # (B, Hkv, rep, tb, Tk)
+        p, denom, m = _softmax_parts(s)
+        seen = denom > 0
+        l_safe = torch.where(seen, denom, 1.0)
+        out[:, :, :, rows] = (torch.matmul(p, vv[:, :, None]) / l_safe).to(q.dtype)  # (B, Hkv, rep, tb, d)
+        lse[:, :, :, rows] = torch.where(seen, m + torch.log(l_safe), -torch.inf).squeeze(-1).to(lse.dtype)
+    return out.reshape(B, H, Tq, d), lse.reshape(B, H, Tq)
+
+
+def reference_flash_attention_backward(
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adjoint of :func:`reference_flash_attention`: ``(dq, dk, dv)``, recomputing P per query block."""
+    B, H, Tq, d = q.shape
+    Hkv = k.shape[1]
+    rep = H // Hkv
+    acc = _acc_dtype(q)
+    qg = q.to(acc).reshape(B, Hkv, rep, Tq, d)
+    kk, vv = k.to(acc), v.to(acc)
+    go = grad_out.to(acc).reshape(B, Hkv, rep, Tq, d)
+    gl = None if grad_lse is None else grad_lse.to(acc).reshape(B, Hkv, rep, Tq, 1)
+    dq = torch.empty(B, Hkv, rep, Tq, d, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)  # (B, Hkv, Tk, d)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    for t0 in range(0, Tq, Q_BLOCK):
+        rows = slice(t0, min(Tq, t0 + Q_BLOCK))
+        s = _block_scores(qg[:, :, :, rows], kk, mask, rows, Tq, scale, causal)  # (B, Hkv, rep, tb, Tk)
+        p, denom, _ = _softmax_parts(s)
+        p = p / torch.where(denom > 0, denom, 1.0)  # P; rows with no visible key are all zero
+        g = go[:, :, :, rows]  # (B, Hkv, rep, tb, d)
+        delta = (g * torch.matmul(p, vv[:, :, None])).sum(-1, keepdim=True)  # (B, Hkv, rep, tb, 1)
+        if gl is not None:
+            delta = delta - gl[:, :, :, rows]
+        dv += torch.einsum("bgrts,bgrtd->bgsd", p, g)
+        dp = torch.matmul(g, vv.transpose(-1, -2)[:, :, None])  # (B, Hkv, rep, tb, Tk)
+        ds = p * (dp - delta)
+        dq[:, :, :, rows] = torch.matmul(ds, kk[:, :, None]) * scale
+        dk += torch.einsum("bgrts,bgrtd->bgsd", ds, qg[:, :, :, rows]) * scale
+    return dq.reshape(B, H, Tq, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def check_mask(mask: torch.Tensor, B: int, H: int, Tq: int, Tk: int) -> None:
+    layout = "[B or 1, H or 1, Tq, Tk]"
+    check.rank("mask", mask, 4, layout)
+    if mask.dtype != torch.bool and mask.dtype not in check.FLOAT_DTYPES:
+        raise ValueError(f"mask must be bool (True = attend) or an additive float mask, got {mask.dtype}")
+    b, h, tq, tk = mask.shape
+    if b not in (1, B) or h not in (1, H) or (tq, tk) != (Tq, Tk):
+        raise ValueError(
+            f"mask must have shape {layout} = [{B} or 1, {H} or 1, {Tq}, {Tk}], got {tuple(mask.shape)}; "
+            "only the batch and head dims broadcast"
+        )
+
+
+def check_flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool
+) -> None:
+    check.rank("q", q, 4, "[B, H, Tq, d]")
+    check.floating("q", q)
+    check.rank("k", k, 4, "[B, Hkv, Tk, d]")
+    check.rank("v", v, 4, "[B, Hkv, Tk, d]")
+    B, H, Tq, d = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    check.heads_divide(H, Hkv, "q", "k")
+    check.shape("k", k, (B, Hkv, Tk, d), "[B, Hkv, Tk, d]")
+    check.shape("v", v, (B, Hkv, Tk, d), "[B, Hkv, Tk, d] like k")
+    check.same_dtype("q", q, k=k, v=v)
+    if Tk == 0:
+        raise ValueError("k must hold at least one key position (Tk = 0)")
+    if causal and Tq > Tk:
+        raise ValueError(f"q has {Tq} positions but k only {Tk}; causal queries are the last Tq keys (Tq <= Tk)")
+    if mask is not None:
+        check_mask(mask, B, H, Tq, Tk)
+    check.same_device("q", q, k=k, v=v, mask=mask)
+    if not isinstance(scale, float) or not scale > 0:
+        raise ValueError(f"scale must be a positive float, got {scale!r}")
+
+
+def check_triton(q: torch.Tensor) -> None:
+    """What the Triton kernels cover (the ops send anything else to the reference)."""
+    if triton_kernels is None:
+        raise RuntimeError("triton is not installed; the Triton launchers need it (the ops fall back to torch)")
+    if q.dtype not in TRITON_DTYPES:
+        raise ValueError(f"q has dtype {q.dtype}; the Triton kernels take float16, bfloat16 or float32")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(
+            f"q has head dim {q.shape[-1]} > {MAX_HEAD_DIM}; the Triton kernels keep a head row in registers"
+        )
+    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
+        raise ValueError(f"q has B * H = {q.shape[0] * q.shape[1]} > {MAX_GRID_Y} (CUDA grid y limit); split the batch")
+
+
+def _triton_ok(q: torch.Tensor) -> bool:
+    B, H = q.shape[:2]
+    return (
+        triton_kernels is not None and q.dtype in TRITON_DTYPES and q.shape[-1] <= MAX_HEAD_DIM and B * H <= MAX_GRID_Y
+    )
+
+
+# ------------------------------------------------------------------------------------ launch plumbing
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (element size, padded head dim), tried in order until one
+# fits the GPU (OutOfResources = too much shared memory); the first that fits is remembered per key.
+Config = tuple[int, int, int, int]
+FWD_CONFIGS: dict[tuple[int, int], list[Config]] = {
+    (2, 64): [(128, 64, 4, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
+    (2, 128): [(128, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 1)],
+    (2, 256): [(64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
+    (4, 64): [(64, 64, 4, 2), (32, 32, 4, 1)],
+    (4, 128): [(64, 32, 4, 2), (32, 32, 4, 1)],
+    (4, 256): [(32, 32, 4, 1), (16, 16, 4, 1)],
+}
+DKDV_CONFIGS: dict[tuple[int, int], list[Config]] = {  # BLOCK_M query rows x BLOCK_N keys per program
+    (2, 64): [(32, 128, 8, 3), (32, 64, 4, 2), (16, 32, 4, 1)],
+    (2, 128): [(32, 64, 8, 3), (32, 32, 4, 2), (16, 32, 4, 1)],
+    (2, 256): [(16, 32, 8, 2), (16, 16, 4, 1)],
+    (4, 64): [(32, 64, 4, 2), (16, 32, 4, 1)],
+    (4, 128): [(32, 32, 4, 2), (16, 32, 4, 1)],
+    (4, 256): [(16, 32, 8, 1), (16, 16, 4, 1)],
+}
+DQ_CONFIGS: dict[tuple[int, int], list[Config]] = {
+    (2, 64): [(128, 32, 8, 3), (64, 32, 4, 2), (32, 16, 4, 1)],
+    (2, 128): [(64, 32, 4, 3), (32, 32, 4, 2), (16, 16, 4, 1)],
+    (2, 256): [(32, 32, 8, 2), (16, 16, 4, 1)],
+    (4, 64): [(64, 32, 4, 2), (32, 16, 4, 1)],
+    (4, 128): [(32, 32, 4, 2), (16, 16, 4, 1)],
+    (4, 256): [(16, 32, 8, 1), (16, 16, 4, 1)],
+}
+INTERPRETER_CONFIG: Config = (32, 32, 1, 1)  # CPU tensors: fewer, bigger programs run faster interpreted
+_CHOSEN: dict[tuple, Config] = {}
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def block_d(d: int) -> int:
+    """Head dim padded to a power of two >= 16 (``tl.dot`` needs K >= 16)."""
+    return _triton.pow2(d, lo=16)
+
+
+def configs_for(
+    table: dict[tuple[int, int], list[Config]],
+    x: torch.Tensor,
+    bd: int,
+    block_m: int | None,
+    block_n: int | None,
+    num_warps: int | None,
+    num_stages: int | None,
+) -> tuple[list[Config], bool]:
+    """Candidate configs for ``x``'s device and dtype, and whether the choice may be cached (no override)."""
+    if x.device.type == "cpu":
+        base = [INTERPRETER_CONFIG]
+    else:
+        base = table[(2 if x.element_size() == 2 else 4, max(64, bd))]
+    if block_m is None and block_n is None and num_warps is None and num_stages is None:
+        return base, x.device.type != "cpu"
+    bm, bn, w, st = base[0]
+    return [(block_m or bm, block_n or bn, num_warps or w, num_stages or st)], False
+
+
+_AS_JIT: dict[int, object] = {}
+
+
+def launchable(kernel, device: torch.device):
+    """``_triton.for_device`` (CPU tensors: the Triton interpreter, with nested ``@jit`` calls such as
+    ``tl.max`` interpreted too), also for a kernel that was *defined* interpreted (``TRITON_INTERPRET`` set
+    after triton's first import, e.g. by an earlier test module) while triton's own helpers stayed
+    compiled: such a kernel is re-wrapped as a ``JITFunction`` so ``for_device`` patches its nested calls."""
+    import triton
+
+    if device.type == "cpu" and not isinstance(kernel, triton.runtime.JITFunction):
+        if id(kernel) not in _AS_JIT:
+            _AS_JIT[id(kernel)] = triton.runtime.JITFunction(kernel.fn)
+        kernel = _AS_JIT[id(kernel)]
+    return _triton.for_device(kernel, device)
+
+
+def device_scope(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it ``x``'s."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def launch(
+    kernel,
+    x: torch.Tensor,
+    grid: Callable[[int, int], tuple[int, ...]],
+    args: tuple,
+    consts: dict,
+    configs: list[Config],
+    cache_key: tuple | None,
+) -> None:
+    """``kernel[grid(BLOCK_M, BLOCK_N)](*args, **consts, BLOCK_M=.., BLOCK_N=.., num_warps=.., num_stages=..)``
+    with the first config the device accepts; CPU tensors run the Triton interpreter."""
+    from triton.runtime.errors import OutOfResources
+
+    run = launchable(kernel, x.device)
+    tried = [_CHOSEN[cache_key]] if cache_key in _CHOSEN else configs
+    for i, (bm, bn, warps, stages) in enumerate(tried):
+        try:
+            run[grid(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        except OutOfResources:
+            if i == len(tried) - 1:
+                raise
+            continue
+        if cache_key is not None:
+            _CHOSEN[cache_key] = (bm, bn, warps, stages)
+        return
+
+
+def dot_precision(x: torch.Tensor) -> str:
+    """``tl.dot`` input precision: float32 inputs follow torch's TF32 switch; half inputs ignore it."""
+    if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _mask_args(mask: torch.Tensor | None, q: torch.Tensor, B: int, H: int, Tq: int, Tk: int):
+    """``(MASK_KIND, tensor, strides)``: broadcast dims get stride 0; bool masks are read as bytes."""
+    if mask is None:
+        return 0, q, (0, 0, 0, 0)
+    m = mask.expand(B, H, Tq, Tk)  # (B, H, Tq, Tk), a view
+    return (1 if mask.dtype == torch.bool else 2), _triton.as_bytes(m), m.stride()
+
+
+def _scale(q: torch.Tensor, scale: float | None) -> float:
+    return float(q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+# ----------------------------------------------------------------------------------------- launchers
+
+
+def flash_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward: ``(out [B, H, Tq, d] dtype of q, lse [B, H, Tq] float32)``, both contiguous.
+
+    q, k, v and mask may have any strides (they reach the kernel as explicit strides; no copies).
+    ``scale`` defaults to ``d ** -0.5``. Block sizes default per dtype and head dim (``FWD_CONFIGS``);
+    passing any of them pins one config. CPU tensors run the Triton interpreter."""
+    scale = _scale(q, scale)
+    check_flash_attention(q, k, v, mask, scale, causal)
+    check_triton(q)
+    B, H, Tq, d = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    out = q.new_empty(B, H, Tq, d)  # (B, H, Tq, d)
+    lse = q.new_empty(B, H, Tq, dtype=torch.float32)  # (B, H, Tq)
+    if B * H * Tq == 0:
+        return out, lse
+    kind, mask_t, mask_strides = _mask_args(mask, q, B, H, Tq, Tk)
+    bd = block_d(d)
+    configs, cacheable = configs_for(FWD_CONFIGS, q, bd, block_m, block_n, num_warps, num_stages)
+    precision = dot_precision(q)
+    args = (q, k, v, mask_t, out, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride())
+    args += (H, H // Hkv, Tq, Tk, scale * LOG2E)
+    consts = dict(HEAD_DIM=d, BLOCK_D=bd, CAUSAL=bool(causal), MASK_KIND=kind, DOT_PRECISION=precision)
+    key = ("fwd", q.device, q.dtype, d, bool(causal), kind, precision) if cacheable else None
+    with device_scope(q):
+        launch(
+            triton_kernels._flash_attention_fwd_kernel,
+            q,
+            lambda bm, bn: (cdiv(Tq, bm), B * H),
+            args,
+            consts,
+            configs,
+            key,
+        )
+    return out, lse
+
+
+def flash_attention_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    *,
+    grad_lse: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward: ``(dq [B, H, Tq, d], dk [B, Hkv, Tk, d], dv [B, Hkv, Tk, d])`` in the input dtype.
+
+    ``out`` and ``lse`` are the forward's outputs; ``grad_lse`` (optional, ``[B, H, Tq]``) is the gradient
+    of lse. Three launches: Delta = rowsum(dO * O) - dlse, then dK/dV (grid: key blocks x B*Hkv; each
+    program loops over the query heads of its GQA group), then dQ (grid: query blocks x B*H). Block-size
+    overrides apply to both the dK/dV and the dQ kernel."""
+    scale = _scale(q, scale)
+    check_flash_attention(q, k, v, mask, scale, causal)
+    check_triton(q)
+    B, H, Tq, d = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    check.shape("grad_out", grad_out, q.shape, "[B, H, Tq, d] like q")
+    check.shape("out", out, q.shape, "[B, H, Tq, d] like q")
+    check.shape("lse", lse, (B, H, Tq), "[B, H, Tq]")
+    if grad_lse is not None:
+        check.shape("grad_lse", grad_lse, (B, H, Tq), "[B, H, Tq] like lse")
+    dq = q.new_empty(B, H, Tq, d)  # (B, H, Tq, d)
+    dk = k.new_empty(B, Hkv, Tk, d)  # (B, Hkv, Tk, d)
+    dv = v.new_empty(B, Hkv, Tk, d)
+    if B * H * Tq == 0:
+        return dq, dk.zero_(), dv.zero_()
+    grad_out = grad_out.to(q.dtype)
+    lse = lse.to(torch.float32).contiguous()  # the kernels index lse and delta as contiguous [B, H, Tq]
+    delta = torch.empty_like(lse)
+    g_lse = delta if grad_lse is None else grad_lse.to(torch.float32).contiguous()
+    kind, mask_t, mask_strides = _mask_args(mask, q, B, H, Tq, Tk)
+    bd = block_d(d)
+    precision = dot_precision(q)
+    flags = dict(HEAD_DIM=d, BLOCK_D=bd, CAUSAL=bool(causal), MASK_KIND=kind, DOT_PRECISION=precision)
+    key = (q.device, q.dtype, d, bool(causal), kind, precision)
+    tk = triton_kernels
+    with device_scope(q):
+        pre_m = max(16, min(128, 4096 // bd))
+        launchable(tk._flash_attention_bwd_preprocess, q.device)[(cdiv(Tq, pre_m), B * H)](
+            out,
+            grad_out,
+            g_lse,
+            delta,
+            *out.stride(),
+            *grad_out.stride(),
+            H,
+            Tq,
+            HEAD_DIM=d,
+            BLOCK_D=bd,
+            BLOCK_M=pre_m,
+            HAS_DLSE=grad_lse is not None,
+            num_warps=4,
+        )
+        common = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride())
+        configs, cacheable = configs_for(DKDV_CONFIGS, q, bd, block_m, block_n, num_warps, num_stages)
+        launch(
+            tk._flash_attention_bwd_dkdv_kernel,
+            q,
+            lambda bm, bn: (cdiv(Tk, bn), B * Hkv),
+            (q, k, v, mask_t, grad_out, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride())
+            + (Hkv, H // Hkv, Tq, Tk, scale * LOG2E, scale),
+            flags,
+            configs,
+            ("dkdv", *key) if cacheable else None,
+        )
+        configs, cacheable = configs_for(DQ_CONFIGS, q, bd, block_m, block_n, num_warps, num_stages)
+        launch(
+            tk._flash_attention_bwd_dq_kernel,
+            q,
+            lambda bm, bn: (cdiv(Tq, bm), B * H),
+            (q, k, v, mask_t, grad_out, lse, delta, dq, *common, *dq.stride())
+            + (H, H // Hkv, Tq, Tk, scale * LOG2E, scale),
+            flags,
+            configs,
+            ("dq", *key) if cacheable else None,
+        )
+    return dq, dk, dv
+
+
+# -------------------------------------------------------------------------------------------------- ops
+
+
+@torch.library.custom_op("mka::flash_attention", mutates_args=())
+def _flash_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_flash_attention(q, k, v, mask, scale, causal)
+    return reference_flash_attention(q, k, v, mask, scale, causal)
+
+
+@_flash_attention_op.register_kernel("cuda")
+def _(q, k, v, mask, scale, causal):
+    check_flash_attention(q, k, v, mask, scale, causal)
+    if not _triton_ok(q):
+        return reference_flash_attention(q, k, v, mask, scale, causal)
+    return flash_attention_fwd(q, k, v, mask, scale, causal)
+
+
+@_flash_attention_op.register_fake
+def _(q, k, v, mask, scale, causal):
+    check_flash_attention(q, k, v, mask, scale, causal)
+    B, H, Tq, d = q.shape
+    return q.new_empty(B, H, Tq, d), q.new_empty(B, H, Tq, dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("mka::flash_attention_backward", mutates_args=())
+def _flash_attention_backward_op(
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return reference_flash_attention_backward(grad_out, grad_lse, q, k, v, mask, scale, causal)
+
+
+@_flash_attention_backward_op.register_kernel("cuda")
+def _(grad_out, grad_lse, q, k, v, mask, out, lse, scale, causal):
+    if not _triton_ok(q):
+        return reference_flash_attention_backward(grad_out, grad_lse, q, k, v, mask, scale, causal)
+    return flash_attention_bwd(grad_out, q, k, v, out, lse, mask, scale, causal, grad_lse=grad_lse)
+
+
+@_flash_attention_backward_op.register_fake
+def _(grad_out, grad_lse, q, k, v, mask, out, lse, scale, causal):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, mask, scale, causal = inputs
+    out, lse = output
+    ctx.scale, ctx.causal = scale, causal
+    ctx.save_for_backward(q, k, v, mask, out, lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, mask, out, lse = ctx.saved_tensors
+    (g,) = zeros_for_none([grad_out], [out])
+    gl = None if grad_lse is None else grad_lse.contiguous()
+    dq, dk, dv = torch.ops.mka.flash_attention_backward(g, gl, q, k, v, mask, out, lse, ctx.scale, ctx.causal)
+    return dq, dk, dv, None, None, None
+
+
+_flash_attention_op.register_autograd(_backward, setup_context=_setup)
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``mka::flash_attention`` with ``scale = d ** -0.5`` by default; returns ``out`` (and lse if asked)."""
+    check.rank("q", q, 4, "[B, H, Tq, d]")
+    out, lse = torch.ops.mka.flash_attention(q, k, v, mask, _scale(q, scale), bool(causal))
+    return (out, lse) if return_lse else out

@@ -1,0 +1,141 @@
+"""Compile the memory-path Triton kernels for a GPU target on a machine without a GPU.
+
+The interpreter tests check the kernels' arithmetic; this checks that they also *compile* (types of
+loop-carried values, constexpr specialisation of arguments equal to 1, layouts, register use) for a CUDA
+target, through Triton's own pipeline down to a cubin (Triton ships ptxas). The launchers run on CPU
+tensors with their launch intercepted: each launch is compiled with the argument types and values it
+would have had on a GPU, and the table lists registers, spills and shared memory per kernel.
+
+    python tools/triton_compile_check.py [--arch 90]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from mka_compile.kernels import fastmka_mix_triton as fm
+from mka_compile.kernels import longterm_triton as lt
+from mka_compile.kernels import session_scan_triton as ss
+
+_TY = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float64: "fp64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.uint8: "u8",
+}
+
+
+def _resources(kernel) -> str:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    fields = dict(kv.split(":") for line in out.splitlines() if "REG:" in line for kv in line.split())
+    return f"regs {fields.get('REG', '?'):>3}  stack {fields.get('STACK', '?'):>4}  shared {fields.get('SHARED', '?')}"
+
+
+class _Compile:
+    """Stands in for ``for_device(kernel, device)``: ``[grid](*args, **meta)`` compiles instead of launching."""
+
+    rows: list[tuple[str, str, str]] = []
+    case = ""
+    target = GPUTarget("cuda", 90, 32)
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def run(*args, num_warps: int = 4, **meta):
+            values = dict(zip(self.kernel.arg_names, args), **meta)
+            sig, consts = {}, {}
+            for p, name in zip(self.kernel.params, self.kernel.arg_names):
+                v = values[name]
+                if p.is_constexpr or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
+                    sig[name], consts[name] = "constexpr", v  # ints equal to 1 are specialised like this
+                elif isinstance(v, torch.Tensor):
+                    sig[name] = "*" + _TY[v.dtype]
+                elif isinstance(v, bool):
+                    sig[name] = "i1"
+                elif isinstance(v, int):
+                    sig[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
+                else:
+                    sig[name] = "fp32"
+            try:
+                k = triton.compile(
+                    ASTSource(self.kernel, sig, consts), target=self.target, options={"num_warps": num_warps}
+                )
+                self.rows.append((self.kernel.__name__, self.case, _resources(k)))
+            except Exception as e:  # reported in the table
+                self.rows.append((self.kernel.__name__, self.case, "FAILED: " + repr(e)[:2000]))
+
+        return run
+
+
+def _rand(*shape, dtype=torch.float32, bthd=False):
+    if bthd:  # [B, H, T, d] view of [B, T, H, d] storage
+        b, h, t, d = shape
+        return torch.randn(b, t, h, d).transpose(1, 2).to(dtype)
+    return torch.randn(*shape).to(dtype)
+
+
+def run_cases() -> None:
+    B, H, d = 2, 4, 128
+    for dt in (torch.float32, torch.bfloat16):
+        for T in (1, 300):
+            _Compile.case = f"{str(dt)[6:]} T={T}"
+            k, v = _rand(B, H, T, d, dtype=dt, bthd=True), _rand(B, H, T, d, dtype=dt, bthd=True)
+            valid = torch.rand(B, T) > 0.2
+            st = [torch.zeros(B, H, d), torch.zeros(B, H, d)]
+            n = torch.tensor([0, 5])
+            ss.session_scan_fwd(k, v, valid, *st, n, 0.9)
+            g = [_rand(B, H, T, d, dtype=dt), _rand(B, H, T, d, dtype=dt), *st]
+            ss.session_scan_bwd(*g, valid, n, 0.9, dt, torch.float32)
+            for G, has3, rope in ((1, True, True), (H, False, False)):
+                _Compile.case = f"{str(dt)[6:]} T={T} G={G} k3={has3} rope={rope}"
+                lam = torch.softmax(torch.randn(B, G, T, 2 + has3), -1)
+                k3 = (k, v) if has3 else (None, None)
+                cs = (torch.randn(B, T, d), torch.randn(B, T, d)) if rope else (None, None)
+                args = (lam, k, v, *k3, valid, *st, n, 0.9, *cs)
+                fm.fastmka_mix_fwd(*args)
+                fm.fastmka_mix_bwd(*g, *args, rope_grad=rope)
+            _Compile.case = f"{str(dt)[6:]} T={T} C=16"
+            lt.chunk_update_fwd(k, v, valid, n, *st, torch.zeros(B, H, 40, d), torch.zeros(B, H, 40, d), 16)
+    pos = torch.arange(300).expand(B, 300).contiguous()
+    for R, bank in ((8, True), (32, False)):
+        _Compile.case = f"recall R={R} bank={bank}"
+        bank_k = torch.randn(B, H, 30, d).bfloat16() if bank else None
+        bank_valid = torch.rand(B, 30) > 0.5 if bank else None
+        lt.recall_select_fwd(_rand(B, H, 300, d, bthd=True), torch.randn(B, H, 50, d), pos, 16, R, bank_k, bank_valid)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
+    ns = parser.parse_args()
+    _Compile.target = GPUTarget("cuda", ns.arch, 32)
+    for mod in (ss, fm, lt):
+        mod.for_device = lambda kernel, device: _Compile(kernel)
+    run_cases()
+    failed = 0
+    for name, case, res in _Compile.rows:
+        failed += res.startswith("FAILED")
+        print(f"{name:28s} {case:36s} {res}")
+    print(f"{len(_Compile.rows) - failed} compiled, {failed} failed (sm_{ns.arch})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
