@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -80,33 +81,12 @@ def inspect(model: nn.Module, example_inputs: Any = None, *, capture: str = "exp
         f, r = find_sites(captured, RULES)
         facts += f
         rejected += r
+    shared = [f.name for f in fields(Site) if f.name not in ("convertible", "reason", "status")]
     sites = []
     for f in facts:
         ok, reason = _convertible(f.kind, f.causal)
-        sites.append(
-            Site(
-                name=f.name,
-                kind=f.kind,
-                causal=f.causal,
-                num_heads=f.num_heads,
-                num_kv_heads=f.num_kv_heads,
-                head_dim=f.head_dim,
-                has_kv_cache=f.has_kv_cache,
-                convertible=ok,
-                reason=reason,
-                status=_status(model, f.name),
-                rule=f.rule,
-                scale=f.scale,
-                mask=f.mask,
-                q_proj=f.q_proj,
-                k_proj=f.k_proj,
-                v_proj=f.v_proj,
-                rope=f.rope,
-                qk_norm=f.qk_norm,
-                cache=f.cache,
-                proj_bias=f.proj_bias,
-            )
-        )
+        values = {name: getattr(f, name) for name in shared}
+        sites.append(Site(**values, convertible=ok, reason=reason, status=_status(model, f.name)))
     return Report(
         model=type(model).__name__,
         capture=graphs[0].method + (f" ({len(graphs)} graphs)" if len(graphs) > 1 else ""),

@@ -114,8 +114,12 @@ def checks(dev, dtype, s) -> list[dict]:
     want = fm.reference_fastmka_mix(lam, k, v, None, None, valid, sk, sk.clone(), n0, 0.9)
     add("fastmka mix fwd", rel_err(got[0], want[0]))
     C, N = 16, T // 16 + 1
-    st_args = (torch.zeros(B, Hkv, d, device=dev), torch.zeros(B, Hkv, d, device=dev),
-               torch.zeros(B, Hkv, N, d, device=dev), torch.zeros(B, Hkv, N, d, device=dev))
+    st_args = (
+        torch.zeros(B, Hkv, d, device=dev),
+        torch.zeros(B, Hkv, d, device=dev),
+        torch.zeros(B, Hkv, N, d, device=dev),
+        torch.zeros(B, Hkv, N, d, device=dev),
+    )
     got = ltt.chunk_update_fwd(k, v, valid, n0, *st_args, C)
     want = lt.reference_chunk_update(k, v, valid, n0, *st_args, C)
     add("chunk update fwd", rel_err(got[2], want[2]))
@@ -173,8 +177,14 @@ def timings(dev, dtype, s, reps) -> list[dict]:
         return fa.flash_attention_fwd(q, kf, vf, None, None, True)
 
     t_fast = t(fastmka)
-    rows.append({"what": "FastMKA attention (mix+RoPE+flash)", "ms": t_fast, "tflops": fl / t_fast / 1e9,
-                 "vs_sdpa": t_sdpa / t_fast})
+    rows.append(
+        {
+            "what": "FastMKA attention (mix+RoPE+flash)",
+            "ms": t_fast,
+            "tflops": fl / t_fast / 1e9,
+            "vs_sdpa": t_sdpa / t_fast,
+        }
+    )
     t_mix = t(lambda: fmt.fastmka_mix_fwd(lam, k, v, None, None, valid, sk, sk, n0, 0.9, cos, sin))
     gb = (4 * B * H * T * d * q.element_size()) / 1e9
     rows.append({"what": "fastmka mix alone", "ms": t_mix, "gbps": gb / (t_mix / 1e3), "vs_sdpa": t_sdpa / t_mix})
@@ -188,8 +198,9 @@ def timings(dev, dtype, s, reps) -> list[dict]:
     mem = (torch.randn(B, H, N, d, device=dev), torch.randn(B, H, N, d, device=dev))
     margs = (q, [k, v], [v, k], lam3, q, *mem, idx3, found3, valid, d**-0.5, True)
     t_mka = t(lambda: mt.mka_attention_fwd(*margs))
-    rows.append({"what": "MKA attention fwd (3 levels)", "ms": t_mka, "tflops": 2 * fl / t_mka / 1e9,
-                 "vs_sdpa": t_sdpa / t_mka})
+    rows.append(
+        {"what": "MKA attention fwd (3 levels)", "ms": t_mka, "tflops": 2 * fl / t_mka / 1e9, "vs_sdpa": t_sdpa / t_mka}
+    )
     # backward: SDPA flash fwd+bwd vs ours
     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
     go = torch.randn_like(q)
@@ -202,8 +213,14 @@ def timings(dev, dtype, s, reps) -> list[dict]:
     t_sdpa_fb = t(sdpa_fb)
     t_ours_b = t(lambda: fa.flash_attention_bwd(go, q, k, v, o_ours, lse, None, None, True))
     rows.append({"what": "SDPA flash fwd+bwd", "ms": t_sdpa_fb, "tflops": 3.5 * fl / t_sdpa_fb / 1e9, "vs_sdpa": 1.0})
-    rows.append({"what": "our flash fwd+bwd", "ms": t_ours + t_ours_b, "tflops": 3.5 * fl / (t_ours + t_ours_b) / 1e9,
-                 "vs_sdpa": t_sdpa_fb / (t_ours + t_ours_b)})
+    rows.append(
+        {
+            "what": "our flash fwd+bwd",
+            "ms": t_ours + t_ours_b,
+            "tflops": 3.5 * fl / (t_ours + t_ours_b) / 1e9,
+            "vs_sdpa": t_sdpa_fb / (t_ours + t_ours_b),
+        }
+    )
     # decode: one token over a T-long cache
     q1 = r(B, H, 1, d)
     t_sdpa_dec = t(lambda: sdpa_flash(q1, k, v, causal=False))
@@ -218,12 +235,20 @@ def timings(dev, dtype, s, reps) -> list[dict]:
 
     t_fast_dec = t(fast_decode)
     dec_bytes = 2 * B * H * T * d * q.element_size() / 1e9
-    rows.append({"what": "SDPA decode (1 token)", "ms": t_sdpa_dec, "gbps": dec_bytes / (t_sdpa_dec / 1e3),
-                 "vs_sdpa": 1.0})
-    rows.append({"what": "our split-K decode", "ms": t_dec, "gbps": dec_bytes / (t_dec / 1e3),
-                 "vs_sdpa": t_sdpa_dec / t_dec})
-    rows.append({"what": "FastMKA decode (mix+split-K)", "ms": t_fast_dec, "gbps": dec_bytes / (t_fast_dec / 1e3),
-                 "vs_sdpa": t_sdpa_dec / t_fast_dec})
+    rows.append(
+        {"what": "SDPA decode (1 token)", "ms": t_sdpa_dec, "gbps": dec_bytes / (t_sdpa_dec / 1e3), "vs_sdpa": 1.0}
+    )
+    rows.append(
+        {"what": "our split-K decode", "ms": t_dec, "gbps": dec_bytes / (t_dec / 1e3), "vs_sdpa": t_sdpa_dec / t_dec}
+    )
+    rows.append(
+        {
+            "what": "FastMKA decode (mix+split-K)",
+            "ms": t_fast_dec,
+            "gbps": dec_bytes / (t_fast_dec / 1e3),
+            "vs_sdpa": t_sdpa_dec / t_fast_dec,
+        }
+    )
     return rows
 
 
@@ -249,8 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     chk = checks(dev, dtype, sizes)
     rows = timings(dev, dtype, sizes, reps)
-    report = {"device": device_name, "dtype": str(dtype), "sizes": sizes, "torch": torch.__version__,
-              "checks": chk, "timings": rows, "seconds": time.time() - t0}
+    report = {
+        "device": device_name,
+        "dtype": str(dtype),
+        "sizes": sizes,
+        "torch": torch.__version__,
+        "checks": chk,
+        "timings": rows,
+        "seconds": time.time() - t0,
+    }
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "gpu_check.json").write_text(json.dumps(report, indent=2))

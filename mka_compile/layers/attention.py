@@ -180,6 +180,26 @@ class _MKABase(nn.Module):
         onehot[0] = 1.0
         return onehot + self.gate.to(rdt) * (p - onehot)
 
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        cache: MKACache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        memory_bank: MemoryBank | None = None,
+    ) -> torch.Tensor:
+        """``x: [B, T, hidden_size] -> [B, T, hidden_size]``; see the module docstring."""
+        valid = self._check_inputs(x, attention_mask)
+        B, T, _ = x.shape
+        st = self._state(cache, B, x)
+        q, ks, vs, recall, lam, pos = self._memory(x, valid, st, self._bank(memory_bank, B, x))
+        out = self._attend(q, ks, vs, recall, lam, pos, valid, st)  # (B, H, T, d)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend(self, q, ks, vs, recall, lam, pos, valid, st: MKALayerState) -> torch.Tensor:
+        """The mode's attention over the memory levels: ``[B, H, T, d]``."""
+        raise NotImplementedError
+
     def level_weights(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Routing weights this layer would use for ``x`` (no cache): ``[B, G, T, L]``, for statistics."""
         with torch.no_grad():
@@ -196,30 +216,16 @@ class FastMKAAttention(_MKABase):
 
     mode = "fastmka"
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        *,
-        cache: MKACache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        memory_bank: MemoryBank | None = None,
-    ) -> torch.Tensor:
-        """``x: [B, T, hidden_size] -> [B, T, hidden_size]``; see the module docstring."""
-        valid = self._check_inputs(x, attention_mask)
-        B, T, _ = x.shape
-        st = self._state(cache, B, x)
-        q, ks, vs, recall, lam, pos = self._memory(x, valid, st, self._bank(memory_bank, B, x))
+    def _attend(self, q, ks, vs, recall, lam, pos, valid, st: MKALayerState) -> torch.Tensor:
         if recall is not None:
             q_r, mem_k, mem_v, idx, found = recall
             sel = K.recall_mask(idx, found, mem_k.shape[2])  # (B, Hkv, T, S)
             k3, v3 = K.recall_mix(q_r, mem_k, mem_v, sel, self.config.recall_scale or self.scale)
-            ks.append(k3.to(x.dtype))
-            vs.append(v3.to(x.dtype))
+            ks.append(k3.to(q.dtype))
+            vs.append(v3.to(q.dtype))
         kf, vf = K.route_mix(lam, ks, vs)  # (B, Hkv, T, d)
-        q = self._rope(q, pos)
         (kc, vc), kv_valid = st.append([self._rope(kf, pos), vf], valid)
-        out = attend(q, kc, vc, kv_valid, self.scale, self.config.causal)  # (B, H, T, d)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return attend(self._rope(q, pos), kc, vc, kv_valid, self.scale, self.config.causal)  # (B, H, T, d)
 
 
 class MKAAttention(_MKABase):
@@ -230,19 +236,7 @@ class MKAAttention(_MKABase):
 
     mode = "mka"
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        *,
-        cache: MKACache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        memory_bank: MemoryBank | None = None,
-    ) -> torch.Tensor:
-        """``x: [B, T, hidden_size] -> [B, T, hidden_size]``; see the module docstring."""
-        valid = self._check_inputs(x, attention_mask)
-        B, T, _ = x.shape
-        st = self._state(cache, B, x)
-        q, ks, vs, recall, lam, pos = self._memory(x, valid, st, self._bank(memory_bank, B, x))
+    def _attend(self, q, ks, vs, recall, lam, pos, valid, st: MKALayerState) -> torch.Tensor:
         stored = [t for pair in zip([self._rope(k, pos) for k in ks], vs) for t in pair]
         full, kv_valid = st.append(stored, valid)
         kw = {}
@@ -259,7 +253,7 @@ class MKAAttention(_MKABase):
             causal=self.config.causal,
             **kw,
         )  # (B, H, T, d)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return out
 
 
 def attend(q, k, v, kv_valid, scale: float, causal: bool) -> torch.Tensor:

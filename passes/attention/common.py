@@ -57,14 +57,22 @@ def softmax_over_keys(m: Match) -> str | None:
 _EINSUM = re.compile(r"^\s*([a-zA-Z.]+)\s*,\s*([a-zA-Z.]+)\s*->\s*([a-zA-Z.]+)\s*$")
 
 
-def einsum_scores(node: fx.Node, m: Match) -> str | None:
-    """``einsum('...qd,...kd->...qk', q, k)``: contract the head dim, keep the key axis last or not."""
+def _einsum_parts(node: fx.Node) -> tuple[str, str, str, str, set[str]] | str:
+    """``(equation, a, b, out, contracted letters)`` of a two-operand einsum, or the reason it is not one."""
     eq = node.args[0] if isinstance(node.args[0], str) else None
     parts = _EINSUM.match(eq or "")
     if not parts:
         return f"einsum at {node.name} is not a two-operand contraction ({eq!r})"
     a, b, out = parts.groups()
-    contracted = set(a) & set(b) - set(out)
+    return eq, a, b, out, set(a) & set(b) - set(out)
+
+
+def einsum_scores(node: fx.Node, m: Match) -> str | None:
+    """``einsum('...qd,...kd->...qk', q, k)``: contract the head dim, keep the key axis last or not."""
+    parts = _einsum_parts(node)
+    if isinstance(parts, str):
+        return parts
+    eq, a, b, out, contracted = parts
     if len(contracted) != 1 or a[-1] not in contracted:
         return f"einsum {eq!r} at {node.name} does not contract the head dimension of q with k"
     key = [c for c in b if c not in a]
@@ -79,12 +87,10 @@ def einsum_output(node: fx.Node, m: Match) -> str | None:
     """``einsum('...qk,...kd->...qd', p, v)``: contract the key axis (no condition on a matmul)."""
     if ops.kind(node, m.gm) != "einsum":
         return None
-    eq = node.args[0] if isinstance(node.args[0], str) else None
-    parts = _EINSUM.match(eq or "")
-    if not parts:
-        return f"einsum at {node.name} is not a two-operand contraction ({eq!r})"
-    a, b, out = parts.groups()
-    contracted = set(a) & set(b) - set(out)
+    parts = _einsum_parts(node)
+    if isinstance(parts, str):
+        return parts
+    eq, _, _, _, contracted = parts
     if len(contracted) != 1:
         return f"einsum {eq!r} at {node.name} does not contract the key axis of the probabilities with v"
     return None

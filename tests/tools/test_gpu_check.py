@@ -14,8 +14,9 @@ SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "gpu_check.py"
 
 
 def test_smoke_on_cpu(tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)], capture_output=True,
-                         text=True, timeout=900)
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert all(c["ok"] for c in report["checks"]) and len(report["checks"]) >= 9
@@ -25,6 +26,10 @@ def test_smoke_on_cpu(tmp_path: Path) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_full_run_on_gpu(tmp_path: Path) -> None:  # pragma: no cover - GPU only
-    res = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--reps", "5"], capture_output=True,
-                         text=True, timeout=900)
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--reps", "5"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
