@@ -355,3 +355,28 @@ class MetaLlamaAttention(nn.Module):
         scores = F.softmax(scores.float(), dim=-1).type_as(xq)
         out = torch.matmul(scores, values).transpose(1, 2).contiguous().view(bsz, seqlen, -1)
         return self.wo(out)
+
+
+class TimmBlockAttention(nn.Module):
+    """timm's ViT attention: fused qkv, reshape + permute, ``unbind(0)``, optional q/k LayerNorm, fused SDPA."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4, qk_norm: bool = True, fused: bool = True) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.fused = num_heads, dim // num_heads, fused
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            x = attn.softmax(dim=-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))

@@ -207,7 +207,7 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
         if k == "getitem":
             src = n.args[0]
             if isinstance(src, fx.Node) and ops.kind(src, gm) == "split":
-                p.select = p.select or f"{_target(src)}[{n.args[1]}]"
+                p.select = p.select or f"{_target_name(src)}[{n.args[1]}]"
                 n = src.args[0]
                 continue
             if isinstance(src, fx.Node) and ops.shape(src) is not None:  # tensor indexing x[..., a:b]
@@ -310,11 +310,6 @@ def _target_name(n: fx.Node) -> str:
 
 def _be(role: str) -> str:
     return "are" if role.endswith("s") else "is"
-
-
-def _target(n: fx.Node) -> str:
-    t = n.target
-    return getattr(t, "__name__", None) or str(t).split(".")[-2 if str(t).count(".") > 1 else -1]
 
 
 def _weight(n: fx.Node, gm) -> fx.Node | None:

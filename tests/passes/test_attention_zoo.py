@@ -170,3 +170,14 @@ def test_falcon_written_out_linear_with_bias() -> None:
     report = mka_compile.inspect(tf.AutoModelForCausalLM.from_config(cfg).eval())
     assert len(report.sites) == 2 and all(s.proj_bias == (True, True, True) for s in report.sites)
     assert report.sites[0].q_proj.startswith("transformer.h.0.self_attention.query_key_value[")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("capture", ["export", "dynamo"])
+def test_timm_vit_attention(fused: bool, capture: str) -> None:
+    model = zoo.TimmBlockAttention(fused=fused).eval()
+    report = mka_compile.inspect(model, (torch.randn(2, 7, 32),), capture=capture)
+    (s,) = report.sites
+    assert (s.kind, s.causal, s.mask, s.num_heads, s.head_dim, s.qk_norm) == ("self", False, "none", 4, 8, "per_head")
+    assert s.q_proj == "qkv[unbind[0]]" and s.v_proj == "qkv[unbind[2]]"
+    assert abs(s.scale - 8**-0.5) < 1e-6
