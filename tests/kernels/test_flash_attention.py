@@ -8,7 +8,6 @@ lengths span several blocks). The interpreter multiplies bfloat16 bit patterns i
 from __future__ import annotations
 
 import importlib
-
 import os
 import sys
 
