@@ -62,6 +62,8 @@ def check_mode(mode: str, args: argparse.Namespace) -> dict[str, object]:
             if "router" in name:
                 p.normal_(0, 0.5)  # random routing: every level contributes
     ids = torch.randint(0, args.vocab, (args.batch, args.tokens))
+    with torch.no_grad():
+        model(ids[:, :8])  # warm-up: first-call costs (op registration, allocator) stay out of the timings
     t0 = time.perf_counter()
     with torch.no_grad():
         full = model(ids)
