@@ -295,6 +295,31 @@ def main(argv: list[str] | None = None) -> int:
         tf_ = f"{row['tflops']:.1f}" if "tflops" in row else "-"
         gb_ = f"{row['gbps']:.0f}" if "gbps" in row else "-"
         print(f"{row['what']:40s} {row['ms']:10.3f} {tf_:>9s} {gb_:>9s} {row['vs_sdpa']:10.2f}")
+    by = {r["what"]: r for r in rows}
+    goals = [
+        ("our flash fwd >= 450 TFLOP/s", by["our flash fwd"]["tflops"], by["our flash fwd"]["tflops"] >= 450),
+        (
+            "FastMKA attention: SDPA/ours >= 0.90",
+            by["FastMKA attention (mix+RoPE+flash)"]["vs_sdpa"],
+            by["FastMKA attention (mix+RoPE+flash)"]["vs_sdpa"] >= 0.90,
+        ),
+        (
+            "MKA: ours/SDPA <= 1.6",
+            1 / by["MKA attention fwd (3 levels)"]["vs_sdpa"],
+            1 / by["MKA attention fwd (3 levels)"]["vs_sdpa"] <= 1.6,
+        ),
+        (
+            "FastMKA decode: ours/SDPA <= 1.05",
+            1 / by["FastMKA decode (mix+split-K)"]["vs_sdpa"],
+            1 / by["FastMKA decode (mix+split-K)"]["vs_sdpa"] <= 1.05,
+        ),
+    ]
+    report["goals"] = [{"goal": g, "value": v, "met": bool(m)} for g, v, m in goals]
+    if args.out:
+        (Path(args.out) / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    print(f"\n{'goal (issue 5; meaningful at full size on a GPU)':52s} {'value':>9s}  met")
+    for g, v, m in goals:
+        print(f"{g:52s} {v:9.2f}  {'yes' if m else 'no'}")
     return 0 if all(c["ok"] for c in chk) and all(math.isfinite(r["ms"]) for r in rows) else 1
 
 
