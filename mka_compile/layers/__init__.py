@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from .attention import FastMKAAttention, MKAAttention, Router, attend
+from .attention import FastMKAAttention, MKAAttention, Router, attend, routing_weights
 from .cache import MKACache, MKALayerState
 from .rope import RotaryEmbedding
 
-__all__ = ["FastMKAAttention", "MKAAttention", "MKACache", "MKALayerState", "RotaryEmbedding", "Router", "attend"]
+__all__ = [
+    "FastMKAAttention",
+    "MKAAttention",
+    "MKACache",
+    "MKALayerState",
+    "RotaryEmbedding",
+    "Router",
+    "attend",
+    "routing_weights",
+]

@@ -37,6 +37,33 @@ class Router(nn.Module):
         return self.fc2(F.silu(self.fc1(q)))
 
 
+def routing_weights(
+    router: nn.Module,
+    gate: torch.Tensor,
+    q_flat: torch.Tensor,
+    has_recall: torch.Tensor | None,
+    num_levels: int,
+    groups: int,
+) -> torch.Tensor:
+    """``lam: [B, G, T, L]`` float32 (float64 for float64 inputs): gated softmax routing.
+
+    ``q_flat: [B, T, H*d]`` (the query projection); ``w = onehot(local) + gate * (softmax(router(q)) - onehot)``.
+    L3 (the last level) is masked out where nothing is recalled (``has_recall: [B, T]``), so those positions
+    route over the other levels."""
+    B, T, _ = q_flat.shape
+    L = num_levels
+    rdt = torch.float64 if q_flat.dtype == torch.float64 else torch.float32
+    logits = router(q_flat).to(rdt).view(B, T, groups, L).transpose(1, 2)  # (B, G, T, L)
+    if has_recall is not None:
+        off = torch.zeros_like(logits, dtype=torch.bool)
+        off[..., L - 1] = ~has_recall[:, None, :]
+        logits = logits.masked_fill(off, -torch.inf)
+    p = torch.softmax(logits, -1)
+    onehot = torch.zeros(L, dtype=p.dtype, device=p.device)
+    onehot[0] = 1.0
+    return onehot + gate.to(rdt) * (p - onehot)
+
+
 class _MKABase(nn.Module):
     mode: str = ""
 
@@ -164,21 +191,7 @@ class _MKABase(nn.Module):
         return q, ks, vs, recall, lam, pos
 
     def _route(self, q_flat: torch.Tensor, has_recall: torch.Tensor | None) -> torch.Tensor:
-        """``lam: [B, G, T, L]`` float32 (float64 for float64 inputs): gated softmax routing.
-
-        L3 is masked out where nothing is recalled, so those positions route over the other levels."""
-        B, T, _ = q_flat.shape
-        L = self.config.num_levels
-        rdt = torch.float64 if q_flat.dtype == torch.float64 else torch.float32
-        logits = self.router(q_flat).to(rdt).view(B, T, self.groups, L).transpose(1, 2)  # (B, G, T, L)
-        if has_recall is not None:
-            off = torch.zeros_like(logits, dtype=torch.bool)
-            off[..., L - 1] = ~has_recall[:, None, :]
-            logits = logits.masked_fill(off, -torch.inf)
-        p = torch.softmax(logits, -1)
-        onehot = torch.zeros(L, dtype=p.dtype, device=p.device)
-        onehot[0] = 1.0
-        return onehot + self.gate.to(rdt) * (p - onehot)
+        return routing_weights(self.router, self.gate, q_flat, has_recall, self.config.num_levels, self.groups)
 
     def forward(
         self,
