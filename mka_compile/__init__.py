@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from mka_compile import kernels, layers
 from mka_compile.config import MKAConfig
+from mka_compile.convert import ConversionError, convert
 from mka_compile.graph.capture import Captured, CaptureError, capture
 from mka_compile.graph.pattern import any_, op, opt
 from mka_compile.graph.rules import PassError, PassManager, Rule
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CaptureError",
     "Captured",
+    "ConversionError",
     "FastMKAAttention",
     "MKAAttention",
     "MKACache",
@@ -33,6 +35,7 @@ __all__ = [
     "__version__",
     "any_",
     "capture",
+    "convert",
     "inspect",
     "kernels",
     "layers",

@@ -176,7 +176,7 @@ class _MKABase(nn.Module):
         has_recall = None
         if cfg.uses_longterm:
             bk, bv, bvalid = bank
-            st.ensure_summary_slots(int(((st.n_seen + valid.sum(-1)) // cfg.chunk_size).max()))
+            st.reserve(T, cfg.chunk_size)
             st.part_k, st.part_v, st.summ_k, st.summ_v = torch.ops.mka.chunk_update(
                 k1, v1, valid, st.n_seen, st.part_k, st.part_v, st.summ_k, st.summ_v, cfg.chunk_size
             )

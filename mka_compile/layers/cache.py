@@ -26,6 +26,7 @@ class MKALayerState:
     summ_v: torch.Tensor
     kv: list[torch.Tensor] = field(default_factory=list)
     kv_valid: torch.Tensor | None = None
+    tokens_bound: int = 0  # tokens passed so far, padding included: a static bound on n_seen (no .item())
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, head_dim: int, device, state_dtype: torch.dtype) -> MKALayerState:
@@ -39,6 +40,11 @@ class MKALayerState:
             summ_k=z(batch, kv_heads, 0, head_dim),
             summ_v=z(batch, kv_heads, 0, head_dim),
         )
+
+    def reserve(self, new_tokens: int, chunk_size: int) -> None:
+        """Make room for the chunks ``new_tokens`` more tokens can complete (a bound that needs no sync)."""
+        self.tokens_bound += new_tokens
+        self.ensure_summary_slots(self.tokens_bound // chunk_size)
 
     def ensure_summary_slots(self, needed: int) -> None:
         """Grow the summary buffers (by doubling) to hold ``needed`` completed chunks."""

@@ -204,6 +204,11 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
         if k == "copy" and len(ops.tensor_inputs(n)) >= 2:  # slice_scatter(buffer, src, ...)
             p.cache, p.select, n = p.cache or "slice_assign", None, ops.tensor_inputs(n)[1]
             continue
+        if k == "getitem" and isinstance(n.args[0], fx.Node) and ops.kind(n.args[0], gm) == "mka_mix":
+            mix = n.args[0]  # a converted site: (kf, vf) = route_mix(lam, ks, vs); continue from the local level
+            levels = mix.args[1] if n.args[1] == 0 else mix.args[2]
+            n = levels[0] if mix.target.__name__.startswith("route_mix") else mix.args[1 + n.args[1]]
+            continue
         if k == "getitem":
             src = n.args[0]
             if isinstance(src, fx.Node) and ops.kind(src, gm) == "split":

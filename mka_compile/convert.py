@@ -1,0 +1,274 @@
+"""One-line conversion: ``mka_compile.convert(model)`` turns causal self-attention sites into FastMKA.
+
+FastMKA only changes what attention reads: ``kf = sum_l lam_l k_l`` (and ``vf``) in the space of the
+site's k/v projections, before its norm, RoPE, cache and attention, which stay the model's own. So a
+site is converted without touching model classes: its new parameters (router, gate) live in a
+submodule ``<site>.mka`` (they appear in ``state_dict()``, move with ``.to()``, train with any
+optimizer), and module hooks (PyTorch's extension point) route the k/v projection outputs:
+
+- a pre-hook on the site module reads which tokens are real (from the attention mask) and which cache
+  object this call uses (the MKA state: session EMA and long-term chunk state, rides with that cache, so
+  ``generate()`` decoding equals a full forward);
+- hooks on the q/k/v projections record q and replace k/v by the routed mix.
+
+The gate starts at 0: the converted model equals the original exactly, and training moves the gate
+(and then the router) from the first steps. Conversion is atomic: every site is checked before any is
+changed, and a failure leaves the model as it was, naming the sites and reasons.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mka_compile import kernels as K
+from mka_compile.config import MKAConfig
+from mka_compile.inspect import inspect
+from mka_compile.layers.attention import Router, routing_weights
+from mka_compile.layers.cache import MKALayerState
+from mka_compile.report import Site
+
+
+class ConversionError(ValueError):
+    """Some sites cannot be converted; ``problems`` lists ``(site, reason)``. The model is unchanged."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {name or '<root>'}: {why}" for name, why in problems)
+        super().__init__(f"cannot convert {len(problems)} site(s); the model was not changed:\n{lines}")
+
+
+@dataclass
+class _Call:
+    """What one forward call of a converted site needs between its hooks."""
+
+    valid: torch.Tensor  # (B, T) bool
+    state: MKALayerState
+    q: torch.Tensor | None = None  # (B, T, H*d) query projection output
+    lam: torch.Tensor | None = None  # (B, G, T, L)
+    probs: torch.Tensor | None = None  # (B, Hkv, T, S) recall weights over memory slots
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SiteMemory(nn.Module):
+    """The new parameters and hooks of one converted site (registered as ``<site>.mka``)."""
+
+    def __init__(self, site: Site, q_features: int, config: MKAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads, self.num_kv_heads, self.head_dim = site.num_heads, site.num_kv_heads, site.head_dim
+        self.groups = self.num_kv_heads if config.router_per_head else 1
+        hidden = config.router_hidden or max(1, q_features // 2)
+        self.router = Router(q_features, hidden, self.groups * config.num_levels)
+        self.gate = nn.Parameter(torch.full((1,), float(config.gate_init)))
+        self.recall_scale = config.recall_scale or site.head_dim**-0.5
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._call: _Call | None = None
+        self._handles: list[Any] = []
+
+    # -- per-call context -----------------------------------------------------------------------------
+    def state_for(self, cache: Any, batch: int, ref: torch.Tensor) -> MKALayerState:
+        sdt = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        fresh = lambda: MKALayerState.empty(batch, self.num_kv_heads, self.head_dim, ref.device, sdt)  # noqa: E731
+        if cache is None:
+            return fresh()
+        st = self._states.get(cache)
+        if st is None or st.n_seen.shape[0] != batch:
+            st = self._states[cache] = fresh()
+        return st
+
+    def begin(self, hidden: torch.Tensor, mask: Any, cache: Any, cache_position: Any) -> None:
+        B, T = hidden.shape[0], hidden.shape[1]
+        self._call = _Call(
+            valid=_valid_tokens(mask, B, T, cache_position, hidden.device), state=self.state_for(cache, B, hidden)
+        )
+
+    def end(self) -> None:
+        call, self._call = self._call, None
+        if call is not None:
+            call.state.n_seen = call.state.n_seen + call.valid.sum(-1)
+
+    # -- the routed mix ---------------------------------------------------------------------------------
+    def mix(self, which: str, out: torch.Tensor, q_proj: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Replace a k/v projection output ``[B, T, Hkv*d]`` by its FastMKA mix (same shape and dtype)."""
+        call = self._call
+        if call is None:  # the projection ran outside the site's forward: leave it alone
+            return out
+        if call.q is None:
+            call.q = q_proj(hidden)
+        cfg, st = self.config, call.state
+        B, T = out.shape[0], out.shape[1]
+        Hkv, d, H = self.num_kv_heads, self.head_dim, self.num_heads
+        x1 = out.view(B, T, Hkv, d).transpose(1, 2)  # (B, Hkv, T, d)
+        levels = [x1]
+        if cfg.uses_session:
+            ema = st.ema_k if which == "k" else st.ema_v
+            sx, _, ema, _ = K.session_scan(x1, x1, cfg.ema_beta, call.valid, ema, ema, st.n_seen)
+            if which == "k":
+                st.ema_k = ema
+            else:
+                st.ema_v = ema
+            levels.append(sx)
+        has_recall = None
+        if cfg.uses_longterm:
+            if which == "k":
+                st.reserve(T, cfg.chunk_size)
+            part = st.part_k if which == "k" else st.part_v
+            summ = st.summ_k if which == "k" else st.summ_v
+            part, _, summ, _ = torch.ops.mka.chunk_update(
+                x1, x1, call.valid, st.n_seen, part, part, summ, summ, cfg.chunk_size
+            )
+            if which == "k":
+                st.part_k, st.summ_k = part, summ
+                q = call.q.view(B, T, H, d).transpose(1, 2)  # (B, H, T, d)
+                q_r = q.reshape(B, Hkv, H // Hkv, T, d).mean(2)  # (B, Hkv, T, d)
+                pos = K.real_positions(call.valid, st.n_seen)
+                idx, found = torch.ops.mka.recall_select(q_r, summ, pos, cfg.chunk_size, cfg.top_r, None, None)
+                sel = K.recall_mask(idx, found, summ.shape[2])  # (B, Hkv, T, S)
+                call.probs = K.recall_probs(q_r[:, :, None], summ, sel, self.recall_scale)[:, :, 0]
+                call.extra["has_recall"] = found[:, 0].any(-1)
+            else:
+                st.part_v, st.summ_v = part, summ
+            if call.probs is None:
+                raise RuntimeError("the value projection ran before the key projection; FastMKA needs keys first")
+            levels.append((call.probs @ summ).to(out.dtype))  # (B, Hkv, T, d)
+            has_recall = call.extra.get("has_recall")
+        if call.lam is None:
+            call.lam = routing_weights(self.router, self.gate, call.q, has_recall, cfg.num_levels, self.groups)
+        mixed, _ = K.route_mix(call.lam, levels, levels)  # (B, Hkv, T, d)
+        return mixed.transpose(1, 2).reshape(out.shape)
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _is_cache(x: Any) -> bool:
+    return hasattr(x, "get_seq_length") and hasattr(x, "update") and not isinstance(x, (torch.Tensor, nn.Module))
+
+
+def _valid_tokens(mask: Any, B: int, T: int, cache_position: Any, device) -> torch.Tensor:
+    """``[B, T]``: which of this call's tokens are real, read from the site's attention mask.
+
+    A 4-D mask ``[B, 1, Tq, Tk]`` (bool keep, or additive) marks a padded query by masking its own key
+    (the diagonal, at ``cache_position`` or bottom-right); a 2-D mask ``[B, Tk]`` is read directly."""
+    if not isinstance(mask, torch.Tensor):
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+    keep = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    if keep.dim() == 2:
+        return keep[:, -T:].expand(B, T).to(device)
+    if keep.dim() != 4:
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+    tq, tk = keep.shape[-2], keep.shape[-1]
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel() == T:
+        cols = cache_position.to(keep.device).long()
+    else:
+        cols = torch.arange(T, device=keep.device) + (tk - tq)
+    rows = torch.arange(T, device=keep.device) + (tq - T)
+    diag = keep[:, 0, rows, cols.clamp(max=tk - 1)]  # (B or 1, T)
+    return diag.expand(B, T).to(device)
+
+
+def _install(model: nn.Module, site: Site, mods: tuple[nn.Module, nn.Module, nn.Module], config: MKAConfig) -> None:
+    owner = model.get_submodule(site.name) if site.name else model
+    q_mod, k_mod, v_mod = mods
+    ref = next(q_mod.parameters(), None)
+    q_features = site.num_heads * site.head_dim
+    mem = SiteMemory(site, q_features, config)
+    if ref is not None:
+        mem.to(device=ref.device, dtype=ref.dtype)
+    owner.add_module("mka", mem)
+
+    def pre(module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        cache = next((v for v in list(args[1:]) + list(kwargs.values()) if _is_cache(v)), None)
+        mem.begin(hidden, kwargs.get("attention_mask"), cache, kwargs.get("cache_position"))
+
+    def post(module, args, kwargs, output):
+        mem.end()
+
+    def on_q(module, inputs, out):
+        if mem._call is not None:
+            mem._call.q = out
+
+    mem._handles = [
+        owner.register_forward_pre_hook(pre, with_kwargs=True),
+        owner.register_forward_hook(post, with_kwargs=True, always_call=True),
+        q_mod.register_forward_hook(on_q),
+        k_mod.register_forward_hook(lambda m, i, o: mem.mix("k", o, q_mod, i[0])),
+        v_mod.register_forward_hook(lambda m, i, o: mem.mix("v", o, q_mod, i[0])),
+    ]
+    owner.mka_mode = "fastmka"
+
+
+def _projections(model: nn.Module, site: Site) -> tuple[tuple[nn.Module, ...] | None, str | None]:
+    names = (site.q_proj, site.k_proj, site.v_proj)
+    if any("[" in n for n in names):
+        return None, f"fused QKV projection ({site.k_proj}): convert supports separate q/k/v projections for now"
+    if len(set(names)) != 3:
+        return None, "q, k and v share a projection module"
+    try:
+        mods = tuple(model.get_submodule(n) for n in names)
+    except AttributeError as exc:
+        return None, f"projection module not found: {exc}"
+    return mods, None
+
+
+def convert(
+    model: nn.Module,
+    mode: str = "fastmka",
+    config: MKAConfig | None = None,
+    example_inputs: Any = None,
+) -> nn.Module:
+    """Convert every convertible self-attention site of ``model`` to FastMKA, in place; returns ``model``.
+
+    ``config`` defaults to ``MKAConfig(gate_init=0.0)``: the converted model equals the original until it
+    is trained. ``example_inputs`` as for :func:`mka_compile.inspect` (optional for Hugging Face models).
+    Raises :class:`ConversionError` (model unchanged) when a convertible site cannot be converted.
+    """
+    if mode == "mka":
+        raise ValueError(
+            "mode='mka' conversion is not available in this release; use mode='fastmka', or build models "
+            "from mka_compile.layers.MKAAttention"
+        )
+    if mode != "fastmka":
+        raise ValueError(f"mode must be 'fastmka' or 'mka', got {mode!r}")
+    config = MKAConfig(gate_init=0.0) if config is None else config
+    if not isinstance(config, MKAConfig):
+        raise ValueError(f"config must be an MKAConfig, got {type(config).__name__}")
+    report = inspect(model, example_inputs)
+    plans, problems = [], []
+    for site in report.sites:
+        if site.status != "original":
+            problems.append((site.name, f"already converted ({site.status})"))
+            continue
+        if not site.convertible:
+            continue
+        mods, why = _projections(model, site)
+        if why:
+            problems.append((site.name, why))
+        else:
+            plans.append((site, mods))
+    if problems:
+        raise ConversionError(problems)
+    if not plans:
+        reasons = [(s.name, s.reason or "not convertible") for s in report.sites] or [("", "no attention site found")]
+        raise ConversionError(reasons)
+    done = []
+    try:
+        for site, mods in plans:
+            _install(model, site, mods, config)
+            done.append(site)
+    except Exception:
+        for site in done:  # roll back: the model is left as it was
+            owner = model.get_submodule(site.name) if site.name else model
+            owner.mka.remove_hooks()
+            del owner.mka
+            del owner.mka_mode
+        raise
+    return model
