@@ -18,18 +18,22 @@ changed, and a failure leaves the model as it was, naming the sites and reasons.
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
-from mka_compile.inspect import inspect
+from mka_compile.graph import ops
+from mka_compile.inspect import inspect_with_facts
 from mka_compile.layers.attention import Router, routing_weights
 from mka_compile.layers.cache import MKALayerState
+from mka_compile.passes.attention import SiteFacts
+from mka_compile.passes.attention.common import provenance
 from mka_compile.report import Site
 
 
@@ -94,16 +98,37 @@ class SiteMemory(nn.Module):
 
     # -- the routed mix ---------------------------------------------------------------------------------
     def mix(self, which: str, out: torch.Tensor, q_proj: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """Replace a k/v projection output ``[B, T, Hkv*d]`` by its FastMKA mix (same shape and dtype)."""
+        """Replace a separate k/v projection's output ``[B, T, Hkv*d]`` by its FastMKA mix (same shape)."""
         call = self._call
         if call is None:  # the projection ran outside the site's forward: leave it alone
             return out
         if call.q is None:
             call.q = q_proj(hidden)
-        cfg, st = self.config, call.state
         B, T = out.shape[0], out.shape[1]
-        Hkv, d, H = self.num_kv_heads, self.head_dim, self.num_heads
-        x1 = out.view(B, T, Hkv, d).transpose(1, 2)  # (B, Hkv, T, d)
+        x1 = out.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        return self.mix_levels(which, x1).transpose(1, 2).reshape(out.shape)
+
+    def mix_fused(self, out: torch.Tensor, maps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A fused QKV projection's output ``[B, T, F]`` with its k and v features replaced by their mixes.
+
+        ``maps[x]: [heads, d]`` are the output features that form q, k and v (read off the graph)."""
+        call = self._call
+        if call is None:
+            return out
+        B, T = out.shape[0], out.shape[1]
+        call.q = out[..., maps["q"]].reshape(B, T, -1)  # (B, T, H*d)
+        new = out.clone()
+        for which in ("k", "v"):
+            x1 = out[..., maps[which]].transpose(1, 2)  # (B, Hkv, T, d)
+            new[..., maps[which]] = self.mix_levels(which, x1).transpose(1, 2)
+        return new
+
+    def mix_levels(self, which: str, x1: torch.Tensor) -> torch.Tensor:
+        """``x1: [B, Hkv, T, d]`` (this call's keys or values) -> the routed mix of their memory levels."""
+        call = self._call
+        cfg, st = self.config, call.state
+        B, _, T, d = x1.shape
+        Hkv, H = self.num_kv_heads, self.num_heads
         levels = [x1]
         if cfg.uses_session:
             ema = st.ema_k if which == "k" else st.ema_v
@@ -135,12 +160,12 @@ class SiteMemory(nn.Module):
                 st.part_v, st.summ_v = part, summ
             if call.probs is None:
                 raise RuntimeError("the value projection ran before the key projection; FastMKA needs keys first")
-            levels.append((call.probs @ summ).to(out.dtype))  # (B, Hkv, T, d)
+            levels.append((call.probs @ summ).to(x1.dtype))  # (B, Hkv, T, d)
             has_recall = call.extra.get("has_recall")
         if call.lam is None:
             call.lam = routing_weights(self.router, self.gate, call.q, has_recall, cfg.num_levels, self.groups)
         mixed, _ = K.route_mix(call.lam, levels, levels)  # (B, Hkv, T, d)
-        return mixed.transpose(1, 2).reshape(out.shape)
+        return mixed
 
     def remove_hooks(self) -> None:
         for h in self._handles:
@@ -174,12 +199,18 @@ def _valid_tokens(mask: Any, B: int, T: int, cache_position: Any, device) -> tor
     return diag.expand(B, T).to(device)
 
 
-def _install(model: nn.Module, site: Site, mods: tuple[nn.Module, nn.Module, nn.Module], config: MKAConfig) -> None:
+@dataclass
+class _Plan:
+    site: Site
+    mods: tuple[nn.Module, ...]  # (q, k, v) projections, or (fused,)
+    maps: dict[str, torch.Tensor] | None = None  # fused: output features of q, k, v, each [heads, d]
+
+
+def _install(model: nn.Module, plan: _Plan, config: MKAConfig) -> None:
+    site = plan.site
     owner = model.get_submodule(site.name) if site.name else model
-    q_mod, k_mod, v_mod = mods
-    ref = next(q_mod.parameters(), None)
-    q_features = site.num_heads * site.head_dim
-    mem = SiteMemory(site, q_features, config)
+    ref = next(plan.mods[0].parameters(), None)
+    mem = SiteMemory(site, site.num_heads * site.head_dim, config)
     if ref is not None:
         mem.to(device=ref.device, dtype=ref.dtype)
     owner.add_module("mka", mem)
@@ -189,34 +220,90 @@ def _install(model: nn.Module, site: Site, mods: tuple[nn.Module, nn.Module, nn.
         cache = next((v for v in list(args[1:]) + list(kwargs.values()) if _is_cache(v)), None)
         mem.begin(hidden, kwargs.get("attention_mask"), cache, kwargs.get("cache_position"))
 
-    def post(module, args, kwargs, output):
-        mem.end()
-
-    def on_q(module, inputs, out):
-        if mem._call is not None:
-            mem._call.q = out
-
     mem._handles = [
         owner.register_forward_pre_hook(pre, with_kwargs=True),
-        owner.register_forward_hook(post, with_kwargs=True, always_call=True),
-        q_mod.register_forward_hook(on_q),
-        k_mod.register_forward_hook(lambda m, i, o: mem.mix("k", o, q_mod, i[0])),
-        v_mod.register_forward_hook(lambda m, i, o: mem.mix("v", o, q_mod, i[0])),
+        owner.register_forward_hook(lambda m, a, k, o: mem.end(), with_kwargs=True, always_call=True),
     ]
+    if plan.maps is not None:
+        maps = plan.maps
+        mem._handles.append(plan.mods[0].register_forward_hook(lambda m, i, o: mem.mix_fused(o, maps)))
+    else:
+        q_mod, k_mod, v_mod = plan.mods
+
+        def on_q(module, inputs, out):
+            if mem._call is not None:
+                mem._call.q = out
+
+        mem._handles += [
+            q_mod.register_forward_hook(on_q),
+            k_mod.register_forward_hook(lambda m, i, o: mem.mix("k", o, q_mod, i[0])),
+            v_mod.register_forward_hook(lambda m, i, o: mem.mix("v", o, q_mod, i[0])),
+        ]
     owner.mka_mode = "fastmka"
 
 
-def _projections(model: nn.Module, site: Site) -> tuple[tuple[nn.Module, ...] | None, str | None]:
+def _feature_map(facts: SiteFacts, role: str, heads: int, d: int) -> torch.Tensor | str:
+    """``[heads, d]``: which output features of the fused projection form ``role`` (q, k or v).
+
+    Runs the pure layout/selection ops between the projection and the operand on a probe whose entries
+    encode ``(token, feature)``, so any split / chunk / view / slice / index spelling is read exactly."""
+    prov = provenance(facts.match, role)
+    proj, top = prov.projection, prov.layout_top
+    shape = ops.shape(proj)
+    if top is None or shape is None or len(shape) not in (2, 3):
+        return f"cannot read the {role} layout of the fused projection {prov.module}"
+    F_ = shape[-1]
+    rows = torch.arange(math.prod(shape[:-1]), dtype=torch.float64).view(*shape[:-1], 1)  # token index
+    probe = rows * F_ + torch.arange(F_, dtype=torch.float64)  # (..., F): encodes (token, feature)
+    needed, todo = set(), [top]
+    while todo:
+        n = todo.pop()
+        if n not in needed and n is not proj:
+            needed.add(n)
+            todo.extend(n.all_input_nodes)
+    interp = fx.Interpreter(facts.match.gm)
+    interp.env[proj] = probe
+    for n in facts.match.gm.graph.nodes:
+        if n in needed:
+            if n.op == "placeholder":
+                return f"the {role} layout of {prov.module} depends on a model input"
+            interp.env[n] = interp.run_node(n)
+    r = interp.env[top]
+    if isinstance(r, torch.Tensor) and r.dim() >= 3 and r.shape[-1] != d and r.shape[-2] == d:
+        r = r.transpose(-1, -2)  # eager scores read k^T
+    if not isinstance(r, torch.Tensor) or r.dim() < 3 or r.shape[-1] != d:
+        return f"unexpected {role} layout of the fused projection {prov.module}"
+    token = torch.div(r, F_, rounding_mode="floor")
+    t_axis = next((a for a in range(r.dim() - 1) if r.shape[a] > 1 and bool((token.diff(dim=a) == 1).all())), None)
+    if t_axis is None:
+        return f"cannot find the token axis of the {role} layout of {prov.module} (capture with more tokens)"
+    T = r.shape[t_axis]
+    r = r.movedim(t_axis, -2).reshape(-1, heads, T, d)  # (batch, heads, T, d)
+    fmap = (r[0, :, 0, :] % F_).long()  # (heads, d)
+    expect = torch.arange(T, dtype=torch.float64)[None, :, None] * F_ + fmap[:, None, :].double()  # (heads, T, d)
+    if not bool((r[0] == expect).all()):
+        return f"the {role} layout of {prov.module} is not the same selection for every token"
+    return fmap
+
+
+def _plan(model: nn.Module, site: Site, facts: SiteFacts) -> _Plan | str:
     names = (site.q_proj, site.k_proj, site.v_proj)
-    if any("[" in n for n in names):
-        return None, f"fused QKV projection ({site.k_proj}): convert supports separate q/k/v projections for now"
-    if len(set(names)) != 3:
-        return None, "q, k and v share a projection module"
+    modules = [n.split("[", 1)[0] for n in names]
     try:
-        mods = tuple(model.get_submodule(n) for n in names)
+        mods = tuple(model.get_submodule(n) for n in modules)
     except AttributeError as exc:
-        return None, f"projection module not found: {exc}"
-    return mods, None
+        return f"projection module not found: {exc}"
+    if not any("[" in n for n in names) and len(set(modules)) == 3:
+        return _Plan(site, mods)
+    if len(set(modules)) != 1:
+        return f"q, k and v come from partly fused projections ({', '.join(names)}); not supported yet"
+    maps = {}
+    for role, heads in (("q", site.num_heads), ("k", site.num_kv_heads), ("v", site.num_kv_heads)):
+        fmap = _feature_map(facts, role, heads, site.head_dim)
+        if isinstance(fmap, str):
+            return fmap
+        maps[role] = fmap
+    return _Plan(site, (mods[0],), maps)
 
 
 def convert(
@@ -241,19 +328,19 @@ def convert(
     config = MKAConfig(gate_init=0.0) if config is None else config
     if not isinstance(config, MKAConfig):
         raise ValueError(f"config must be an MKAConfig, got {type(config).__name__}")
-    report = inspect(model, example_inputs)
+    report, facts = inspect_with_facts(model, example_inputs)
     plans, problems = [], []
-    for site in report.sites:
+    for site, fact in zip(report.sites, facts):
         if site.status != "original":
             problems.append((site.name, f"already converted ({site.status})"))
             continue
         if not site.convertible:
             continue
-        mods, why = _projections(model, site)
-        if why:
-            problems.append((site.name, why))
+        plan = _plan(model, site, fact)
+        if isinstance(plan, str):
+            problems.append((site.name, plan))
         else:
-            plans.append((site, mods))
+            plans.append(plan)
     if problems:
         raise ConversionError(problems)
     if not plans:
@@ -261,9 +348,9 @@ def convert(
         raise ConversionError(reasons)
     done = []
     try:
-        for site, mods in plans:
-            _install(model, site, mods, config)
-            done.append(site)
+        for plan in plans:
+            _install(model, plan, config)
+            done.append(plan.site)
     except Exception:
         for site in done:  # roll back: the model is left as it was
             owner = model.get_submodule(site.name) if site.name else model

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mka_compile.graph.capture import capture_all
-from mka_compile.passes.attention import RULES, find_sites
+from mka_compile.passes.attention import RULES, SiteFacts, find_sites
 from mka_compile.report import NotAttention, Report, Site
 
 
@@ -66,6 +66,13 @@ def inspect(model: nn.Module, example_inputs: Any = None, *, capture: str = "exp
     ``capture``: ``"export"`` (torch.export, aten ops; default) or ``"dynamo"`` (torch-level ops, graph
     breaks allowed).
     """
+    return inspect_with_facts(model, example_inputs, capture=capture)[0]
+
+
+def inspect_with_facts(
+    model: nn.Module, example_inputs: Any = None, *, capture: str = "export"
+) -> tuple[Report, list[SiteFacts]]:
+    """:func:`inspect`, also returning the internal facts of each site (graph nodes, provenance)."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if example_inputs is None:
@@ -87,9 +94,10 @@ def inspect(model: nn.Module, example_inputs: Any = None, *, capture: str = "exp
         ok, reason = _convertible(f.kind, f.causal)
         values = {name: getattr(f, name) for name in shared}
         sites.append(Site(**values, convertible=ok, reason=reason, status=_status(model, f.name)))
-    return Report(
+    report = Report(
         model=type(model).__name__,
         capture=graphs[0].method + (f" ({len(graphs)} graphs)" if len(graphs) > 1 else ""),
         sites=sites,
         not_attention=[NotAttention(r.node, r.module, r.closest_rule, r.reason) for r in rejected],
     )
+    return report, facts

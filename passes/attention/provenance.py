@@ -45,6 +45,7 @@ class Provenance:
     scale: float = 1.0
     n_rep: int = 1
     bias: bool = False
+    layout_top: fx.Node | None = None  # top of the pure layout/selection run that ends at the projection
     reason: str | None = None
 
     @property
@@ -119,6 +120,10 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
     n = node
     for _ in range(limit):
         k = ops.kind(n, gm)
+        if k in _LAYOUT_RUN:
+            p.layout_top = p.layout_top or n
+        elif k not in ("linear", "addmm", "matmul", "placeholder", "get_attr"):
+            p.layout_top = None
         if k in ops.TRANSPARENT or k in ("view", "unsqueeze", "squeeze", "permute", "transpose"):
             n = n.args[0]
             continue
@@ -184,9 +189,13 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
             dim = ops.arg(n, 1, "dim", 0)
             nd = ops.rank(n)
             if nd is not None and ops.normalize_dim(dim, nd) == nd - 1:  # partial rotary: cat(rotated, pass)
-                p.rope = p.rope or "partial"
-                n = tensors[0]
-                continue
+                src = _slice_source(tensors[-1], gm)  # the tensor both parts were sliced from
+                if src is not None:
+                    p.rope = p.rope or "partial"
+                    n = src
+                    continue
+            if nd is not None and ops.normalize_dim(dim, nd) == nd - 1:
+                return _stop(p, n, f"the {role} path concatenates features at {n.name} (not a partial rotary)")
             past = [t for t in tensors if _is_past(t, gm)]
             new = [t for t in tensors if t not in past]
             if past and new:
@@ -271,6 +280,22 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
     return _stop(p, n, f"the {role} path is longer than {limit} ops")
 
 
+_LAYOUT_RUN = frozenset(
+    {
+        "view",
+        "transpose",
+        "permute",
+        "unsqueeze",
+        "squeeze",
+        "identity",
+        "cast",
+        "dropout",
+        "slice",
+        "select",
+        "index",
+        "getitem",
+    }
+)
 _VIEW_KINDS = frozenset({"slice", "select", "view", "getitem", "identity", "transpose", "permute", "unsqueeze"})
 _INPLACE = {"copy_": ("slice_assign", 1), "index_put_": ("index_put", 2), "index_copy_": ("index_copy", 3)}
 
@@ -311,6 +336,14 @@ def _target_name(n: fx.Node) -> str:
     if hasattr(t, "_overloadpacket"):
         return t._overloadpacket.__name__
     return str(t) if n.op == "call_method" else getattr(t, "__name__", "")
+
+
+def _slice_source(part: fx.Node, gm) -> fx.Node | None:
+    """The tensor ``part`` was sliced from along its last dim (through casts/copies), else None."""
+    n = ops.skip_transparent(part, gm)
+    if ops.kind(n, gm) == "slice" or (ops.kind(n, gm) == "getitem" and ops.shape(n.args[0]) is not None):
+        return ops.skip_transparent(n.args[0], gm)
+    return None
 
 
 def _be(role: str) -> str:
