@@ -218,7 +218,11 @@ def _install(model: nn.Module, plan: _Plan, config: MKAConfig) -> None:
     def pre(module, args, kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
         cache = next((v for v in list(args[1:]) + list(kwargs.values()) if _is_cache(v)), None)
-        mem.begin(hidden, kwargs.get("attention_mask"), cache, kwargs.get("cache_position"))
+        position = kwargs.get("cache_position")
+        if position is None and cache is not None:  # tokens already cached for this layer, before the update
+            past = int(cache.get_seq_length(getattr(module, "layer_idx", 0) or 0))
+            position = torch.arange(past, past + hidden.shape[1], device=hidden.device)
+        mem.begin(hidden, kwargs.get("attention_mask"), cache, position)
 
     mem._handles = [
         owner.register_forward_pre_hook(pre, with_kwargs=True),

@@ -186,3 +186,15 @@ def test_nothing_convertible_and_bad_arguments() -> None:
     mka_compile.convert(model)
     with pytest.raises(ConversionError, match="already converted"):
         mka_compile.convert(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_generate_with_static_cache_equals_dynamic(family: str) -> None:
+    model, _ = zoo.causal_lm(family, "sdpa")
+    mka_compile.convert(model, config=CFG)
+    _randomize(model)
+    prompt = torch.randint(1, 90, (2, 7))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    dynamic = model.generate(prompt, **kw)
+    static = model.generate(prompt, cache_implementation="static", **kw)
+    assert torch.equal(static, dynamic)
