@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from mka_compile import kernels, layers
 from mka_compile.config import MKAConfig
-from mka_compile.convert import ConversionError, convert
+from mka_compile.convert import ConversionError, convert, routing_stats
 from mka_compile.graph.capture import Captured, CaptureError, capture
 from mka_compile.graph.pattern import any_, op, opt
 from mka_compile.graph.rules import PassError, PassManager, Rule
@@ -41,4 +41,5 @@ __all__ = [
     "layers",
     "op",
     "opt",
+    "routing_stats",
 ]

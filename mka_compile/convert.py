@@ -73,6 +73,7 @@ class SiteMemory(nn.Module):
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._call: _Call | None = None
         self._handles: list[Any] = []
+        self._stats: list[tuple[torch.Tensor, float]] | None = None  # set while routing_stats() records
 
     # -- per-call context -----------------------------------------------------------------------------
     def state_for(self, cache: Any, batch: int, ref: torch.Tensor) -> MKALayerState:
@@ -164,6 +165,9 @@ class SiteMemory(nn.Module):
             has_recall = call.extra.get("has_recall")
         if call.lam is None:
             call.lam = routing_weights(self.router, self.gate, call.q, has_recall, cfg.num_levels, self.groups)
+            if self._stats is not None:
+                w = call.valid[:, None, :, None].to(call.lam.dtype)  # (B, 1, T, 1): real tokens only
+                self._stats.append(((call.lam.detach() * w).sum((0, 1, 2)), float(w.sum()) * call.lam.shape[1]))
         mixed, _ = K.route_mix(call.lam, levels, levels)  # (B, Hkv, T, d)
         return mixed
 
@@ -363,3 +367,29 @@ def convert(
             del owner.mka_mode
         raise
     return model
+
+
+@torch.no_grad()
+def routing_stats(model: nn.Module, batches: list[Any]) -> dict[str, dict[str, float]]:
+    """Mean routing weight of each memory level at each converted site over ``batches`` (real tokens only).
+
+    ``batches``: inputs for ``model`` (a tensor, a tuple of positional arguments, or a dict of keyword
+    arguments). Returns ``{site: {level: mean lambda}}``; right after conversion every site is
+    ``{"local": 1.0, ...: 0.0}``, and training moves it."""
+    sites = {name.removesuffix(".mka"): m for name, m in model.named_modules() if isinstance(m, SiteMemory)}
+    if not sites:
+        raise ValueError("the model has no converted site; call mka_compile.convert(model) first")
+    for m in sites.values():
+        m._stats = []
+    try:
+        for b in batches:
+            model(**b) if isinstance(b, dict) else model(*b) if isinstance(b, (tuple, list)) else model(b)
+        out = {}
+        for name, m in sites.items():
+            total = sum(t for t, _ in m._stats)
+            count = sum(c for _, c in m._stats)
+            out[name] = {lv: float(total[i] / max(count, 1.0)) for i, lv in enumerate(m.config.levels)}
+        return out
+    finally:
+        for m in sites.values():
+            m._stats = None

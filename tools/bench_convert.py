@@ -28,8 +28,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=11)
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096)
+    cfg = tf.LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+    )
     base = tf.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
     conv = mka_compile.convert(copy.deepcopy(base))
     with torch.no_grad():
@@ -45,8 +52,12 @@ def main(argv: list[str] | None = None) -> None:
     def fwd_bwd(m):
         m(ids, labels=ids, use_cache=False).loss.backward()
 
-    cands = {"original fwd": lambda: fwd(base), "FastMKA fwd": lambda: fwd(conv),
-             "original fwd+bwd": lambda: fwd_bwd(base), "FastMKA fwd+bwd": lambda: fwd_bwd(conv)}
+    cands = {
+        "original fwd": lambda: fwd(base),
+        "FastMKA fwd": lambda: fwd(conv),
+        "original fwd+bwd": lambda: fwd_bwd(base),
+        "FastMKA fwd+bwd": lambda: fwd_bwd(conv),
+    }
     for f in cands.values():
         f()
     times: dict[str, list[float]] = {k: [] for k in cands}
@@ -57,15 +68,21 @@ def main(argv: list[str] | None = None) -> None:
             cands[name]()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    t = Table(title=f"convert overhead: tiny Llama d=256, 4 layers, 8/4 heads, T={args.tokens}, batch 1 "
-                    f"(torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    t = Table(
+        title=f"convert overhead: tiny Llama d=256, 4 layers, 8/4 heads, T={args.tokens}, batch 1 "
+        f"(torch {torch.__version__}, {torch.get_num_threads()} threads)"
+    )
     for col in ("measurement", "median ms", "ratio to original", "goal"):
         t.add_column(col)
     t.add_row("original fwd", f"{med['original fwd']:.1f}", "1.00", "")
     t.add_row("FastMKA fwd", f"{med['FastMKA fwd']:.1f}", f"{med['FastMKA fwd'] / med['original fwd']:.2f}", "<= 1.10")
     t.add_row("original fwd+bwd", f"{med['original fwd+bwd']:.1f}", "1.00", "")
-    t.add_row("FastMKA fwd+bwd", f"{med['FastMKA fwd+bwd']:.1f}",
-              f"{med['FastMKA fwd+bwd'] / med['original fwd+bwd']:.2f}", "<= 1.15")
+    t.add_row(
+        "FastMKA fwd+bwd",
+        f"{med['FastMKA fwd+bwd']:.1f}",
+        f"{med['FastMKA fwd+bwd'] / med['original fwd+bwd']:.2f}",
+        "<= 1.15",
+    )
     Console().print(t)
 
 
