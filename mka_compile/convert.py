@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from mka_compile import hf_attention
 from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
 from mka_compile.graph import ops
@@ -61,9 +62,11 @@ class _Call:
 class SiteMemory(nn.Module):
     """The new parameters and hooks of one converted site (registered as ``<site>.mka``)."""
 
-    def __init__(self, site: Site, q_features: int, config: MKAConfig) -> None:
+    def __init__(self, site: Site, q_features: int, config: MKAConfig, mode: str = "fastmka") -> None:
         super().__init__()
         self.config = config
+        self.mode = mode
+        self.rope = site.rope
         self.num_heads, self.num_kv_heads, self.head_dim = site.num_heads, site.num_kv_heads, site.head_dim
         self.groups = self.num_kv_heads if config.router_per_head else 1
         hidden = config.router_hidden or max(1, q_features // 2)
@@ -86,11 +89,12 @@ class SiteMemory(nn.Module):
             st = self._states[cache] = fresh()
         return st
 
-    def begin(self, hidden: torch.Tensor, mask: Any, cache: Any, cache_position: Any) -> None:
+    def begin(self, hidden: torch.Tensor, mask: Any, cache: Any, cache_position: Any, rope: Any = None) -> None:
         B, T = hidden.shape[0], hidden.shape[1]
         self._call = _Call(
             valid=_valid_tokens(mask, B, T, cache_position, hidden.device), state=self.state_for(cache, B, hidden)
         )
+        self._call.extra["rope"] = rope
 
     def end(self) -> None:
         call, self._call = self._call, None
@@ -139,6 +143,7 @@ class SiteMemory(nn.Module):
             else:
                 st.ema_v = ema
             levels.append(sx)
+            call.extra[f"ema_{which}"] = sx
         has_recall = None
         if cfg.uses_longterm:
             if which == "k":
@@ -157,6 +162,7 @@ class SiteMemory(nn.Module):
                 sel = K.recall_mask(idx, found, summ.shape[2])  # (B, Hkv, T, S)
                 call.probs = K.recall_probs(q_r[:, :, None], summ, sel, self.recall_scale)[:, :, 0]
                 call.extra["has_recall"] = found[:, 0].any(-1)
+                call.extra["recall"] = (idx, found)
             else:
                 st.part_v, st.summ_v = part, summ
             if call.probs is None:
@@ -171,10 +177,54 @@ class SiteMemory(nn.Module):
         mixed, _ = K.route_mix(call.lam, levels, levels)  # (B, Hkv, T, d)
         return mixed
 
+    def record(self, which: str, out: torch.Tensor, q_proj: nn.Module, hidden: torch.Tensor) -> None:
+        """MKA mode: compute this call's memory levels from a k/v projection output; the output is unchanged."""
+        if self._call is not None:
+            self.mix(which, out, q_proj, hidden)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+        """MKA mode: ``sum_l lam_l Attn(q, K_l, V_l)`` over the site's own (rotated, cached) keys, the session
+        EMA keys (rotated at each position, cached here) and the recalled summaries. Returns ``[B, T, H, d]``."""
+        call = self._call
+        cfg, st = self.config, call.state
+        B, H, T, d = query.shape
+        ks, vs = [key], [value]
+        valid = call.valid
+        st.kv_valid = valid if st.kv_valid is None else torch.cat([st.kv_valid, valid], 1)
+        if cfg.uses_session:
+            k2 = _rotate(call.extra["ema_k"], call.extra.get("rope"), self.rope).to(key.dtype)  # (B, Hkv, T, d)
+            v2 = call.extra["ema_v"].to(value.dtype)
+            st.kv = [torch.cat([a, b], 2) for a, b in zip(st.kv, (k2, v2))] if st.kv else [k2, v2]
+            ks.append(st.kv[0])
+            vs.append(st.kv[1])
+        if st.kv_valid.shape[1] != key.shape[2]:
+            raise RuntimeError(
+                f"MKA mode keeps its own session cache of {st.kv_valid.shape[1]} positions but the model's cache "
+                f"has {key.shape[2]}; MKA conversion supports dynamic caches (use FastMKA for static caches)"
+            )
+        kw = {}
+        if cfg.uses_longterm:
+            idx, found = call.extra["recall"]
+            q3 = call.q.view(B, T, H, d).transpose(1, 2)  # (B, H, T, d) un-rotated
+            kw = dict(q3=q3.to(query.dtype), mem_k=st.summ_k, mem_v=st.summ_v, idx3=idx, found3=found)
+        out = K.mka_attention(query, ks, vs, call.lam, kv_valid=st.kv_valid, scale=float(scaling), causal=True, **kw)
+        call.extra["attended"] = True
+        return out.transpose(1, 2).contiguous()  # (B, T, H, d)
+
     def remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def _rotate(x: torch.Tensor, tables: Any, style: str | None) -> torch.Tensor:
+    """Apply the site's RoPE (rotate-half, from its ``position_embeddings = (cos, sin)``) to ``[B, h, T, d]``."""
+    if style is None:
+        return x
+    cos, sin = tables  # (B or 1, T, d)
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    x1, x2 = x.chunk(2, -1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
 def _is_cache(x: Any) -> bool:
@@ -210,11 +260,11 @@ class _Plan:
     maps: dict[str, torch.Tensor] | None = None  # fused: output features of q, k, v, each [heads, d]
 
 
-def _install(model: nn.Module, plan: _Plan, config: MKAConfig) -> None:
+def _install(model: nn.Module, plan: _Plan, config: MKAConfig, mode: str) -> None:
     site = plan.site
     owner = model.get_submodule(site.name) if site.name else model
     ref = next(plan.mods[0].parameters(), None)
-    mem = SiteMemory(site, site.num_heads * site.head_dim, config)
+    mem = SiteMemory(site, site.num_heads * site.head_dim, config, mode)
     if ref is not None:
         mem.to(device=ref.device, dtype=ref.dtype)
     owner.add_module("mka", mem)
@@ -226,7 +276,7 @@ def _install(model: nn.Module, plan: _Plan, config: MKAConfig) -> None:
         if position is None and cache is not None:  # tokens already cached for this layer, before the update
             past = int(cache.get_seq_length(getattr(module, "layer_idx", 0) or 0))
             position = torch.arange(past, past + hidden.shape[1], device=hidden.device)
-        mem.begin(hidden, kwargs.get("attention_mask"), cache, position)
+        mem.begin(hidden, kwargs.get("attention_mask"), cache, position, kwargs.get("position_embeddings"))
 
     mem._handles = [
         owner.register_forward_pre_hook(pre, with_kwargs=True),
@@ -242,12 +292,13 @@ def _install(model: nn.Module, plan: _Plan, config: MKAConfig) -> None:
             if mem._call is not None:
                 mem._call.q = out
 
+        act = mem.mix if mode == "fastmka" else mem.record
         mem._handles += [
             q_mod.register_forward_hook(on_q),
-            k_mod.register_forward_hook(lambda m, i, o: mem.mix("k", o, q_mod, i[0])),
-            v_mod.register_forward_hook(lambda m, i, o: mem.mix("v", o, q_mod, i[0])),
+            k_mod.register_forward_hook(lambda m, i, o: act("k", o, q_mod, i[0])),
+            v_mod.register_forward_hook(lambda m, i, o: act("v", o, q_mod, i[0])),
         ]
-    owner.mka_mode = "fastmka"
+    owner.mka_mode = mode
 
 
 def _feature_map(facts: SiteFacts, role: str, heads: int, d: int) -> torch.Tensor | str:
@@ -320,18 +371,17 @@ def convert(
     config: MKAConfig | None = None,
     example_inputs: Any = None,
 ) -> nn.Module:
-    """Convert every convertible self-attention site of ``model`` to FastMKA, in place; returns ``model``.
+    """Convert every convertible self-attention site of ``model`` to FastMKA or MKA, in place; returns ``model``.
+
+    ``mode="fastmka"``: the site attends to the routed mix of its memory levels (any model). ``mode="mka"``:
+    the site attends to each level and mixes the outputs (Hugging Face models whose attention dispatches
+    through transformers' ``AttentionInterface``, no RoPE or rotate-half RoPE, dynamic caches).
 
     ``config`` defaults to ``MKAConfig(gate_init=0.0)``: the converted model equals the original until it
     is trained. ``example_inputs`` as for :func:`mka_compile.inspect` (optional for Hugging Face models).
     Raises :class:`ConversionError` (model unchanged) when a convertible site cannot be converted.
     """
-    if mode == "mka":
-        raise ValueError(
-            "mode='mka' conversion is not available in this release; use mode='fastmka', or build models "
-            "from mka_compile.layers.MKAAttention"
-        )
-    if mode != "fastmka":
+    if mode not in ("fastmka", "mka"):
         raise ValueError(f"mode must be 'fastmka' or 'mka', got {mode!r}")
     config = MKAConfig(gate_init=0.0) if config is None else config
     if not isinstance(config, MKAConfig):
@@ -345,6 +395,8 @@ def convert(
         if not site.convertible:
             continue
         plan = _plan(model, site, fact)
+        if mode == "mka" and not isinstance(plan, str):
+            plan = hf_attention.mka_mode_problem(model, plan) or plan
         if isinstance(plan, str):
             problems.append((site.name, plan))
         else:
@@ -356,15 +408,21 @@ def convert(
         raise ConversionError(reasons)
     done = []
     try:
+        if mode == "mka":
+            hf_attention.route_attention(model)
         for plan in plans:
-            _install(model, plan, config)
+            _install(model, plan, config, mode)
             done.append(plan.site)
+        if mode == "mka":
+            hf_attention.check_dispatch(model, [p.site.name for p in plans], example_inputs)
     except Exception:
         for site in done:  # roll back: the model is left as it was
             owner = model.get_submodule(site.name) if site.name else model
             owner.mka.remove_hooks()
             del owner.mka
             del owner.mka_mode
+        if mode == "mka":
+            hf_attention.restore_attention(model)
         raise
     return model
 

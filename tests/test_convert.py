@@ -177,8 +177,6 @@ def test_nothing_convertible_and_bad_arguments() -> None:
     with pytest.raises(ConversionError, match="bidirectional"):
         mka_compile.convert(tf.BertModel(cfg, add_pooling_layer=False).eval())
     model, _ = zoo.causal_lm("llama", "sdpa")
-    with pytest.raises(ValueError, match="mode='mka' conversion is not available"):
-        mka_compile.convert(model, mode="mka")
     with pytest.raises(ValueError, match="mode must be"):
         mka_compile.convert(model, mode="fast")
     with pytest.raises(ValueError, match="config must be an MKAConfig"):
@@ -198,3 +196,84 @@ def test_generate_with_static_cache_equals_dynamic(family: str) -> None:
     dynamic = model.generate(prompt, **kw)
     static = model.generate(prompt, cache_implementation="static", **kw)
     assert torch.equal(static, dynamic)
+
+
+MKA_FAMILIES = [("llama", "eager"), ("llama", "sdpa"), ("qwen3", "sdpa"), ("opt", "eager"), ("granite", "sdpa")]
+
+
+@pytest.mark.parametrize(("family", "attn"), MKA_FAMILIES)
+def test_mka_mode_identity_live_decode_and_training(family: str, attn: str) -> None:
+    model, _ = zoo.causal_lm(family, attn)
+    ids = torch.randint(0, 90, (2, 13))
+    with torch.no_grad():
+        base = model(ids).logits
+    mka_compile.convert(model, mode="mka", config=CFG)
+    with torch.no_grad():
+        assert _rel(model(ids).logits, base) <= 1e-5
+    assert {s.status for s in mka_compile.inspect(model).sites} == {"mka"}
+    _randomize(model)
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :5], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(5, 13):
+            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    assert _rel(full, base) >= 1e-3
+    assert _rel(torch.cat(steps, 1), full) <= 1e-4
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+
+
+def test_mka_mode_generate_with_left_padding() -> None:
+    model, _ = zoo.causal_lm("llama", "sdpa")
+    mka_compile.convert(model, mode="mka", config=CFG)
+    _randomize(model)
+    prompts = [torch.randint(1, 90, (1, 9)), torch.randint(1, 90, (1, 4))]
+    alone = [model.generate(p, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, p.shape[1] :] for p in prompts]
+    batch, mask = torch.zeros(2, 9, dtype=torch.long), torch.zeros(2, 9, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        batch[b, 9 - p.shape[1] :], mask[b, 9 - p.shape[1] :] = p[0], 1
+    gen = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for b in range(2):
+        assert torch.equal(gen[b, 9:], alone[b]), b
+
+
+@pytest.mark.parametrize(
+    ("family", "reason"), [("phi3", "rotate-half"), ("gpt2", "fused QKV"), ("cohere", "interleaved")]
+)
+def test_mka_mode_unsupported_sites_are_named(family: str, reason: str) -> None:
+    model, cfg = zoo.causal_lm(family, "sdpa")
+    impl = cfg._attn_implementation
+    with pytest.raises(ConversionError, match=reason):
+        mka_compile.convert(model, mode="mka")
+    assert model.config._attn_implementation == impl and not any(hasattr(m, "mka") for m in model.modules())
+
+
+def test_mka_mode_encoder_decoder_falls_back_for_other_sites() -> None:
+    cfg = tf.BartConfig(
+        vocab_size=96,
+        d_model=64,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=64,
+    )
+    model = tf.BartForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
+    ids, dec = torch.randint(3, 90, (2, 9)), torch.randint(3, 90, (2, 7))
+    with torch.no_grad():
+        base = model(input_ids=ids, decoder_input_ids=dec).logits
+        mka_compile.convert(model, mode="mka", config=CFG)
+        assert _rel(model(input_ids=ids, decoder_input_ids=dec).logits, base) <= 1e-5
+    status = {s.name: s.status for s in mka_compile.inspect(model).sites}
+    assert status["model.decoder.layers.1.self_attn"] == "mka"
+    assert status["model.encoder.layers.0.self_attn"] == status["model.decoder.layers.0.encoder_attn"] == "original"

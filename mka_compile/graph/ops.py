@@ -82,6 +82,7 @@ _names("view_as_real", "view_as_real")
 _names("layer_norm", "layer_norm", "native_layer_norm")
 _names("rms_norm", "rms_norm")
 _names("embedding", "embedding")
+_names("mka_attention", "mka_attention")  # a converted MKA site
 _names("mka_mix", "route_mix", "fastmka_mix")  # our FastMKA ops: a converted site's keys/values
 _names("full", "full", "zeros", "ones", "full_like", "zeros_like", "ones_like", "empty")
 

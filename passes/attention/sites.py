@@ -78,7 +78,10 @@ def _keep_masks(m: Match, captured: Captured) -> tuple[list[torch.Tensor], bool]
     out = m.captures["out"]
     wanted: list[tuple[str, fx.Node]] = []
     is_causal = False
-    if ops.kind(out, gm) == "sdpa":
+    if ops.kind(out, gm) == "mka_attention":  # a converted MKA site: mka::mka_attention(..., kv_valid, scale, causal)
+        is_causal = bool(out.args[11])
+        wanted.append(("kv_valid", out.args[9]))
+    elif ops.kind(out, gm) == "sdpa":
         is_causal = bool(ops.arg(out, 5, "is_causal", False))
         mask = ops.arg(out, 3, "attn_mask")
         if isinstance(mask, fx.Node):
@@ -104,6 +107,8 @@ def _keep_masks(m: Match, captured: Captured) -> tuple[list[torch.Tensor], bool]
             continue
         if how in ("fill",):
             keeps.append(~val.bool())
+        elif how == "kv_valid":
+            keeps.append(val.bool()[:, None, None, :])  # (B, 1, 1, Tk)
         elif how == "where" or (how == "sdpa" and val.dtype == torch.bool):
             keeps.append(val.bool())
         else:
@@ -171,7 +176,7 @@ def _facts(rule: Rule, m: Match, captured: Captured) -> SiteFacts:
     d = q_shape[-1] if q_shape else 0
     src_shape = ops.shape(pq.source) if pq.source is not None else None
     batch = src_shape[0] if src_shape else None
-    is_sdpa = ops.kind(out, gm) == "sdpa"
+    is_sdpa = ops.kind(out, gm) in ("sdpa", "mka_attention")
     head_idx = None
     if ops.kind(m.captures.get("scores", out), gm) == "einsum" and not is_sdpa:
         head_idx = _einsum_head_index(m)
@@ -182,7 +187,7 @@ def _facts(rule: Rule, m: Match, captured: Captured) -> SiteFacts:
     # scale
     scale = pq.scale * pk.scale
     if is_sdpa:
-        s = ops.arg(out, 6, "scale")
+        s = out.args[10] if ops.kind(out, gm) == "mka_attention" else ops.arg(out, 6, "scale")
         scale *= float(s) if ops.scalar(s) is not None else d**-0.5
     else:
         so = m.captures.get("scale_op")
@@ -261,6 +266,8 @@ def find_sites(captured: Captured, rules: Sequence[Rule]) -> tuple[list[SiteFact
                 continue
             claimed.add(core)
             sites.append(_facts(rule, m, captured))
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    sites.sort(key=lambda f: order.get(f.anchor, 0))  # graph order, whichever rule found the site
     rejected = [
         explain_softmax(n, gm, rules)
         for n in gm.graph.nodes

@@ -1,0 +1,110 @@
+"""MKA-mode conversion for Hugging Face models: route attention through transformers' AttentionInterface.
+
+MKA (full) changes the attention computation itself (one attention per memory level, mixed by the
+router), so a converted site needs the model to call our function where it would call eager / SDPA
+attention. Hugging Face models dispatch attention through ``ALL_ATTENTION_FUNCTIONS`` keyed by
+``config._attn_implementation``: we register ``"mka_compile"`` there (and its mask function as the
+original implementation's), point the config at it, and fall back to the original implementation for
+every module that was not converted.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+NAME = "mka_compile"
+
+
+def _config(model: nn.Module):
+    cfg = getattr(model, "config", None)
+    return cfg if cfg is not None and hasattr(cfg, "_attn_implementation") else None
+
+
+def mka_mode_problem(model: nn.Module, plan) -> str | None:
+    """Why ``plan``'s site cannot be converted to MKA mode, or None."""
+    if _config(model) is None:
+        return "MKA mode needs a Hugging Face model (attention dispatched through transformers' AttentionInterface)"
+    if plan.site.rope not in (None, "rotate_half"):
+        return f"MKA mode supports no RoPE or rotate-half RoPE; this site uses {plan.site.rope!r} (use FastMKA)"
+    if plan.maps is not None:
+        return "MKA mode supports separate q/k/v projections (this site has a fused QKV projection; use FastMKA)"
+    return None
+
+
+def _original(module: nn.Module):
+    cfg = getattr(module, "config", None)
+    impl = getattr(cfg, "_mka_original_attn_implementation", "eager")
+    if impl == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The registered attention function: MKA for converted sites, the original elsewhere."""
+    mem = getattr(module, "mka", None)
+    if mem is None or mem.mode != "mka" or mem._call is None:
+        return _original(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return mem.attend(query, key, value, scale), None
+
+
+def route_attention(model: nn.Module) -> None:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    cfg = _config(model)
+    orig = cfg._attn_implementation
+    if orig == NAME:
+        return
+    ALL_ATTENTION_FUNCTIONS.register(NAME, attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS[orig])
+    cfg._mka_original_attn_implementation = orig
+    cfg._attn_implementation = NAME
+
+
+def restore_attention(model: nn.Module) -> None:
+    cfg = _config(model)
+    if cfg is not None and getattr(cfg, "_mka_original_attn_implementation", None):
+        cfg._attn_implementation = cfg._mka_original_attn_implementation
+        del cfg._mka_original_attn_implementation
+
+
+@torch.no_grad()
+def check_dispatch(model: nn.Module, sites: list[str], example_inputs: Any) -> None:
+    """Run one forward and make sure every converted site went through :func:`attention`."""
+    from mka_compile.convert import ConversionError
+    from mka_compile.inspect import hf_example_inputs
+
+    inputs = example_inputs if example_inputs is not None else hf_example_inputs(model)
+    seen: set[str] = set()
+    hooks = []
+    for name in sites:
+        mem = model.get_submodule(name).mka
+
+        def post(module, args, kwargs, output, name=name, mem=mem):
+            if mem._call is not None and mem._call.extra.get("attended"):
+                seen.add(name)
+
+        hooks.append(model.get_submodule(name).register_forward_hook(post, with_kwargs=True, prepend=True))
+    try:
+        was = model.training
+        model.eval()
+        model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+        model.train(was)
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = [n for n in sites if n not in seen]
+    if missing:
+        raise ConversionError(
+            [
+                (n, "its attention does not dispatch through transformers' AttentionInterface (use FastMKA)")
+                for n in missing
+            ]
+        )
