@@ -3,8 +3,8 @@
     python tools/bench_convert.py               # tiny Llama: d=256, 4 layers, 8 heads, 4 kv heads, T=1024, batch 1
 
 Times, side by side in one run (interleaved, median of --repeats): the original model and the same model
-converted to FastMKA (all three memory levels, random router values), forward and forward+backward.
-Goals (issue 4): FastMKA forward / original <= 1.10, forward+backward <= 1.15.
+converted to FastMKA and to MKA (all three memory levels, random router values), forward and forward+backward.
+Goals (issue 4): FastMKA forward / original <= 1.10, forward+backward <= 1.15, MKA forward <= 1.6.
 """
 
 from __future__ import annotations
@@ -39,10 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     base = tf.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
     conv = mka_compile.convert(copy.deepcopy(base))
+    full = mka_compile.convert(copy.deepcopy(base), mode="mka")
     with torch.no_grad():
-        for name, prm in conv.named_parameters():
-            if ".mka." in name:
-                prm.fill_(1.0) if name.endswith("gate") else prm.normal_(0, 0.3)
+        for m in (conv, full):
+            for name, prm in m.named_parameters():
+                if ".mka." in name:
+                    prm.fill_(1.0) if name.endswith("gate") else prm.normal_(0, 0.3)
     ids = torch.randint(0, 1000, (1, args.tokens))
 
     def fwd(m):
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     cands = {
         "original fwd": lambda: fwd(base),
         "FastMKA fwd": lambda: fwd(conv),
+        "MKA fwd": lambda: fwd(full),
         "original fwd+bwd": lambda: fwd_bwd(base),
         "FastMKA fwd+bwd": lambda: fwd_bwd(conv),
     }
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, list[float]] = {k: [] for k in cands}
     for r in range(args.repeats):
         names = list(cands)
-        for name in names[r % 4 :] + names[: r % 4]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
             cands[name]()
             times[name].append(time.perf_counter() - t0)
@@ -76,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         t.add_column(col)
     t.add_row("original fwd", f"{med['original fwd']:.1f}", "1.00", "")
     t.add_row("FastMKA fwd", f"{med['FastMKA fwd']:.1f}", f"{med['FastMKA fwd'] / med['original fwd']:.2f}", "<= 1.10")
+    t.add_row("MKA fwd", f"{med['MKA fwd']:.1f}", f"{med['MKA fwd'] / med['original fwd']:.2f}", "<= 1.6")
     t.add_row("original fwd+bwd", f"{med['original fwd+bwd']:.1f}", "1.00", "")
     t.add_row(
         "FastMKA fwd+bwd",
