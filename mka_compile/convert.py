@@ -122,6 +122,10 @@ class SiteMemory(nn.Module):
             return out
         B, T = out.shape[0], out.shape[1]
         call.q = out[..., maps["q"]].reshape(B, T, -1)  # (B, T, H*d)
+        if self.mode == "mka":  # MKA mode only records the levels; attention reads them
+            for which in ("k", "v"):
+                self.mix_levels(which, out[..., maps[which]].transpose(1, 2))
+            return out
         new = out.clone()
         for which in ("k", "v"):
             x1 = out[..., maps[which]].transpose(1, 2)  # (B, Hkv, T, d)
@@ -218,13 +222,16 @@ class SiteMemory(nn.Module):
 
 
 def _rotate(x: torch.Tensor, tables: Any, style: str | None) -> torch.Tensor:
-    """Apply the site's RoPE (rotate-half, from its ``position_embeddings = (cos, sin)``) to ``[B, h, T, d]``."""
+    """Apply the site's rotate-half RoPE (from its ``position_embeddings = (cos, sin)``) to ``[B, h, T, d]``;
+    partial rotary rotates the first ``cos.shape[-1]`` features and passes the rest."""
     if style is None:
         return x
-    cos, sin = tables  # (B or 1, T, d)
+    cos, sin = tables  # (B or 1, T, rot)
     cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    x1, x2 = x.chunk(2, -1)
-    return x * cos + torch.cat([-x2, x1], -1) * sin
+    rot = cos.shape[-1]
+    xr, xp = x[..., :rot], x[..., rot:]
+    x1, x2 = xr.chunk(2, -1)
+    return torch.cat([xr * cos + torch.cat([-x2, x1], -1) * sin, xp], -1)
 
 
 def _is_cache(x: Any) -> bool:

@@ -28,10 +28,10 @@ def mka_mode_problem(model: nn.Module, plan) -> str | None:
     """Why ``plan``'s site cannot be converted to MKA mode, or None."""
     if _config(model) is None:
         return "MKA mode needs a Hugging Face model (attention dispatched through transformers' AttentionInterface)"
-    if plan.site.rope not in (None, "rotate_half"):
-        return f"MKA mode supports no RoPE or rotate-half RoPE; this site uses {plan.site.rope!r} (use FastMKA)"
-    if plan.maps is not None:
-        return "MKA mode supports separate q/k/v projections (this site has a fused QKV projection; use FastMKA)"
+    if plan.site.rope not in (None, "rotate_half", "partial_rotate_half"):
+        return (
+            f"MKA mode supports no RoPE or (partial) rotate-half RoPE; this site uses {plan.site.rope!r} (use FastMKA)"
+        )
     return None
 
 

@@ -198,7 +198,15 @@ def test_generate_with_static_cache_equals_dynamic(family: str) -> None:
     assert torch.equal(static, dynamic)
 
 
-MKA_FAMILIES = [("llama", "eager"), ("llama", "sdpa"), ("qwen3", "sdpa"), ("opt", "eager"), ("granite", "sdpa")]
+MKA_FAMILIES = [
+    ("llama", "eager"),
+    ("llama", "sdpa"),
+    ("qwen3", "sdpa"),
+    ("opt", "eager"),
+    ("phi3", "sdpa"),  # fused qkv_proj, partial rotary
+    ("gpt2", "eager"),  # fused Conv1D c_attn, no RoPE
+    ("gpt_neox", "sdpa"),
+]
 
 
 @pytest.mark.parametrize(("family", "attn"), MKA_FAMILIES)
@@ -246,7 +254,8 @@ def test_mka_mode_generate_with_left_padding() -> None:
 
 
 @pytest.mark.parametrize(
-    ("family", "reason"), [("phi3", "rotate-half"), ("gpt2", "fused QKV"), ("cohere", "interleaved")]
+    ("family", "reason"),
+    [("gptj", "partial_interleaved"), ("cohere", "'interleaved'"), ("falcon", "does not dispatch through")],
 )
 def test_mka_mode_unsupported_sites_are_named(family: str, reason: str) -> None:
     model, cfg = zoo.causal_lm(family, "sdpa")

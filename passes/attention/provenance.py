@@ -191,7 +191,9 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
             if nd is not None and ops.normalize_dim(dim, nd) == nd - 1:  # partial rotary: cat(rotated, pass)
                 src = _slice_source(tensors[-1], gm)  # the tensor both parts were sliced from
                 if src is not None:
-                    p.rope = p.rope or "partial"
+                    inner = ops.skip_transparent(tensors[0], gm)  # the rotated part: x_rot * cos + rot(x_rot) * sin
+                    style = _rope_source(inner, gm) if ops.kind(inner, gm) == "add" else None
+                    p.rope = p.rope or ("partial_" + style[1] if style else "partial")
                     n = src
                     continue
             if nd is not None and ops.normalize_dim(dim, nd) == nd - 1:
