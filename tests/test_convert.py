@@ -1,4 +1,13 @@
-"""mka_compile.convert: identity at init, a live router, decode == prefill, generate, padding, atomicity."""
+"""mka_compile.convert: identity at init, a live router, decode == prefill, generate, padding, atomicity.
+
+Regression tests for the failure modes of the paper authors' conversion:
+- session state lost between cached calls -> ``test_identity_at_init_then_live_and_decode_equals_prefill``
+  and the generate tests (decode equals full forwards with random routers);
+- padding leaking into the session memory -> ``test_generate_equals_greedy_full_forwards_and_left_padding``
+  and ``test_mka_mode_generate_with_left_padding`` (a left-padded batch equals each sequence alone);
+- uniform routing at init -> the identity assertions (outputs equal the original, ``gate = 0``);
+- a crash with ``use_cache=True`` -> every ``generate()`` test (dynamic and static caches).
+"""
 
 from __future__ import annotations
 
