@@ -1,10 +1,10 @@
 """mka_compile.convert: identity at init, a live router, decode == prefill, generate, padding, atomicity.
 
 Regression tests for the failure modes of the paper authors' conversion:
-- session state lost between cached calls -> ``test_identity_at_init_then_live_and_decode_equals_prefill``
-  and the generate tests (decode equals full forwards with random routers);
-- padding leaking into the session memory -> ``test_generate_equals_greedy_full_forwards_and_left_padding``
-  and ``test_mka_mode_generate_with_left_padding`` (a left-padded batch equals each sequence alone);
+- session state lost between cached calls -> ``_check_converted`` (both modes, every family) and
+  ``test_generate_equals_greedy_full_forwards`` (decode equals full forwards with random routers);
+- padding leaking into the session memory -> ``test_left_padded_batch_generates_like_each_sequence_alone``
+  (both modes: a left-padded batch equals each sequence alone);
 - uniform routing at init -> the identity assertions (outputs equal the original, ``gate = 0``);
 - a crash with ``use_cache=True`` -> every ``generate()`` test (dynamic and static caches).
 """
@@ -36,15 +36,16 @@ def _randomize(model) -> None:
                 p.fill_(1.0) if name.endswith("gate") else p.normal_(0, 0.5)
 
 
-@pytest.mark.parametrize(("family", "attn"), FAMILIES)
-def test_identity_at_init_then_live_and_decode_equals_prefill(family: str, attn: str) -> None:
+def _check_converted(family: str, attn: str, mode: str) -> None:
+    """Identity at init, then with random router values: live, decode == full forward, training lowers loss."""
     model, _ = zoo.causal_lm(family, attn)
     ids = torch.randint(0, 90, (2, 13))
     with torch.no_grad():
         base = model(ids).logits
-    assert mka_compile.convert(model, config=CFG) is model
+    assert mka_compile.convert(model, mode=mode, config=CFG) is model
     with torch.no_grad():
         assert _rel(model(ids).logits, base) <= 1e-5
+    assert {s.status for s in mka_compile.inspect(model).sites} == {mode}
     _randomize(model)
     with torch.no_grad():
         full = model(ids).logits
@@ -54,7 +55,6 @@ def test_identity_at_init_then_live_and_decode_equals_prefill(family: str, attn:
             steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
     assert _rel(full, base) >= 1e-3  # the rewrite is live
     assert _rel(torch.cat(steps, 1), full) <= 1e-4  # the MKA state rides in the cache
-    assert {s.status for s in mka_compile.inspect(model).sites} == {"fastmka"}
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(20):
@@ -66,13 +66,30 @@ def test_identity_at_init_then_live_and_decode_equals_prefill(family: str, attn:
     assert losses[-1] < losses[0]
 
 
-def test_generate_equals_greedy_full_forwards_and_left_padding() -> None:
+def _left_padding_matches_alone(mode: str) -> None:
+    model, _ = zoo.causal_lm("llama", "sdpa")
+    mka_compile.convert(model, mode=mode, config=CFG)
+    _randomize(model)
+    prompts = [torch.randint(1, 90, (1, 9)), torch.randint(1, 90, (1, 4))]
+    alone = [model.generate(p, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, p.shape[1] :] for p in prompts]
+    batch, mask = torch.zeros(2, 9, dtype=torch.long), torch.zeros(2, 9, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        batch[b, 9 - p.shape[1] :], mask[b, 9 - p.shape[1] :] = p[0], 1
+    gen = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for b in range(2):
+        assert torch.equal(gen[b, 9:], alone[b]), b  # padding does not leak into the memory
+
+
+@pytest.mark.parametrize(("family", "attn"), FAMILIES)
+def test_identity_at_init_then_live_and_decode_equals_prefill(family: str, attn: str) -> None:
+    _check_converted(family, attn, "fastmka")
+
+
+def test_generate_equals_greedy_full_forwards() -> None:
     model, _ = zoo.causal_lm("llama", "sdpa")
     mka_compile.convert(model, config=CFG)
     _randomize(model)
-    prompts = [torch.randint(1, 90, (1, 9)), torch.randint(1, 90, (1, 4))]
-    alone = []
-    for p in prompts:
+    for p in (torch.randint(1, 90, (1, 9)), torch.randint(1, 90, (1, 4))):
         gen = model.generate(p, max_new_tokens=6, do_sample=False, pad_token_id=0)
         seq = p
         for _ in range(6):  # greedy by full forwards over the growing sequence
@@ -80,14 +97,11 @@ def test_generate_equals_greedy_full_forwards_and_left_padding() -> None:
                 nxt = model(seq).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], 1)
         assert torch.equal(gen, seq)
-        alone.append(gen[0, p.shape[1] :])
-    batch = torch.zeros(2, 9, dtype=torch.long)
-    mask = torch.zeros(2, 9, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        batch[b, 9 - p.shape[1] :], mask[b, 9 - p.shape[1] :] = p[0], 1
-    gen = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    for b in range(2):
-        assert torch.equal(gen[b, 9:], alone[b]), b  # padding does not leak into the memory
+
+
+@pytest.mark.parametrize("mode", ["fastmka", "mka"])
+def test_left_padded_batch_generates_like_each_sequence_alone(mode: str) -> None:
+    _left_padding_matches_alone(mode)
 
 
 def test_training_moves_the_router_and_lowers_the_loss() -> None:
@@ -220,46 +234,7 @@ MKA_FAMILIES = [
 
 @pytest.mark.parametrize(("family", "attn"), MKA_FAMILIES)
 def test_mka_mode_identity_live_decode_and_training(family: str, attn: str) -> None:
-    model, _ = zoo.causal_lm(family, attn)
-    ids = torch.randint(0, 90, (2, 13))
-    with torch.no_grad():
-        base = model(ids).logits
-    mka_compile.convert(model, mode="mka", config=CFG)
-    with torch.no_grad():
-        assert _rel(model(ids).logits, base) <= 1e-5
-    assert {s.status for s in mka_compile.inspect(model).sites} == {"mka"}
-    _randomize(model)
-    with torch.no_grad():
-        full = model(ids).logits
-        out = model(ids[:, :5], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
-        for t in range(5, 13):
-            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
-    assert _rel(full, base) >= 1e-3
-    assert _rel(torch.cat(steps, 1), full) <= 1e-4
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(20):
-        loss = model(ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
-    assert losses[-1] < losses[0]
-
-
-def test_mka_mode_generate_with_left_padding() -> None:
-    model, _ = zoo.causal_lm("llama", "sdpa")
-    mka_compile.convert(model, mode="mka", config=CFG)
-    _randomize(model)
-    prompts = [torch.randint(1, 90, (1, 9)), torch.randint(1, 90, (1, 4))]
-    alone = [model.generate(p, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, p.shape[1] :] for p in prompts]
-    batch, mask = torch.zeros(2, 9, dtype=torch.long), torch.zeros(2, 9, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        batch[b, 9 - p.shape[1] :], mask[b, 9 - p.shape[1] :] = p[0], 1
-    gen = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    for b in range(2):
-        assert torch.equal(gen[b, 9:], alone[b]), b
+    _check_converted(family, attn, "mka")
 
 
 @pytest.mark.parametrize(
@@ -275,18 +250,7 @@ def test_mka_mode_unsupported_sites_are_named(family: str, reason: str) -> None:
 
 
 def test_mka_mode_encoder_decoder_falls_back_for_other_sites() -> None:
-    cfg = tf.BartConfig(
-        vocab_size=96,
-        d_model=64,
-        encoder_layers=1,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        max_position_embeddings=64,
-    )
-    model = tf.BartForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
+    model = zoo.bart("eager")
     ids, dec = torch.randint(3, 90, (2, 9)), torch.randint(3, 90, (2, 7))
     with torch.no_grad():
         base = model(input_ids=ids, decoder_input_ids=dec).logits

@@ -380,3 +380,21 @@ class TimmBlockAttention(nn.Module):
             attn = (q * self.scale) @ k.transpose(-2, -1)
             x = attn.softmax(dim=-1) @ v
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+def bart(attn: str = "eager"):
+    """A tiny random BART (encoder self-attention, decoder self- and cross-attention)."""
+    import transformers as tf
+
+    cfg = tf.BartConfig(
+        vocab_size=96,
+        d_model=64,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=64,
+    )
+    return tf.BartForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()

@@ -115,18 +115,7 @@ def test_vit_block(attn: str) -> None:
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_encoder_decoder_cross_attention(attn: str) -> None:
-    cfg = tf.BartConfig(
-        vocab_size=96,
-        d_model=64,
-        encoder_layers=1,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        max_position_embeddings=64,
-    )
-    model = tf.BartForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
+    model = zoo.bart(attn)
     report = mka_compile.inspect(model)
     assert [s.name for s in report.sites] == zoo.attention_modules(model)
     kinds = {s.name: (s.kind, s.causal) for s in report.sites}
