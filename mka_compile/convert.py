@@ -55,7 +55,6 @@ class _Call:
     state: MKALayerState
     q: torch.Tensor | None = None  # (B, T, H*d) query projection output
     lam: torch.Tensor | None = None  # (B, G, T, L)
-    probs: torch.Tensor | None = None  # (B, Hkv, T, S) recall weights over memory slots
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,16 +101,29 @@ class SiteMemory(nn.Module):
             call.state.n_seen = call.state.n_seen + call.valid.sum(-1)
 
     # -- the routed mix ---------------------------------------------------------------------------------
-    def mix(self, which: str, out: torch.Tensor, q_proj: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """Replace a separate k/v projection's output ``[B, T, Hkv*d]`` by its FastMKA mix (same shape)."""
+    def on_kv(self, which: str, out: torch.Tensor, q_proj: nn.Module, other: nn.Module, hidden: torch.Tensor):
+        """Separate projections: the first of the k/v hooks to fire runs the other projection itself (once, as
+        an inner call), mixes keys and values together, and leaves the other's result for its hook."""
         call = self._call
-        if call is None:  # the projection ran outside the site's forward: leave it alone
+        if call is None or call.extra.get("inner"):  # outside the site's forward, or our own projection call
             return out
+        if which in call.extra:  # computed when the other projection's hook fired
+            return call.extra.pop(which)
         if call.q is None:
             call.q = q_proj(hidden)
+        call.extra["inner"] = True
+        try:
+            other_out = other(hidden)
+        finally:
+            call.extra["inner"] = False
+        k_out, v_out = (out, other_out) if which == "k" else (other_out, out)
         B, T = out.shape[0], out.shape[1]
-        x1 = out.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
-        return self.mix_levels(which, x1).transpose(1, 2).reshape(out.shape)
+        heads = lambda t: t.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        kf, vf = self.mix_levels(heads(k_out), heads(v_out))  # (B, Hkv, T, d)
+        if self.mode == "fastmka":
+            k_out, v_out = kf.transpose(1, 2).reshape(k_out.shape), vf.transpose(1, 2).reshape(v_out.shape)
+        call.extra["v" if which == "k" else "k"] = v_out if which == "k" else k_out
+        return k_out if which == "k" else v_out
 
     def mix_fused(self, out: torch.Tensor, maps: dict[str, torch.Tensor]) -> torch.Tensor:
         """A fused QKV projection's output ``[B, T, F]`` with its k and v features replaced by their mixes.
@@ -122,69 +134,50 @@ class SiteMemory(nn.Module):
             return out
         B, T = out.shape[0], out.shape[1]
         call.q = out[..., maps["q"]].reshape(B, T, -1)  # (B, T, H*d)
+        kf, vf = self.mix_levels(out[..., maps["k"]].transpose(1, 2), out[..., maps["v"]].transpose(1, 2))
         if self.mode == "mka":  # MKA mode only records the levels; attention reads them
-            for which in ("k", "v"):
-                self.mix_levels(which, out[..., maps[which]].transpose(1, 2))
             return out
         new = out.clone()
-        for which in ("k", "v"):
-            x1 = out[..., maps[which]].transpose(1, 2)  # (B, Hkv, T, d)
-            new[..., maps[which]] = self.mix_levels(which, x1).transpose(1, 2)
+        new[..., maps["k"]] = kf.transpose(1, 2)
+        new[..., maps["v"]] = vf.transpose(1, 2)
         return new
 
-    def mix_levels(self, which: str, x1: torch.Tensor) -> torch.Tensor:
-        """``x1: [B, Hkv, T, d]`` (this call's keys or values) -> the routed mix of their memory levels."""
+    def mix_levels(self, k1: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``k1, v1: [B, Hkv, T, d]`` (this call's keys and values) -> their routed mixes (FastMKA), and the
+        levels recorded in the call for MKA mode's attention."""
         call = self._call
         cfg, st = self.config, call.state
-        B, _, T, d = x1.shape
+        B, _, T, d = k1.shape
         Hkv, H = self.num_kv_heads, self.num_heads
-        levels = [x1]
+        ks, vs = [k1], [v1]
         if cfg.uses_session:
-            ema = st.ema_k if which == "k" else st.ema_v
-            sx, _, ema, _ = K.session_scan(x1, x1, cfg.ema_beta, call.valid, ema, ema, st.n_seen)
-            if which == "k":
-                st.ema_k = ema
-            else:
-                st.ema_v = ema
-            levels.append(sx)
-            call.extra[f"ema_{which}"] = sx
+            sk, sv, st.ema_k, st.ema_v = K.session_scan(k1, v1, cfg.ema_beta, call.valid, st.ema_k, st.ema_v, st.n_seen)
+            ks.append(sk)
+            vs.append(sv)
+            call.extra["ema_k"], call.extra["ema_v"] = sk, sv
         has_recall = None
         if cfg.uses_longterm:
-            if which == "k":
-                st.reserve(T, cfg.chunk_size)
-            part = st.part_k if which == "k" else st.part_v
-            summ = st.summ_k if which == "k" else st.summ_v
-            part, _, summ, _ = torch.ops.mka.chunk_update(
-                x1, x1, call.valid, st.n_seen, part, part, summ, summ, cfg.chunk_size
+            st.reserve(T, cfg.chunk_size)
+            st.part_k, st.part_v, st.summ_k, st.summ_v = torch.ops.mka.chunk_update(
+                k1, v1, call.valid, st.n_seen, st.part_k, st.part_v, st.summ_k, st.summ_v, cfg.chunk_size
             )
-            if which == "k":
-                st.part_k, st.summ_k = part, summ
-                q = call.q.view(B, T, H, d).transpose(1, 2)  # (B, H, T, d)
-                q_r = q.reshape(B, Hkv, H // Hkv, T, d).mean(2)  # (B, Hkv, T, d)
-                pos = K.real_positions(call.valid, st.n_seen)
-                idx, found = torch.ops.mka.recall_select(q_r, summ, pos, cfg.chunk_size, cfg.top_r, None, None)
-                sel = K.recall_mask(idx, found, summ.shape[2])  # (B, Hkv, T, S)
-                call.probs = K.recall_probs(q_r[:, :, None], summ, sel, self.recall_scale)[:, :, 0]
-                call.extra["has_recall"] = found[:, 0].any(-1)
-                call.extra["recall"] = (idx, found)
-            else:
-                st.part_v, st.summ_v = part, summ
-            if call.probs is None:
-                raise RuntimeError("the value projection ran before the key projection; FastMKA needs keys first")
-            levels.append((call.probs @ summ).to(x1.dtype))  # (B, Hkv, T, d)
-            has_recall = call.extra.get("has_recall")
-        if call.lam is None:
-            call.lam = routing_weights(self.router, self.gate, call.q, has_recall, cfg.num_levels, self.groups)
-            if self._stats is not None:
-                w = call.valid[:, None, :, None].to(call.lam.dtype)  # (B, 1, T, 1): real tokens only
-                self._stats.append(((call.lam.detach() * w).sum((0, 1, 2)), float(w.sum()) * call.lam.shape[1]))
-        mixed, _ = K.route_mix(call.lam, levels, levels)  # (B, Hkv, T, d)
-        return mixed
-
-    def record(self, which: str, out: torch.Tensor, q_proj: nn.Module, hidden: torch.Tensor) -> None:
-        """MKA mode: compute this call's memory levels from a k/v projection output; the output is unchanged."""
-        if self._call is not None:
-            self.mix(which, out, q_proj, hidden)
+            q = call.q.view(B, T, H, d).transpose(1, 2)  # (B, H, T, d)
+            q_r = q.reshape(B, Hkv, H // Hkv, T, d).mean(2)  # (B, Hkv, T, d)
+            pos = K.real_positions(call.valid, st.n_seen)
+            idx, found = torch.ops.mka.recall_select(q_r, st.summ_k, pos, cfg.chunk_size, cfg.top_r, None, None)
+            sel = K.recall_mask(idx, found, st.summ_k.shape[2])  # (B, Hkv, T, S)
+            probs = K.recall_probs(q_r[:, :, None], st.summ_k, sel, self.recall_scale)[:, :, 0]  # (B, Hkv, T, S)
+            ks.append((probs @ st.summ_k).to(k1.dtype))
+            vs.append((probs @ st.summ_v).to(v1.dtype))
+            has_recall = found[:, 0].any(-1)  # (B, T)
+            call.extra["recall"] = (idx, found)
+        call.lam = routing_weights(self.router, self.gate, call.q, has_recall, cfg.num_levels, self.groups)
+        if self._stats is not None:
+            w = call.valid[:, None, :, None].to(call.lam.dtype)  # (B, 1, T, 1): real tokens only
+            self._stats.append(((call.lam.detach() * w).sum((0, 1, 2)), float(w.sum()) * call.lam.shape[1]))
+        if self.mode == "mka":
+            return k1, v1
+        return K.route_mix(call.lam, ks, vs)  # (B, Hkv, T, d) each
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
         """MKA mode: ``sum_l lam_l Attn(q, K_l, V_l)`` over the site's own (rotated, cached) keys, the session
@@ -296,14 +289,13 @@ def _install(model: nn.Module, plan: _Plan, config: MKAConfig, mode: str) -> Non
         q_mod, k_mod, v_mod = plan.mods
 
         def on_q(module, inputs, out):
-            if mem._call is not None:
+            if mem._call is not None and not mem._call.extra.get("inner"):
                 mem._call.q = out
 
-        act = mem.mix if mode == "fastmka" else mem.record
         mem._handles += [
             q_mod.register_forward_hook(on_q),
-            k_mod.register_forward_hook(lambda m, i, o: act("k", o, q_mod, i[0])),
-            v_mod.register_forward_hook(lambda m, i, o: act("v", o, q_mod, i[0])),
+            k_mod.register_forward_hook(lambda m, i, o: mem.on_kv("k", o, q_mod, v_mod, i[0])),
+            v_mod.register_forward_hook(lambda m, i, o: mem.on_kv("v", o, q_mod, k_mod, i[0])),
         ]
     owner.mka_mode = mode
 

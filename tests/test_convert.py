@@ -259,3 +259,35 @@ def test_mka_mode_encoder_decoder_falls_back_for_other_sites() -> None:
     status = {s.name: s.status for s in mka_compile.inspect(model).sites}
     assert status["model.decoder.layers.1.self_attn"] == "mka"
     assert status["model.encoder.layers.0.self_attn"] == status["model.decoder.layers.0.encoder_attn"] == "original"
+
+
+class _Attn(torch.nn.Module):
+    """Separate q/k/v projections; ``v_first`` calls the value projection before the key projection."""
+
+    def __init__(self, v_first: bool, d: int = 16) -> None:
+        super().__init__()
+        self.v_first = v_first
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        heads = lambda t: t.view(B, T, 2, D // 2).transpose(1, 2)  # noqa: E731
+        q = self.q(x)
+        if self.v_first:
+            v, k = self.v(x), self.k(x)
+        else:
+            k, v = self.k(x), self.v(x)
+        out = torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
+        return self.o(out.transpose(1, 2).reshape(B, T, D))
+
+
+def test_projection_call_order_does_not_matter() -> None:
+    a, b = _Attn(False), _Attn(True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 11, 16)
+    for m in (a, b):
+        mka_compile.convert(m, config=CFG, example_inputs=(x,))
+    _randomize(a)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x))
