@@ -81,7 +81,7 @@ def train(model, data, steps: int, lr: float, label: str, progress: Progress) ->
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         progress.update(task, advance=1, description=f"{label} loss {loss.item():.3f}")
     return losses
 
