@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     model = tf.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
     console.rule("1. inspect")
-    console.print(str(mka_compile.inspect(model)))
+    print(mka_compile.inspect(model), flush=True)  # the report renders its own table at 160 columns
     train_ids, val_ids = finetune.load_corpus("shakespeare")
     data = finetune.batches(train_ids, 8, 128, gen)
     rows = []
