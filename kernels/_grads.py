@@ -18,3 +18,17 @@ def split_halves(
     """Split ``[..., 2d]`` into fresh contiguous ``[..., d]`` halves (op outputs must not alias)."""
     fmt = torch.contiguous_format
     return t[..., :d].to(k_dtype).clone(memory_format=fmt), t[..., d:].to(v_dtype).clone(memory_format=fmt)
+
+
+def new_like(t: torch.Tensor) -> torch.Tensor:
+    """A fake output of ``t``'s shape and dtype, contiguous (``empty_like`` would copy ``t``'s strides)."""
+    return t.new_empty(t.shape)
+
+
+def contiguous_outputs(out):
+    """Op outputs are contiguous (the fake implementations promise it): tensors, lists and tuples thereof."""
+    if isinstance(out, torch.Tensor):
+        return out.contiguous()
+    if isinstance(out, list):
+        return [contiguous_outputs(o) for o in out]
+    return tuple(contiguous_outputs(o) for o in out)

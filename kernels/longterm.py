@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import _validate as check
-from ._grads import split_halves, zeros_for_none
+from ._grads import contiguous_outputs, new_like, split_halves, zeros_for_none
 
 
 def real_positions(valid: torch.Tensor, n_seen: torch.Tensor) -> torch.Tensor:
@@ -106,13 +106,13 @@ def _chunk_update_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size)
     _check_capacity(valid, n_seen, summ_k, chunk_size)
-    return reference_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size)
+    return contiguous_outputs(reference_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size))
 
 
 @_chunk_update_op.register_fake
 def _(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size):
     check_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size)
-    return tuple(torch.empty_like(t) for t in (part_k, part_v, summ_k, summ_v))
+    return tuple(new_like(t) for t in (part_k, part_v, summ_k, summ_v))
 
 
 def reference_chunk_update_backward(
@@ -170,20 +170,22 @@ def _chunk_update_backward_op(
     summ_v: torch.Tensor,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return reference_chunk_update_backward(
-        grad_part_k,
-        grad_part_v,
-        grad_summ_k,
-        grad_summ_v,
-        k,
-        v,
-        valid,
-        n_seen,
-        part_k,
-        part_v,
-        summ_k,
-        summ_v,
-        chunk_size,
+    return contiguous_outputs(
+        reference_chunk_update_backward(
+            grad_part_k,
+            grad_part_v,
+            grad_summ_k,
+            grad_summ_v,
+            k,
+            v,
+            valid,
+            n_seen,
+            part_k,
+            part_v,
+            summ_k,
+            summ_v,
+            chunk_size,
+        )
     )
 
 
@@ -191,7 +193,7 @@ def _chunk_update_backward_op(
 def _(
     grad_part_k, grad_part_v, grad_summ_k, grad_summ_v, k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size
 ):
-    return tuple(torch.empty_like(t) for t in (k, v, part_k, part_v, summ_k, summ_v))
+    return tuple(new_like(t) for t in (k, v, part_k, part_v, summ_k, summ_v))
 
 
 def _chunk_setup(ctx, inputs, output):
@@ -270,7 +272,7 @@ def _recall_select_op(
     bank_valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_recall_select(q_r, summ_k, pos, chunk_size, top_r, bank_k, bank_valid)
-    return reference_recall_select(q_r, summ_k, pos, chunk_size, top_r, bank_k, bank_valid)
+    return contiguous_outputs(reference_recall_select(q_r, summ_k, pos, chunk_size, top_r, bank_k, bank_valid))
 
 
 @_recall_select_op.register_fake

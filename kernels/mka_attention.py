@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validate as check
-from ._grads import zeros_for_none
+from ._grads import contiguous_outputs, new_like, zeros_for_none
 from .longterm import recall_mask, recall_probs
 
 
@@ -148,13 +148,15 @@ def _mka_attention_op(
     causal: bool,
 ) -> torch.Tensor:
     check_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal)
-    return reference_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal)
+    return contiguous_outputs(
+        reference_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal)
+    )
 
 
 @_mka_attention_op.register_fake
 def _(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal):
     check_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal)
-    return torch.empty_like(q)
+    return new_like(q)
 
 
 BWD_Q_BLOCK = 256
@@ -238,14 +240,16 @@ def _mka_attention_backward_op(
 ) -> tuple[
     torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
-    return reference_mka_attention_backward(
-        grad_out, q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal
+    return contiguous_outputs(
+        reference_mka_attention_backward(
+            grad_out, q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal
+        )
     )
 
 
 @_mka_attention_backward_op.register_fake
 def _(grad_out, q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal):
-    e = torch.empty_like
+    e = new_like
     return e(q), [e(k) for k in ks], [e(v) for v in vs], e(lam), e(q3), e(mem_k), e(mem_v)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _validate as check
-from ._grads import zeros_for_none
+from ._grads import contiguous_outputs, new_like, zeros_for_none
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -51,13 +51,13 @@ def _route_mix_op(
     lam: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     check_route_mix(lam, ks, vs)
-    return reference_route_mix(lam, ks, vs)
+    return contiguous_outputs(reference_route_mix(lam, ks, vs))
 
 
 @_route_mix_op.register_fake
 def _(lam, ks, vs):
     check_route_mix(lam, ks, vs)
-    return torch.empty_like(ks[0]), torch.empty_like(vs[0])
+    return new_like(ks[0]), new_like(vs[0])
 
 
 def reference_route_mix_backward(grad_kf, grad_vf, lam, ks, vs):
@@ -76,12 +76,12 @@ def reference_route_mix_backward(grad_kf, grad_vf, lam, ks, vs):
 def _route_mix_backward_op(
     grad_kf: torch.Tensor, grad_vf: torch.Tensor, lam: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    return reference_route_mix_backward(grad_kf, grad_vf, lam, ks, vs)
+    return contiguous_outputs(reference_route_mix_backward(grad_kf, grad_vf, lam, ks, vs))
 
 
 @_route_mix_backward_op.register_fake
 def _(grad_kf, grad_vf, lam, ks, vs):
-    return torch.empty_like(lam), [torch.empty_like(k) for k in ks], [torch.empty_like(v) for v in vs]
+    return new_like(lam), [new_like(k) for k in ks], [new_like(v) for v in vs]
 
 
 def _setup(ctx, inputs, output):

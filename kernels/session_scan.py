@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validate as check
-from ._grads import zeros_for_none
+from ._grads import contiguous_outputs, new_like, zeros_for_none
 
 SCAN_CHUNK = 32
 _LOG_ZERO = -1.0e4  # log of a zero decay: exp() of anything that includes it is exactly 0
@@ -135,13 +135,13 @@ def _session_scan_op(
     beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_session_scan(k, v, valid, state_k, state_v, n_seen, beta)
-    return reference_session_scan(k, v, valid, state_k, state_v, n_seen, beta)
+    return contiguous_outputs(reference_session_scan(k, v, valid, state_k, state_v, n_seen, beta))
 
 
 @_session_scan_op.register_fake
 def _(k, v, valid, state_k, state_v, n_seen, beta):
     check_session_scan(k, v, valid, state_k, state_v, n_seen, beta)
-    return torch.empty_like(k), torch.empty_like(v), torch.empty_like(state_k), torch.empty_like(state_v)
+    return new_like(k), new_like(v), new_like(state_k), new_like(state_v)
 
 
 def reference_session_scan_backward(
@@ -177,14 +177,16 @@ def _session_scan_backward_op(
     n_seen: torch.Tensor,
     beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return reference_session_scan_backward(
-        grad_sk, grad_sv, grad_state_k, grad_state_v, k, v, valid, state_k, state_v, n_seen, beta
+    return contiguous_outputs(
+        reference_session_scan_backward(
+            grad_sk, grad_sv, grad_state_k, grad_state_v, k, v, valid, state_k, state_v, n_seen, beta
+        )
     )
 
 
 @_session_scan_backward_op.register_fake
 def _(grad_sk, grad_sv, grad_state_k, grad_state_v, k, v, valid, state_k, state_v, n_seen, beta):
-    return torch.empty_like(k), torch.empty_like(v), torch.empty_like(state_k), torch.empty_like(state_v)
+    return new_like(k), new_like(v), new_like(state_k), new_like(state_v)
 
 
 def _setup_context(ctx, inputs, output):

@@ -125,3 +125,20 @@ def _bad(**over):
 def test_bad_input_names_the_argument(over, name) -> None:
     with pytest.raises(ValueError, match=name):
         torch.ops.mka.session_scan(**_bad(**over))
+
+
+def test_non_contiguous_inputs_fake_and_real_strides_agree() -> None:
+    """Outputs are contiguous in the fake and the real implementation alike (Inductor checks strides)."""
+    k = torch.randn(2, 13, 3, 5).transpose(1, 2)  # (B, H, T, d) view of a [B, T, H, d] projection
+    valid = torch.ones(2, 13, dtype=torch.bool)
+    st = torch.zeros(2, 3, 5)
+    n0 = torch.zeros(2, dtype=torch.int64)
+    opcheck(torch.ops.mka.session_scan.default, (k, k, valid, st, st.clone(), n0, 0.9))
+
+    def f(x):
+        kk = x.view(2, 13, 3, 5).transpose(1, 2)
+        a, b, _, _ = torch.ops.mka.session_scan(kk, kk, valid, st, st, n0, 0.9)
+        return a.transpose(1, 2).reshape(2, 13, 15) + b.sum()
+
+    x = torch.randn(2, 13, 15)
+    torch.testing.assert_close(torch.compile(f, backend="aot_eager")(x), f(x))
