@@ -37,6 +37,54 @@ def _bias_log2(bias):
 
 
 @triton.jit
+def _key_range(seq_k, start_m, offset, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """Keys a query block reads: ``[0, hi)``; ``[0, full_hi)`` are visible to every row (no causal mask)."""
+    if CAUSAL:
+        hi = tl.minimum(seq_k, start_m + BLOCK_M + offset)
+        full_hi = tl.minimum(seq_k, start_m + 1 + offset)
+    else:
+        hi = seq_k
+        full_hi = seq_k
+    return hi, full_hi
+
+
+@triton.jit
+def _mask_scores(
+    s,
+    mask_base,
+    stride_mm,
+    stride_mn,
+    offs_m,
+    offs_n,
+    row_ok,
+    col_ok,
+    offset,
+    start_n,
+    full_hi,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASK_KIND: tl.constexpr,
+):
+    """Apply the user mask (1: bool keep, 2: additive) and, past ``full_hi``, the causal/bounds mask to a
+    ``(BLOCK_M, BLOCK_N)`` tile of log2-scaled scores."""
+    if MASK_KIND != 0:
+        tile = mask_base + offs_m.to(tl.int64)[:, None] * stride_mm + offs_n.to(tl.int64)[None, :] * stride_mn
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        if MASK_KIND == 1:
+            keep = tl.load(tile, mask=tile_ok, other=0)
+            s = tl.where(keep != 0, s, float("-inf"))
+        else:
+            bias = tl.load(tile, mask=tile_ok, other=0.0)
+            s = s + _bias_log2(bias)
+    if start_n + BLOCK_N > full_hi:
+        ok = col_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= offs_m[:, None] + offset)
+        s = tl.where(ok, s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _flash_attention_fwd_kernel(
     Q,
     K,
@@ -103,13 +151,7 @@ def _flash_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    # keys [0, full_hi) are visible to every row of the block; [full_hi, hi) need the causal/bounds mask
-    if CAUSAL:
-        hi = tl.minimum(seq_k, start_m + BLOCK_M + offset)
-        full_hi = tl.minimum(seq_k, start_m + 1 + offset)
-    else:
-        hi = seq_k
-        full_hi = seq_k
+    hi, full_hi = _key_range(seq_k, start_m, offset, BLOCK_M=BLOCK_M, CAUSAL=CAUSAL)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_n64 = offs_n.to(tl.int64)
@@ -117,20 +159,22 @@ def _flash_attention_fwd_kernel(
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + offs_n64[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        if MASK_KIND != 0:
-            tile = mask_base + offs_m64[:, None] * stride_mm + offs_n64[None, :] * stride_mn
-            tile_ok = row_ok[:, None] & col_ok[None, :]
-            if MASK_KIND == 1:
-                keep = tl.load(tile, mask=tile_ok, other=0)
-                s = tl.where(keep != 0, s, float("-inf"))
-            else:
-                bias = tl.load(tile, mask=tile_ok, other=0.0)
-                s = s + _bias_log2(bias)
-        if start_n + BLOCK_N > full_hi:
-            ok = col_ok[None, :] & row_ok[:, None]
-            if CAUSAL:
-                ok = ok & (offs_n[None, :] <= offs_m[:, None] + offset)
-            s = tl.where(ok, s, float("-inf"))
+        s = _mask_scores(
+            s,
+            mask_base,
+            stride_mm,
+            stride_mn,
+            offs_m,
+            offs_n,
+            row_ok,
+            col_ok,
+            offset,
+            start_n,
+            full_hi,
+            BLOCK_N=BLOCK_N,
+            CAUSAL=CAUSAL,
+            MASK_KIND=MASK_KIND,
+        )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key so far: keep exp2 finite
         alpha = tl.exp2(m_i - m_use)
@@ -417,12 +461,7 @@ def _flash_attention_bwd_dq_kernel(
     mask_base = Mask + b * stride_mb + h * stride_mh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    if CAUSAL:
-        hi = tl.minimum(seq_k, start_m + BLOCK_M + offset)
-        full_hi = tl.minimum(seq_k, start_m + 1 + offset)
-    else:
-        hi = seq_k
-        full_hi = seq_k
+    hi, full_hi = _key_range(seq_k, start_m, offset, BLOCK_M=BLOCK_M, CAUSAL=CAUSAL)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_n64 = offs_n.to(tl.int64)
@@ -431,20 +470,22 @@ def _flash_attention_bwd_dq_kernel(
         k = tl.load(k_base + offs_n64[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n64[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        if MASK_KIND != 0:
-            tile = mask_base + offs_m64[:, None] * stride_mm + offs_n64[None, :] * stride_mn
-            tile_ok = row_ok[:, None] & col_ok[None, :]
-            if MASK_KIND == 1:
-                keep = tl.load(tile, mask=tile_ok, other=0)
-                s = tl.where(keep != 0, s, float("-inf"))
-            else:
-                bias = tl.load(tile, mask=tile_ok, other=0.0)
-                s = s + _bias_log2(bias)
-        if start_n + BLOCK_N > full_hi:
-            ok = col_ok[None, :] & row_ok[:, None]
-            if CAUSAL:
-                ok = ok & (offs_n[None, :] <= offs_m[:, None] + offset)
-            s = tl.where(ok, s, float("-inf"))
+        s = _mask_scores(
+            s,
+            mask_base,
+            stride_mm,
+            stride_mn,
+            offs_m,
+            offs_n,
+            row_ok,
+            col_ok,
+            offset,
+            start_n,
+            full_hi,
+            BLOCK_N=BLOCK_N,
+            CAUSAL=CAUSAL,
+            MASK_KIND=MASK_KIND,
+        )
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
