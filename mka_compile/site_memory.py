@@ -1,0 +1,249 @@
+"""What a converted site does at run time: ``SiteMemory`` (its new parameters, per-call context and hooks'
+work), token validity from the site's mask, the session RoPE for MKA mode, and ``routing_stats``."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mka_compile import kernels as K
+from mka_compile.config import MKAConfig
+from mka_compile.layers.attention import Router, routing_weights
+from mka_compile.layers.cache import MKALayerState
+from mka_compile.report import Site
+
+
+@dataclass
+class _Call:
+    """What one forward call of a converted site needs between its hooks."""
+
+    valid: torch.Tensor  # (B, T) bool
+    state: MKALayerState
+    q: torch.Tensor | None = None  # (B, T, H*d) query projection output
+    lam: torch.Tensor | None = None  # (B, G, T, L)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SiteMemory(nn.Module):
+    """The new parameters and hooks of one converted site (registered as ``<site>.mka``)."""
+
+    def __init__(self, site: Site, q_features: int, config: MKAConfig, mode: str = "fastmka") -> None:
+        super().__init__()
+        self.config = config
+        self.mode = mode
+        self.rope = site.rope
+        self.num_heads, self.num_kv_heads, self.head_dim = site.num_heads, site.num_kv_heads, site.head_dim
+        self.groups = self.num_kv_heads if config.router_per_head else 1
+        hidden = config.router_hidden or max(1, q_features // 2)
+        self.router = Router(q_features, hidden, self.groups * config.num_levels)
+        self.gate = nn.Parameter(torch.full((1,), float(config.gate_init)))
+        self.recall_scale = config.recall_scale or site.head_dim**-0.5
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._call: _Call | None = None
+        self._handles: list[Any] = []
+        self._stats: list[tuple[torch.Tensor, float]] | None = None  # set while routing_stats() records
+
+    # -- per-call context -----------------------------------------------------------------------------
+    def state_for(self, cache: Any, batch: int, ref: torch.Tensor) -> MKALayerState:
+        sdt = torch.float64 if ref.dtype == torch.float64 else torch.float32
+        fresh = lambda: MKALayerState.empty(batch, self.num_kv_heads, self.head_dim, ref.device, sdt)  # noqa: E731
+        if cache is None:
+            return fresh()
+        st = self._states.get(cache)
+        if st is None or st.n_seen.shape[0] != batch:
+            st = self._states[cache] = fresh()
+        return st
+
+    def begin(self, hidden: torch.Tensor, mask: Any, cache: Any, cache_position: Any, rope: Any = None) -> None:
+        B, T = hidden.shape[0], hidden.shape[1]
+        self._call = _Call(
+            valid=_valid_tokens(mask, B, T, cache_position, hidden.device), state=self.state_for(cache, B, hidden)
+        )
+        self._call.extra["rope"] = rope
+
+    def end(self) -> None:
+        call, self._call = self._call, None
+        if call is not None:
+            call.state.n_seen = call.state.n_seen + call.valid.sum(-1)
+
+    # -- the routed mix ---------------------------------------------------------------------------------
+    def on_kv(self, which: str, out: torch.Tensor, q_proj: nn.Module, other: nn.Module, hidden: torch.Tensor):
+        """Separate projections: the first of the k/v hooks to fire runs the other projection itself (once, as
+        an inner call), mixes keys and values together, and leaves the other's result for its hook."""
+        call = self._call
+        if call is None or call.extra.get("inner"):  # outside the site's forward, or our own projection call
+            return out
+        if which in call.extra:  # computed when the other projection's hook fired
+            return call.extra.pop(which)
+        if call.q is None:
+            call.q = q_proj(hidden)
+        call.extra["inner"] = True
+        try:
+            other_out = other(hidden)
+        finally:
+            call.extra["inner"] = False
+        k_out, v_out = (out, other_out) if which == "k" else (other_out, out)
+        B, T = out.shape[0], out.shape[1]
+        heads = lambda t: t.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        kf, vf = self.mix_levels(heads(k_out), heads(v_out))  # (B, Hkv, T, d)
+        if self.mode == "fastmka":
+            k_out, v_out = kf.transpose(1, 2).reshape(k_out.shape), vf.transpose(1, 2).reshape(v_out.shape)
+        call.extra["v" if which == "k" else "k"] = v_out if which == "k" else k_out
+        return k_out if which == "k" else v_out
+
+    def mix_fused(self, out: torch.Tensor, maps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A fused QKV projection's output ``[B, T, F]`` with its k and v features replaced by their mixes.
+
+        ``maps[x]: [heads, d]`` are the output features that form q, k and v (read off the graph)."""
+        call = self._call
+        if call is None:
+            return out
+        B, T = out.shape[0], out.shape[1]
+        call.q = out[..., maps["q"]].reshape(B, T, -1)  # (B, T, H*d)
+        kf, vf = self.mix_levels(out[..., maps["k"]].transpose(1, 2), out[..., maps["v"]].transpose(1, 2))
+        if self.mode == "mka":  # MKA mode only records the levels; attention reads them
+            return out
+        new = out.clone()
+        new[..., maps["k"]] = kf.transpose(1, 2)
+        new[..., maps["v"]] = vf.transpose(1, 2)
+        return new
+
+    def mix_levels(self, k1: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``k1, v1: [B, Hkv, T, d]`` (this call's keys and values) -> their routed mixes (FastMKA), and the
+        levels recorded in the call for MKA mode's attention."""
+        call = self._call
+        cfg, st = self.config, call.state
+        B, _, T, d = k1.shape
+        Hkv, H = self.num_kv_heads, self.num_heads
+        ks, vs = [k1], [v1]
+        if cfg.uses_session:
+            sk, sv, st.ema_k, st.ema_v = K.session_scan(k1, v1, cfg.ema_beta, call.valid, st.ema_k, st.ema_v, st.n_seen)
+            ks.append(sk)
+            vs.append(sv)
+            call.extra["ema_k"], call.extra["ema_v"] = sk, sv
+        has_recall = None
+        if cfg.uses_longterm:
+            st.reserve(T, cfg.chunk_size)
+            st.part_k, st.part_v, st.summ_k, st.summ_v = torch.ops.mka.chunk_update(
+                k1, v1, call.valid, st.n_seen, st.part_k, st.part_v, st.summ_k, st.summ_v, cfg.chunk_size
+            )
+            q = call.q.view(B, T, H, d).transpose(1, 2)  # (B, H, T, d)
+            q_r = q.reshape(B, Hkv, H // Hkv, T, d).mean(2)  # (B, Hkv, T, d)
+            pos = K.real_positions(call.valid, st.n_seen)
+            idx, found = torch.ops.mka.recall_select(q_r, st.summ_k, pos, cfg.chunk_size, cfg.top_r, None, None)
+            sel = K.recall_mask(idx, found, st.summ_k.shape[2])  # (B, Hkv, T, S)
+            probs = K.recall_probs(q_r[:, :, None], st.summ_k, sel, self.recall_scale)[:, :, 0]  # (B, Hkv, T, S)
+            ks.append((probs @ st.summ_k).to(k1.dtype))
+            vs.append((probs @ st.summ_v).to(v1.dtype))
+            has_recall = found[:, 0].any(-1)  # (B, T)
+            call.extra["recall"] = (idx, found)
+        call.lam = routing_weights(self.router, self.gate, call.q, has_recall, cfg.num_levels, self.groups)
+        if self._stats is not None:
+            w = call.valid[:, None, :, None].to(call.lam.dtype)  # (B, 1, T, 1): real tokens only
+            self._stats.append(((call.lam.detach() * w).sum((0, 1, 2)), float(w.sum()) * call.lam.shape[1]))
+        if self.mode == "mka":
+            return k1, v1
+        return K.route_mix(call.lam, ks, vs)  # (B, Hkv, T, d) each
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+        """MKA mode: ``sum_l lam_l Attn(q, K_l, V_l)`` over the site's own (rotated, cached) keys, the session
+        EMA keys (rotated at each position, cached here) and the recalled summaries. Returns ``[B, T, H, d]``."""
+        call = self._call
+        cfg, st = self.config, call.state
+        B, H, T, d = query.shape
+        ks, vs = [key], [value]
+        valid = call.valid
+        st.kv_valid = valid if st.kv_valid is None else torch.cat([st.kv_valid, valid], 1)
+        if cfg.uses_session:
+            k2 = _rotate(call.extra["ema_k"], call.extra.get("rope"), self.rope).to(key.dtype)  # (B, Hkv, T, d)
+            v2 = call.extra["ema_v"].to(value.dtype)
+            st.kv = [torch.cat([a, b], 2) for a, b in zip(st.kv, (k2, v2))] if st.kv else [k2, v2]
+            ks.append(st.kv[0])
+            vs.append(st.kv[1])
+        if st.kv_valid.shape[1] != key.shape[2]:
+            raise RuntimeError(
+                f"MKA mode keeps its own session cache of {st.kv_valid.shape[1]} positions but the model's cache "
+                f"has {key.shape[2]}; MKA conversion supports dynamic caches (use FastMKA for static caches)"
+            )
+        kw = {}
+        if cfg.uses_longterm:
+            idx, found = call.extra["recall"]
+            q3 = call.q.view(B, T, H, d).transpose(1, 2)  # (B, H, T, d) un-rotated
+            kw = dict(q3=q3.to(query.dtype), mem_k=st.summ_k, mem_v=st.summ_v, idx3=idx, found3=found)
+        out = K.mka_attention(query, ks, vs, call.lam, kv_valid=st.kv_valid, scale=float(scaling), causal=True, **kw)
+        call.extra["attended"] = True
+        return out.transpose(1, 2).contiguous()  # (B, T, H, d)
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _rotate(x: torch.Tensor, tables: Any, style: str | None) -> torch.Tensor:
+    """Apply the site's rotate-half RoPE (from its ``position_embeddings = (cos, sin)``) to ``[B, h, T, d]``;
+    partial rotary rotates the first ``cos.shape[-1]`` features and passes the rest."""
+    if style is None:
+        return x
+    cos, sin = tables  # (B or 1, T, rot)
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    rot = cos.shape[-1]
+    xr, xp = x[..., :rot], x[..., rot:]
+    x1, x2 = xr.chunk(2, -1)
+    return torch.cat([xr * cos + torch.cat([-x2, x1], -1) * sin, xp], -1)
+
+
+def is_cache(x: Any) -> bool:
+    return hasattr(x, "get_seq_length") and hasattr(x, "update") and not isinstance(x, (torch.Tensor, nn.Module))
+
+
+def _valid_tokens(mask: Any, B: int, T: int, cache_position: Any, device) -> torch.Tensor:
+    """``[B, T]``: which of this call's tokens are real, read from the site's attention mask.
+
+    A 4-D mask ``[B, 1, Tq, Tk]`` (bool keep, or additive) marks a padded query by masking its own key
+    (the diagonal, at ``cache_position`` or bottom-right); a 2-D mask ``[B, Tk]`` is read directly."""
+    if not isinstance(mask, torch.Tensor):
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+    keep = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    if keep.dim() == 2:
+        return keep[:, -T:].expand(B, T).to(device)
+    if keep.dim() != 4:
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+    tq, tk = keep.shape[-2], keep.shape[-1]
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel() == T:
+        cols = cache_position.to(keep.device).long()
+    else:
+        cols = torch.arange(T, device=keep.device) + (tk - tq)
+    rows = torch.arange(T, device=keep.device) + (tq - T)
+    diag = keep[:, 0, rows, cols.clamp(max=tk - 1)]  # (B or 1, T)
+    return diag.expand(B, T).to(device)
+
+
+@torch.no_grad()
+def routing_stats(model: nn.Module, batches: list[Any]) -> dict[str, dict[str, float]]:
+    """Mean routing weight of each memory level at each converted site over ``batches`` (real tokens only).
+
+    ``batches``: inputs for ``model`` (a tensor, a tuple of positional arguments, or a dict of keyword
+    arguments). Returns ``{site: {level: mean lambda}}``; right after conversion every site is
+    ``{"local": 1.0, ...: 0.0}``, and training moves it."""
+    sites = {name.removesuffix(".mka"): m for name, m in model.named_modules() if isinstance(m, SiteMemory)}
+    if not sites:
+        raise ValueError("the model has no converted site; call mka_compile.convert(model) first")
+    for m in sites.values():
+        m._stats = []
+    try:
+        for b in batches:
+            model(**b) if isinstance(b, dict) else model(*b) if isinstance(b, (tuple, list)) else model(b)
+        out = {}
+        for name, m in sites.items():
+            total = sum(t for t, _ in m._stats)
+            count = sum(c for _, c in m._stats)
+            out[name] = {lv: float(total[i] / max(count, 1.0)) for i, lv in enumerate(m.config.levels)}
+        return out
+    finally:
+        for m in sites.values():
+            m._stats = None
