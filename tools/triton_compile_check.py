@@ -1,4 +1,4 @@
-"""Compile the memory-path Triton kernels for a GPU target on a machine without a GPU.
+"""Compile every Triton kernel (memory path and attention) for a GPU target on a machine without a GPU.
 
 The interpreter tests check the kernels' arithmetic; this checks that they also *compile* (types of
 loop-carried values, constexpr specialisation of arguments equal to 1, layouts, register use) for a CUDA
@@ -12,6 +12,7 @@ would have had on a GPU, and the table lists registers, spills and shared memory
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -24,7 +25,11 @@ from triton.compiler import ASTSource
 
 from mka_compile.kernels import fastmka_mix_triton as fm
 from mka_compile.kernels import longterm_triton as lt
+from mka_compile.kernels import mka_attention_triton as mt
 from mka_compile.kernels import session_scan_triton as ss
+
+fa = importlib.import_module("mka_compile.kernels.flash_attention")  # the package (the name is also a function)
+da = importlib.import_module("mka_compile.kernels.decode_attention")
 
 _TY = {
     torch.float32: "fp32",
@@ -113,6 +118,36 @@ def run_cases() -> None:
                 fm.fastmka_mix_bwd(*g, *args, rope_grad=rope)
             _Compile.case = f"{str(dt)[6:]} T={T} C=16"
             lt.chunk_update_fwd(k, v, valid, n, *st, torch.zeros(B, H, 40, d), torch.zeros(B, H, 40, d), 16)
+    for dt in (torch.float32, torch.bfloat16):  # attention kernels: GQA (8 query heads on 2 kv heads), causal
+        T = 300
+        q, k, v = _rand(B, 8, T, d, dtype=dt), _rand(B, 2, T, d, dtype=dt), _rand(B, 2, T, d, dtype=dt)
+        _Compile.case = f"{str(dt)[6:]} flash T={T} causal"
+        out, lse = torch.zeros_like(q), torch.zeros(B, 8, T)
+        fa.flash_attention_fwd(q, k, v, None, None, True, block_m=64, block_n=64, num_warps=4, num_stages=2)
+        fa.flash_attention_bwd(
+            q, q, k, v, out, lse, None, None, True, block_m=64, block_n=64, num_warps=4, num_stages=2
+        )
+        _Compile.case = f"{str(dt)[6:]} decode Tk={T}"
+        da.decode_attention_fwd(q[:, :, :2], k, v, torch.ones(B, T, dtype=torch.bool), None, True, num_splits=4)
+        _Compile.case = f"{str(dt)[6:]} mka T={T} R=8"
+        lam = torch.softmax(torch.randn(B, 1, T, 3), -1)
+        idx = torch.randint(0, 16, (B, 2, T, 8))
+        margs = (
+            q,
+            [k, k],
+            [v, v],
+            lam,
+            q,
+            torch.randn(B, 2, 16, d),
+            torch.randn(B, 2, 16, d),
+            idx,
+            torch.ones(B, 2, T, 8, dtype=torch.bool),
+            torch.ones(B, T, dtype=torch.bool),
+            d**-0.5,
+            True,
+        )
+        mt.mka_attention_fwd(*margs)
+        mt.mka_attention_bwd(q, *margs, lse=torch.zeros(B, 8, 3, T), levels=torch.zeros(B, 8, 3, T, d))
     pos = torch.arange(300).expand(B, 300).contiguous()
     for R, bank in ((8, True), (32, False)):
         _Compile.case = f"recall R={R} bank={bank}"
@@ -126,8 +161,12 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
     ns = parser.parse_args()
     _Compile.target = GPUTarget("cuda", ns.arch, 32)
-    for mod in (ss, fm, lt):
+    for mod in (ss, fm, lt, mt):
         mod.for_device = lambda kernel, device: _Compile(kernel)
+    for mod in (fa, da):
+        mod.launchable = lambda kernel, device: _Compile(kernel)
+    compiled_meta = mt._dot_meta  # compile as for a GPU: no interpreter-only bf16 upcast
+    mt._dot_meta = lambda q, allow_tf32: {**compiled_meta(q, allow_tf32), "DOT_UPCAST": False}
     run_cases()
     failed = 0
     for name, case, res in _Compile.rows:
