@@ -163,7 +163,7 @@ def main() -> int:
     _Compile.target = GPUTarget("cuda", ns.arch, 32)
     for mod in (ss, fm, lt, mt):
         mod.for_device = lambda kernel, device: _Compile(kernel)
-    for mod in (fa, da):
+    for mod in (fa, da, importlib.import_module("mka_compile.kernels.flash_attention.plumbing")):
         mod.launchable = lambda kernel, device: _Compile(kernel)
     compiled_meta = mt._dot_meta  # compile as for a GPU: no interpreter-only bf16 upcast
     mt._dot_meta = lambda q, allow_tf32: {**compiled_meta(q, allow_tf32), "DOT_UPCAST": False}
