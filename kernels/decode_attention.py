@@ -41,12 +41,12 @@ from .flash_attention import (
     cdiv,
     check_flash_attention,
     check_triton,
+    decode_kernels,
     device_scope,
     dot_precision,
     launch,
     launchable,
     reference_flash_attention,
-    triton_kernels,
 )
 
 try:  # triton is optional (Linux-only); without it the op runs the reference on every device
@@ -163,7 +163,7 @@ def decode_attention_fwd(
     key = None if pinned or q.device.type == "cpu" else ("decode", q.device, q.dtype, d, bm, bool(causal), precision)
     with device_scope(q):
         launch(
-            triton_kernels._decode_attention_split_kernel,
+            decode_kernels._decode_attention_split_kernel,
             q,
             lambda bm_, bn_: (splits, B * Hkv, row_blocks),
             args,
@@ -171,7 +171,7 @@ def decode_attention_fwd(
             configs,
             key,
         )
-        launchable(triton_kernels._decode_attention_merge_kernel, q.device)[(B * H * Tq,)](
+        launchable(decode_kernels._decode_attention_merge_kernel, q.device)[(B * H * Tq,)](
             part_out,
             part_lse,
             out,

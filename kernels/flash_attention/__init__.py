@@ -64,11 +64,11 @@ from .plumbing import (  # noqa: F401  (re-exported for decode_attention and too
 
 try:  # triton is optional (Linux-only); without it the ops run the reference on every device
     from .. import _triton
-    from . import triton_kernels
+    from . import decode_kernels, triton_kernels
 except ModuleNotFoundError as _err:  # pragma: no cover - exercised only where triton is missing
     if _err.name != "triton":
         raise
-    _triton = triton_kernels = None
+    _triton = triton_kernels = decode_kernels = None
 
 Q_BLOCK = 256  # query rows per step of the reference (memory O(Q_BLOCK x Tk) per head)
 MAX_HEAD_DIM = 256
