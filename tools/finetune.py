@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -28,62 +27,12 @@ from rich.progress import Progress
 from rich.table import Table
 
 import mka_compile
-
-DATA = Path(__file__).resolve().parents[1] / "data"
-
-
-def load_corpus(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Byte-level token ids ``(train, validation)``."""
-    if name == "shakespeare":
-        raw = (DATA / "tinyshakespeare.txt").read_bytes()
-        cut = int(0.9 * len(raw))
-        train, val = raw[:cut], raw[cut:]
-    else:
-        train, val = (DATA / "wikitext2_valid.txt").read_bytes(), (DATA / "wikitext2_test.txt").read_bytes()
-    as_ids = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8).long()  # noqa: E731
-    return as_ids(train), as_ids(val)
-
-
-def batches(ids: torch.Tensor, batch: int, seq: int, gen: torch.Generator):
-    while True:
-        starts = torch.randint(0, len(ids) - seq - 1, (batch,), generator=gen)
-        yield torch.stack([ids[s : s + seq] for s in starts.tolist()])
-
-
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor, seq: int, max_windows: int) -> float:
-    """exp(mean NLL) over non-overlapping windows of the validation ids (every token predicted once)."""
-    model.eval()
-    n = min(max_windows, (len(ids) - 1) // seq)
-    windows = ids[: n * seq].view(n, seq)
-    nll = 0.0
-    for i in range(0, n, 8):
-        chunk = windows[i : i + 8]
-        nll += float(model(chunk, labels=chunk, use_cache=False).loss) * chunk.numel()
-    model.train()
-    return math.exp(nll / windows.numel())
+from mka_compile.training import batches, load_corpus, perplexity, train  # noqa: F401 (re-exported)
 
 
 def gen_copy(seed: int) -> torch.Generator:
     """The fine-tuning batches: the same sequence for the converted model and the control."""
     return torch.Generator().manual_seed(seed + 1)
-
-
-def train(model, data, steps: int, lr: float, label: str, progress: Progress) -> list[float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    task = progress.add_task(label, total=steps)
-    losses = []
-    model.train()
-    for _ in range(steps):
-        x = next(data)
-        loss = model(x, labels=x, use_cache=False).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        progress.update(task, advance=1, description=f"{label} loss {loss.item():.3f}")
-    return losses
 
 
 def main(argv: list[str] | None = None) -> dict:

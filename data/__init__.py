@@ -1,0 +1,1 @@
+"""Bundled text corpora (installed as ``mka_compile.data``); attribution in ``README.md`` beside this file."""
