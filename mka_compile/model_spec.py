@@ -69,7 +69,10 @@ def _tiny(family: str, attn_implementation: str) -> LoadedModel:
     try:
         cfg = tf.AutoConfig.for_model(family, **TINY)
     except ValueError as e:
-        raise SpecError(f"tiny:{family}: unknown Hugging Face model type ({e}); try tiny:llama or tiny:gpt2") from e
+        raise SpecError(
+            f"tiny:{family}: not a Hugging Face model type this transformers knows "
+            f"({str(e)[:80]}...); try tiny:llama, tiny:qwen2, tiny:gpt2 or tiny:gpt_neox"
+        ) from e
     if hasattr(cfg, "head_dim"):
         cfg.head_dim = TINY["hidden_size"] // TINY["num_attention_heads"]
     return _from_config(cfg, f"tiny random {family} (2 layers, hidden 64, 4/2 heads)", attn_implementation)

@@ -3,26 +3,26 @@
     python tools/bench_convert.py               # tiny Llama: d=256, 4 layers, 8 heads, 4 kv heads, T=1024, batch 1
 
 Times, side by side in one run (interleaved, median of --repeats): the original model and the same model
-converted to FastMKA and to MKA (all three memory levels, random router values), forward and forward+backward.
+converted to FastMKA and to MKA (all three memory levels, random router values), forward and forward+backward
+(``mka_compile.bench.model_ratios``; also ``mka-compile bench``).
 Goals (issue 4): FastMKA forward / original <= 1.10, forward+backward <= 1.15, MKA forward <= 1.6.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import statistics
-import time
 
 import torch
 import transformers as tf
 from rich.console import Console
 from rich.table import Table
 
-import mka_compile
+from mka_compile.bench import model_ratios
+
+GOALS = {"fastmka fwd": 1.10, "fastmka fwd+bwd": 1.15, "mka fwd": 1.6}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=11)
@@ -38,56 +38,20 @@ def main(argv: list[str] | None = None) -> None:
         max_position_embeddings=4096,
     )
     base = tf.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
-    conv = mka_compile.convert(copy.deepcopy(base))
-    full = mka_compile.convert(copy.deepcopy(base), mode="mka")
-    with torch.no_grad():
-        for m in (conv, full):
-            for name, prm in m.named_parameters():
-                if ".mka." in name:
-                    prm.fill_(1.0) if name.endswith("gate") else prm.normal_(0, 0.3)
     ids = torch.randint(0, 1000, (1, args.tokens))
-
-    def fwd(m):
-        with torch.no_grad():
-            m(ids, use_cache=False)
-
-    def fwd_bwd(m):
-        m(ids, labels=ids, use_cache=False).loss.backward()
-
-    cands = {
-        "original fwd": lambda: fwd(base),
-        "FastMKA fwd": lambda: fwd(conv),
-        "MKA fwd": lambda: fwd(full),
-        "original fwd+bwd": lambda: fwd_bwd(base),
-        "FastMKA fwd+bwd": lambda: fwd_bwd(conv),
-    }
-    for f in cands.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in cands}
-    for r in range(args.repeats):
-        names = list(cands)
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            cands[name]()
-            times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    rows = model_ratios(base, dict(input_ids=ids, labels=ids, use_cache=False), repeats=args.repeats)
     t = Table(
         title=f"convert overhead: tiny Llama d=256, 4 layers, 8/4 heads, T={args.tokens}, batch 1 "
         f"(torch {torch.__version__}, {torch.get_num_threads()} threads)"
     )
-    for col in ("measurement", "median ms", "ratio to original", "goal"):
+    for col in ("measurement", "median ms", "ratio to original", "goal", "met"):
         t.add_column(col)
-    t.add_row("original fwd", f"{med['original fwd']:.1f}", "1.00", "")
-    t.add_row("FastMKA fwd", f"{med['FastMKA fwd']:.1f}", f"{med['FastMKA fwd'] / med['original fwd']:.2f}", "<= 1.10")
-    t.add_row("MKA fwd", f"{med['MKA fwd']:.1f}", f"{med['MKA fwd'] / med['original fwd']:.2f}", "<= 1.6")
-    t.add_row("original fwd+bwd", f"{med['original fwd+bwd']:.1f}", "1.00", "")
-    t.add_row(
-        "FastMKA fwd+bwd",
-        f"{med['FastMKA fwd+bwd']:.1f}",
-        f"{med['FastMKA fwd+bwd'] / med['original fwd+bwd']:.2f}",
-        "<= 1.15",
-    )
+    for r in rows:
+        goal = GOALS.get(r["what"])
+        met = "" if goal is None else ("yes" if r["ratio"] <= goal else "no")
+        t.add_row(r["what"], f"{r['ms']:.1f}", f"{r['ratio']:.2f}", "" if goal is None else f"<= {goal}", met)
     Console().print(t)
+    return rows
 
 
 if __name__ == "__main__":
