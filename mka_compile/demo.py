@@ -112,7 +112,6 @@ def run_demo(quick: bool = False, corpus: str = "shakespeare", out: str = "out/d
     with torch.no_grad():
         for _ in range(16):
             seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    same_gen = torch.equal(gen_out, seq)
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
     onnx_err, onnx_nodes = onnx_parity(model, val_ids[2000 : 2000 + 80].view(1, 80), outdir / "demo_fastmka.onnx")
