@@ -28,9 +28,10 @@ def mka_mode_problem(model: nn.Module, plan) -> str | None:
     """Why ``plan``'s site cannot be converted to MKA mode, or None."""
     if _config(model) is None:
         return "MKA mode needs a Hugging Face model (attention dispatched through transformers' AttentionInterface)"
-    if plan.site.rope not in (None, "rotate_half", "partial_rotate_half"):
+    if plan.site.rope not in (None, "rotate_half", "partial_rotate_half", "interleaved", "partial_interleaved"):
         return (
-            f"MKA mode supports no RoPE or (partial) rotate-half RoPE; this site uses {plan.site.rope!r} (use FastMKA)"
+            f"MKA mode supports no RoPE, (partial) rotate-half or interleaved RoPE; this site uses "
+            f"{plan.site.rope!r} (use FastMKA)"
         )
     return None
 
@@ -95,9 +96,14 @@ def check_dispatch(model: nn.Module, sites: list[str], example_inputs: Any) -> N
     try:
         was = model.training
         model.eval()
-        model(**inputs) if isinstance(inputs, dict) else model(*inputs)
-        model.train(was)
+        try:
+            model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+        except RuntimeError as e:
+            if "MKA mode" not in str(e):
+                raise
+            raise ConversionError([(n, str(e)) for n in sites]) from None
     finally:
+        model.train(was)
         for h in hooks:
             h.remove()
     missing = [n for n in sites if n not in seen]

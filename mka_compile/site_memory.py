@@ -36,6 +36,7 @@ class SiteMemory(nn.Module):
         self.config = config
         self.mode = mode
         self.rope = site.rope
+        self.rope_tables: str | None = None if site.qk_norm is None else "cos_sin"  # MKA mode; see calibrate_rope
         self.num_heads, self.num_kv_heads, self.head_dim = site.num_heads, site.num_kv_heads, site.head_dim
         self.groups = self.num_kv_heads if config.router_per_head else 1
         hidden = config.router_hidden or max(1, q_features // 2)
@@ -46,17 +47,28 @@ class SiteMemory(nn.Module):
         self._call: _Call | None = None
         self._handles: list[Any] = []
         self._stats: list[tuple[torch.Tensor, float]] | None = None  # set while routing_stats() records
+        self.fixed_slots = 0  # > 0: states made here preallocate that many summary slots (set by export)
 
     # -- per-call context -----------------------------------------------------------------------------
     def state_for(self, cache: Any, batch: int, ref: torch.Tensor) -> MKALayerState:
         sdt = torch.float64 if ref.dtype == torch.float64 else torch.float32
-        fresh = lambda: MKALayerState.empty(batch, self.num_kv_heads, self.head_dim, ref.device, sdt)  # noqa: E731
+        fresh = lambda: MKALayerState.empty(  # noqa: E731
+            batch, self.num_kv_heads, self.head_dim, ref.device, sdt, self.fixed_slots
+        )
         if cache is None:
             return fresh()
         st = self._states.get(cache)
         if st is None or st.n_seen.shape[0] != batch:
             st = self._states[cache] = fresh()
         return st
+
+    def bind_state(self, cache: Any, state: MKALayerState) -> None:
+        """Make ``state`` the MKA state of this site for calls with ``cache`` (decode-step export)."""
+        self._states[cache] = state
+
+    def state_of(self, cache: Any) -> MKALayerState | None:
+        """The MKA state this site keeps for ``cache`` (None before the first call with it)."""
+        return self._states.get(cache)
 
     def begin(self, hidden: torch.Tensor, mask: Any, cache: Any, cache_position: Any, rope: Any = None) -> None:
         B, T = hidden.shape[0], hidden.shape[1]
@@ -146,6 +158,7 @@ class SiteMemory(nn.Module):
             w = call.valid[:, None, :, None].to(call.lam.dtype)  # (B, 1, T, 1): real tokens only
             self._stats.append(((call.lam.detach() * w).sum((0, 1, 2)), float(w.sum()) * call.lam.shape[1]))
         if self.mode == "mka":
+            call.extra["k1"] = k1  # to check how the site rotates its keys (calibrate_rope)
             return k1, v1
         return K.route_mix(call.lam, ks, vs)  # (B, Hkv, T, d) each
 
@@ -159,7 +172,10 @@ class SiteMemory(nn.Module):
         valid = call.valid
         st.kv_valid = valid if st.kv_valid is None else torch.cat([st.kv_valid, valid], 1)
         if cfg.uses_session:
-            k2 = _rotate(call.extra["ema_k"], call.extra.get("rope"), self.rope).to(key.dtype)  # (B, Hkv, T, d)
+            tables = call.extra.get("rope")
+            if self.rope is not None and self.rope_tables is None:  # first call: learn how the tables are given
+                self.rope_tables = calibrate_rope(call.extra["k1"], key[:, :, -T:], tables, self.rope)
+            k2 = _rotate(call.extra["ema_k"], tables, self.rope, self.rope_tables).to(key.dtype)  # (B, Hkv, T, d)
             v2 = call.extra["ema_v"].to(value.dtype)
             st.kv = [torch.cat([a, b], 2) for a, b in zip(st.kv, (k2, v2))] if st.kv else [k2, v2]
             ks.append(st.kv[0])
@@ -184,17 +200,53 @@ class SiteMemory(nn.Module):
         self._handles.clear()
 
 
-def _rotate(x: torch.Tensor, tables: Any, style: str | None) -> torch.Tensor:
-    """Apply the site's rotate-half RoPE (from its ``position_embeddings = (cos, sin)``) to ``[B, h, T, d]``;
-    partial rotary rotates the first ``cos.shape[-1]`` features and passes the rest."""
+ROPE_TABLES = ("cos_sin", "sin_cos_half")  # (cos, sin) at full rotary width (Llama, Cohere); GPT-J's (sin, cos)
+
+
+def _rotate(x: torch.Tensor, tables: Any, style: str | None, convention: str = "cos_sin") -> torch.Tensor:
+    """Apply the site's RoPE (from its ``position_embeddings``) to ``[B, h, T, d]``: rotate-half (Llama) or
+    interleaved pairs (Cohere, GPT-J); partial rotary rotates the first ``rot`` features and passes the rest.
+    ``convention``: how the tables are given: ``"cos_sin"`` = ``(cos, sin)``, each ``[B or 1, T, rot]``;
+    ``"sin_cos_half"`` = ``(sin, cos)``, each ``[B or 1, T, rot / 2]`` (one angle per pair, GPT-J)."""
     if style is None:
         return x
-    cos, sin = tables  # (B or 1, T, rot)
+    if tables is None:
+        raise RuntimeError(
+            f"MKA mode needs the site's RoPE tables (position_embeddings) for its {style} RoPE, but this attention "
+            "module does not receive them (use FastMKA for this model)"
+        )
+    if convention == "sin_cos_half":
+        sin, cos = (t.repeat_interleave(2, -1) for t in tables)
+    else:
+        cos, sin = tables
     cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
     rot = cos.shape[-1]
     xr, xp = x[..., :rot], x[..., rot:]
-    x1, x2 = xr.chunk(2, -1)
-    return torch.cat([xr * cos + torch.cat([-x2, x1], -1) * sin, xp], -1)
+    if style.endswith("interleaved"):
+        turned = torch.stack([-xr[..., 1::2], xr[..., ::2]], -1).flatten(-2)
+    else:
+        x1, x2 = xr.chunk(2, -1)
+        turned = torch.cat([-x2, x1], -1)
+    return torch.cat([xr * cos + turned * sin, xp], -1)
+
+
+def calibrate_rope(raw: torch.Tensor, rotated: torch.Tensor, tables: Any, style: str) -> str:
+    """Which table convention reproduces the model's own rotation of this call's keys (``raw`` -> ``rotated``,
+    both ``[B, Hkv, T, d]``); a clear error when none does."""
+    tol = dict(rtol=1e-4, atol=1e-5) if raw.dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for convention in ROPE_TABLES:
+        try:
+            mine = _rotate(raw, tables, style, convention)
+        except RuntimeError as e:
+            if "MKA mode" in str(e):
+                raise
+            continue  # shapes do not fit this convention
+        if mine.shape == rotated.shape and torch.allclose(mine.to(rotated.dtype), rotated, **tol):
+            return convention
+    raise RuntimeError(
+        f"MKA mode cannot reproduce this site's {style} RoPE from its position_embeddings (tried {ROPE_TABLES}); "
+        "use FastMKA for this model"
+    )
 
 
 def is_cache(x: Any) -> bool:

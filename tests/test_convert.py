@@ -229,6 +229,9 @@ MKA_FAMILIES = [
     ("phi3", "sdpa"),  # fused qkv_proj, partial rotary
     ("gpt2", "eager"),  # fused Conv1D c_attn, no RoPE
     ("gpt_neox", "sdpa"),
+    ("cohere", "sdpa"),  # interleaved RoPE
+    ("cohere", "eager"),
+    ("gptj", "eager"),  # partial interleaved RoPE
 ]
 
 
@@ -239,7 +242,7 @@ def test_mka_mode_identity_live_decode_and_training(family: str, attn: str) -> N
 
 @pytest.mark.parametrize(
     ("family", "reason"),
-    [("gptj", "partial_interleaved"), ("cohere", "'interleaved'"), ("falcon", "does not dispatch through")],
+    [("falcon", "does not dispatch through")],
 )
 def test_mka_mode_unsupported_sites_are_named(family: str, reason: str) -> None:
     model, cfg = zoo.causal_lm(family, "sdpa")
