@@ -27,9 +27,13 @@ class MKALayerState:
     kv: list[torch.Tensor] = field(default_factory=list)
     kv_valid: torch.Tensor | None = None
     tokens_bound: int = 0  # tokens passed so far, padding included: a static bound on n_seen (no .item())
+    fixed_slots: bool = False  # a preallocated summary buffer (export: static shapes); reserve() leaves it
 
     @classmethod
-    def empty(cls, batch: int, kv_heads: int, head_dim: int, device, state_dtype: torch.dtype) -> MKALayerState:
+    def empty(
+        cls, batch: int, kv_heads: int, head_dim: int, device, state_dtype: torch.dtype, slots: int = 0
+    ) -> MKALayerState:
+        """A fresh state; ``slots > 0`` preallocates that many summary slots, fixed (``max_len // chunk_size``)."""
         z = lambda *s: torch.zeros(*s, dtype=state_dtype, device=device)  # noqa: E731
         return cls(
             n_seen=torch.zeros(batch, dtype=torch.int64, device=device),
@@ -37,14 +41,16 @@ class MKALayerState:
             ema_v=z(batch, kv_heads, head_dim),
             part_k=z(batch, kv_heads, head_dim),
             part_v=z(batch, kv_heads, head_dim),
-            summ_k=z(batch, kv_heads, 0, head_dim),
-            summ_v=z(batch, kv_heads, 0, head_dim),
+            summ_k=z(batch, kv_heads, slots, head_dim),
+            summ_v=z(batch, kv_heads, slots, head_dim),
+            fixed_slots=slots > 0,
         )
 
     def reserve(self, new_tokens: int, chunk_size: int) -> None:
         """Make room for the chunks ``new_tokens`` more tokens can complete (a bound that needs no sync)."""
         self.tokens_bound += new_tokens
-        self.ensure_summary_slots(self.tokens_bound // chunk_size)
+        if not self.fixed_slots:
+            self.ensure_summary_slots(self.tokens_bound // chunk_size)
 
     def ensure_summary_slots(self, needed: int) -> None:
         """Grow the summary buffers (by doubling) to hold ``needed`` completed chunks."""

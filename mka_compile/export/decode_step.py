@@ -1,0 +1,119 @@
+"""The decode-step wrapper: one call of a (converted) Hugging Face causal LM with its whole cache as tensors.
+
+``DecodeStep(model)(input_ids, attention_mask, *past, *state) -> (logits, *present, *new_state)``:
+
+- ``input_ids: [B, T]`` new tokens (T = 1 to decode, or a whole prompt with an empty past);
+- ``attention_mask: [B, P + T]`` (1 = real token, 0 = padding; left padding like ``generate``), positions
+  follow it as in ``generate`` (``cumsum - 1``);
+- ``past``: per layer ``key, value: [B, Hkv, P, d]`` (the model's KV cache: for FastMKA the routed keys);
+- ``state``: per converted site the MKA state (:data:`STATE_FIELDS`, plus :data:`MKA_FIELDS` in MKA mode):
+  ``n_seen: [B]`` int64, ``ema_k, ema_v, part_k, part_v: [B, Hkv, d]``, ``summ_k, summ_v: [B, Hkv, N, d]``
+  (N = ``max_len // chunk_size`` fixed slots), and MKA mode's cache of the rotated EMA keys/values
+  ``kv_k, kv_v: [B, Hkv, P, d]``; the outputs are the same tensors updated (``present`` and ``kv_*`` grown
+  by T positions).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mka_compile.layers.cache import MKALayerState
+from mka_compile.site_memory import SiteMemory
+
+STATE_FIELDS = ("n_seen", "ema_k", "ema_v", "part_k", "part_v", "summ_k", "summ_v")
+MKA_FIELDS = ("kv_k", "kv_v")
+
+
+def site_fields(mem: SiteMemory) -> tuple[str, ...]:
+    return STATE_FIELDS + (MKA_FIELDS if mem.mode == "mka" else ())
+
+
+def converted_sites(model: nn.Module) -> dict[str, SiteMemory]:
+    """``{site name: SiteMemory}`` in module order."""
+    return {name.removesuffix(".mka"): m for name, m in model.named_modules() if isinstance(m, SiteMemory)}
+
+
+def generate_positions(attention_mask: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """``position_ids: [B, T]`` as ``generate`` computes them from a (left-padded) mask."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    pos = pos.masked_fill(attention_mask == 0, 1)
+    return pos[:, pos.shape[1] - new_tokens :]
+
+
+def state_tensors(mem: SiteMemory, st: MKALayerState, slots: int) -> list[torch.Tensor]:
+    """A site's state as the step model's tensors, the summary buffer padded (or cut) to ``slots``."""
+    summ = []
+    for t in (st.summ_k, st.summ_v):
+        have = t.shape[2]
+        summ.append(t[:, :, :slots] if have >= slots else nn.functional.pad(t, (0, 0, 0, slots - have)))
+    out = [st.n_seen, st.ema_k, st.ema_v, st.part_k, st.part_v, *summ]
+    if mem.mode == "mka":
+        out += list(st.kv)
+    return out
+
+
+class DecodeStep(nn.Module):
+    """See the module docstring. ``model``: a Hugging Face causal LM (converted or not)."""
+
+    def __init__(self, model: nn.Module, num_layers: int) -> None:
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+        self.sites = converted_sites(model)
+
+    def input_names(self) -> list[str]:
+        names = ["input_ids", "attention_mask"]
+        names += [f"past.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        names += [f"state.{j}.{f}" for j, m in enumerate(self.sites.values()) for f in site_fields(m)]
+        return names
+
+    def output_names(self) -> list[str]:
+        names = ["logits"]
+        names += [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        names += [f"new_state.{j}.{f}" for j, m in enumerate(self.sites.values()) for f in site_fields(m)]
+        return names
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *flat: torch.Tensor):
+        from transformers import DynamicCache
+
+        L = self.num_layers
+        past, states = flat[: 2 * L], list(flat[2 * L :])
+        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(L)], config=self.model.config)
+        P = past[0].shape[2]
+        for mem in self.sites.values():
+            n = len(site_fields(mem))
+            t, states = states[:n], states[n:]
+            st = MKALayerState(*t[:7], fixed_slots=True)
+            if mem.mode == "mka":
+                st.kv, st.kv_valid = [t[7], t[8]], attention_mask[:, :P].bool()
+            mem.bind_state(cache, st)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=generate_positions(attention_mask, input_ids.shape[1]),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        present = [t for layer in cache.layers[:L] for t in (layer.keys, layer.values)]
+        new_state = []
+        for mem in self.sites.values():
+            new_state += state_tensors(mem, mem.state_of(cache), mem.fixed_slots)
+        return (out.logits, *present, *new_state)
+
+
+@torch.no_grad()
+def example_step(model: nn.Module, input_ids: torch.Tensor) -> tuple[int, tuple[Any, ...]]:
+    """``(num_layers, args)``: example arguments of :class:`DecodeStep` from ``input_ids: [B, T]`` (T >= 4): a
+    PyTorch prefill of all but the last two tokens gives the past and the state; the last two are the step."""
+    P = input_ids.shape[1] - 2
+    out = model(input_ids=input_ids[:, :P], use_cache=True)
+    cache = out.past_key_values
+    layers = cache.layers
+    args: list[torch.Tensor] = [input_ids[:, P:], torch.ones_like(input_ids)]
+    args += [t for layer in layers for t in (layer.keys, layer.values)]
+    for mem in converted_sites(model).values():
+        args += state_tensors(mem, mem.state_of(cache), mem.fixed_slots)
+    return len(layers), tuple(args)

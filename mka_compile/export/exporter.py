@@ -1,0 +1,257 @@
+"""``export_onnx``: a (converted) model to an ONNX file whose ``mka::`` ops are ``com.mka`` nodes.
+
+Route: ``torch.export`` captures the model (``mka::`` custom ops stay single nodes); every ``mka::`` node is
+checked to have an ONNX translation (an error names the op and the site otherwise); ``torch.onnx.export``
+turns each into ONE ``com.mka`` node (:mod:`.translation`); the model-local functions that define those
+nodes with standard ONNX ops (:mod:`.memory_functions`, :mod:`.attention_functions`) are added, so stock ONNX
+Runtime runs the file and ``onnx.checker`` passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from onnxscript import ir
+from torch import nn
+
+from .attention_functions import FUNCTIONS as ATTENTION_FUNCTIONS
+from .builder import OPSET
+from .decode_step import DecodeStep, converted_sites, example_step
+from .memory_functions import FUNCTIONS as MEMORY_FUNCTIONS
+from .schemas import DOMAIN, VERSION, register_schemas
+from .translation import TABLE
+
+FUNCTIONS = {**MEMORY_FUNCTIONS, **ATTENTION_FUNCTIONS}
+
+
+class ExportError(ValueError):
+    """The model cannot be exported; the message names the op and the site, and what to do."""
+
+
+def _site_of(node: torch.fx.Node, sites: list[str]) -> str:
+    stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+    for path in reversed(stack):
+        for site in sites:
+            if path == site or path.startswith(site + "."):
+                return site
+    return stack[-1] if stack else "<model>"
+
+
+def check_ops(ep: torch.export.ExportedProgram, sites: list[str]) -> None:
+    """Raise :class:`ExportError` for every ``mka::`` call that has no ONNX translation."""
+    problems = []
+    for node in ep.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        if target.namespace != "mka":
+            continue
+        where = _site_of(node, sites)
+        if target not in TABLE:
+            problems.append(f"cannot export op mka::{target._opname} at site {where}: it has no ONNX function")
+        elif target._opname == "recall_select" and len(node.args) > 5 and node.args[5] is not None:
+            problems.append(
+                f"cannot export op mka::recall_select at site {where}: recall from an external memory bank has "
+                "no ONNX function yet (export without memory_bank)"
+            )
+    if problems:
+        raise ExportError("; ".join(problems))
+
+
+def _add_functions(model: ir.Model) -> list[str]:
+    """Add the model-local function of every ``com.mka`` node type in ``model``; returns the types."""
+    used = sorted({n.op_type for n in model.graph.all_nodes() if n.domain == DOMAIN})
+    for name in used:
+        fn = ir.serde.deserialize_function(FUNCTIONS[name]())
+        model.functions[fn.identifier()] = fn
+    if used:
+        model.opset_imports[DOMAIN] = VERSION
+    return used
+
+
+@contextlib.contextmanager
+def _fixed_slots(sites: dict[str, Any], slots: dict[str, int]) -> Iterator[None]:
+    """Sites make states with ``slots[site]`` fixed summary slots while the model is captured."""
+    old = {name: m.fixed_slots for name, m in sites.items()}
+    for name, m in sites.items():
+        m.fixed_slots = slots[name]
+    try:
+        yield
+    finally:
+        for name, m in sites.items():
+            m.fixed_slots = old[name]
+
+
+class _Flat(nn.Module):
+    """Calls ``model`` with its example structure rebuilt from a flat list of tensors (so every tensor is an
+    input with a name and a dynamic-shape spec); returns the logits of a Hugging Face output."""
+
+    def __init__(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        super().__init__()
+        self.model = model
+        self.args, self.kwargs = args, kwargs
+        self.slots = [("a", i) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        self.slots += [("k", k) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+
+    def names(self) -> list[str]:
+        return [f"input_{i}" if kind == "a" else str(i) for kind, i in self.slots]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.args[i] if kind == "a" else self.kwargs[i] for kind, i in self.slots)
+
+    def forward(self, *tensors: torch.Tensor):
+        args, kwargs = list(self.args), dict(self.kwargs)
+        for (kind, i), t in zip(self.slots, tensors):
+            if kind == "a":
+                args[i] = t
+            else:
+                kwargs[i] = t
+        out = self.model(*args, **kwargs)
+        return out.logits if hasattr(out, "logits") else out
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(getattr(model, "config", None), "use_cache")
+
+
+def _split_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = {"input_ids": example_inputs} if _is_hf(model) else (example_inputs,)
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        raise ExportError(
+            f"example_inputs must be a tensor, a tuple of positional arguments or a dict of keyword arguments, got "
+            f"{type(example_inputs).__name__}"
+        )
+    if _is_hf(model):
+        kwargs.setdefault("use_cache", False)  # the full forward: logits only, MKA state from scratch
+    return args, kwargs
+
+
+def _max_len(model: nn.Module, max_len: int | None, sites: dict[str, Any]) -> int | None:
+    if max_len is None:
+        cfg = getattr(model, "config", None)
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        max_len = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    needs_slots = any(m.config.uses_longterm for m in sites.values())
+    if needs_slots and max_len is None:
+        raise ExportError(
+            "the converted model keeps long-term chunk summaries; pass max_len (the most tokens a sequence will "
+            "hold) so the summary buffer gets max_len // chunk_size fixed slots"
+        )
+    if max_len is None:
+        return None
+    if not isinstance(max_len, int) or max_len < 1:
+        raise ExportError(f"max_len must be a positive int, got {max_len!r}")
+    for name, m in sites.items():
+        if m.config.uses_longterm and max_len < m.config.chunk_size:
+            raise ExportError(f"max_len {max_len} is below the chunk size {m.config.chunk_size} of site {name}")
+    return max_len
+
+
+def _auto(module: nn.Module, tensors: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """Every axis ``Dim.AUTO``, keyed like ``module.forward``'s parameters (a ``*args`` one takes the rest)."""
+    specs = [{a: torch.export.Dim.AUTO for a in range(t.dim())} for t in tensors]
+    out: dict[str, Any] = {}
+    for i, (name, p) in enumerate(inspect.signature(module.forward).parameters.items()):
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(specs[i:])
+            break
+        out[name] = specs[i]
+    return out
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    *,
+    decode_step: bool = False,
+    max_len: int | None = None,
+    dynamic: bool = True,
+    check: bool = True,
+) -> Path:
+    """Export ``model`` (converted by :func:`mka_compile.convert` or not) to the ONNX file ``path``.
+
+    ``example_inputs``: a tensor (``input_ids`` for Hugging Face models), a tuple of positional arguments or a
+    dict of keyword arguments. By default the file is the full forward (Hugging Face models: ``logits`` from
+    ``input_ids`` and the other example inputs, ``use_cache=False``). ``decode_step=True`` (Hugging Face causal
+    LMs) exports one cached call instead: past K/V and the MKA state in, logits and both updated out (see
+    :mod:`mka_compile.export.decode_step`; :class:`mka_compile.export.OnnxDecoder` drives it).
+
+    ``max_len``: the most tokens a sequence will hold (default: the model config's ``max_position_embeddings``);
+    long-term summaries get ``max_len // chunk_size`` fixed slots. ``dynamic``: batch and sequence sizes stay
+    symbolic where the model allows (``torch.export.Dim.AUTO``; an example batch of 1 is fixed at 1).
+    ``check``: run ``onnx.checker.check_model(full_check=True)`` on the file.
+
+    Every ``mka::`` op becomes one ``com.mka`` node defined by a model-local function of standard ONNX ops.
+    Raises :class:`ExportError` naming the op and the site for an op that cannot be exported.
+    """
+    register_schemas()
+    path = Path(path)
+    sites = converted_sites(model)
+    max_len = _max_len(model, max_len, sites)
+    slots = {name: max_len // m.config.chunk_size if max_len else 0 for name, m in sites.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        with _fixed_slots(sites, slots), torch.no_grad():
+            if decode_step:
+                wrapper, tensors = _decode_wrapper(model, example_inputs)
+                names, outputs = wrapper.input_names(), wrapper.output_names()
+            else:
+                args, kwargs = _split_inputs(model, example_inputs)
+                wrapper = _Flat(model, args, kwargs)
+                tensors, names = wrapper.tensors(), wrapper.names()
+                outputs = ["logits"] if _is_hf(model) else None
+            shapes = _auto(wrapper, tensors) if dynamic else None
+            ep = torch.export.export(wrapper, tensors, dynamic_shapes=shapes, strict=False)
+        check_ops(ep, list(sites))
+        program = torch.onnx.export(
+            ep,
+            input_names=names,
+            output_names=outputs,
+            opset_version=OPSET,
+            custom_translation_table=TABLE,
+            dynamo=True,
+            optimize=True,
+        )
+    finally:
+        model.train(was_training)
+    used = _add_functions(program.model)
+    meta = program.model.metadata_props
+    meta["mka.sites"] = ",".join(sites)
+    meta["mka.modes"] = ",".join(m.mode for m in sites.values())
+    meta["mka.max_len"] = "" if max_len is None else str(max_len)
+    meta["mka.com_mka_ops"] = ",".join(used)
+    meta["mka.decode_step"] = str(int(decode_step))
+    program.save(path)
+    if check:
+        onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def _decode_wrapper(model: nn.Module, example_inputs: Any) -> tuple[DecodeStep, tuple]:
+    if not _is_hf(model):
+        raise ExportError("decode_step=True needs a Hugging Face causal LM (one that takes past_key_values)")
+    ids = example_inputs.get("input_ids") if isinstance(example_inputs, dict) else example_inputs
+    if isinstance(ids, (tuple, list)):
+        ids = ids[0]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ExportError("decode_step=True needs example input_ids of shape [B, T] (a tensor or {'input_ids': ...})")
+    if ids.shape[0] < 2:  # a batch of one would be fixed at one
+        ids = ids.expand(2, -1)
+    while ids.shape[1] < 4:  # two past positions and two new ones keep both lengths symbolic
+        ids = torch.cat([ids, ids], 1)
+    num_layers, tensors = example_step(model, ids)
+    return DecodeStep(model, num_layers), tensors

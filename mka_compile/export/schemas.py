@@ -1,0 +1,125 @@
+"""The ``com.mka`` operator set: one ``onnx.defs.OpSchema`` per exported node type.
+
+Every node of the domain has a model-local function of the same name (standard ONNX ops, see
+:mod:`.memory_functions` and :mod:`.attention_functions`), so stock ONNX Runtime runs the file; the schemas
+let ``onnx`` (the checker, shape inference) and the exporter's tracer know the inputs, outputs and attributes.
+Lists of level tensors are passed stacked on a leading axis (``ks: [L, B, Hkv, T, d]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx.defs
+from onnx.defs import OpSchema
+
+DOMAIN = "com.mka"
+VERSION = 1
+
+_FLOATS = ["tensor(float16)", "tensor(bfloat16)", "tensor(float)", "tensor(double)"]
+_STATE = ["tensor(float)", "tensor(double)"]
+_TYPES = {
+    "T": (_FLOATS, "activations"),
+    "S": (_STATE, "MKA state (float32, or float64 with float64 inputs)"),
+    "B": (["tensor(bool)"], "masks"),
+    "I": (["tensor(int64)"], "counts, positions and indices"),
+}
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """A ``com.mka`` node type: ``inputs``/``outputs`` as ``(name, type letter)``, ``attributes`` as
+    ``(name, "float" | "int")``."""
+
+    name: str
+    doc: str
+    inputs: tuple[tuple[str, str], ...]
+    outputs: tuple[tuple[str, str], ...]
+    attributes: tuple[tuple[str, str], ...] = ()
+
+    def schema(self) -> OpSchema:
+        used = sorted({t for _, t in self.inputs + self.outputs})
+        kinds = {"float": OpSchema.AttrType.FLOAT, "int": OpSchema.AttrType.INT}
+        return OpSchema(
+            self.name,
+            DOMAIN,
+            VERSION,
+            self.doc,
+            inputs=[OpSchema.FormalParameter(n, t) for n, t in self.inputs],
+            outputs=[OpSchema.FormalParameter(n, t) for n, t in self.outputs],
+            type_constraints=[(t, _TYPES[t][0], _TYPES[t][1]) for t in used],
+            attributes=[OpSchema.Attribute(n, kinds[k]) for n, k in self.attributes],
+        )
+
+
+_MKA_ATTENTION_DOC = (
+    "MKA: out = sum_l lam_l Attn(q, K_l, V_l) over the full-length levels ks/vs [Lf, B, Hkv, Tk, d] "
+    "(causal, bottom-right aligned, padded keys masked, GQA){}; rows that see no key give zeros."
+)
+_RECALL_INPUTS = (("q3", "T"), ("mem_k", "S"), ("mem_v", "S"), ("idx3", "I"), ("found3", "B"))
+
+SPECS: dict[str, OpSpec] = {
+    s.name: s
+    for s in (
+        OpSpec(
+            "SessionScan",
+            "L2 session memory (mka::session_scan): s_t = a_t s_{t-1} + (1 - a_t) k_t with a_t = beta, 1 on "
+            "padding, 0 on the first real token a state sees; k, v [B, Hkv, T, d], state [B, Hkv, d].",
+            (("k", "T"), ("v", "T"), ("valid", "B"), ("state_k", "S"), ("state_v", "S"), ("n_seen", "I")),
+            (("s_k", "T"), ("s_v", "T"), ("new_state_k", "S"), ("new_state_v", "S")),
+            (("beta", "float"),),
+        ),
+        OpSpec(
+            "ChunkUpdate",
+            "L3 state (mka::chunk_update): sums of the running chunk and means of completed chunks of "
+            "chunk_size real tokens; summaries in N slots [B, Hkv, N, d].",
+            (
+                ("k", "T"),
+                ("v", "T"),
+                ("valid", "B"),
+                ("n_seen", "I"),
+                ("part_k", "S"),
+                ("part_v", "S"),
+                ("summ_k", "S"),
+                ("summ_v", "S"),
+            ),
+            (("new_part_k", "S"), ("new_part_v", "S"), ("new_summ_k", "S"), ("new_summ_v", "S")),
+            (("chunk_size", "int"),),
+        ),
+        OpSpec(
+            "RecallSelect",
+            "L3 recall (mka::recall_select): causal top-R completed chunks by q_r . key; idx, found [B, Hkv, T, R].",
+            (("q_r", "T"), ("summ_k", "S"), ("pos", "I")),
+            (("idx", "I"), ("found", "B")),
+            (("chunk_size", "int"), ("top_r", "int")),
+        ),
+        OpSpec(
+            "RouteMix",
+            "FastMKA (mka::route_mix): kf = sum_l lam_l ks[l], vf likewise; lam [B, G, T, L], ks/vs stacked "
+            "[L, B, Hkv, T, d].",
+            (("lam", "S"), ("ks", "T"), ("vs", "T")),
+            (("kf", "T"), ("vf", "T")),
+        ),
+        OpSpec(
+            "MKAAttention",
+            _MKA_ATTENTION_DOC.format(""),
+            (("q", "T"), ("ks", "T"), ("vs", "T"), ("lam", "S"), ("kv_valid", "B")),
+            (("out", "T"),),
+            (("scale", "float"), ("causal", "int")),
+        ),
+        OpSpec(
+            "MKAAttentionRecall",
+            _MKA_ATTENTION_DOC.format(", plus lam_L3 times attention of q3 over the recalled entries of mem_k/mem_v"),
+            (("q", "T"), ("ks", "T"), ("vs", "T"), ("lam", "S"), ("kv_valid", "B")) + _RECALL_INPUTS,
+            (("out", "T"),),
+            (("scale", "float"), ("causal", "int")),
+        ),
+    )
+}
+
+
+def register_schemas() -> None:
+    """Register every ``com.mka`` schema with ``onnx.defs`` (once per process)."""
+    for spec in SPECS.values():
+        if not onnx.defs.has(spec.name, DOMAIN):
+            onnx.defs.register_schema(spec.schema())
