@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine; each command sets up its own virtual environment first.
-#   ./run.sh demo    the main job: inspect -> convert -> fine-tune -> decode checks on a tiny model (~1 min)
+#   ./run.sh demo    the main job (mka-compile demo): inspect, convert, fine-tune, decode + ONNX checks (~2 min)
 #   ./run.sh test    the test suite (CPU only; GPU tests skip without CUDA)
 #   ./run.sh setup   only create/refresh the environment (.venv, or $MKA_VENV)
 set -euo pipefail
@@ -24,7 +24,7 @@ setup() {
 
 case "${1:-}" in
     setup) setup ;;
-    demo) setup; shift; exec "$PY" tools/demo.py "$@" ;;
+    demo) setup; shift; exec "$VENV/bin/mka-compile" demo "$@" ;;
     test) setup; shift; exec "$PY" -m pytest -q "$@" ;;
     *) echo "usage: ./run.sh demo|test|setup [args...]" >&2; exit 2 ;;
 esac
