@@ -43,13 +43,17 @@ _TY = {
 
 
 def _resources(kernel) -> str:
+    """Registers and spill stack from ``cuobjdump``; shared memory from Triton's metadata (the dynamic shared
+    memory the launch asks for: ``cuobjdump`` lists only static shared memory)."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
         out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
     fields = dict(kv.split(":") for line in out.splitlines() if "REG:" in line for kv in line.split())
-    return f"regs {fields.get('REG', '?'):>3}  stack {fields.get('STACK', '?'):>4}  shared {fields.get('SHARED', '?')}"
+    shared = getattr(kernel.metadata, "shared", None)
+    shared = "?" if shared is None else f"{shared / 1024:.0f}K"
+    return f"regs {fields.get('REG', '?'):>3}  stack {fields.get('STACK', '?'):>5}  shared {shared:>4}"
 
 
 class _Compile:
@@ -63,7 +67,7 @@ class _Compile:
         self.kernel = kernel
 
     def __getitem__(self, grid):
-        def run(*args, num_warps: int = 4, **meta):
+        def run(*args, num_warps: int = 4, num_stages: int = 3, **meta):
             values = dict(zip(self.kernel.arg_names, args), **meta)
             sig, consts = {}, {}
             for p, name in zip(self.kernel.params, self.kernel.arg_names):
@@ -80,7 +84,9 @@ class _Compile:
                     sig[name] = "fp32"
             try:
                 k = triton.compile(
-                    ASTSource(self.kernel, sig, consts), target=self.target, options={"num_warps": num_warps}
+                    ASTSource(self.kernel, sig, consts),
+                    target=self.target,
+                    options={"num_warps": num_warps, "num_stages": num_stages},
                 )
                 self.rows.append((self.kernel.__name__, self.case, _resources(k)))
             except Exception as e:  # reported in the table
@@ -94,6 +100,14 @@ def _rand(*shape, dtype=torch.float32, bthd=False):
         b, h, t, d = shape
         return torch.randn(b, t, h, d).transpose(1, 2).to(dtype)
     return torch.randn(*shape).to(dtype)
+
+
+def _gpu_configs(table, x, bd, block_m, block_n, num_warps, num_stages):
+    """``plumbing.configs_for`` as on a GPU (CPU tensors would get the interpreter's tiles): the first config
+    of the table (the one a GPU tries first), or the overrides."""
+    es = 2 if x.element_size() == 2 else 4
+    bm, bn, w, st = table[(es, max(64, bd))][0]
+    return [(block_m or bm, block_n or bn, num_warps or w, num_stages or st)], False
 
 
 def run_cases() -> None:
@@ -123,12 +137,14 @@ def run_cases() -> None:
         q, k, v = _rand(B, 8, T, d, dtype=dt), _rand(B, 2, T, d, dtype=dt), _rand(B, 2, T, d, dtype=dt)
         _Compile.case = f"{str(dt)[6:]} flash T={T} causal"
         out, lse = torch.zeros_like(q), torch.zeros(B, 8, T)
-        fa.flash_attention_fwd(q, k, v, None, None, True, block_m=64, block_n=64, num_warps=4, num_stages=2)
-        fa.flash_attention_bwd(
-            q, q, k, v, out, lse, None, None, True, block_m=64, block_n=64, num_warps=4, num_stages=2
-        )
+        fa.flash_attention_fwd(q, k, v, None, None, True)  # the GPU's default tiles (see _gpu_configs)
+        fa.flash_attention_bwd(q, q, k, v, out, lse, None, None, True)
         _Compile.case = f"{str(dt)[6:]} decode Tk={T}"
-        da.decode_attention_fwd(q[:, :, :2], k, v, torch.ones(B, T, dtype=torch.bool), None, True, num_splits=4)
+        _, bn, warps, stages = da.DECODE_CONFIGS[(2 if q.element_size() == 2 else 4, max(64, d))][0]
+        da.decode_attention_fwd(
+            q[:, :, :2], k, v, torch.ones(B, T, dtype=torch.bool), None, True, num_splits=4,
+            block_n=bn, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
         _Compile.case = f"{str(dt)[6:]} mka T={T} R=8"
         lam = torch.softmax(torch.randn(B, 1, T, 3), -1)
         idx = torch.randint(0, 16, (B, 2, T, 8))
@@ -165,6 +181,7 @@ def main() -> int:
         mod.for_device = lambda kernel, device: _Compile(kernel)
     for mod in (fa, da, importlib.import_module("mka_compile.kernels.flash_attention.plumbing")):
         mod.launchable = lambda kernel, device: _Compile(kernel)
+    fa.configs_for = _gpu_configs
     compiled_meta = mt._dot_meta  # compile as for a GPU: no interpreter-only bf16 upcast
     mt._dot_meta = lambda q, allow_tf32: {**compiled_meta(q, allow_tf32), "DOT_UPCAST": False}
     run_cases()

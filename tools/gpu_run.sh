@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The one command for a GPU machine on which the package is not installed: the GPU tests, then
+# tools/gpu_check.py (every Triton kernel against its reference, a tile sweep, timings and goals; its table
+# comes last), all output teed to $OUT/log.txt. Run from anywhere; it works in the repository root.
+#
+#     bash tools/gpu_run.sh              # GPU machine; $OUT is where results go
+#     bash tools/gpu_run.sh --smoke      # dry run on a CPU machine (Triton interpreter, tiny sizes)
+#
+# Imports without pip: mka_compile/ is copied to $MKA_PKG_DIR/mka_compile with kernels/ and passes/ inside
+# (the layout pyproject.toml's package-dir describes) and put first on PYTHONPATH; PYTHONSAFEPATH keeps the
+# repository root (whose mka_compile/ lacks kernels/) off sys.path.
+# Every step has its own timeout, so the whole run ends within T_TESTS + T_CHECK + ~30 s even if a step
+# hangs. Environment (defaults): OUT (/tmp/gpu_out), PYTHON (python), MKA_PKG_DIR (/tmp/pkg),
+# T_TESTS (120 s), T_CHECK (330 s; smoke 900 s), SWEEP_BUDGET (180 s), CHECK_ARGS (extra gpu_check args).
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 3
+
+SMOKE=0
+if [[ "${1:-}" == "--smoke" ]]; then
+    SMOKE=1
+elif [[ -n "${1:-}" ]]; then
+    echo "usage: bash tools/gpu_run.sh [--smoke]" >&2
+    exit 2
+fi
+OUT=${OUT:-/tmp/gpu_out}
+PY=${PYTHON:-python}
+PKG=${MKA_PKG_DIR:-/tmp/pkg}
+T_TESTS=${T_TESTS:-120}
+T_CHECK=${T_CHECK:-$((SMOKE ? 900 : 330))}
+SWEEP_BUDGET=${SWEEP_BUDGET:-180}
+mkdir -p "$OUT" || exit 3
+export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 PYTHONDONTWRITEBYTECODE=1
+
+step() { echo; echo "== $* ($(date +%T))"; }
+
+main() {
+    local t0 t1 rc_tests rc_check
+    t0=$(date +%s)
+    step "package copy in $PKG"
+    rm -rf "$PKG" && mkdir -p "$PKG" &&
+        cp -r mka_compile "$PKG/mka_compile" &&
+        cp -r kernels "$PKG/mka_compile/kernels" &&
+        cp -r passes "$PKG/mka_compile/passes" || { echo "could not build $PKG"; return 3; }
+    export PYTHONPATH="$PKG:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
+
+    step "machine"
+    nvidia-smi -L 2>&1 || echo "nvidia-smi: not available"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>/dev/null
+    timeout -k 5 120 "$PY" - <<'EOF' || echo "version probe failed (rc $?)"
+import sys, torch, triton, mka_compile
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}")
+print(f"cuda available: {torch.cuda.is_available()}", end="")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f", {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB", end="")
+print(f"\nmka_compile from {mka_compile.__file__}")
+EOF
+
+    step "GPU tests (pytest -m gpu tests/kernels, timeout ${T_TESTS}s)"
+    t1=$(date +%s)
+    timeout -k 10 "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels --maxfail=5 -rfE \
+        --durations=5
+    rc_tests=$?
+    local dt_tests=$(($(date +%s) - t1))
+
+    local args=(--sweep --sweep-budget "$SWEEP_BUDGET" --out "$OUT")
+    ((SMOKE)) && args+=(--smoke)
+    # shellcheck disable=SC2206  # CHECK_ARGS is split on purpose
+    args+=(${CHECK_ARGS:-})
+    step "tools/gpu_check.py ${args[*]} (timeout ${T_CHECK}s)"
+    t1=$(date +%s)
+    timeout -k 10 "$T_CHECK" "$PY" tools/gpu_check.py "${args[@]}"
+    rc_check=$?
+    local dt_check=$(($(date +%s) - t1))
+
+    echo
+    echo "== done: tests rc=$rc_tests (${dt_tests} s), gpu_check rc=$rc_check (${dt_check} s)," \
+        "total $(($(date +%s) - t0)) s; rc 124/137 = timed out; results in $OUT"
+    ((rc_tests == 0 && rc_check == 0)) || return 1
+}
+
+main 2>&1 | tee "$OUT/log.txt"
+exit "${PIPESTATUS[0]}"
