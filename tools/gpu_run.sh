@@ -11,7 +11,8 @@
 # repository root (whose mka_compile/ lacks kernels/) off sys.path.
 # Every step has its own timeout, so the whole run ends within T_TESTS + T_CHECK + ~30 s even if a step
 # hangs. Environment (defaults): OUT (/tmp/gpu_out), PYTHON (python), MKA_PKG_DIR (/tmp/pkg),
-# T_TESTS (120 s), T_CHECK (330 s; smoke 900 s), SWEEP_BUDGET (180 s), CHECK_ARGS (extra gpu_check args).
+# T_TESTS (150 s), T_CHECK (330 s; smoke 900 s), SWEEP_BUDGET (170 s), CHECK_ARGS (extra gpu_check args).
+# A module that fails to import (say hypothesis missing there) does not stop the other GPU tests.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 3
 
@@ -25,9 +26,9 @@ fi
 OUT=${OUT:-/tmp/gpu_out}
 PY=${PYTHON:-python}
 PKG=${MKA_PKG_DIR:-/tmp/pkg}
-T_TESTS=${T_TESTS:-120}
+T_TESTS=${T_TESTS:-150}
 T_CHECK=${T_CHECK:-$((SMOKE ? 900 : 330))}
-SWEEP_BUDGET=${SWEEP_BUDGET:-180}
+SWEEP_BUDGET=${SWEEP_BUDGET:-170}
 mkdir -p "$OUT" || exit 3
 export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 PYTHONDONTWRITEBYTECODE=1
 
@@ -59,7 +60,7 @@ EOF
     step "GPU tests (pytest -m gpu tests/kernels, timeout ${T_TESTS}s)"
     t1=$(date +%s)
     timeout -k 10 "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels --maxfail=5 -rfE \
-        --durations=5
+        --durations=5 --continue-on-collection-errors
     rc_tests=$?
     local dt_tests=$(($(date +%s) - t1))
 
