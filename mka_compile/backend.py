@@ -1,0 +1,327 @@
+"""The ``mka`` torch.compile backend: ``torch.compile(model, backend="mka", options={...})``.
+
+Registered through the ``torch_dynamo_backends`` entry point, so it works without importing mka_compile.
+For every graph dynamo hands over:
+
+- ``mka::`` ops of a converted model (FastMKA mixes, MKA attention) stay as ops: opaque to Inductor,
+  Triton on CUDA, the torch reference on CPU; their autograd formulas give the backward.
+- Attention sites of the original model code (eager matmul-softmax-matmul with scale and mask, or SDPA)
+  are found by the attention rules and lowered to ``mka::flash_attention`` (``attention="mka"``, default),
+  to ``F.scaled_dot_product_attention`` (``"sdpa"``) or left alone (``"keep"``); see
+  :mod:`mka_compile.backend_lowering`. The site table and the reasons other softmaxes were not taken are
+  logged (logger ``mka_compile.backend``) and kept: :func:`last_report`, :func:`reports`.
+- With ``weights`` (a converted model's checkpoint) and ``mode="fastmka"``, original model code runs with
+  the trained routers (:mod:`mka_compile.backend_weights`).
+- Inductor compiles the rest (``torch._dynamo.lookup_backend("inductor")``, through AOTAutograd, so
+  training works).
+
+Options: ``mode`` (None | "fastmka" | "mka"), ``config`` (MKAConfig or dict), ``weights`` (state_dict or a
+path: ``torch.load(weights_only=True)`` or ``.safetensors``), ``attention`` ("mka" | "sdpa" | "keep"),
+``inductor`` (a dict of Inductor config patches), ``compiler`` ("inductor", default, or "aot_eager": AOTAutograd
+without Inductor's code generation, for debugging and fast checks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from mka_compile.backend_lowering import TARGETS, Lowered, lower_sites
+from mka_compile.backend_weights import WeightsError, apply_fastmka, split_weights
+from mka_compile.config import MKAConfig
+from mka_compile.graph.capture import Captured
+from mka_compile.passes.attention import RULES, find_sites
+from mka_compile.report import NotAttention
+
+__all__ = [
+    "BackendError",
+    "BackendOptions",
+    "GraphReport",
+    "graph_count",
+    "last_report",
+    "mka_backend",
+    "reports",
+    "reset",
+]
+
+log = logging.getLogger("mka_compile.backend")
+
+OPTION_KEYS = ("mode", "config", "weights", "attention", "inductor", "compiler")
+COMPILERS = ("inductor", "aot_eager")
+_REPORTS: list[GraphReport] = []
+
+
+class BackendError(ValueError):
+    """Bad ``options`` or a graph the options cannot apply to; the message names the option and what to do."""
+
+
+@dataclass
+class BackendOptions:
+    mode: str | None = None
+    config: MKAConfig | None = None
+    weights: dict[str, dict[str, torch.Tensor]] | None = None  # {site: {param: tensor}}
+    attention: str = "mka"
+    inductor: dict[str, Any] = field(default_factory=dict)
+    compiler: str = "inductor"
+
+
+@dataclass
+class GraphReport:
+    """What the backend did with one dynamo graph."""
+
+    index: int  # 0, 1, ... over the graphs compiled since :func:`reset`
+    sites: list[Lowered]
+    not_attention: list[NotAttention]
+    mka_ops: dict[str, int]  # mka:: ops already in the graph (a converted model) -> count
+    num_inputs: int = 0
+
+    def __str__(self) -> str:
+        lines = [f"mka backend, graph {self.index}: {len(self.sites)} attention site(s)"]
+        if self.mka_ops:
+            lines.append("  mka:: ops kept: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.mka_ops.items())))
+        if self.sites:
+            w = max(len(s.name or "<root>") for s in self.sites)
+            lines.append(f"  {'site':<{w}}  {'rule':<26} {'memory':<26} attention")
+            for s in self.sites:
+                what = s.action + (f" ({s.reason})" if s.reason else "")
+                lines.append(f"  {s.name or '<root>':<{w}}  {s.rule:<26} {s.memory or '-':<26} {what}")
+        for r in self.not_attention:
+            lines.append(f"  not attention: {r.node} in {r.module or '<root>'}: {r.reason}")
+        return "\n".join(lines)
+
+
+def reports() -> list[GraphReport]:
+    """Reports of every graph compiled by the backend since :func:`reset` (one per dynamo graph)."""
+    return list(_REPORTS)
+
+
+def last_report() -> GraphReport | None:
+    """The report of the most recently compiled graph (None before the first)."""
+    return _REPORTS[-1] if _REPORTS else None
+
+
+def graph_count() -> int:
+    """How many graphs the backend compiled since :func:`reset` (recompilations included)."""
+    return len(_REPORTS)
+
+
+def reset() -> None:
+    """Forget the reports (``torch._dynamo.reset()`` does not clear them)."""
+    _REPORTS.clear()
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+
+def _load(path: str | os.PathLike) -> Mapping[str, Any]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise BackendError(f"options['weights']: no checkpoint file at {path!r}")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ModuleNotFoundError as exc:
+            raise BackendError("options['weights'] is a .safetensors file: pip install safetensors") from exc
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - say which file and why
+        raise BackendError(
+            f"options['weights']: cannot load {path!r} with torch.load(weights_only=True): {exc}"
+        ) from exc
+    for key in ("state_dict", "model"):  # a training checkpoint wrapping the state_dict
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+    return state
+
+
+def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
+    """Validate ``options``; unknown keys and bad values raise :class:`BackendError`."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTION_KEYS))
+    if unknown:
+        raise BackendError(f"unknown option(s) {unknown} for backend 'mka'; valid keys: {list(OPTION_KEYS)}")
+    out = BackendOptions()
+    mode = options.get("mode")
+    if mode not in (None, "fastmka", "mka"):
+        raise BackendError(f"options['mode'] must be None, 'fastmka' or 'mka', got {mode!r}")
+    out.mode = mode
+    cfg = options.get("config")
+    if isinstance(cfg, Mapping):
+        try:
+            cfg = MKAConfig(**{"gate_init": 0.0, **cfg})
+        except (TypeError, ValueError) as exc:
+            raise BackendError(f"options['config']: {exc}") from exc
+    if cfg is not None and not isinstance(cfg, MKAConfig):
+        raise BackendError(f"options['config'] must be an MKAConfig or a dict of its fields, got {type(cfg).__name__}")
+    out.config = cfg
+    attention = options.get("attention", "mka")
+    if attention not in TARGETS:
+        raise BackendError(f"options['attention'] must be one of {list(TARGETS)}, got {attention!r}")
+    out.attention = attention
+    inductor = options.get("inductor") or {}
+    if not isinstance(inductor, Mapping):
+        raise BackendError(f"options['inductor'] must be a dict of Inductor config patches, got {inductor!r}")
+    out.inductor = dict(inductor)
+    compiler = options.get("compiler", "inductor")
+    if compiler not in COMPILERS:
+        raise BackendError(f"options['compiler'] must be one of {list(COMPILERS)}, got {compiler!r}")
+    if compiler != "inductor" and (inductor or options.get("inductor")):
+        raise BackendError("options['inductor'] patches Inductor's config; it needs compiler='inductor'")
+    out.compiler = compiler
+    weights = options.get("weights")
+    if weights is not None:
+        if isinstance(weights, (str, os.PathLike)):
+            weights = _load(weights)
+        if not isinstance(weights, Mapping):
+            raise BackendError(f"options['weights'] must be a state_dict or a checkpoint path, got {type(weights)}")
+        split = split_weights(dict(weights))
+        if not split:
+            raise BackendError(
+                "options['weights'] has no '<site>.mka.*' entries (router, gate): pass the state_dict (or checkpoint) "
+                "of a model converted with mka_compile.convert"
+            )
+        if mode is None:
+            raise BackendError(
+                "options['weights'] needs options['mode']: 'fastmka' or 'mka', the mode the checkpoint was trained in"
+            )
+        out.weights = split
+    if mode is not None and out.weights is None:
+        out.mode = mode  # checked per graph: a converted model of that mode, or an error
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- backend
+
+
+def _mka_ops(gm: fx.GraphModule) -> dict[str, int]:
+    count: Counter[str] = Counter()
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and getattr(n.target, "namespace", None) == "mka":
+            count[str(getattr(n.target, "_overloadpacket", n.target)).replace("mka.", "mka::")] += 1
+    return dict(count)
+
+
+def _check_mode(opts: BackendOptions, mka_ops: dict[str, int], has_sites: bool) -> None:
+    converted = "mka" if "mka::mka_attention" in mka_ops else "fastmka" if mka_ops else None
+    if converted and opts.weights is not None:
+        raise BackendError(
+            "options['weights'] was given but this model is already converted: load the weights with "
+            "model.load_state_dict(...) and compile without 'weights'"
+        )
+    if converted and opts.mode is not None and opts.mode != converted:
+        raise BackendError(f"options['mode']={opts.mode!r} but the model was converted to {converted!r}")
+    if opts.mode is not None and not converted and opts.weights is None and has_sites:
+        raise BackendError(
+            f"options['mode']={opts.mode!r} on a model that is not converted needs options['weights'] (a converted "
+            "model's state_dict or checkpoint); to train MKA, call mka_compile.convert(model) first"
+        )
+    if opts.mode == "mka" and opts.weights is not None:
+        raise BackendError(
+            "options mode='mka' with 'weights' on original model code is not supported by the backend (MKA "
+            "attends to each memory level, which needs the site's RoPE tables and cache): use mode='fastmka' "
+            "weights, or convert the model with mka_compile.convert(model, mode='mka'), load_state_dict, then compile"
+        )
+
+
+def _own_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of dynamo's GraphModule to rewrite (dynamo reads its own graph's placeholders after the backend),
+    with what AOTAutograd reads of a dynamo graph: ``meta``, parameter sources, placeholder sources."""
+    graph = fx.Graph()
+    graph._codegen = gm.graph._codegen
+    env: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, env)
+    old_out = next(iter(reversed(gm.graph.nodes)))
+    graph.output(out, type_expr=old_out.type).meta = dict(old_out.meta)
+    for old, new in env.items():
+        if old.op == "placeholder" and hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    for attr in ("_param_name_to_source", "_source_to_user_stacks", "compile_subgraph_reason"):
+        if hasattr(gm, attr):
+            setattr(copy, attr, getattr(gm, attr))
+    return copy
+
+
+def _rewrite(
+    gm: fx.GraphModule, example_inputs: list[Any], opts: BackendOptions
+) -> tuple[GraphReport, list[torch.Tensor]]:
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for n, x in zip(holders, example_inputs):
+        if isinstance(x, nn.Parameter) or "_parameters_" in n.name or "_buffers_" in n.name:
+            n.meta["mka_param"] = True  # dynamo lifts weights to inputs
+    mka_ops = _mka_ops(gm)
+    from mka_compile.graph import ops
+
+    candidates = any(ops.kind(n, gm) in ("softmax", "sdpa", "mka_attention") for n in gm.graph.nodes)
+    facts, rejected = [], []
+    captured = Captured(gm=gm, inputs=list(example_inputs), method="dynamo")
+    if candidates:
+        facts, rejected = find_sites(captured, RULES)
+    _check_mode(opts, mka_ops, bool(facts))
+    memory: dict[str, str] = {}
+    extra: list[torch.Tensor] = []
+    if opts.weights is not None and not facts and rejected:
+        raise BackendError(
+            "options['weights'] was given but no attention site was found in this graph; the softmaxes were refused: "
+            + "; ".join(f"{r.node} in {r.module or '<root>'}: {r.reason}" for r in rejected)
+        )
+    if opts.weights is not None and facts:
+        config = opts.config or MKAConfig(gate_init=0.0)
+        memory, extra = apply_fastmka(captured, facts, opts.weights, config)
+        if not any(v.startswith("fastmka") for v in memory.values()):
+            raise BackendError(
+                f"options['weights'] holds sites {sorted(opts.weights)} but this graph's attention sites are "
+                f"{[f.name for f in facts]}: none matches (compile the model the checkpoint was saved from)"
+            )
+    lowered = lower_sites(facts, captured, opts.attention)
+    for s in lowered:
+        s.memory = memory.get(s.name)
+    not_attention = [NotAttention(r.node, r.module, r.closest_rule, r.reason) for r in rejected]
+    return GraphReport(len(_REPORTS), lowered, not_attention, mka_ops, len(example_inputs)), extra
+
+
+def mka_backend(
+    gm: fx.GraphModule, example_inputs: list[Any], *, options: Mapping[str, Any] | None = None, mode: str | None = None
+):
+    """The ``mka`` backend (see the module docstring). ``options``: the ``options=`` of ``torch.compile``;
+    ``mode``: torch.compile's ``mode`` (Inductor's modes, e.g. ``"max-autotune"``)."""
+    opts = parse_options(options)
+    try:
+        gm = _own_copy(gm)
+        report, extra = _rewrite(gm, example_inputs, opts)
+    except WeightsError as exc:
+        raise BackendError(str(exc)) from exc
+    _REPORTS.append(report)
+    if report.sites or report.mka_ops:
+        log.info("%s", report)
+    inputs = list(example_inputs) + extra
+    if opts.compiler == "aot_eager":  # AOTAutograd without Inductor's code generation (debugging, fast tests)
+        compiled = torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
+    else:
+        patches: dict[str, Any] = {}
+        if mode is not None:
+            from torch._inductor import list_mode_options
+
+            patches.update(list_mode_options(mode))
+        patches.update(opts.inductor)
+        inductor = torch._dynamo.lookup_backend("inductor")
+        compiled = inductor(gm, inputs, config_patches=patches) if patches else inductor(gm, inputs)
+    return _with_inputs(compiled, extra) if extra else compiled
+
+
+def _with_inputs(compiled, extra: list[torch.Tensor]):
+    """``compiled`` called with the graph inputs the backend added (trained weights) after dynamo's."""
+
+    def call(*args):
+        return compiled(*args, *extra)
+
+    return call
