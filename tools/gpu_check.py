@@ -3,6 +3,16 @@
     python tools/gpu_check.py                      # on a CUDA machine: checks, timings, table last
     python tools/gpu_check.py --out $OUT           # also writes details (JSON) there
     python tools/gpu_check.py --smoke              # tiny sizes; on CPU runs the Triton interpreter
+    python tools/gpu_check.py --sweep --out $OUT   # + tile sweep per kernel (sweep.txt); the table still last
+    python tools/gpu_check.py --sweep-only flash_fwd,decode   # just these kernels' sweeps
+    bash tools/gpu_run.sh                          # on a GPU machine without the package installed
+
+The sweep times a small grid of tile configs per Triton kernel (flash forward, flash backward dK/dV and
+dQ, split-K decode, FastMKA mix, MKA forward and backward) at the goal size within --sweep-budget seconds,
+skips configs that do not compile or fit (recording why), checks the fastest against the reference and
+against the default's output, and reports the best next to the default. With --sweep the checks, timings
+and goals are printed before the sweep and again after it, so they close the output even if the sweep is
+cut short; results are written to gpu_check.json after every step.
 
 Timings: CUDA events, median of ``--reps`` after warm-up, all candidates of a comparison measured in the
 same run. FLOPs and bytes are counted per call (causal attention counts half the score matrix).
@@ -381,6 +391,18 @@ SMOKE_CANDIDATES: dict[str, list[tuple]] = {  # bigger tiles = fewer programs = 
 }
 
 
+# Where each kernel's default lives (for adopting a winner); {key} is the table key (element size, head dim).
+WHERE = {
+    "flash_fwd": "FWD_CONFIGS[{key}] in kernels/flash_attention/plumbing.py",
+    "flash_dkdv": "DKDV_CONFIGS[{key}] in kernels/flash_attention/plumbing.py",
+    "flash_dq": "DQ_CONFIGS[{key}] in kernels/flash_attention/plumbing.py",
+    "decode": "DECODE_CONFIGS[{key}] (splits: _num_splits) in kernels/decode_attention.py",
+    "fastmka_mix": "fastmka_mix_fwd's BLOCK_T/BLOCK_H/num_warps defaults in kernels/fastmka_mix_triton.py",
+    "mka_fwd": "_config in kernels/mka_attention_triton.py",
+    "mka_bwd": "_config in kernels/mka_attention_triton.py (shared with the forward)",
+}
+
+
 class Tunable:
     """One kernel's sweep: ``run(cfg)`` at the goal size (timed; returns its outputs), ``check(cfg)`` its
     relative error against the reference at the check size (odd length, GQA where the kernel has it)."""
@@ -389,6 +411,7 @@ class Tunable:
         self.key, self.label, self.params, self.default = key, label, params, tuple(default)
         self.candidates = [self.default] + [tuple(c) for c in candidates if tuple(c) != self.default]
         self.run, self.check, self.reps_scale = run, check, reps_scale
+        self.table_key: tuple[int, int] | None = None
 
 
 def bench(dev: torch.device, fn: Callable[[], object], warmup: int, reps: int) -> tuple[float, float]:
@@ -627,6 +650,8 @@ def make_tunables(dev, dtype, s, keys) -> list[Tunable]:
             ),
         )
     )
+    for t in out:
+        t.table_key = (es, max(64, bd))
     return [t for t in out if t.key in keys]
 
 
@@ -643,6 +668,7 @@ def run_sweep(dev, dtype, tunables, budget_s, warmup, reps, tol, on_update=None)
     t_start = time.time()
     kernels: list[dict] = []
     report = {"budget_s": budget_s, "warmup": warmup, "reps": reps, "kernels": kernels, "stopped": None}
+    report["device_type"] = dev.type
     broken = False
     for i, tu in enumerate(tunables):
         entry = {
@@ -650,6 +676,7 @@ def run_sweep(dev, dtype, tunables, budget_s, warmup, reps, tol, on_update=None)
             "kernel": tu.label,
             "params": list(tu.params),
             "default": list(tu.default),
+            "where": WHERE[tu.key].format(key=tu.table_key),
             "results": [],
             "best": None,
             "stopped": None,
@@ -748,6 +775,8 @@ def sweep_table(sw: dict, header: str) -> str:
             notes.append(f"{e['kernel']}: WRONG results at {e['wrong']}")
         if e["stopped"]:
             notes.append(f"{e['kernel']}: {e['stopped']}")
+        if e.get("speedup", 1.0) >= 1.03 and sw.get("device_type") == "cuda":  # CPU: interpreter tiles
+            notes.append(f"{e['kernel']}: to adopt {_cfg_str(b['config'])}, put it first in {e['where']}")
     used = sw.get("seconds")
     lines.append(f"sweep time {used:.0f} s of a {sw['budget_s']:.0f} s budget" if used is not None else "")
     return "\n".join(lines + notes)

@@ -10,7 +10,7 @@
 # (the layout pyproject.toml's package-dir describes) and put first on PYTHONPATH; PYTHONSAFEPATH keeps the
 # repository root (whose mka_compile/ lacks kernels/) off sys.path.
 # Every step has its own timeout, so the whole run ends within T_TESTS + T_CHECK + ~30 s even if a step
-# hangs. Environment (defaults): OUT (/tmp/gpu_out), PYTHON (python), MKA_PKG_DIR (/tmp/pkg),
+# hangs. Environment (defaults): OUT (/tmp/gpu_out), PYTHON (python, else python3), MKA_PKG_DIR (/tmp/pkg),
 # T_TESTS (150 s), T_CHECK (330 s; smoke 900 s), SWEEP_BUDGET (170 s), CHECK_ARGS (extra gpu_check args).
 # A module that fails to import (say hypothesis missing there) does not stop the other GPU tests.
 set -uo pipefail
@@ -24,7 +24,7 @@ elif [[ -n "${1:-}" ]]; then
     exit 2
 fi
 OUT=${OUT:-/tmp/gpu_out}
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 PKG=${MKA_PKG_DIR:-/tmp/pkg}
 T_TESTS=${T_TESTS:-150}
 T_CHECK=${T_CHECK:-$((SMOKE ? 900 : 330))}
