@@ -69,7 +69,8 @@ def _install(model: nn.Module, plan: _Plan, config: MKAConfig, mode: str) -> Non
         cache = next((v for v in list(args[1:]) + list(kwargs.values()) if is_cache(v)), None)
         position = kwargs.get("cache_position")
         if position is None and cache is not None:  # tokens already cached for this layer, before the update
-            past = int(cache.get_seq_length(getattr(module, "layer_idx", 0) or 0))
+            past = cache.get_seq_length(getattr(module, "layer_idx", 0) or 0)
+            past = int(past) if isinstance(past, torch.Tensor) else past  # a SymInt stays symbolic (export)
             position = torch.arange(past, past + hidden.shape[1], device=hidden.device)
         mem.begin(hidden, kwargs.get("attention_mask"), cache, position, kwargs.get("position_embeddings"))
 

@@ -76,11 +76,13 @@ class DecodeStep(nn.Module):
         names += [f"new_state.{j}.{f}" for j, m in enumerate(self.sites.values()) for f in site_fields(m)]
         return names
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *flat: torch.Tensor):
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: list[torch.Tensor], state: list[torch.Tensor]
+    ):
         from transformers import DynamicCache
 
         L = self.num_layers
-        past, states = flat[: 2 * L], list(flat[2 * L :])
+        states = list(state)
         cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(L)], config=self.model.config)
         P = past[0].shape[2]
         for mem in self.sites.values():
@@ -112,8 +114,8 @@ def example_step(model: nn.Module, input_ids: torch.Tensor) -> tuple[int, tuple[
     out = model(input_ids=input_ids[:, :P], use_cache=True)
     cache = out.past_key_values
     layers = cache.layers
-    args: list[torch.Tensor] = [input_ids[:, P:], torch.ones_like(input_ids)]
-    args += [t for layer in layers for t in (layer.keys, layer.values)]
+    past = [t.clone() for layer in layers for t in (layer.keys, layer.values)]  # fresh tensors, not views
+    state = []
     for mem in converted_sites(model).values():
-        args += state_tensors(mem, mem.state_of(cache), mem.fixed_slots)
-    return len(layers), tuple(args)
+        state += [t.clone() for t in state_tensors(mem, mem.state_of(cache), mem.fixed_slots)]
+    return len(layers), (input_ids[:, P:].clone(), torch.ones_like(input_ids), past, state)

@@ -76,6 +76,14 @@ def _add_functions(model: ir.Model) -> list[str]:
     return used
 
 
+def _static_dims(model: ir.Model) -> None:
+    """Input/output axes the exporter named with a number (a specialised size) become static sizes."""
+    for v in list(model.graph.inputs) + list(model.graph.outputs):
+        if v.shape is not None:
+            dims = [int(d.value) if isinstance(d, ir.SymbolicDim) and str(d.value).isdigit() else d for d in v.shape]
+            v.shape = ir.Shape(dims)
+
+
 @contextlib.contextmanager
 def _fixed_slots(sites: dict[str, Any], slots: dict[str, int]) -> Iterator[None]:
     """Sites make states with ``slots[site]`` fixed summary slots while the model is captured."""
@@ -159,15 +167,19 @@ def _max_len(model: nn.Module, max_len: int | None, sites: dict[str, Any]) -> in
     return max_len
 
 
-def _auto(module: nn.Module, tensors: tuple[torch.Tensor, ...]) -> dict[str, Any]:
-    """Every axis ``Dim.AUTO``, keyed like ``module.forward``'s parameters (a ``*args`` one takes the rest)."""
-    specs = [{a: torch.export.Dim.AUTO for a in range(t.dim())} for t in tensors]
+def _auto(module: nn.Module, args: tuple) -> dict[str, Any]:
+    """Every axis ``Dim.AUTO``, keyed like ``module.forward``'s parameters (a ``*args`` one takes the rest);
+    ``args``: tensors and lists of tensors."""
+
+    def spec(x):
+        return [spec(t) for t in x] if isinstance(x, list) else {a: torch.export.Dim.AUTO for a in range(x.dim())}
+
     out: dict[str, Any] = {}
     for i, (name, p) in enumerate(inspect.signature(module.forward).parameters.items()):
         if p.kind is inspect.Parameter.VAR_POSITIONAL:
-            out[name] = tuple(specs[i:])
+            out[name] = tuple(spec(a) for a in args[i:])
             break
-        out[name] = specs[i]
+        out[name] = spec(args[i])
     return out
 
 
@@ -214,7 +226,12 @@ def export_onnx(
                 wrapper = _Flat(model, args, kwargs)
                 tensors, names = wrapper.tensors(), wrapper.names()
                 outputs = ["logits"] if _is_hf(model) else None
-            shapes = _auto(wrapper, tensors) if dynamic else None
+            if not dynamic:
+                shapes = None
+            elif decode_step:
+                shapes = _decode_shapes(wrapper, tensors)
+            else:
+                shapes = _auto(wrapper, tensors)
             ep = torch.export.export(wrapper, tensors, dynamic_shapes=shapes, strict=False)
         check_ops(ep, list(sites))
         program = torch.onnx.export(
@@ -229,6 +246,7 @@ def export_onnx(
     finally:
         model.train(was_training)
     used = _add_functions(program.model)
+    _static_dims(program.model)
     meta = program.model.metadata_props
     meta["mka.sites"] = ",".join(sites)
     meta["mka.modes"] = ",".join(m.mode for m in sites.values())
@@ -239,6 +257,21 @@ def export_onnx(
     if check:
         onnx.checker.check_model(str(path), full_check=True)
     return path
+
+
+def _decode_shapes(step: DecodeStep, args: tuple) -> dict[str, Any]:
+    """Batch, new-token and past lengths symbolic; every other axis (heads, head size, slots) static."""
+    Dim = torch.export.Dim
+    B, T, P = Dim("batch"), Dim("new_tokens"), Dim("past")
+    state = []
+    for mem in step.sites.values():
+        state += [{0: B}] * 7 + ([{0: B, 2: P}] * 2 if mem.mode == "mka" else [])
+    return {
+        "input_ids": {0: B, 1: T},
+        "attention_mask": {0: B, 1: Dim.AUTO},
+        "past": [{0: B, 2: P}] * len(args[2]),
+        "state": state,
+    }
 
 
 def _decode_wrapper(model: nn.Module, example_inputs: Any) -> tuple[DecodeStep, tuple]:
