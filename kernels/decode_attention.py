@@ -93,10 +93,11 @@ def check_decode_attention(
 
 
 def _num_splits(x: torch.Tensor, programs: int, tk: int, block_n: int) -> int:
-    """Enough splits for about two programs per SM (CPU: up to 4), at least one key block per split."""
+    """Enough splits for about eight programs per SM (CPU: up to 4), at least one key block per split
+    (H200 sweep, B=4 Hkv=32 T=8192: 8+ splits 0.198 ms vs 3 splits 0.241 ms)."""
     if x.device.type == "cuda":
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        want = cdiv(2 * sms, programs)
+        want = cdiv(8 * sms, programs)
     else:
         want = 4
     return max(1, min(want, cdiv(tk, block_n), MAX_SPLITS))

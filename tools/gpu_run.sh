@@ -11,7 +11,9 @@
 # repository root (whose mka_compile/ lacks kernels/) off sys.path.
 # Every step has its own timeout, so the whole run ends within T_TESTS + T_CHECK + ~30 s even if a step
 # hangs. Environment (defaults): OUT (/tmp/gpu_out), PYTHON (python, else python3), MKA_PKG_DIR (/tmp/pkg),
-# T_TESTS (150 s), T_CHECK (330 s; smoke 900 s), SWEEP_BUDGET (170 s), CHECK_ARGS (extra gpu_check args).
+# T_TESTS (150 s), T_CHECK (330 s; smoke 900 s), SWEEP_BUDGET (170 s), CHECK_ARGS (extra gpu_check args),
+# TEST_IDS (space-separated pytest ids run one by one instead of the whole GPU set; T_EACH s each, 30),
+# NO_SWEEP (1: checks, timings and goals only).
 # A module that fails to import (say hypothesis missing there) does not stop the other GPU tests.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 3
@@ -57,14 +59,23 @@ if torch.cuda.is_available():
 print(f"\nmka_compile from {mka_compile.__file__}")
 EOF
 
-    step "GPU tests (pytest -m gpu tests/kernels, timeout ${T_TESTS}s)"
     t1=$(date +%s)
-    timeout -k 10 "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels --maxfail=5 -rfE \
-        --durations=5 --continue-on-collection-errors
-    rc_tests=$?
+    if [[ -n "${TEST_IDS:-}" ]]; then  # chosen tests, one pytest each (T_EACH s), so every traceback is printed
+        rc_tests=0
+        for id in $TEST_IDS; do
+            step "GPU test $id (timeout ${T_EACH:-30}s)"
+            timeout -k 5 "${T_EACH:-30}" "$PY" -m pytest -q -p no:cacheprovider --tb=short "$id" || rc_tests=1
+        done
+    else
+        step "GPU tests (pytest -m gpu tests/kernels, timeout ${T_TESTS}s)"
+        timeout -k 10 "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels --maxfail=5 -rfE \
+            --durations=5 --continue-on-collection-errors
+        rc_tests=$?
+    fi
     local dt_tests=$(($(date +%s) - t1))
 
-    local args=(--sweep --sweep-budget "$SWEEP_BUDGET" --out "$OUT")
+    local args=(--out "$OUT")
+    [[ "${NO_SWEEP:-0}" == 1 ]] || args+=(--sweep --sweep-budget "$SWEEP_BUDGET")
     ((SMOKE)) && args+=(--smoke)
     # shellcheck disable=SC2206  # CHECK_ARGS is split on purpose
     args+=(${CHECK_ARGS:-})
