@@ -135,6 +135,7 @@ def plot_recovery(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for arm, pts in result["curve"].items():
@@ -145,7 +146,9 @@ def plot_recovery(result: dict, path: Path) -> None:
         ax.axhline(ppl, color="black", ls="--", lw=0.8, label=name)
     ax.set_xlabel("fine-tuning step after conversion")
     ax.set_ylabel(f"held-out perplexity (first {result['curve_tokens']} tokens)")
-    ax.set_yscale("log")
+    ax.set_yscale("log")  # a jump at conversion and the recovery to the pretrained level both stay readable
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.set_title(f"MHA -> FastMKA conversion, {result['corpus']}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")

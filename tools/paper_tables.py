@@ -47,7 +47,8 @@ NAMES = {"mha": "MHA", "mqa": "MQA", "gqa": "GQA", "mla": "MLA", "mka": "MKA", "
 COMPARABLE = 0.05  # |relative perplexity difference| counted as "comparable"
 
 DEFAULT = dict(
-    steps=450,
+    threads=1,
+    steps=350,
     batch=16,
     seq=128,
     d_model=128,
@@ -55,9 +56,9 @@ DEFAULT = dict(
     heads=4,
     gqa_kv_heads=2,
     lr=3e-3,
-    warmup=25,
+    warmup=20,
     weight_decay=0.1,
-    eval_every=50,
+    eval_every=35,
     eval_tokens=0,
     curve_tokens=8192,
     decode_prompt=64,
@@ -65,9 +66,9 @@ DEFAULT = dict(
     repeats=7,
     chunk_size=16,
     top_r=4,
-    convert_steps=150,
+    convert_steps=120,
     convert_lr=1e-3,
-    convert_eval_every=15,
+    convert_eval_every=12,
 )
 QUICK = dict(
     DEFAULT,
@@ -110,6 +111,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, val)
     for key in (
+        "threads",
         "steps",
         "batch",
         "seq",
@@ -180,6 +182,7 @@ def run_corpus(corpus: T.Corpus, args, progress: Progress) -> tuple[dict, dict[s
     train_wall = time.perf_counter() - t_start
     progress.remove_task(task)
 
+    t_eval = time.perf_counter()
     task = progress.add_task(f"{corpus.name}: held-out perplexity", total=len(V))
     ppl = {}
     for v in V:
@@ -188,7 +191,9 @@ def run_corpus(corpus: T.Corpus, args, progress: Progress) -> tuple[dict, dict[s
         progress.update(task, advance=1)
     progress.remove_task(task)
 
+    t_timing = time.perf_counter()
     lat, dec, pre, held = time_inference(models, corpus, args, progress)
+    t_end = time.perf_counter()
     skip = min(5, max(0, args.steps - 1))  # the first steps warm up allocators and kernels
     tokens_per_step = args.batch * args.seq
     ctx = args.decode_prompt + args.decode_tokens
@@ -231,6 +236,8 @@ def run_corpus(corpus: T.Corpus, args, progress: Progress) -> tuple[dict, dict[s
         "heldout_tokens": len(corpus.heldout) - 1,
         "model": cfg_d,
         "train_wall_s_all_variants": train_wall,
+        "eval_wall_s_all_variants": t_timing - t_eval,
+        "timing_wall_s_all_variants": t_end - t_timing,
         "tokens_seen_per_variant": args.steps * tokens_per_step,
         "variants": out,
     }
@@ -326,7 +333,6 @@ def plot_losses(result: dict, path: Path) -> None:
     a1.set_ylabel("training loss, nats/token (smoothed 0.9)")
     a2.set_xlabel("step")
     a2.set_ylabel("held-out perplexity (slice)")
-    a2.set_yscale("log")
     for ax in (a1, a2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -537,11 +543,12 @@ def write_doc(results: dict, rec: dict | None, args, meta: dict, doc: Path, out:
         "## Setup",
         "",
         f"- Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, torch {meta['machine']['torch']} "
-        f"(CPU, {meta['machine']['torch_threads']} threads), Python {meta['machine']['python']}, fp32. The machine "
-        "is shared with other jobs: load average "
-        f"{meta['load_before'][0]:.2f} at the start and {meta['load_after'][0]:.2f} at the end. Absolute times "
-        "are noisy; the variants are trained in lock-step and timed interleaved (same moments, same load), so "
-        "the ratios are the numbers to read.",
+        f"(CPU, {meta['machine']['torch_threads']} intra-op thread(s): `--threads`, 1 by default, because two "
+        "threads stall at every parallel region when other jobs hold a core), Python "
+        f"{meta['machine']['python']}, fp32. The machine is shared with other jobs: 1-minute load average "
+        f"{meta['load_before'][0]:.2f} at the start and {meta['load_after'][0]:.2f} at the end; the whole run "
+        f"took {meta['wall_s'] / 60:.1f} min ({meta['wall_s']:.0f} s). Absolute times are noisy; the variants are "
+        "trained in lock-step and timed interleaved (same moments, same load), so the ratios are the numbers to read.",
         f"- Model (every variant): {m['n_layers']} layers, d_model {m['d_model']}, {m['n_heads']} query heads of "
         f"size {m['head_dim']}, pre-norm RMSNorm, {m['mlp']} MLP, rotate-half RoPE, tied embeddings. MQA: 1 kv "
         f"head; GQA: {m['gqa_kv_heads']} kv heads; MLA: latent rank {m['mla_kv_rank']} + decoupled RoPE key of "
@@ -576,7 +583,9 @@ def write_doc(results: dict, rec: dict | None, args, meta: dict, doc: Path, out:
             "",
             f"Tokens: {res['tokens']}. Split: {res['split']} ({res['train_tokens_available']:,} training tokens; "
             f"{next(iter(res['variants'].values()))['tokens']:,} of the {res['heldout_tokens']:,} held-out "
-            f"tokens predicted). Training all variants in lock-step took {res['train_wall_s_all_variants']:.0f} s.",
+            f"tokens predicted). Wall time, all variants: training {res['train_wall_s_all_variants']:.0f} s "
+            f"(held-out slices every {args.eval_every} steps included), held-out perplexity "
+            f"{res['eval_wall_s_all_variants']:.0f} s, timing {res['timing_wall_s_all_variants']:.0f} s.",
             "",
             md_table(res),
             "",
@@ -626,13 +635,22 @@ def write_doc(results: dict, rec: dict | None, args, meta: dict, doc: Path, out:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    argv = sys.argv[1:] if argv is None else argv
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # one thread by default: on a shared 2-core machine two threads stall
+    try:
+        return run(args, sys.argv[1:] if argv is None else argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict:
     command = " ".join(["python tools/paper_tables.py", *argv])
     out, doc = Path(args.out), Path(args.doc)
     out.mkdir(parents=True, exist_ok=True)
     console = Console()
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine()}
     meta["load_before"] = meta["machine"]["load_average"]
+    t_start = time.perf_counter()
     results, rec = {}, None
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*cols, console=console) as progress:
@@ -642,6 +660,7 @@ def main(argv: list[str] | None = None) -> dict:
             results[name] = res
             (out / f"{name}.json").write_text(json.dumps(res, indent=1))
             if not args.no_convert and name == args.convert_corpus:
+                t0 = time.perf_counter()
                 refs = {"FastMKA trained from scratch": models["fastmka"]} if "fastmka" in models else {}
                 rec = convert_recovery.run_recovery(
                     models["mha"],
@@ -657,9 +676,11 @@ def main(argv: list[str] | None = None) -> dict:
                     progress=progress,
                     references=refs,
                 )
+                rec["wall_s"] = time.perf_counter() - t0
                 (out / "conversion.json").write_text(json.dumps(rec, indent=1))
             del models
     meta["load_after"] = os.getloadavg()
+    meta["wall_s"] = time.perf_counter() - t_start
     for name, res in results.items():
         plot_losses(res, out / f"loss_{name}.png")
         console.print(rich_table(res))
@@ -671,7 +692,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_doc(results, rec, args, meta, doc, out, command)
     for line in claims(results):
         console.print(line)
-    console.print(f"wrote {doc} and {out}/")
+    console.print(f"wrote {doc} and {out}/ in {meta['wall_s'] / 60:.1f} min")
     return {"results": results, "conversion": rec, "meta": meta, "doc": str(doc)}
 
 
