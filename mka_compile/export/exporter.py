@@ -35,8 +35,11 @@ class ExportError(ValueError):
     """The model cannot be exported; the message names the op and the site, and what to do."""
 
 
-def _site_of(node: torch.fx.Node, sites: list[str]) -> str:
-    stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+def _site_of(node: torch.fx.Node, sites: list[str], prefix: str) -> str:
+    """The converted site (else the innermost module) whose forward made ``node``; paths as in the user's model
+    (``prefix``: where the export wrapper holds it)."""
+    stack = [path.removeprefix(prefix) for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+    stack = [p for p in stack if p and p != prefix.rstrip(".")]
     for path in reversed(stack):
         for site in sites:
             if path == site or path.startswith(site + "."):
@@ -44,8 +47,9 @@ def _site_of(node: torch.fx.Node, sites: list[str]) -> str:
     return stack[-1] if stack else "<model>"
 
 
-def check_ops(ep: torch.export.ExportedProgram, sites: list[str]) -> None:
+def check_ops(ep: torch.export.ExportedProgram, sites: list[str], prefix: str = "") -> None:
     """Raise :class:`ExportError` for every ``mka::`` call that has no ONNX translation."""
+    translated = {t.name() for t in TABLE}  # by name: OpOverload objects are not reliable dictionary keys
     problems = []
     for node in ep.graph.nodes:
         target = node.target
@@ -53,8 +57,8 @@ def check_ops(ep: torch.export.ExportedProgram, sites: list[str]) -> None:
             continue
         if target.namespace != "mka":
             continue
-        where = _site_of(node, sites)
-        if target not in TABLE:
+        where = _site_of(node, sites, prefix)
+        if target.name() not in translated:
             problems.append(f"cannot export op mka::{target._opname} at site {where}: it has no ONNX function")
         elif target._opname == "recall_select" and len(node.args) > 5 and node.args[5] is not None:
             problems.append(
@@ -62,7 +66,7 @@ def check_ops(ep: torch.export.ExportedProgram, sites: list[str]) -> None:
                 "no ONNX function yet (export without memory_bank)"
             )
     if problems:
-        raise ExportError("; ".join(problems))
+        raise ExportError("; ".join(dict.fromkeys(problems)))
 
 
 def _add_functions(model: ir.Model) -> list[str]:
@@ -235,7 +239,7 @@ def export_onnx(
             else:
                 shapes = _auto(wrapper, tensors)
             ep = torch.export.export(wrapper, tensors, dynamic_shapes=shapes, strict=False)
-        check_ops(ep, list(sites))
+        check_ops(ep, list(sites), prefix="model.")
         program = torch.onnx.export(
             ep,
             input_names=names,

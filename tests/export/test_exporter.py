@@ -1,0 +1,126 @@
+"""export_onnx: converted models run in stock ONNX Runtime with PyTorch's logits, as com.mka nodes with
+model-local functions; plain models export as plain ONNX; ops without an ONNX function give a clear error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+
+import onnx
+import pytest
+import torch
+import zoo
+from converted import CFG, MAX_LEN, converted, rel
+from torch import nn
+
+from mka_compile.export import DOMAIN, ExportError, export_onnx, ort_session
+from mka_compile.kernels import flash_attention
+
+NODES = {
+    "fastmka": {"SessionScan", "ChunkUpdate", "RecallSelect", "RouteMix"},
+    "mka": {"SessionScan", "ChunkUpdate", "RecallSelect", "MKAAttentionRecall"},
+}
+
+
+def _left_padded(B: int, T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 90, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, : T // 3] = 0  # row 1 is left-padded
+    return ids, mask
+
+
+@pytest.mark.parametrize("mode", ["fastmka", "mka"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gpt_neox"])
+def test_converted_model_matches_pytorch_in_onnxruntime(family: str, mode: str, tmp_path) -> None:
+    ids, mask = _left_padded(3, 21, seed=0)  # another batch and length than the example: symbolic axes
+    model, base = converted(family, mode, probe=ids[:1])
+    example = dict(zip(("input_ids", "attention_mask"), _left_padded(2, 13, seed=1)))
+    path = export_onnx(model, example, tmp_path / "m.onnx", max_len=MAX_LEN, optimize=family == "llama")
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    assert rel(want[:1], base) >= 1e-3  # the rewrite is live
+    got = ort_session(path).run(["logits"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    real = mask.bool()
+    assert rel(torch.from_numpy(got)[real], want[real]) <= 1e-4
+    m = onnx.load(path)
+    ops = Counter(n.op_type for n in m.graph.node if n.domain == DOMAIN)
+    assert set(ops) == NODES[mode] and set(ops.values()) == {2}  # one node per op and layer
+    assert {f.name for f in m.functions} == NODES[mode]
+    assert all(n.domain == "" for f in m.functions for n in f.node)  # bodies: standard ONNX ops
+
+
+def test_file_checks_and_runs_in_a_process_that_knows_nothing_of_mka(tmp_path) -> None:
+    model, _ = converted("llama", "fastmka")
+    path = export_onnx(model, torch.randint(0, 90, (2, 9)), tmp_path / "m.onnx", check=False, optimize=False)
+    code = (
+        "import sys, numpy as np, onnx, onnxruntime as ort\n"
+        "onnx.checker.check_model(sys.argv[1], full_check=True)\n"
+        "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+        "out = s.run(None, {'input_ids': np.ones((1, 11), np.int64)})[0]\n"
+        "assert out.shape == (1, 11, 96) and np.isfinite(out).all()\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+
+
+def test_unconverted_model_exports_as_plain_onnx(tmp_path) -> None:
+    model, _ = zoo.causal_lm("llama", "sdpa")
+    path = export_onnx(model, torch.randint(0, 90, (2, 9)), tmp_path / "plain.onnx", optimize=False)
+    m = onnx.load(path)
+    assert DOMAIN not in {o.domain for o in m.opset_import} and not m.functions
+    ids = torch.randint(0, 90, (3, 14))
+    with torch.no_grad():
+        want = model(ids).logits
+    assert rel(ort_session(path).run(None, {"input_ids": ids.numpy()})[0], want) <= 1e-4
+
+
+class _PlainAttention(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = x.view(x.shape[0], x.shape[1], 2, -1).transpose(1, 2)
+        return flash_attention(q, q, q, causal=True)
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(8, 8), _PlainAttention())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+def test_op_without_onnx_function_names_op_and_site(tmp_path) -> None:
+    with pytest.raises(ExportError, match=r"mka::flash_attention at site block\.1"):
+        export_onnx(_Net(), (torch.randn(2, 5, 8),), tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+class _Recall(nn.Module):
+    def forward(self, q_r, summ_k, pos, bank_k):
+        return torch.ops.mka.recall_select(q_r, summ_k, pos, 4, 2, bank_k, None)
+
+
+class _WithBank(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.recall = _Recall()
+
+    def forward(self, q_r, summ_k, pos, bank_k):
+        return self.recall(q_r, summ_k, pos, bank_k)
+
+
+def test_memory_bank_recall_is_refused_with_the_site(tmp_path) -> None:
+    args = (torch.randn(1, 2, 6, 8), torch.randn(1, 2, 3, 8), torch.arange(6)[None], torch.randn(1, 2, 5, 8))
+    with pytest.raises(ExportError, match=r"mka::recall_select at site recall: recall from an external memory bank"):
+        export_onnx(_WithBank(), args, tmp_path / "x.onnx")
+
+
+def test_bad_arguments(tmp_path) -> None:
+    model, _ = converted("llama", "fastmka")
+    with pytest.raises(ExportError, match="example_inputs must be"):
+        export_onnx(model, "text", tmp_path / "x.onnx")
+    with pytest.raises(ExportError, match=f"max_len 3 is below the chunk size {CFG.chunk_size}"):
+        export_onnx(model, torch.ones(1, 4, dtype=torch.long), tmp_path / "x.onnx", max_len=3)
+    with pytest.raises(ExportError, match="decode_step=True needs a Hugging Face causal LM"):
+        export_onnx(_Net(), (torch.randn(2, 5, 8),), tmp_path / "x.onnx", decode_step=True)
