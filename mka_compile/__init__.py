@@ -10,6 +10,7 @@ from __future__ import annotations
 from mka_compile import kernels, layers
 from mka_compile.config import MKAConfig
 from mka_compile.convert import ConversionError, convert, routing_stats
+from mka_compile.export import export_onnx
 from mka_compile.graph.capture import Captured, CaptureError, capture
 from mka_compile.graph.pattern import any_, op, opt
 from mka_compile.graph.rules import PassError, PassManager, Rule
@@ -36,6 +37,7 @@ __all__ = [
     "any_",
     "capture",
     "convert",
+    "export_onnx",
     "inspect",
     "kernels",
     "layers",

@@ -14,11 +14,10 @@ import inspect
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 import torch
-from onnxscript import ir
 from torch import nn
 
 from .attention_functions import FUNCTIONS as ATTENTION_FUNCTIONS
@@ -26,7 +25,9 @@ from .builder import OPSET
 from .decode_step import DecodeStep, converted_sites, example_step
 from .memory_functions import FUNCTIONS as MEMORY_FUNCTIONS
 from .schemas import DOMAIN, VERSION, register_schemas
-from .translation import TABLE
+
+if TYPE_CHECKING:
+    from onnxscript import ir
 
 FUNCTIONS = {**MEMORY_FUNCTIONS, **ATTENTION_FUNCTIONS}
 
@@ -49,6 +50,8 @@ def _site_of(node: torch.fx.Node, sites: list[str], prefix: str) -> str:
 
 def check_ops(ep: torch.export.ExportedProgram, sites: list[str], prefix: str = "") -> None:
     """Raise :class:`ExportError` for every ``mka::`` call that has no ONNX translation."""
+    from .translation import TABLE  # onnxscript is imported on first use (it takes about a second)
+
     translated = {t.name() for t in TABLE}  # by name: OpOverload objects are not reliable dictionary keys
     problems = []
     for node in ep.graph.nodes:
@@ -71,6 +74,8 @@ def check_ops(ep: torch.export.ExportedProgram, sites: list[str], prefix: str = 
 
 def _add_functions(model: ir.Model) -> list[str]:
     """Add the model-local function of every ``com.mka`` node type in ``model``; returns the types."""
+    from onnxscript import ir
+
     used = sorted({n.op_type for n in model.graph.all_nodes() if n.domain == DOMAIN})
     for name in used:
         fn = ir.serde.deserialize_function(FUNCTIONS[name]())
@@ -82,6 +87,8 @@ def _add_functions(model: ir.Model) -> list[str]:
 
 def _static_dims(model: ir.Model) -> None:
     """Input/output axes the exporter named with a number (a specialised size) become static sizes."""
+    from onnxscript import ir
+
     for v in list(model.graph.inputs) + list(model.graph.outputs):
         if v.shape is not None:
             dims = [int(d.value) if isinstance(d, ir.SymbolicDim) and str(d.value).isdigit() else d for d in v.shape]
@@ -215,6 +222,8 @@ def export_onnx(
     Every ``mka::`` op becomes one ``com.mka`` node defined by a model-local function of standard ONNX ops.
     Raises :class:`ExportError` naming the op and the site for an op that cannot be exported.
     """
+    from . import translation
+
     register_schemas()
     path = Path(path)
     sites = converted_sites(model)
@@ -245,7 +254,7 @@ def export_onnx(
             input_names=names,
             output_names=outputs,
             opset_version=OPSET,
-            custom_translation_table=TABLE,
+            custom_translation_table=translation.TABLE,
             dynamo=True,
             optimize=optimize,
         )
