@@ -167,7 +167,7 @@ def test_cuda_op_long_cache(dtype, B, H, Hkv, Tq, Tk, d) -> None:
 def test_cuda_offsets_beyond_2_31() -> None:
     """Batch 1 starts 2**31 elements into the storage: every pointer offset must be 64-bit."""
     B, Hkv, Tk, d = 2, 2, 3000, 64
-    big = torch.randn(2**31 + Hkv * Tk * d, dtype=torch.float16, device="cuda")  # 4 GiB
+    big = torch.randn(2**31 + Hkv * Tk * d + 1000, dtype=torch.float16, device="cuda")  # 4 GiB (+ v's offset)
     k = big.as_strided((B, Hkv, Tk, d), (2**31, Tk * d, d, 1))
     v = big.as_strided((B, Hkv, Tk, d), (2**31, Tk * d, d, 1), 1000)
     q = torch.randn(B, 8, 1, d, dtype=torch.float16, device="cuda")

