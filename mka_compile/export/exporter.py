@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,14 +86,27 @@ def _add_functions(model: ir.Model) -> list[str]:
     return used
 
 
-def _static_dims(model: ir.Model) -> None:
-    """Input/output axes the exporter named with a number (a specialised size) become static sizes."""
+def _name_dims(model: ir.Model, axes: dict[str, list[str | None]]) -> None:
+    """Readable input/output axes: the exporter's symbols (``s14``, ``s15 + s70``) get the names in ``axes``
+    (``{input: [axis names or None]}``); axes it named with a number (a specialised size) become static."""
     from onnxscript import ir
 
+    names: dict[str, str] = {}
+    for v in model.graph.inputs:
+        for d, new in zip(v.shape or (), axes.get(v.name, ())):
+            if new and isinstance(d, ir.SymbolicDim) and d.value and str(d.value) not in names:
+                names[str(d.value)] = new
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b") if names else None
     for v in list(model.graph.inputs) + list(model.graph.outputs):
-        if v.shape is not None:
-            dims = [int(d.value) if isinstance(d, ir.SymbolicDim) and str(d.value).isdigit() else d for d in v.shape]
-            v.shape = ir.Shape(dims)
+        if v.shape is None:
+            continue
+        dims = []
+        for d in v.shape:
+            if isinstance(d, ir.SymbolicDim) and d.value is not None:
+                text = str(d.value)
+                d = int(text) if text.isdigit() else pattern.sub(lambda m: names[m.group(1)], text) if pattern else text
+            dims.append(d)
+        v.shape = ir.Shape(dims)
 
 
 @contextlib.contextmanager
@@ -261,7 +275,12 @@ def export_onnx(
     finally:
         model.train(was_training)
     used = _add_functions(program.model)
-    _static_dims(program.model)
+    if decode_step:
+        axes = {"input_ids": ["batch", "new_tokens"], "attention_mask": ["batch", "total"]}
+        axes.update({n: ["batch", None, "past"] for n in names if n.startswith("past.")})
+    else:
+        axes = {n: ["batch", "sequence"] for n in names if n in ("input_ids", "attention_mask")}
+    _name_dims(program.model, axes)
     meta = program.model.metadata_props
     meta["mka.sites"] = ",".join(sites)
     meta["mka.modes"] = ",".join(m.mode for m in sites.values())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import onnx
 import onnx.defs
 from onnx.defs import OpSchema
 
@@ -29,18 +30,28 @@ _TYPES = {
 @dataclass(frozen=True)
 class OpSpec:
     """A ``com.mka`` node type: ``inputs``/``outputs`` as ``(name, type letter)``, ``attributes`` as
-    ``(name, "float" | "int")``."""
+    ``(name, "float" | "int")``. ``shapes`` gives each output's type for shape inference: the index of the input
+    whose type it has, or a function ``(input types) -> TypeProto``."""
 
     name: str
     doc: str
     inputs: tuple[tuple[str, str], ...]
     outputs: tuple[tuple[str, str], ...]
     attributes: tuple[tuple[str, str], ...] = ()
+    shapes: tuple = ()
+
+    def infer(self, ctx) -> None:
+        """Type and shape inference (``onnx.defs``): each output from ``shapes``."""
+        types = [ctx.get_input_type(i) if ctx.has_input(i) else None for i in range(ctx.get_num_inputs())]
+        for i, rule in enumerate(self.shapes):
+            out = types[rule] if isinstance(rule, int) else rule(types, ctx)
+            if out is not None:
+                ctx.set_output_type(i, out)
 
     def schema(self) -> OpSchema:
         used = sorted({t for _, t in self.inputs + self.outputs})
         kinds = {"float": OpSchema.AttrType.FLOAT, "int": OpSchema.AttrType.INT}
-        return OpSchema(
+        schema = OpSchema(
             self.name,
             DOMAIN,
             VERSION,
@@ -50,6 +61,46 @@ class OpSpec:
             type_constraints=[(t, _TYPES[t][0], _TYPES[t][1]) for t in used],
             attributes=[OpSchema.Attribute(n, kinds[k]) for n, k in self.attributes],
         )
+        schema.set_type_and_shape_inference_function(self.infer)
+        return schema
+
+
+def _recall_type(elem: int):
+    """``idx``/``found``: ``[B, Hkv, T, top_r]`` from ``q_r: [B, Hkv, T, d]``."""
+
+    def rule(types, ctx):
+        q = types[0]
+        out = onnx.TypeProto()
+        out.tensor_type.elem_type = elem
+        if q is not None and q.tensor_type.HasField("shape"):
+            dims = list(q.tensor_type.shape.dim)[:-1]
+            for d in dims:
+                out.tensor_type.shape.dim.add().CopyFrom(d)
+            r = ctx.get_attribute("top_r")
+            r_dim = out.tensor_type.shape.dim.add()
+            if r is not None:
+                r_dim.dim_value = r.i
+        return out
+
+    return rule
+
+
+def _drop_level_axis(index: int):
+    """``[L, ...] -> [...]`` (stacked levels to one level), from input ``index``."""
+
+    def rule(types, ctx):
+        t = types[index]
+        if t is None:
+            return None
+        out = onnx.TypeProto()
+        out.tensor_type.elem_type = t.tensor_type.elem_type
+        if t.tensor_type.HasField("shape"):
+            out.tensor_type.shape.SetInParent()
+            for d in list(t.tensor_type.shape.dim)[1:]:
+                out.tensor_type.shape.dim.add().CopyFrom(d)
+        return out
+
+    return rule
 
 
 _MKA_ATTENTION_DOC = (
@@ -68,6 +119,7 @@ SPECS: dict[str, OpSpec] = {
             (("k", "T"), ("v", "T"), ("valid", "B"), ("state_k", "S"), ("state_v", "S"), ("n_seen", "I")),
             (("s_k", "T"), ("s_v", "T"), ("new_state_k", "S"), ("new_state_v", "S")),
             (("beta", "float"),),
+            (0, 1, 3, 4),
         ),
         OpSpec(
             "ChunkUpdate",
@@ -85,6 +137,7 @@ SPECS: dict[str, OpSpec] = {
             ),
             (("new_part_k", "S"), ("new_part_v", "S"), ("new_summ_k", "S"), ("new_summ_v", "S")),
             (("chunk_size", "int"),),
+            (4, 5, 6, 7),
         ),
         OpSpec(
             "RecallSelect",
@@ -92,6 +145,7 @@ SPECS: dict[str, OpSpec] = {
             (("q_r", "T"), ("summ_k", "S"), ("pos", "I")),
             (("idx", "I"), ("found", "B")),
             (("chunk_size", "int"), ("top_r", "int")),
+            (_recall_type(onnx.TensorProto.INT64), _recall_type(onnx.TensorProto.BOOL)),
         ),
         OpSpec(
             "RouteMix",
@@ -99,6 +153,8 @@ SPECS: dict[str, OpSpec] = {
             "[L, B, Hkv, T, d].",
             (("lam", "S"), ("ks", "T"), ("vs", "T")),
             (("kf", "T"), ("vf", "T")),
+            (),
+            (_drop_level_axis(1), _drop_level_axis(2)),
         ),
         OpSpec(
             "MKAAttention",
@@ -106,6 +162,7 @@ SPECS: dict[str, OpSpec] = {
             (("q", "T"), ("ks", "T"), ("vs", "T"), ("lam", "S"), ("kv_valid", "B")),
             (("out", "T"),),
             (("scale", "float"), ("causal", "int")),
+            (0,),
         ),
         OpSpec(
             "MKAAttentionRecall",
@@ -113,6 +170,7 @@ SPECS: dict[str, OpSpec] = {
             (("q", "T"), ("ks", "T"), ("vs", "T"), ("lam", "S"), ("kv_valid", "B")) + _RECALL_INPUTS,
             (("out", "T"),),
             (("scale", "float"), ("causal", "int")),
+            (0,),
         ),
     )
 }
