@@ -26,14 +26,15 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from mka_compile.backend_lowering import TARGETS, Lowered, lower_sites
+from mka_compile.backend_lowering import SYMBOLIC, TARGETS, Lowered, lower_sites
 from mka_compile.backend_weights import WeightsError, apply_fastmka, split_weights
 from mka_compile.config import MKAConfig
 from mka_compile.graph.capture import Captured
@@ -47,6 +48,7 @@ __all__ = [
     "graph_count",
     "last_report",
     "mka_backend",
+    "prepare_decode",
     "reports",
     "reset",
 ]
@@ -251,6 +253,33 @@ def _own_copy(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
+@contextmanager
+def _concrete_meta(gm: fx.GraphModule) -> Iterator[None]:
+    """Node values with the example's sizes instead of symbolic ones while the rules read shapes: reading a
+    symbolic size as an int would add a guard and specialize the graph (a recompilation per decode step)."""
+    saved = []
+    for n in gm.graph.nodes:
+        for key in ("val", "example_value"):
+            v = n.meta.get(key)
+            if isinstance(v, torch.SymInt) and v.node.hint is not None:
+                saved.append((n, key, v))
+                n.meta[key], n.meta[SYMBOLIC] = int(v.node.hint), v
+            elif isinstance(v, torch.Tensor) and any(isinstance(x, torch.SymInt) for x in v.shape):
+                hints = [x.node.hint if isinstance(x, torch.SymInt) else x for x in v.shape]
+                if any(h is None for h in hints) or not hasattr(v, "fake_mode"):
+                    continue
+                saved.append((n, key, v))
+                n.meta[SYMBOLIC] = v
+                with v.fake_mode:
+                    n.meta[key] = torch.empty(hints, dtype=v.dtype, device=v.device)
+    try:
+        yield
+    finally:
+        for n, key, v in saved:
+            n.meta[key] = v
+            n.meta.pop(SYMBOLIC, None)
+
+
 def _rewrite(
     gm: fx.GraphModule, example_inputs: list[Any], opts: BackendOptions
 ) -> tuple[GraphReport, list[torch.Tensor]]:
@@ -263,7 +292,8 @@ def _rewrite(
 
     candidates = any(ops.kind(n, gm) in ("softmax", "sdpa", "mka_attention") for n in gm.graph.nodes)
     facts, rejected = [], []
-    captured = Captured(gm=gm, inputs=list(example_inputs), method="dynamo")
+    values = [int(x.node.hint) if isinstance(x, torch.SymInt) and x.node.hint is not None else x for x in example_inputs]
+    captured = Captured(gm=gm, inputs=values, method="dynamo")  # the rules evaluate masks on the example
     if candidates:
         facts, rejected = find_sites(captured, RULES)
     _check_mode(opts, mka_ops, bool(facts))
@@ -297,7 +327,8 @@ def mka_backend(
     opts = parse_options(options)
     try:
         gm = _own_copy(gm)
-        report, extra = _rewrite(gm, example_inputs, opts)
+        with _concrete_meta(gm):
+            report, extra = _rewrite(gm, example_inputs, opts)
     except WeightsError as exc:
         raise BackendError(str(exc)) from exc
     _REPORTS.append(report)
@@ -325,3 +356,28 @@ def _with_inputs(compiled, extra: list[torch.Tensor]):
         return compiled(*args, *extra)
 
     return call
+
+
+def prepare_decode(model: nn.Module, max_len: int | None = None) -> nn.Module:
+    """Make a converted model's cached decoding compile to a bounded number of graphs; returns ``model``.
+
+    Every converted site preallocates ``max_len // chunk_size`` long-term summary slots (as for export)
+    instead of growing its buffer by doubling: a growing buffer changes shapes and its Python-int bookkeeping
+    is specialized by dynamo, so each decode step would compile a new graph. ``max_len`` (prompt plus new
+    tokens, padding included) defaults to ``model.config.max_position_embeddings``; a longer sequence raises
+    a clear error in ``mka::chunk_update``. Call it after :func:`mka_compile.convert`, before compiling.
+    """
+    from mka_compile.site_memory import SiteMemory
+
+    sites = [m for m in model.modules() if isinstance(m, SiteMemory)]
+    if not sites:
+        raise ValueError("prepare_decode: the model has no converted site; call mka_compile.convert(model) first")
+    if max_len is None:
+        max_len = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if max_len is None:
+            raise ValueError("prepare_decode: pass max_len (the model has no config.max_position_embeddings)")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
+        raise ValueError(f"prepare_decode: max_len must be a positive int, got {max_len!r}")
+    for m in sites:
+        m.fixed_slots = max(1, max_len // m.config.chunk_size)
+    return model

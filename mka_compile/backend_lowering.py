@@ -26,6 +26,14 @@ from mka_compile.kernels.flash_attention import HIDDEN_BIAS, flash_attention
 from mka_compile.passes.attention import SiteFacts
 
 TARGETS = ("mka", "sdpa", "keep")
+SYMBOLIC = "mka_symbolic"  # node.meta key: the symbolic value while the backend shows the rules concrete sizes
+
+
+def symbolic_value(node: Any) -> Any:
+    """A node's value with its symbolic sizes (see ``mka_compile.backend._concrete_meta``)."""
+    if isinstance(node, fx.Node) and SYMBOLIC in node.meta:
+        return node.meta[SYMBOLIC]
+    return ops.value(node)
 _SCORE_OPS = frozenset({"matmul", "baddbmm", "mul", "div", "add", "masked_fill", "where", "softmax"}) | ops.TRANSPARENT
 
 
@@ -182,7 +190,7 @@ def _replace(out: fx.Node, fn, args: tuple, kwargs: dict, dead: list[fx.Node]) -
     gm_graph = out.graph
     with gm_graph.inserting_before(out):
         new = gm_graph.call_function(fn, args, kwargs)
-    new.meta = dict(out.meta)
+    new.meta = out.meta  # shared: the backend restores symbolic values in place after the rewrite
     out.replace_all_uses_with(new)
     for n in reversed(dead):
         if not n.users:
@@ -256,7 +264,7 @@ def _lower_sdpa(facts: SiteFacts, captured: Captured) -> str | None:
         return f"SDPA at {out.name} has dropout_p={dropout!r}: left to Inductor (set the model to eval or p=0)"
     if not isinstance(is_causal, bool):
         return f"SDPA at {out.name} has a non-constant is_causal"
-    qv, kv = ops.value(q), ops.value(k)
+    qv, kv = symbolic_value(q), symbolic_value(k)
     if not isinstance(qv, torch.Tensor) or not isinstance(kv, torch.Tensor) or qv.dim() not in (3, 4):
         return f"SDPA at {out.name}: q is not a [B, H, T, d] or [N, T, d] tensor"
     if qv.dim() == 3 and qv.shape[0] != kv.shape[0]:

@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from mka_compile.backend_lowering import _combine, _dim
+from mka_compile.backend_lowering import _combine, _dim, symbolic_value
 from mka_compile.config import MKAConfig
 from mka_compile.convert import _feature_map
 from mka_compile.graph import ops
@@ -169,8 +169,8 @@ def apply_fastmka(
             raise WeightsError(f"site {f.name!r} has trained MKA weights but is not causal self-attention here")
         c = f.match.captures
         q_at, k_at = c["q"], c["k"] if "k" in c else c["kt"]
-        tq = ops.value(q_at).shape[-2]
-        tk = ops.value(k_at).shape[-1 if "kt" in c else -2]
+        tq = symbolic_value(q_at).shape[-2]
+        tk = symbolic_value(k_at).shape[-1 if "kt" in c else -2]
         if f.has_kv_cache and not statically_known_true(tq == tk):
             raise WeightsError(
                 f"site {f.name!r} reads a KV cache with earlier tokens: trained MKA weights on original model code "
@@ -226,13 +226,13 @@ def apply_fastmka(
         for a in mix.all_input_nodes:
             _hoist(mix, a)
         if maps is not None:
-            mix.meta = dict(outs[0].meta)
+            mix.meta = outs[0].meta  # shared (see backend_lowering._replace)
             outs[0].replace_all_uses_with(mix, delete_user_cb=lambda u, mix=mix: u is not mix)
         else:
             for j, o in enumerate(outs[1:]):
                 with gm.graph.inserting_after(mix):
                     new = gm.graph.call_function(operator.getitem, (mix, j))
-                new.meta = dict(o.meta)
+                new.meta = o.meta
                 o.replace_all_uses_with(new, delete_user_cb=lambda u, mix=mix: u is not mix)
         done[f.name] = "fastmka (trained weights)"
     gm.graph.lint()

@@ -47,10 +47,13 @@ class MKALayerState:
         )
 
     def reserve(self, new_tokens: int, chunk_size: int) -> None:
-        """Make room for the chunks ``new_tokens`` more tokens can complete (a bound that needs no sync)."""
+        """Make room for the chunks ``new_tokens`` more tokens can complete (a bound that needs no sync).
+
+        Fixed slots need no bookkeeping: no Python int changes per call (torch.compile would specialize it)."""
+        if self.fixed_slots:
+            return
         self.tokens_bound += new_tokens
-        if not self.fixed_slots:
-            self.ensure_summary_slots(self.tokens_bound // chunk_size)
+        self.ensure_summary_slots(self.tokens_bound // chunk_size)
 
     def ensure_summary_slots(self, needed: int) -> None:
         """Grow the summary buffers (by doubling) to hold ``needed`` completed chunks."""
