@@ -27,13 +27,17 @@ def _fn(b: Builder, name: str) -> onnx.FunctionProto:
     )
 
 
-def _visibility(b: Builder, kv_valid: str, tq: str, tk: str) -> str:
-    """``[B, Tq, Tk]`` bool (:func:`kernels.visibility`); the causal part is switched by the ``causal`` attribute."""
+def _causal(b: Builder, tq: str, tk: str) -> str:
+    """``[Tq, Tk]`` bool: key j is visible to query i when ``j <= i + Tk - Tq`` or the ``causal`` attribute is 0."""
     i = b.op("Add", b.unsqueeze(b.range_(tq), [1]), b.op("Sub", tk, tq))  # (Tq, 1)
     j = b.unsqueeze(b.range_(tk), [0])  # (1, Tk)
     causal = b.op("Cast", b.attr("causal", "int"), to=onnx.TensorProto.BOOL)
-    seen = b.op("Or", b.op("LessOrEqual", j, i), b.op("Not", causal))  # (Tq, Tk)
-    return b.op("And", b.unsqueeze(kv_valid, [1]), seen)  # (B, Tq, Tk)
+    return b.op("Or", b.op("LessOrEqual", j, i), b.op("Not", causal))
+
+
+def _visibility(b: Builder, kv_valid: str, tq: str, tk: str) -> str:
+    """``[B, Tq, Tk]`` bool (:func:`kernels.visibility`)."""
+    return b.op("And", b.unsqueeze(kv_valid, [1]), _causal(b, tq, tk))  # (B, Tq, Tk)
 
 
 def _masked_softmax_attention(b: Builder, q: str, k: str, v: str, allowed: str, scale: str) -> str:
@@ -88,7 +92,44 @@ def _mka_attention(recall: bool) -> onnx.FunctionProto:
     return _fn(b, "MKAAttentionRecall" if recall else "MKAAttention")
 
 
+def _flash_attention(masked: bool) -> onnx.FunctionProto:
+    """:func:`kernels.reference_flash_attention` in float32: K/V repeated over the query heads of each kv head,
+    mask values <= -1e4 hide the key, the row max of a row that sees nothing is 0 (so its sum is 0)."""
+    b = Builder()
+    f32 = onnx.TensorProto.FLOAT
+    q, k, v = (b.op("Cast", x, to=f32) for x in ("q", "k", "v"))
+    B, H, Tq, d = (b.dim("q", a) for a in range(4))
+    Hkv, Tk = b.dim("k", 1), b.dim("k", 2)
+    rep = b.op("Div", H, Hkv)
+
+    def heads(x: str) -> str:  # (B, Hkv, Tk, d) -> (B, H, Tk, d)
+        x = b.op("Expand", b.unsqueeze(x, [2]), b.cat_shape(B, Hkv, rep, Tk, d))
+        return b.reshape(x, b.cat_shape(B, H, Tk, d))
+
+    neg_inf = b.const(-np.inf, np.float32)
+    s = b.op("MatMul", q, b.op("Transpose", heads(k), perm=[0, 1, 3, 2]))  # (B, H, Tq, Tk)
+    s = b.op("Mul", s, b.attr("scale", "float"))
+    if masked:
+        m = b.op("Cast", "mask", to=f32)  # (B|1, H|1, Tq, Tk)
+        hidden = b.op("LessOrEqual", m, b.const(-1.0e4, np.float32))
+        s = b.op("Add", s, b.where(hidden, neg_inf, m))
+    s = b.where(_causal(b, Tq, Tk), s, neg_inf)  # (B, H, Tq, Tk)
+    mx = b.op("ReduceMax", s, b.const([-1]), keepdims=1)
+    mx = b.where(b.op("Equal", mx, neg_inf), b.const(0.0, np.float32), mx)
+    p = b.op("Exp", b.op("Sub", s, mx))
+    denom = b.op("ReduceSum", p, b.const([-1]), keepdims=1)
+    seen = b.op("Greater", denom, b.const(0.0, np.float32))
+    safe = b.where(seen, denom, b.const(1.0, np.float32))
+    out = b.op("Div", b.op("MatMul", p, heads(v)), safe)  # (B, H, Tq, d)
+    b.nodes.append(onnx.helper.make_node("CastLike", [out, "q"], ["out"]))
+    lse = b.where(seen, b.op("Add", mx, b.op("Log", safe)), neg_inf)
+    b.nodes.append(onnx.helper.make_node("Squeeze", [lse, b.const([-1])], ["lse"]))
+    return _fn(b, "FlashAttentionMasked" if masked else "FlashAttention")
+
+
 FUNCTIONS = {
     "MKAAttention": lambda: _mka_attention(False),
     "MKAAttentionRecall": lambda: _mka_attention(True),
+    "FlashAttention": lambda: _flash_attention(False),
+    "FlashAttentionMasked": lambda: _flash_attention(True),
 }

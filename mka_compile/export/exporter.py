@@ -137,7 +137,8 @@ class _Flat(nn.Module):
         return [f"input_{i}" if kind == "a" else str(i) for kind, i in self.slots]
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(self.args[i] if kind == "a" else self.kwargs[i] for kind, i in self.slots)
+        """The example tensors, copied: torch.export guards on a view's base, which breaks the ONNX export."""
+        return tuple((self.args[i] if kind == "a" else self.kwargs[i]).clone() for kind, i in self.slots)
 
     def forward(self, *tensors: torch.Tensor):
         args, kwargs = list(self.args), dict(self.kwargs)

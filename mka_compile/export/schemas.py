@@ -24,6 +24,8 @@ _TYPES = {
     "S": (_STATE, "MKA state (float32, or float64 with float64 inputs)"),
     "B": (["tensor(bool)"], "masks"),
     "I": (["tensor(int64)"], "counts, positions and indices"),
+    "F": (["tensor(float)"], "log-sum-exp (float32)"),
+    "M": (_FLOATS, "additive attention mask (-inf or <= -1e4 hides a key)"),
 }
 
 
@@ -85,6 +87,18 @@ def _recall_type(elem: int):
     return rule
 
 
+def _lse_type(types, ctx):
+    """``lse: [B, H, Tq]`` float32 from ``q: [B, H, Tq, d]``."""
+    out = onnx.TypeProto()
+    out.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    q = types[0]
+    if q is not None and q.tensor_type.HasField("shape"):
+        out.tensor_type.shape.SetInParent()
+        for d in list(q.tensor_type.shape.dim)[:-1]:
+            out.tensor_type.shape.dim.add().CopyFrom(d)
+    return out
+
+
 def _drop_level_axis(index: int):
     """``[L, ...] -> [...]`` (stacked levels to one level), from input ``index``."""
 
@@ -106,6 +120,10 @@ def _drop_level_axis(index: int):
 _MKA_ATTENTION_DOC = (
     "MKA: out = sum_l lam_l Attn(q, K_l, V_l) over the full-length levels ks/vs [Lf, B, Hkv, Tk, d] "
     "(causal, bottom-right aligned, padded keys masked, GQA){}; rows that see no key give zeros."
+)
+_FLASH_DOC = (
+    "Plain attention (mka::flash_attention): out = softmax(scale q k^T{}) v per head, GQA, causal bottom-right "
+    "aligned; lse [B, H, Tq] float32 (-inf for a row that sees no key, whose out is 0)."
 )
 _RECALL_INPUTS = (("q3", "T"), ("mem_k", "S"), ("mem_v", "S"), ("idx3", "I"), ("found3", "B"))
 
@@ -163,6 +181,22 @@ SPECS: dict[str, OpSpec] = {
             (("out", "T"),),
             (("scale", "float"), ("causal", "int")),
             (0,),
+        ),
+        OpSpec(
+            "FlashAttention",
+            _FLASH_DOC.format(""),
+            (("q", "T"), ("k", "T"), ("v", "T")),
+            (("out", "T"), ("lse", "F")),
+            (("scale", "float"), ("causal", "int")),
+            (0, _lse_type),
+        ),
+        OpSpec(
+            "FlashAttentionMasked",
+            _FLASH_DOC.format(" + mask (additive, [B or 1, H or 1, Tq, Tk])"),
+            (("q", "T"), ("k", "T"), ("v", "T"), ("mask", "M")),
+            (("out", "T"), ("lse", "F")),
+            (("scale", "float"), ("causal", "int")),
+            (0, _lse_type),
         ),
         OpSpec(
             "MKAAttentionRecall",

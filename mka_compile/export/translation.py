@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import onnxscript
 import torch
+from onnxscript import ir
 from onnxscript import opset18 as op
 
 from .schemas import DOMAIN, VERSION, register_schemas
@@ -47,10 +48,24 @@ def mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scal
     return mka.MKAAttentionRecall(q, _stack(ks), _stack(vs), lam, kv_valid, q3, mem_k, mem_v, idx3, found3, **attrs)
 
 
+def flash_attention(q, k, v, mask, scale: float, causal: bool):
+    attrs = dict(scale=scale, causal=int(causal))
+    if mask is None:
+        out, lse = mka.FlashAttention(q, k, v, **attrs)
+    else:
+        if mask.dtype == ir.DataType.BOOL:  # keep-mask -> additive
+            mask = op.Where(mask, op.Constant(value_float=0.0), op.Constant(value_float=float("-inf")))
+        out, lse = mka.FlashAttentionMasked(q, k, v, mask, **attrs)
+    if q.dtype == ir.DataType.DOUBLE:  # the op's lse is float64 for float64 inputs; the function's float32
+        lse = op.Cast(lse, to=ir.DataType.DOUBLE)
+    return out, lse
+
+
 TABLE = {
     torch.ops.mka.session_scan.default: session_scan,
     torch.ops.mka.chunk_update.default: chunk_update,
     torch.ops.mka.recall_select.default: recall_select,
     torch.ops.mka.route_mix.default: route_mix,
     torch.ops.mka.mka_attention.default: mka_attention,
+    torch.ops.mka.flash_attention.default: flash_attention,
 }

@@ -7,7 +7,7 @@ import pytest
 import torch
 from onnx_node import rel, run_node
 
-from mka_compile.kernels import reference_mka_attention
+from mka_compile.kernels import reference_flash_attention, reference_mka_attention
 
 
 def _case(Tq: int, Tk: int, recall: bool, G: int, seed: int = 0):
@@ -43,3 +43,30 @@ def test_mka_attention(Tq: int, Tk: int, recall: bool, G: int, causal: bool) -> 
     got = run_node("MKAAttentionRecall" if recall else "MKAAttention", inputs, [want], scale=scale, causal=int(causal))
     assert not torch.isnan(got[0]).any()
     assert rel(got[0], want) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("mask_kind", "Tq", "Tk", "causal"), [(None, 7, 7, True), ("bool", 3, 9, True), ("additive", 6, 6, False)]
+)
+def test_flash_attention(mask_kind: str | None, Tq: int, Tk: int, causal: bool) -> None:
+    g = torch.Generator().manual_seed(5)
+    B, H, Hkv, d = 2, 4, 2, 8
+    q = torch.randn(B, H, Tq, d, generator=g)
+    k, v = torch.randn(B, Hkv, Tk, d, generator=g), torch.randn(B, Hkv, Tk, d, generator=g)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(B, 1, Tq, Tk, generator=g) > 0.3
+        mask[1, :, 0] = False  # a row that sees no key: out 0, lse -inf
+    elif mask_kind == "additive":
+        mask = torch.randn(1, H, Tq, Tk, generator=g)  # a finite bias (ALiBi-like) ...
+        mask[0, 0, 2, :3] = -1.0e9  # ... and hidden keys
+    want = reference_flash_attention(q, k, v, mask, 0.25, causal)
+    op = "FlashAttention" if mask is None else "FlashAttentionMasked"
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, -torch.inf)  # the translation's bool -> additive
+    inputs = [q, k, v] if mask is None else [q, k, v, mask]
+    out, lse = run_node(op, inputs, list(want), scale=0.25, causal=int(causal))
+    assert rel(out, want[0]) <= 1e-5
+    assert torch.equal(torch.isinf(lse), torch.isinf(want[1]))
+    fin = torch.isfinite(want[1])
+    assert rel(lse[fin], want[1][fin]) <= 1e-5

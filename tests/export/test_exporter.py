@@ -15,7 +15,7 @@ from converted import CFG, MAX_LEN, converted, rel
 from torch import nn
 
 from mka_compile.export import DOMAIN, ExportError, export_onnx, ort_session
-from mka_compile.kernels import flash_attention
+from mka_compile.kernels import decode_attention, flash_attention
 
 NODES = {
     "fastmka": {"SessionScan", "ChunkUpdate", "RecallSelect", "RouteMix"},
@@ -76,23 +76,47 @@ def test_unconverted_model_exports_as_plain_onnx(tmp_path) -> None:
 
 
 class _PlainAttention(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = x.view(x.shape[0], x.shape[1], 2, -1).transpose(1, 2)
-        return flash_attention(q, q, q, causal=True)
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        q = x.view(x.shape[0], x.shape[1], 2, -1).transpose(1, 2)  # (B, 2, T, 4)
+        if self.kind == "decode":
+            return decode_attention(q, q, q, causal=True)
+        bias = torch.zeros(1, 2, x.shape[1], x.shape[1]).masked_fill(~keep[:, None, None, :], -1.0e9)
+        return (
+            flash_attention(q, q, q, causal=True)
+            + flash_attention(q, q, q, keep[:, None, None, :].expand(-1, 1, x.shape[1], -1))
+            + flash_attention(q, q, q, bias)
+        )
 
 
 class _Net(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, kind: str = "flash") -> None:
         super().__init__()
-        self.block = nn.Sequential(nn.Linear(8, 8), _PlainAttention())
+        self.proj = nn.Linear(8, 8)
+        self.attn = _PlainAttention(kind)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.proj(x), keep)
+
+
+def test_plain_mka_flash_attention_exports(tmp_path) -> None:
+    net, keep = _Net(), torch.ones(3, 6, dtype=torch.bool)
+    keep[1, :2] = False
+    path = export_onnx(net, (torch.randn(2, 5, 8), keep[:2, :5]), tmp_path / "f.onnx", optimize=False)
+    x = torch.randn(3, 6, 8)
+    got = ort_session(path).run(None, {"input_0": x.numpy(), "input_1": keep.numpy()})[0]
+    with torch.no_grad():
+        assert rel(got, net(x, keep)) <= 1e-5
+    ops = Counter(n.op_type for n in onnx.load(path).graph.node if n.domain == DOMAIN)
+    assert ops == {"FlashAttention": 1, "FlashAttentionMasked": 2}
 
 
 def test_op_without_onnx_function_names_op_and_site(tmp_path) -> None:
-    with pytest.raises(ExportError, match=r"mka::flash_attention at site block\.1"):
-        export_onnx(_Net(), (torch.randn(2, 5, 8),), tmp_path / "x.onnx")
+    with pytest.raises(ExportError, match=r"mka::decode_attention at site attn: it has no ONNX function"):
+        export_onnx(_Net("decode"), (torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)), tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
 
 
@@ -123,4 +147,4 @@ def test_bad_arguments(tmp_path) -> None:
     with pytest.raises(ExportError, match=f"max_len 3 is below the chunk size {CFG.chunk_size}"):
         export_onnx(model, torch.ones(1, 4, dtype=torch.long), tmp_path / "x.onnx", max_len=3)
     with pytest.raises(ExportError, match="decode_step=True needs a Hugging Face causal LM"):
-        export_onnx(_Net(), (torch.randn(2, 5, 8),), tmp_path / "x.onnx", decode_step=True)
+        export_onnx(_Net(), (torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)), "x.onnx", decode_step=True)
