@@ -292,7 +292,9 @@ def _rewrite(
 
     candidates = any(ops.kind(n, gm) in ("softmax", "sdpa", "mka_attention") for n in gm.graph.nodes)
     facts, rejected = [], []
-    values = [int(x.node.hint) if isinstance(x, torch.SymInt) and x.node.hint is not None else x for x in example_inputs]
+    values = [
+        int(x.node.hint) if isinstance(x, torch.SymInt) and x.node.hint is not None else x for x in example_inputs
+    ]
     captured = Captured(gm=gm, inputs=values, method="dynamo")  # the rules evaluate masks on the example
     if candidates:
         facts, rejected = find_sites(captured, RULES)

@@ -34,6 +34,8 @@ def symbolic_value(node: Any) -> Any:
     if isinstance(node, fx.Node) and SYMBOLIC in node.meta:
         return node.meta[SYMBOLIC]
     return ops.value(node)
+
+
 _SCORE_OPS = frozenset({"matmul", "baddbmm", "mul", "div", "add", "masked_fill", "where", "softmax"}) | ops.TRANSPARENT
 
 

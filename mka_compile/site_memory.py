@@ -3,6 +3,7 @@ work), token validity from the site's mask, the session RoPE for MKA mode, and `
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,9 @@ from mka_compile.config import MKAConfig
 from mka_compile.layers.attention import Router, routing_weights
 from mka_compile.layers.cache import MKALayerState
 from mka_compile.report import Site
+
+_SITE_KEYS = itertools.count()
+_STATES_ATTR = "_mka_states"
 
 
 @dataclass
@@ -43,7 +47,8 @@ class SiteMemory(nn.Module):
         self.router = Router(q_features, hidden, self.groups * config.num_levels)
         self.gate = nn.Parameter(torch.full((1,), float(config.gate_init)))
         self.recall_scale = config.recall_scale or site.head_dim**-0.5
-        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # caches that take no attributes
+        self._state_key = f"site{next(_SITE_KEYS)}"  # this site's entry in a cache's MKA states
         self._call: _Call | None = None
         self._handles: list[Any] = []
         self._stats: list[tuple[torch.Tensor, float]] | None = None  # set while routing_stats() records
@@ -57,18 +62,34 @@ class SiteMemory(nn.Module):
         )
         if cache is None:
             return fresh()
-        st = self._states.get(cache)
+        st = self.state_of(cache)
         if st is None or st.n_seen.shape[0] != batch:
-            st = self._states[cache] = fresh()
+            st = fresh()
+            self.bind_state(cache, st)
         return st
+
+    def _store(self, cache: Any) -> dict[str, MKALayerState] | weakref.WeakKeyDictionary:
+        """Where the states of ``cache`` live: a dict on the cache object itself (the state dies with the cache,
+        and torch.compile sees the same structure for every new cache: no recompilation per ``generate``),
+        else (a cache that takes no attributes) this site's weak dictionary keyed by the cache."""
+        store = getattr(cache, _STATES_ATTR, None)
+        if store is None:
+            try:
+                store = {}
+                setattr(cache, _STATES_ATTR, store)
+            except (AttributeError, TypeError):
+                return self._states
+        return store
 
     def bind_state(self, cache: Any, state: MKALayerState) -> None:
         """Make ``state`` the MKA state of this site for calls with ``cache`` (decode-step export)."""
-        self._states[cache] = state
+        store = self._store(cache)
+        store[cache if store is self._states else self._state_key] = state
 
     def state_of(self, cache: Any) -> MKALayerState | None:
         """The MKA state this site keeps for ``cache`` (None before the first call with it)."""
-        return self._states.get(cache)
+        store = self._store(cache)
+        return store.get(cache if store is self._states else self._state_key)
 
     def begin(self, hidden: torch.Tensor, mask: Any, cache: Any, cache_position: Any, rope: Any = None) -> None:
         B, T = hidden.shape[0], hidden.shape[1]
