@@ -69,6 +69,7 @@ DEFAULT = dict(
     convert_steps=120,
     convert_lr=1e-3,
     convert_eval_every=12,
+    noise_seeds=1,
 )
 QUICK = dict(
     DEFAULT,
@@ -154,12 +155,15 @@ def run_corpus(corpus: T.Corpus, args, progress: Progress) -> tuple[dict, dict[s
         mka=mka_compile.MKAConfig(chunk_size=args.chunk_size, top_r=args.top_r),
     )
     models, opts = {}, {}
-    for v in args.variants:
-        torch.manual_seed(args.seed)
-        models[v] = DecoderLM(cfg, v)
+    # MHA again from other init seeds, same batches: the seed-to-seed spread of perplexity (not timed)
+    noise = {f"mha@seed{args.seed + k}": args.seed + k for k in range(1, args.noise_seeds + 1)}
+    noise = noise if "mha" in args.variants else {}
+    for v, seed in [*((v, args.seed) for v in args.variants), *noise.items()]:
+        torch.manual_seed(seed)
+        models[v] = DecoderLM(cfg, v.split("@")[0])
         opts[v] = T.make_optimizer(models[v], args.lr, args.weight_decay)
     data = T.batches(corpus.train, args.batch, args.seq, args.seed)
-    V = list(args.variants)
+    V = list(models)
     step_s = {v: [] for v in V}
     losses = {v: [] for v in V}
     curve = {v: [] for v in V}
@@ -177,7 +181,9 @@ def run_corpus(corpus: T.Corpus, args, progress: Progress) -> tuple[dict, dict[s
             for v in V:
                 curve[v].append((step + 1, T.perplexity(models[v], corpus.heldout, args.seq, args.curve_tokens)))
         progress.update(
-            task, advance=1, description=f"{corpus.name}: train " + " ".join(f"{v} {losses[v][-1]:.2f}" for v in V)
+            task,
+            advance=1,
+            description=f"{corpus.name}: train " + " ".join(f"{v} {losses[v][-1]:.2f}" for v in args.variants),
         )
     train_wall = time.perf_counter() - t_start
     progress.remove_task(task)
@@ -192,13 +198,13 @@ def run_corpus(corpus: T.Corpus, args, progress: Progress) -> tuple[dict, dict[s
     progress.remove_task(task)
 
     t_timing = time.perf_counter()
-    lat, dec, pre, held = time_inference(models, corpus, args, progress)
+    lat, dec, pre, held = time_inference({v: models[v] for v in args.variants}, corpus, args, progress)
     t_end = time.perf_counter()
     skip = min(5, max(0, args.steps - 1))  # the first steps warm up allocators and kernels
     tokens_per_step = args.batch * args.seq
     ctx = args.decode_prompt + args.decode_tokens
     out = {}
-    for v in V:
+    for v in args.variants:
         f = analytic_cache_bytes(cfg, v)
         med = T.median(step_s[v][skip:])
         out[v] = {
@@ -240,8 +246,20 @@ def run_corpus(corpus: T.Corpus, args, progress: Progress) -> tuple[dict, dict[s
         "timing_wall_s_all_variants": t_end - t_timing,
         "tokens_seen_per_variant": args.steps * tokens_per_step,
         "variants": out,
+        "seed_noise": seed_noise({f"mha@seed{args.seed}": "mha", **{n: n for n in noise}}, ppl, losses, curve),
     }
+    for n in noise:
+        del models[n]
     return result, models
+
+
+def seed_noise(names: dict[str, str], ppl: dict, losses: dict, curve: dict) -> dict | None:
+    """MHA's perplexity from several init seeds (same data): how much of a difference is seed noise."""
+    if len(names) < 2:
+        return None
+    runs = {label: {**ppl[key], "losses": losses[key], "curve": curve[key]} for label, key in names.items()}
+    vals = [r["ppl"] for r in runs.values()]
+    return {"variant": "mha", "runs": runs, "spread": max(vals) / min(vals) - 1}
 
 
 @torch.inference_mode()
@@ -329,6 +347,9 @@ def plot_losses(result: dict, path: Path) -> None:
         a1.plot(range(1, len(raw) + 1), sm, color=f"C{i}", lw=1.2, label=NAMES[v])
         xs, ys = zip(*d["curve"])
         a2.plot(xs, ys, color=f"C{i}", marker="o", ms=3, lw=1.2, label=NAMES[v])
+    for label, d in list((result.get("seed_noise") or {"runs": {}})["runs"].items())[1:]:
+        xs, ys = zip(*d["curve"])
+        a2.plot(xs, ys, color="gray", ls="--", lw=1, label=f"MHA, init seed {label.split('@seed')[1]} (seed noise)")
     a1.set_xlabel("step")
     a1.set_ylabel("training loss, nats/token (smoothed 0.9)")
     a2.set_xlabel("step")
@@ -388,6 +409,18 @@ def md_table(result: dict) -> str:
     return "\n".join(rows)
 
 
+def noise_md(result: dict) -> str:
+    noise = result.get("seed_noise")
+    if noise is None:
+        return "Seed noise: not measured (`--noise-seeds 0` or MHA not run)."
+    runs = ", ".join(f"init seed {label.split('@seed')[1]}: {r['ppl']:.3f}" for label, r in noise["runs"].items())
+    return (
+        f"Seed noise: MHA trained again from other init seeds on the same batches (not timed) reaches perplexity "
+        f"{runs}: a spread of {noise['spread']:.1%} ({len(noise['runs'])} seeds, a rough estimate). Differences "
+        "between variants of this size are not resolved by this budget."
+    )
+
+
 def formula_table(result: dict) -> str:
     rows = ["| variant | kv heads | cache formula (fp32, all layers, per sequence) |", "|---|---:|---|"]
     for v, d in result["variants"].items():
@@ -423,9 +456,16 @@ def claims(results: dict[str, dict]) -> list[str]:
                 else f"{'better' if rel < 0 else 'worse'} by more than {COMPARABLE:.0%}: "
                 f"{'better than claimed' if rel < 0 else '**does not reproduce**'}"
             )
+            noise = result.get("seed_noise")
+            within = (
+                ""
+                if noise is None
+                else f" (MHA's seed-to-seed spread here is {noise['spread']:.1%}: the difference is "
+                f"{'within' if abs(rel) <= noise['spread'] else 'beyond'} seed noise)"
+            )
             lines.append(
                 f"- {name}, perplexity {n} vs MLA (paper: comparable): {d['ppl']:.3f} vs {mla['ppl']:.3f} "
-                f"({rel:+.1%}), {verdict}."
+                f"({rel:+.1%}), {verdict}{within}."
             )
             tput = d["train_tokens_per_s"] / mla["train_tokens_per_s"]
             lines.append(
@@ -588,6 +628,8 @@ def write_doc(results: dict, rec: dict | None, args, meta: dict, doc: Path, out:
             f"{res['eval_wall_s_all_variants']:.0f} s, timing {res['timing_wall_s_all_variants']:.0f} s.",
             "",
             md_table(res),
+            "",
+            noise_md(res),
             "",
             formula_table(res),
             "",

@@ -54,6 +54,11 @@ def test_doc_states_the_measured_numbers(run) -> None:
             if v in ("mha", "mqa", "gqa", "mla"):
                 assert d["cache_bytes_held"] == d["cache_bytes_analytic"]
             assert len(d["losses"]) == 6 and d["curve"][-1][0] == 6
+        noise = result["seed_noise"]  # MHA from init seeds 0 and 1 on the same batches
+        assert list(noise["runs"]) == ["mha@seed0", "mha@seed1"]
+        assert noise["runs"]["mha@seed0"]["ppl"] == result["variants"]["mha"]["ppl"]
+        assert noise["runs"]["mha@seed1"]["ppl"] != result["variants"]["mha"]["ppl"]
+        assert f"a spread of {noise['spread']:.1%}" in doc
         mla, fast = result["variants"]["mla"], result["variants"]["fastmka"]
         ratio = fast["train_tokens_per_s"] / mla["train_tokens_per_s"]
         assert f"- {name}, training throughput FastMKA / MLA (paper: up to 5x): {ratio:.2f}x" in doc
