@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import zoo
 from converted import MAX_LEN, converted, rel
 
 from mka_compile.export import DOMAIN, OnnxDecoder, export_onnx
@@ -35,6 +36,9 @@ def step_files(tmp_path_factory):
 def test_prefill_then_tokens_equal_pytorch_decode(family: str, mode: str, step_files) -> None:
     model, path = step_files(family, mode)
     ids = torch.randint(0, 90, (3, 23))
+    original, _ = zoo.causal_lm(family, "sdpa")
+    with torch.no_grad():
+        base = original(ids).logits
     P = 10  # prefill two full chunks and a partial one, then 13 single tokens (more chunks complete)
     with torch.no_grad():
         full = model(ids).logits
@@ -46,6 +50,7 @@ def test_prefill_then_tokens_equal_pytorch_decode(family: str, mode: str, step_f
     dec = OnnxDecoder(path)
     got = [dec(ids[:, :P])] + [dec(ids[:, t : t + 1]) for t in range(P, ids.shape[1])]
     assert rel(got[0], full[:, :P]) <= 1e-4  # the prefill (an empty past) is the full forward
+    assert rel(full, base) >= 1e-3  # the rewrite is live
     assert rel(np.concatenate(got, 1), torch_decode) <= 1e-4
     assert rel(torch_decode, full) <= 1e-4
     assert {n.op_type for n in onnx.load(path).graph.node if n.domain == DOMAIN} >= {"SessionScan", "ChunkUpdate"}
