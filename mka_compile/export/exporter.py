@@ -272,6 +272,7 @@ def export_onnx(
             custom_translation_table=translation.TABLE,
             dynamo=True,
             optimize=optimize,
+            verbose=False,
         )
     finally:
         model.train(was_training)
