@@ -206,8 +206,10 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
 def _mka_ops(gm: fx.GraphModule) -> dict[str, int]:
     count: Counter[str] = Counter()
     for n in gm.graph.nodes:
-        if n.op == "call_function" and getattr(n.target, "namespace", None) == "mka":
-            count[str(getattr(n.target, "_overloadpacket", n.target)).replace("mka.", "mka::")] += 1
+        packet = getattr(n.target, "_overloadpacket", n.target)  # OpOverload or OpOverloadPacket
+        name = getattr(packet, "_qualified_op_name", "") if n.op == "call_function" else ""
+        if name.startswith("mka::"):
+            count[name] += 1
     return dict(count)
 
 

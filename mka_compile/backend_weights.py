@@ -165,8 +165,6 @@ def apply_fastmka(
         if key is None:
             done[f.name] = "no '<site>.mka.*' weights for this site in the checkpoint: original attention"
             continue
-        if f.kind != "self" or not f.causal:
-            raise WeightsError(f"site {f.name!r} has trained MKA weights but is not causal self-attention here")
         c = f.match.captures
         q_at, k_at = c["q"], c["k"] if "k" in c else c["kt"]
         tq = symbolic_value(q_at).shape[-2]
@@ -176,6 +174,8 @@ def apply_fastmka(
                 f"site {f.name!r} reads a KV cache with earlier tokens: trained MKA weights on original model code "
                 f"support full-sequence calls only (training, scoring, prefill). For cached decoding, {CONVERT_HINT}"
             )
+        if f.kind != "self" or not f.causal:
+            raise WeightsError(f"site {f.name!r} has trained MKA weights but is not causal self-attention here")
         pq, pk, pv = (provenance(f.match, r) for r in ("q", "k", "v"))
         projs = [p.projection for p in (pq, pk, pv)]
         if any(p is None for p in projs):
