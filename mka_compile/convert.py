@@ -34,6 +34,7 @@ from mka_compile.inspect import inspect_with_facts
 from mka_compile.passes.attention import SiteFacts
 from mka_compile.passes.attention.common import provenance
 from mka_compile.report import Site
+from mka_compile.sdpa_intercept import SDPAToMKA
 from mka_compile.site_memory import SiteMemory, is_cache, routing_stats
 
 __all__ = ["ConversionError", "SiteMemory", "convert", "routing_stats"]
@@ -73,10 +74,18 @@ def _install(model: nn.Module, plan: _Plan, config: MKAConfig, mode: str) -> Non
             past = int(past) if isinstance(past, torch.Tensor) else past  # a SymInt stays symbolic (export)
             position = torch.arange(past, past + hidden.shape[1], device=hidden.device)
         mem.begin(hidden, kwargs.get("attention_mask"), cache, position, kwargs.get("position_embeddings"))
+        if intercept is not None:
+            intercept.__enter__()
 
+    def post(module, args, kwargs, output):
+        if intercept is not None and mem._call is not None:
+            intercept.__exit__(None, None, None)
+        mem.end()
+
+    intercept = SDPAToMKA(mem) if mode == "mka" and hf_attention.hf_config(model) is None else None
     mem._handles = [
         owner.register_forward_pre_hook(pre, with_kwargs=True),
-        owner.register_forward_hook(lambda m, a, k, o: mem.end(), with_kwargs=True, always_call=True),
+        owner.register_forward_hook(post, with_kwargs=True, always_call=True),
     ]
     if plan.maps is not None:
         maps = plan.maps
@@ -170,7 +179,8 @@ def convert(
 
     ``mode="fastmka"``: the site attends to the routed mix of its memory levels (any model). ``mode="mka"``:
     the site attends to each level and mixes the outputs (Hugging Face models whose attention dispatches
-    through transformers' ``AttentionInterface``, no RoPE or rotate-half RoPE, dynamic caches).
+    through transformers' ``AttentionInterface``, with no, rotate-half or interleaved RoPE and dynamic caches;
+    other models whose site computes attention as one causal ``scaled_dot_product_attention`` call, no RoPE).
 
     ``config`` defaults to ``MKAConfig(gate_init=0.0)``: the converted model equals the original until it
     is trained. ``example_inputs`` as for :func:`mka_compile.inspect` (optional for Hugging Face models).

@@ -19,15 +19,25 @@ from torch import nn
 NAME = "mka_compile"
 
 
-def _config(model: nn.Module):
+def hf_config(model: nn.Module):
     cfg = getattr(model, "config", None)
     return cfg if cfg is not None and hasattr(cfg, "_attn_implementation") else None
 
 
 def mka_mode_problem(model: nn.Module, plan) -> str | None:
     """Why ``plan``'s site cannot be converted to MKA mode, or None."""
-    if _config(model) is None:
-        return "MKA mode needs a Hugging Face model (attention dispatched through transformers' AttentionInterface)"
+    if hf_config(model) is None:  # outside transformers: the site's own SDPA call is intercepted (sdpa_intercept)
+        if plan.site.rule != "attention.sdpa":
+            return (
+                "MKA mode outside transformers needs the site's attention to be one scaled_dot_product_attention "
+                f"call; this site computes it as {plan.site.rule} (use FastMKA)"
+            )
+        if plan.site.rope is not None:
+            return (
+                f"MKA mode outside transformers supports sites without RoPE; this site uses {plan.site.rope!r} "
+                "RoPE (use FastMKA)"
+            )
+        return None
     if plan.site.rope not in (None, "rotate_half", "partial_rotate_half", "interleaved", "partial_interleaved"):
         return (
             f"MKA mode supports no RoPE, (partial) rotate-half or interleaved RoPE; this site uses "
@@ -59,7 +69,9 @@ def route_attention(model: nn.Module) -> None:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    cfg = _config(model)
+    cfg = hf_config(model)
+    if cfg is None:  # not a Hugging Face model: sites intercept their own SDPA call instead
+        return
     orig = cfg._attn_implementation
     if orig == NAME:
         return
@@ -70,7 +82,7 @@ def route_attention(model: nn.Module) -> None:
 
 
 def restore_attention(model: nn.Module) -> None:
-    cfg = _config(model)
+    cfg = hf_config(model)
     if cfg is not None and getattr(cfg, "_mka_original_attn_implementation", None):
         cfg._attn_implementation = cfg._mka_original_attn_implementation
         del cfg._mka_original_attn_implementation
