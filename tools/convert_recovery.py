@@ -138,12 +138,17 @@ def plot_recovery(result: dict, path: Path) -> None:
     from matplotlib.ticker import ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    style = {  # the control is drawn thin on top: gate 0 starts on it and may stay close
+        "control": dict(color="black", ls="--", lw=1, marker="o", ms=2, zorder=4),
+        "fastmka_gate0": dict(color="C1", lw=3, alpha=0.7, marker="o", ms=4, zorder=3),
+        "fastmka_gate1": dict(color="C2", lw=1.5, marker="o", ms=3, zorder=3),
+    }
     for arm, pts in result["curve"].items():
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker="o", ms=3, label=ARM_LABELS[arm])
-    ax.axhline(result["pretrained_ppl_curve_slice"], color="gray", ls=":", lw=1, label="MHA before fine-tuning")
-    for name, ppl in result["references_curve_slice"].items():
-        ax.axhline(ppl, color="black", ls="--", lw=0.8, label=name)
+        ax.plot(xs, ys, label=ARM_LABELS[arm], **style[arm])
+    ax.axhline(result["pretrained_ppl_curve_slice"], color="gray", ls=":", lw=1.5, label="MHA before fine-tuning")
+    for i, (name, ppl) in enumerate(result["references_curve_slice"].items()):
+        ax.axhline(ppl, color=f"C{4 + i}", ls="-.", lw=1, label=name)
     ax.set_xlabel("fine-tuning step after conversion")
     ax.set_ylabel(f"held-out perplexity (first {result['curve_tokens']} tokens)")
     ax.set_yscale("log")  # a jump at conversion and the recovery to the pretrained level both stay readable

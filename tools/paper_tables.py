@@ -48,7 +48,7 @@ COMPARABLE = 0.05  # |relative perplexity difference| counted as "comparable"
 
 DEFAULT = dict(
     threads=1,
-    steps=350,
+    steps=300,
     batch=16,
     seq=128,
     d_model=128,
@@ -58,7 +58,7 @@ DEFAULT = dict(
     lr=3e-3,
     warmup=20,
     weight_decay=0.1,
-    eval_every=35,
+    eval_every=30,
     eval_tokens=0,
     curve_tokens=8192,
     decode_prompt=64,
@@ -66,9 +66,9 @@ DEFAULT = dict(
     repeats=7,
     chunk_size=16,
     top_r=4,
-    convert_steps=120,
+    convert_steps=100,
     convert_lr=1e-3,
-    convert_eval_every=12,
+    convert_eval_every=10,
     noise_seeds=1,
 )
 QUICK = dict(
@@ -245,6 +245,7 @@ def run_corpus(corpus: T.Corpus, args, progress: Progress) -> tuple[dict, dict[s
         "eval_wall_s_all_variants": t_timing - t_eval,
         "timing_wall_s_all_variants": t_end - t_timing,
         "tokens_seen_per_variant": args.steps * tokens_per_step,
+        "curve_tokens": args.curve_tokens,
         "variants": out,
         "seed_noise": seed_noise({f"mha@seed{args.seed}": "mha", **{n: n for n in noise}}, ppl, losses, curve),
     }
@@ -337,6 +338,8 @@ def plot_tradeoff(results: dict[str, dict], path: Path) -> None:
 def plot_losses(result: dict, path: Path) -> None:
     """Training loss (smoothed) and held-out perplexity against steps, one line per variant."""
     plt = _plt()
+    from matplotlib.ticker import ScalarFormatter
+
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (v, d) in enumerate(result["variants"].items()):
         raw = d["losses"]
@@ -353,9 +356,13 @@ def plot_losses(result: dict, path: Path) -> None:
     a1.set_xlabel("step")
     a1.set_ylabel("training loss, nats/token (smoothed 0.9)")
     a2.set_xlabel("step")
-    a2.set_ylabel("held-out perplexity (slice)")
+    a2.set_ylabel(f"held-out perplexity (first {result['curve_tokens']} tokens)")
     for ax in (a1, a2):
-        ax.grid(alpha=0.3)
+        ax.set_yscale("log")  # the late steps, where the variants differ, stay readable
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.suptitle(f"{result['corpus']}: training curves ({result['tokens']})", fontsize=11)
     fig.tight_layout()
