@@ -24,6 +24,7 @@ from mka_compile import backend as B
 
 CFG = MKAConfig(gate_init=0.0, chunk_size=4, top_r=2)
 AOT = {"compiler": "aot_eager"}
+INDUCTOR = {"inductor": {"compile_threads": 1}}  # no worker pool: faster on 2 shared cores
 LAYERS = 2  # every zoo model has two layers
 
 
@@ -311,7 +312,7 @@ def _grads_equal_eager(model, ids) -> float:
     ref.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    out = torch.compile(model, backend="mka")(ids, labels=ids, use_cache=False)
+    out = torch.compile(model, backend="mka", options=INDUCTOR)(ids, labels=ids, use_cache=False)
     out.loss.backward()
     errs = [_rel(out.logits, ref.logits), _rel(out.loss, ref.loss)]
     errs += [_rel(p.grad, grads[n]) for n, p in model.named_parameters() if n in grads]
@@ -371,5 +372,5 @@ def test_full_zoo_inductor(family: str, variant: str) -> None:
     ids = torch.randint(0, 90, (2, 13))
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
-        out = torch.compile(model, backend="mka")(ids, use_cache=False).logits
+        out = torch.compile(model, backend="mka", options=INDUCTOR)(ids, use_cache=False).logits
     assert _rel(out, ref) <= 1e-4
