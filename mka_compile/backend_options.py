@@ -1,0 +1,107 @@
+"""Options of the ``mka`` backend: ``torch.compile(model, backend="mka", options={...})``, validated up front."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mka_compile.backend_lowering import TARGETS
+from mka_compile.backend_weights import split_weights
+from mka_compile.config import MKAConfig
+
+OPTION_KEYS = ("mode", "config", "weights", "attention", "inductor", "compiler")
+COMPILERS = ("inductor", "aot_eager")
+
+
+class BackendError(ValueError):
+    """Bad ``options`` or a graph the options cannot apply to; the message names the option and what to do."""
+
+
+@dataclass
+class BackendOptions:
+    mode: str | None = None
+    config: MKAConfig | None = None
+    weights: dict[str, dict[str, torch.Tensor]] | None = None  # {site: {param: tensor}}
+    attention: str = "mka"
+    inductor: dict[str, Any] = field(default_factory=dict)
+    compiler: str = "inductor"
+
+
+def _load(path: str | os.PathLike) -> Mapping[str, Any]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise BackendError(f"options['weights']: no checkpoint file at {path!r}")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ModuleNotFoundError as exc:
+            raise BackendError("options['weights'] is a .safetensors file: pip install safetensors") from exc
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - say which file and why
+        raise BackendError(
+            f"options['weights']: cannot load {path!r} with torch.load(weights_only=True): {exc}"
+        ) from exc
+    for key in ("state_dict", "model"):  # a training checkpoint wrapping the state_dict
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+    return state
+
+
+def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
+    """Validate ``options``; unknown keys and bad values raise :class:`BackendError`."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTION_KEYS))
+    if unknown:
+        raise BackendError(f"unknown option(s) {unknown} for backend 'mka'; valid keys: {list(OPTION_KEYS)}")
+    out = BackendOptions()
+    mode = options.get("mode")
+    if mode not in (None, "fastmka", "mka"):
+        raise BackendError(f"options['mode'] must be None, 'fastmka' or 'mka', got {mode!r}")
+    out.mode = mode
+    cfg = options.get("config")
+    if isinstance(cfg, Mapping):
+        try:
+            cfg = MKAConfig(**{"gate_init": 0.0, **cfg})
+        except (TypeError, ValueError) as exc:
+            raise BackendError(f"options['config']: {exc}") from exc
+    if cfg is not None and not isinstance(cfg, MKAConfig):
+        raise BackendError(f"options['config'] must be an MKAConfig or a dict of its fields, got {type(cfg).__name__}")
+    out.config = cfg
+    attention = options.get("attention", "mka")
+    if attention not in TARGETS:
+        raise BackendError(f"options['attention'] must be one of {list(TARGETS)}, got {attention!r}")
+    out.attention = attention
+    inductor = options.get("inductor") or {}
+    if not isinstance(inductor, Mapping):
+        raise BackendError(f"options['inductor'] must be a dict of Inductor config patches, got {inductor!r}")
+    out.inductor = dict(inductor)
+    compiler = options.get("compiler", "inductor")
+    if compiler not in COMPILERS:
+        raise BackendError(f"options['compiler'] must be one of {list(COMPILERS)}, got {compiler!r}")
+    if compiler != "inductor" and inductor:
+        raise BackendError("options['inductor'] patches Inductor's config; it needs compiler='inductor'")
+    out.compiler = compiler
+    weights = options.get("weights")
+    if weights is not None:
+        if isinstance(weights, (str, os.PathLike)):
+            weights = _load(weights)
+        if not isinstance(weights, Mapping):
+            raise BackendError(f"options['weights'] must be a state_dict or a checkpoint path, got {type(weights)}")
+        split = split_weights(dict(weights))
+        if not split:
+            raise BackendError(
+                "options['weights'] has no '<site>.mka.*' entries (router, gate): pass the state_dict (or checkpoint) "
+                "of a model converted with mka_compile.convert"
+            )
+        if mode is None:
+            raise BackendError(
+                "options['weights'] needs options['mode']: 'fastmka' or 'mka', the mode the checkpoint was trained in"
+            )
+        out.weights = split
+    return out
