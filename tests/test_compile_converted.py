@@ -1,6 +1,6 @@
 """torch.compile (Inductor, CPU) on converted models equals eager: the ops' fake implementations are right.
 
-(The ``mka`` compile backend and its own tests belong to a later issue; this only guards the ops.)
+(The ``mka`` backend has its own tests in ``tests/test_backend.py``; this guards the ops under plain Inductor.)
 """
 
 from __future__ import annotations
