@@ -199,6 +199,7 @@ def run_corpus(corpus: T.Corpus, args, progress: Progress) -> tuple[dict, dict[s
 
     t_timing = time.perf_counter()
     lat, dec, pre, held = time_inference({v: models[v] for v in args.variants}, corpus, args, progress)
+    routing = {v: level_routing(models[v], corpus.heldout, args.seq) for v in args.variants if v in ("mka", "fastmka")}
     t_end = time.perf_counter()
     skip = min(5, max(0, args.steps - 1))  # the first steps warm up allocators and kernels
     tokens_per_step = args.batch * args.seq
@@ -225,6 +226,8 @@ def run_corpus(corpus: T.Corpus, args, progress: Progress) -> tuple[dict, dict[s
             "losses": losses[v],
             "curve": curve[v],
         }
+        if v in routing:
+            out[v]["routing"] = routing[v]
     cfg_d = {k: getattr(cfg, k) for k in ("vocab_size", "d_model", "n_layers", "n_heads", "gqa_kv_heads", "mlp")}
     cfg_d.update(head_dim=cfg.head_dim, mla_kv_rank=cfg.kv_rank, mla_rope_dim=cfg.rope_dim)
     cfg_d["mka"] = {
@@ -261,6 +264,26 @@ def seed_noise(names: dict[str, str], ppl: dict, losses: dict, curve: dict) -> d
     runs = {label: {**ppl[key], "losses": losses[key], "curve": curve[key]} for label, key in names.items()}
     vals = [r["ppl"] for r in runs.values()]
     return {"variant": "mha", "runs": runs, "spread": max(vals) / min(vals) - 1}
+
+
+@torch.inference_mode()
+def level_routing(model: DecoderLM, heldout: torch.Tensor, seq: int, windows: int = 8) -> dict[str, dict[str, float]]:
+    """Mean routing weight per memory level of each MKA / FastMKA layer over held-out windows (``[windows, seq]``)."""
+    n = max(1, min(windows, (len(heldout) - 1) // seq))
+    x = heldout[: n * seq].view(n, seq)
+    inputs = {}
+    keep = lambda i: lambda module, args: inputs.__setitem__(i, args[0])  # noqa: E731 (the layer's input)
+    hooks = [b.attn.register_forward_pre_hook(keep(i)) for i, b in enumerate(model.blocks)]
+    try:
+        model.eval()(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for i, b in enumerate(model.blocks):
+        lam = b.attn.layer.level_weights(inputs[i])  # (B, G, T, L)
+        out[f"blocks.{i}"] = {lv: float(lam[..., j].mean()) for j, lv in enumerate(b.attn.layer.config.levels)}
+    return out
 
 
 @torch.inference_mode()
@@ -428,6 +451,18 @@ def noise_md(result: dict) -> str:
     )
 
 
+def routing_md(result: dict) -> str:
+    parts = []
+    for v, d in result["variants"].items():
+        for layer, lv in d.get("routing", {}).items():
+            parts.append(f"{NAMES[v]} `{layer}`: " + ", ".join(f"{k} {x:.3f}" for k, x in lv.items()))
+    if not parts:
+        return ""
+    return (
+        "Routing learned from scratch (mean weight per memory level over 8 held-out windows): " + "; ".join(parts) + "."
+    )
+
+
 def formula_table(result: dict) -> str:
     rows = ["| variant | kv heads | cache formula (fp32, all layers, per sequence) |", "|---|---:|---|"]
     for v, d in result["variants"].items():
@@ -565,6 +600,23 @@ def conversion_md(rec: dict, rel_png: str) -> str:
         )
         + f", and ends {gap1:+.1%} from the control.",
     ]
+    for arm in ("fastmka_gate0", "fastmka_gate1"):
+        if arm not in rec["routing_after"]:
+            continue
+        mean = lambda r: sum(site["local"] for site in r.values()) / len(r)  # noqa: E731
+        before, after = mean(rec["routing_before"][arm]), mean(rec["routing_after"][arm])
+        lines.append(
+            f"- {convert_recovery.ARM_LABELS[arm]}: the mean weight on L1 (local) goes {before:.3f} -> {after:.3f}: "
+            + (
+                "fine-tuning moves the routing toward the memory levels."
+                if after < before - 1e-3
+                else "fine-tuning shifts weight away from the memory levels, toward plain local attention: they "
+                "are not taken up at this scale"
+                + (" (a local weight above 1 means the gate went negative)." if after > 1 else ".")
+                if after > before + 1e-3
+                else "the routing barely moves."
+            )
+        )
     return "\n".join(lines)
 
 
@@ -637,6 +689,8 @@ def write_doc(results: dict, rec: dict | None, args, meta: dict, doc: Path, out:
             md_table(res),
             "",
             noise_md(res),
+            "",
+            routing_md(res),
             "",
             formula_table(res),
             "",

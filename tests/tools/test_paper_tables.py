@@ -59,6 +59,9 @@ def test_doc_states_the_measured_numbers(run) -> None:
         assert noise["runs"]["mha@seed0"]["ppl"] == result["variants"]["mha"]["ppl"]
         assert noise["runs"]["mha@seed1"]["ppl"] != result["variants"]["mha"]["ppl"]
         assert f"a spread of {noise['spread']:.1%}" in doc
+        for v in ("mka", "fastmka"):  # routing learned from scratch: weights per level sum to one
+            lv = result["variants"][v]["routing"]["blocks.0"]
+            assert list(lv) == ["local", "session", "longterm"] and sum(lv.values()) == pytest.approx(1.0)
         mla, fast = result["variants"]["mla"], result["variants"]["fastmka"]
         ratio = fast["train_tokens_per_s"] / mla["train_tokens_per_s"]
         assert f"- {name}, training throughput FastMKA / MLA (paper: up to 5x): {ratio:.2f}x" in doc
