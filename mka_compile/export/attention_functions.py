@@ -10,21 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .builder import Builder, function
-from .schemas import DOMAIN, SPECS
-
-
-def _fn(b: Builder, name: str) -> onnx.FunctionProto:
-    spec = SPECS[name]
-    return function(
-        b,
-        DOMAIN,
-        name,
-        [n for n, _ in spec.inputs],
-        [n for n, _ in spec.outputs],
-        [n for n, _ in spec.attributes],
-        spec.doc,
-    )
+from .builder import Builder, spec_function
 
 
 def _causal(b: Builder, tq: str, tk: str) -> str:
@@ -89,7 +75,7 @@ def _mka_attention(recall: bool) -> onnx.FunctionProto:
         out = b.op("Add", out, b.op("Mul", w3, b.op("MatMul", p, mv)))
     out = b.reshape(out, b.cat_shape(B, H, Tq, d))
     b.nodes.append(onnx.helper.make_node("CastLike", [out, "q"], ["out"]))
-    return _fn(b, "MKAAttentionRecall" if recall else "MKAAttention")
+    return spec_function(b, "MKAAttentionRecall" if recall else "MKAAttention")
 
 
 def _flash_attention(masked: bool) -> onnx.FunctionProto:
@@ -124,7 +110,7 @@ def _flash_attention(masked: bool) -> onnx.FunctionProto:
     b.nodes.append(onnx.helper.make_node("CastLike", [out, "q"], ["out"]))
     lse = b.where(seen, b.op("Add", mx, b.op("Log", safe)), neg_inf)
     b.nodes.append(onnx.helper.make_node("Squeeze", [lse, b.const([-1])], ["lse"]))
-    return _fn(b, "FlashAttentionMasked" if masked else "FlashAttention")
+    return spec_function(b, "FlashAttentionMasked" if masked else "FlashAttention")
 
 
 FUNCTIONS = {

@@ -114,3 +114,20 @@ def function(
         attributes=list(attributes),
         doc_string=doc,
     )
+
+
+def spec_function(b: Builder, name: str) -> onnx.FunctionProto:
+    """The model-local function ``name`` of the ``com.mka`` domain, with the inputs, outputs, attributes and doc
+    of its registered schema (:data:`mka_compile.export.schemas.SPECS`) and ``b``'s nodes as its body."""
+    from .schemas import DOMAIN, SPECS
+
+    spec = SPECS[name]
+    return function(
+        b,
+        DOMAIN,
+        name,
+        [n for n, _ in spec.inputs],
+        [n for n, _ in spec.outputs],
+        [n for n, _ in spec.attributes],
+        spec.doc,
+    )

@@ -7,23 +7,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .builder import Builder, function, graph
-from .schemas import DOMAIN, SPECS
+from .builder import Builder, graph, spec_function
 
 INT64 = onnx.TensorProto.INT64
-
-
-def _fn(b: Builder, name: str) -> onnx.FunctionProto:
-    spec = SPECS[name]
-    return function(
-        b,
-        DOMAIN,
-        name,
-        [n for n, _ in spec.inputs],
-        [n for n, _ in spec.outputs],
-        [n for n, _ in spec.attributes],
-        spec.doc,
-    )
 
 
 def _real_positions(b: Builder, valid: str, n_seen: str) -> str:
@@ -66,7 +52,7 @@ def session_scan() -> onnx.FunctionProto:
     )
     b.nodes.append(onnx.helper.make_node("CastLike", ["seq_k", "k"], ["s_k"]))
     b.nodes.append(onnx.helper.make_node("CastLike", ["seq_v", "v"], ["s_v"]))
-    return _fn(b, "SessionScan")
+    return spec_function(b, "SessionScan")
 
 
 def chunk_update() -> onnx.FunctionProto:
@@ -104,7 +90,7 @@ def chunk_update() -> onnx.FunctionProto:
     new_part = b.op("ReduceSum", b.op("Mul", b.unsqueeze(at_done, [1, 3]), sums), b.const([2]), keepdims=0)
     b.nodes.append(onnx.helper.make_node("Split", [new_part], ["new_part_k", "new_part_v"], axis=-1, num_outputs=2))
     b.nodes.append(onnx.helper.make_node("Split", [summ], ["new_summ_k", "new_summ_v"], axis=-1, num_outputs=2))
-    return _fn(b, "ChunkUpdate")
+    return spec_function(b, "ChunkUpdate")
 
 
 def recall_select() -> onnx.FunctionProto:
@@ -128,7 +114,7 @@ def recall_select() -> onnx.FunctionProto:
     b.nodes.append(onnx.helper.make_node("Pad", [idx, pads, b.const(0)], ["idx"]))
     found = b.op("Pad", b.op("Cast", ok, to=onnx.TensorProto.INT32), pads, b.const(0, np.int32))
     b.nodes.append(onnx.helper.make_node("Cast", [found], ["found"], to=onnx.TensorProto.BOOL))
-    return _fn(b, "RecallSelect")
+    return spec_function(b, "RecallSelect")
 
 
 def route_mix() -> onnx.FunctionProto:
@@ -139,7 +125,7 @@ def route_mix() -> onnx.FunctionProto:
     vf = b.op("ReduceSum", b.op("Mul", w, b.cast_like("vs", "lam")), b.const([0]), keepdims=0)
     b.nodes.append(onnx.helper.make_node("CastLike", [kf, "ks"], ["kf"]))
     b.nodes.append(onnx.helper.make_node("CastLike", [vf, "vs"], ["vf"]))
-    return _fn(b, "RouteMix")
+    return spec_function(b, "RouteMix")
 
 
 FUNCTIONS = {
