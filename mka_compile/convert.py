@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from mka_compile import hf_attention
+from mka_compile import hf_attention, site_hooks
 from mka_compile.config import MKAConfig
 from mka_compile.graph import ops
 from mka_compile.inspect import inspect_with_facts
@@ -35,7 +35,7 @@ from mka_compile.passes.attention import SiteFacts
 from mka_compile.passes.attention.common import provenance
 from mka_compile.report import Site
 from mka_compile.sdpa_intercept import SDPAToMKA
-from mka_compile.site_memory import SiteMemory, is_cache, routing_stats
+from mka_compile.site_memory import SiteMemory, routing_stats
 
 __all__ = ["ConversionError", "SiteMemory", "convert", "routing_stats"]
 
@@ -65,43 +65,8 @@ def _install(model: nn.Module, plan: _Plan, config: MKAConfig, mode: str) -> Non
         mem.to(device=ref.device, dtype=ref.dtype)
     owner.add_module("mka", mem)
 
-    def pre(module, args, kwargs):
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        cache = next((v for v in list(args[1:]) + list(kwargs.values()) if is_cache(v)), None)
-        position = kwargs.get("cache_position")
-        if position is None and cache is not None:  # tokens already cached for this layer, before the update
-            past = cache.get_seq_length(getattr(module, "layer_idx", 0) or 0)
-            past = int(past) if isinstance(past, torch.Tensor) else past  # a SymInt stays symbolic (export)
-            position = torch.arange(past, past + hidden.shape[1], device=hidden.device)
-        mem.begin(hidden, kwargs.get("attention_mask"), cache, position, kwargs.get("position_embeddings"))
-        if intercept is not None:
-            intercept.__enter__()
-
-    def post(module, args, kwargs, output):
-        if intercept is not None and mem._call is not None:
-            intercept.__exit__(None, None, None)
-        mem.end()
-
     intercept = SDPAToMKA(mem) if mode == "mka" and hf_attention.hf_config(model) is None else None
-    mem._handles = [
-        owner.register_forward_pre_hook(pre, with_kwargs=True),
-        owner.register_forward_hook(post, with_kwargs=True, always_call=True),
-    ]
-    if plan.maps is not None:
-        maps = plan.maps
-        mem._handles.append(plan.mods[0].register_forward_hook(lambda m, i, o: mem.mix_fused(o, maps)))
-    else:
-        q_mod, k_mod, v_mod = plan.mods
-
-        def on_q(module, inputs, out):
-            if mem._call is not None and not mem._call.extra.get("inner"):
-                mem._call.q = out
-
-        mem._handles += [
-            q_mod.register_forward_hook(on_q),
-            k_mod.register_forward_hook(lambda m, i, o: mem.on_kv("k", o, q_mod, v_mod, i[0])),
-            v_mod.register_forward_hook(lambda m, i, o: mem.on_kv("v", o, q_mod, k_mod, i[0])),
-        ]
+    site_hooks.install(owner, mem, plan.mods, plan.maps, intercept)
     owner.mka_mode = mode
 
 
@@ -223,7 +188,7 @@ def convert(
     except Exception:
         for site in done:  # roll back: the model is left as it was
             owner = model.get_submodule(site.name) if site.name else model
-            owner.mka.remove_hooks()
+            site_hooks.remove(owner.mka)
             del owner.mka
             del owner.mka_mode
         if mode == "mka":

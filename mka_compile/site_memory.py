@@ -50,7 +50,7 @@ class SiteMemory(nn.Module):
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # caches that take no attributes
         self._state_key = f"site{next(_SITE_KEYS)}"  # this site's entry in a cache's MKA states
         self._call: _Call | None = None
-        self._handles: list[Any] = []
+        self.hooked: list[nn.Module] = []  # the modules our hooks sit on (mka_compile.site_hooks)
         self._stats: list[tuple[torch.Tensor, float]] | None = None  # set while routing_stats() records
         self.fixed_slots = 0  # > 0: states made here preallocate that many summary slots (set by export)
 
@@ -216,9 +216,9 @@ class SiteMemory(nn.Module):
         return out.transpose(1, 2).contiguous()  # (B, T, H, d)
 
     def remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        from mka_compile import site_hooks
+
+        site_hooks.remove(self)
 
 
 ROPE_TABLES = ("cos_sin", "sin_cos_half")  # (cos, sin) at full rotary width (Llama, Cohere); GPT-J's (sin, cos)

@@ -337,3 +337,28 @@ def test_mka_mode_hand_written_unsupported(make, reason: str) -> None:
     with pytest.raises(ConversionError, match=reason):
         mka_compile.convert(model, mode="mka", config=CFG, example_inputs=(x,))
     assert not any(hasattr(m, "mka") or m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("mode", ["fastmka", "mka"])
+def test_deepcopy_of_converted_model_is_independent(mode: str) -> None:
+    """A deep copy's hooks use the copy's own router and state (regression: closures kept the original's)."""
+    import copy
+
+    model, _ = zoo.causal_lm("llama", "sdpa")
+    mka_compile.convert(model, mode=mode, config=CFG)
+    _randomize(model)
+    ids = torch.randint(1, 90, (2, 20))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        before = model(ids).logits
+        assert torch.equal(twin(ids).logits, before)
+        for name, p in twin.named_parameters():
+            if ".mka." in name and not name.endswith("gate"):
+                p.mul_(-2.0)
+        changed = twin(ids).logits
+        assert _rel(changed, before) >= 1e-3  # the copy's own router is used ...
+        assert torch.equal(model(ids).logits, before)  # ... and the original is untouched
+    loss = twin(ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if ".mka." in n)
+    assert all(p.grad is not None for n, p in twin.named_parameters() if ".mka." in n)

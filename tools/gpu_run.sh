@@ -13,7 +13,7 @@
 # hangs. Environment (defaults): OUT (/tmp/gpu_out), PYTHON (python, else python3), MKA_PKG_DIR (/tmp/pkg),
 # T_TESTS (150 s), T_CHECK (330 s; smoke 900 s), SWEEP_BUDGET (170 s), CHECK_ARGS (extra gpu_check args),
 # TEST_IDS (space-separated pytest ids run one by one instead of the whole GPU set; T_EACH s each, 30),
-# NO_SWEEP (1: checks, timings and goals only).
+# NO_SWEEP (1: checks, timings and goals only), MODELS_CHECK (1: tools/gpu_models_check.py instead of gpu_check).
 # A module that fails to import (say hypothesis missing there) does not stop the other GPU tests.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 3
@@ -74,6 +74,14 @@ EOF
     fi
     local dt_tests=$(($(date +%s) - t1))
 
+    if [[ "${MODELS_CHECK:-0}" == 1 ]]; then  # converted models on the GPU, eager and under the mka backend
+        step "tools/gpu_models_check.py (timeout ${T_CHECK}s)"
+        timeout -k 10 "$T_CHECK" "$PY" tools/gpu_models_check.py
+        rc_check=$?
+        echo "== done: tests rc=$rc_tests, models check rc=$rc_check, total $(($(date +%s) - t0)) s"
+        ((rc_tests == 0 && rc_check == 0)) || return 1
+        return 0
+    fi
     local args=(--out "$OUT")
     [[ "${NO_SWEEP:-0}" == 1 ]] || args+=(--sweep --sweep-budget "$SWEEP_BUDGET")
     ((SMOKE)) && args+=(--smoke)

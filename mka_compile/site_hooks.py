@@ -1,0 +1,102 @@
+"""The module hooks that connect a converted site to its :class:`~mka_compile.site_memory.SiteMemory`.
+
+Hooks are small callable objects rather than closures so that ``copy.deepcopy(model)`` gives the copy hooks that
+point at the copy's own memory, projections and interceptor (deepcopy copies objects, not closures), and so
+that a converted model pickles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class SiteHook:
+    def __init__(self, mem) -> None:
+        self.mem = mem
+
+
+class SitePre(SiteHook):
+    """Before the site's forward: which tokens are real, which cache (MKA state) this call uses, RoPE tables."""
+
+    def __init__(self, mem, intercept: Any = None) -> None:
+        super().__init__(mem)
+        self.intercept = intercept  # an SDPAToMKA mode for MKA sites outside transformers
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        from mka_compile.site_memory import is_cache
+
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        cache = next((v for v in list(args[1:]) + list(kwargs.values()) if is_cache(v)), None)
+        position = kwargs.get("cache_position")
+        if position is None and cache is not None:  # tokens already cached for this layer, before the update
+            past = cache.get_seq_length(getattr(module, "layer_idx", 0) or 0)
+            past = int(past) if isinstance(past, torch.Tensor) else past  # a SymInt stays symbolic (export)
+            position = torch.arange(past, past + hidden.shape[1], device=hidden.device)
+        self.mem.begin(hidden, kwargs.get("attention_mask"), cache, position, kwargs.get("position_embeddings"))
+        if self.intercept is not None:
+            self.intercept.__enter__()
+
+
+class SitePost(SiteHook):
+    def __init__(self, mem, intercept: Any = None) -> None:
+        super().__init__(mem)
+        self.intercept = intercept
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.intercept is not None and self.mem._call is not None:
+            self.intercept.__exit__(None, None, None)
+        self.mem.end()
+
+
+class FusedHook(SiteHook):
+    def __init__(self, mem, maps: dict[str, torch.Tensor]) -> None:
+        super().__init__(mem)
+        self.maps = maps
+
+    def __call__(self, module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        return self.mem.mix_fused(out, self.maps)
+
+
+class QHook(SiteHook):
+    def __call__(self, module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+        call = self.mem._call
+        if call is not None and not call.extra.get("inner"):
+            call.q = out
+
+
+class KVHook(SiteHook):
+    def __init__(self, mem, which: str, q_mod: nn.Module, other: nn.Module) -> None:
+        super().__init__(mem)
+        self.which, self.q_mod, self.other = which, q_mod, other
+
+    def __call__(self, module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        return self.mem.on_kv(self.which, out, self.q_mod, self.other, inputs[0])
+
+
+def install(owner: nn.Module, mem, mods: tuple[nn.Module, ...], maps, intercept: Any = None) -> None:
+    """Register the site's hooks on ``owner`` (the attention module) and its projections ``mods``."""
+    owner.register_forward_pre_hook(SitePre(mem, intercept), with_kwargs=True)
+    owner.register_forward_hook(SitePost(mem, intercept), with_kwargs=True, always_call=True)
+    if maps is not None:
+        mods[0].register_forward_hook(FusedHook(mem, maps))
+    else:
+        q_mod, k_mod, v_mod = mods
+        q_mod.register_forward_hook(QHook(mem))
+        k_mod.register_forward_hook(KVHook(mem, "k", q_mod, v_mod))
+        v_mod.register_forward_hook(KVHook(mem, "v", q_mod, k_mod))
+    mem.hooked = [owner, *mods]
+
+
+def remove(mem) -> None:
+    """Remove every hook of ``mem`` from the modules it was installed on (works on deep copies too)."""
+    for m in getattr(mem, "hooked", []):
+        for hooks in (m._forward_pre_hooks, m._forward_hooks):
+            for key in [k for k, h in hooks.items() if isinstance(h, SiteHook) and h.mem is mem]:
+                del hooks[key]
+                for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs"):
+                    getattr(m, extra, {}).pop(key, None)
+                getattr(m, "_forward_hooks_always_called", {}).pop(key, None)
+    mem.hooked = []
