@@ -67,7 +67,7 @@ def onnx_parity(model, ids: torch.Tensor, path: Path) -> tuple[float, int]:
 def run_demo(quick: bool = False, corpus: str = "shakespeare", out: str = "out/demo", seed: int = 0) -> int:
     t_start = time.time()
     console = Console()
-    pre_steps, ft_steps, windows = (10, 10, 8) if quick else (300, 200, 64)
+    pre_steps, ft_steps, windows = (10, 10, 8) if quick else (200, 150, 48)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     cfg = tf.LlamaConfig(
