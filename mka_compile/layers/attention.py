@@ -47,10 +47,9 @@ def routing_weights(
 ) -> torch.Tensor:
     """``lam: [B, G, T, L]`` float32 (float64 for float64 inputs): gated softmax routing.
 
-    ``q_flat: [B, T, H*d]`` (the query projection); ``w = onehot(local) + g * (softmax(router(q)) - onehot)`` with
-    ``g = clamp(gate, 0, 1)`` in the forward, so ``w`` is always a convex mix of the levels, and the gate's gradient
-    passed straight through (a gate pushed below 0 or above 1 can come back). L3 (the last level) is masked out
-    where nothing is recalled (``has_recall: [B, T]``), so those positions route over the other levels."""
+    ``q_flat: [B, T, H*d]`` (the query projection); ``w = onehot(local) + gate * (softmax(router(q)) - onehot)``.
+    L3 (the last level) is masked out where nothing is recalled (``has_recall: [B, T]``), so those positions
+    route over the other levels."""
     B, T, _ = q_flat.shape
     L = num_levels
     rdt = torch.float64 if q_flat.dtype == torch.float64 else torch.float32
@@ -62,9 +61,7 @@ def routing_weights(
     p = torch.softmax(logits, -1)
     onehot = torch.zeros(L, dtype=p.dtype, device=p.device)
     onehot[0] = 1.0
-    g = gate.to(rdt)
-    g = g + (g.clamp(0.0, 1.0) - g).detach()  # forward: clamped to [0, 1]; backward: straight through
-    return onehot + g * (p - onehot)
+    return onehot + gate.to(rdt) * (p - onehot)
 
 
 class _MKABase(nn.Module):

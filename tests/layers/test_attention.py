@@ -185,24 +185,3 @@ def test_constructor_errors() -> None:
         MKAAttention(25, 4)
     with pytest.raises(ValueError, match="config"):
         MKAAttention(24, 4, config={"ema_beta": 0.5})
-
-
-@pytest.mark.parametrize("cls", [FastMKAAttention, MKAAttention])
-def test_gate_is_clamped_forward_straight_through_backward(cls) -> None:
-    """Routing weights stay a convex mix for any gate value; the gate still gets gradient outside [0, 1]."""
-    from mka_compile.layers.attention import routing_weights
-
-    layer = _layer(cls, gate=-0.5)
-    q = torch.randn(2, 7, layer.num_heads * layer.head_dim)
-    L = layer.config.num_levels
-    lam = routing_weights(layer.router, layer.gate, q, None, L, layer.groups)
-    local = torch.zeros(L)
-    local[0] = 1.0
-    torch.testing.assert_close(lam, local.expand_as(lam))  # clamped to 0: local only
-    with torch.no_grad():
-        layer.gate.fill_(2.0)
-    lam = routing_weights(layer.router, layer.gate, q, None, L, layer.groups)
-    assert (lam >= 0).all() and (lam <= 1).all()
-    torch.testing.assert_close(lam.sum(-1), torch.ones(lam.shape[:-1]))
-    lam.square().sum().backward()
-    assert layer.gate.grad.abs() > 0
