@@ -59,7 +59,7 @@ def naive_layer(layer, x: torch.Tensor, valid: torch.Tensor | None = None, bank=
     C, R, beta = cfg.chunk_size, cfg.top_r, cfg.ema_beta
     L = len(cfg.levels)
     G = Hkv if cfg.router_per_head else 1
-    gate = float(layer.gate.detach())
+    gate = min(abs(float(layer.gate.detach())), 1.0)  # the reflecting gate: min(|gate|, 1)
     out = torch.zeros(B, T, layer.hidden_size, dtype=torch.float64)
     for b in range(B):
         ema_k = ema_v = None

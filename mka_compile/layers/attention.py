@@ -47,7 +47,10 @@ def routing_weights(
 ) -> torch.Tensor:
     """``lam: [B, G, T, L]`` float32 (float64 for float64 inputs): gated softmax routing.
 
-    ``q_flat: [B, T, H*d]`` (the query projection); ``w = onehot(local) + gate * (softmax(router(q)) - onehot)``.
+    ``q_flat: [B, T, H*d]`` (the query projection); ``w = onehot(local) + g * (softmax(router(q)) - onehot)`` with
+    the reflecting gate ``g = min(|gate|, 1)``: ``w`` is always a convex mix of the levels; the gradient is
+    ``sign(gate)`` (``+1`` at exactly 0, so a zero gate trains; straight through the clip at 1), so a gate the
+    optimizer pushes below 0 bounces back instead of giving the memory levels negative weights.
     L3 (the last level) is masked out where nothing is recalled (``has_recall: [B, T]``), so those positions
     route over the other levels."""
     B, T, _ = q_flat.shape
@@ -61,7 +64,14 @@ def routing_weights(
     p = torch.softmax(logits, -1)
     onehot = torch.zeros(L, dtype=p.dtype, device=p.device)
     onehot[0] = 1.0
-    return onehot + gate.to(rdt) * (p - onehot)
+    return onehot + effective_gate(gate.to(rdt)) * (p - onehot)
+
+
+def effective_gate(gate: torch.Tensor) -> torch.Tensor:
+    """``min(|gate|, 1)`` with gradient ``sign(gate)`` (``+1`` at 0), straight through the clip at 1."""
+    sign = torch.where(gate < 0, -1.0, 1.0).to(gate.dtype).detach()
+    g = gate * sign
+    return g + (g.clamp(max=1.0) - g).detach()
 
 
 class _MKABase(nn.Module):

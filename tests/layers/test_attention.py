@@ -185,3 +185,24 @@ def test_constructor_errors() -> None:
         MKAAttention(25, 4)
     with pytest.raises(ValueError, match="config"):
         MKAAttention(24, 4, config={"ema_beta": 0.5})
+
+
+@pytest.mark.parametrize("cls", [FastMKAAttention, MKAAttention])
+def test_reflecting_gate_keeps_the_mix_convex_and_trains(cls) -> None:
+    """Routing weights stay a convex mix for any gate value; a negative gate reflects and still gets gradient."""
+    from mka_compile.layers.attention import effective_gate, routing_weights
+
+    layer = _layer(cls, gate=-0.5)
+    q = torch.randn(2, 7, layer.num_heads * layer.head_dim)
+    L = layer.config.num_levels
+    for value in (-0.5, 0.0, 0.3, 2.0):
+        with torch.no_grad():
+            layer.gate.fill_(value)
+        lam = routing_weights(layer.router, layer.gate, q, None, L, layer.groups)
+        assert (lam >= 0).all() and (lam <= 1).all(), value
+        torch.testing.assert_close(lam.sum(-1), torch.ones(lam.shape[:-1]))
+    gates = torch.tensor([-0.5, 0.0, 0.3, 2.0], requires_grad=True)
+    g = effective_gate(gates)
+    torch.testing.assert_close(g, torch.tensor([0.5, 0.0, 0.3, 1.0]))
+    g.sum().backward()
+    torch.testing.assert_close(gates.grad, torch.tensor([-1.0, 1.0, 1.0, 1.0]))
