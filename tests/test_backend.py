@@ -43,20 +43,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def _randomize(model) -> None:
-    """Random router values and gate = 1: every memory level contributes."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".mka." in name:
-                p.fill_(1.0) if name.endswith("gate") else p.normal_(0, 0.5)
-
-
 def _model(family: str, attn: str, variant: str):
     model, _ = zoo.causal_lm(family, attn)
     if variant in ("fastmka", "mka"):
         mka_compile.convert(model, mode=variant, config=CFG)
-        _randomize(model)
+        zoo.randomize_mka(model)
     return model
 
 
@@ -227,7 +218,7 @@ def test_padded_rows_differ_only_where_no_key_is_visible() -> None:
 def _trained(family: str, attn: str):
     conv, _ = zoo.causal_lm(family, attn)
     mka_compile.convert(conv, config=CFG)
-    _randomize(conv)
+    zoo.randomize_mka(conv)
     return conv
 
 

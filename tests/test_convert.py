@@ -27,15 +27,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def _randomize(model) -> None:
-    """Random values in every new parameter: the rewrite is live and every level contributes."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".mka." in name:
-                p.fill_(1.0) if name.endswith("gate") else p.normal_(0, 0.5)
-
-
 def _check_converted(family: str, attn: str, mode: str) -> None:
     """Identity at init, then with random router values: live, decode == full forward, training lowers loss."""
     model, _ = zoo.causal_lm(family, attn)
@@ -46,7 +37,7 @@ def _check_converted(family: str, attn: str, mode: str) -> None:
     with torch.no_grad():
         assert _rel(model(ids).logits, base) <= 1e-5
     assert {s.status for s in mka_compile.inspect(model).sites} == {mode}
-    _randomize(model)
+    zoo.randomize_mka(model)
     with torch.no_grad():
         full = model(ids).logits
         out = model(ids[:, :5], use_cache=True)
@@ -69,7 +60,7 @@ def _check_converted(family: str, attn: str, mode: str) -> None:
 def _left_padding_matches_alone(mode: str) -> None:
     model, _ = zoo.causal_lm("llama", "sdpa")
     mka_compile.convert(model, mode=mode, config=CFG)
-    _randomize(model)
+    zoo.randomize_mka(model)
     prompts = [torch.randint(1, 90, (1, 9)), torch.randint(1, 90, (1, 4))]
     alone = [model.generate(p, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, p.shape[1] :] for p in prompts]
     batch, mask = torch.zeros(2, 9, dtype=torch.long), torch.zeros(2, 9, dtype=torch.long)
@@ -88,7 +79,7 @@ def test_identity_at_init_then_live_and_decode_equals_prefill(family: str, attn:
 def test_generate_equals_greedy_full_forwards() -> None:
     model, _ = zoo.causal_lm("llama", "sdpa")
     mka_compile.convert(model, config=CFG)
-    _randomize(model)
+    zoo.randomize_mka(model)
     for p in (torch.randint(1, 90, (1, 9)), torch.randint(1, 90, (1, 4))):
         gen = model.generate(p, max_new_tokens=6, do_sample=False, pad_token_id=0)
         seq = p
@@ -129,7 +120,7 @@ def test_state_dict_round_trip() -> None:
     b, _ = zoo.causal_lm("llama", "sdpa", seed=4)
     for m in (a, b):
         mka_compile.convert(m, config=CFG)
-    _randomize(a)
+    zoo.randomize_mka(a)
     keys = a.state_dict().keys()
     assert "model.layers.0.self_attn.mka.router.fc1.weight" in keys and "model.layers.1.self_attn.mka.gate" in keys
     b.load_state_dict(a.state_dict())
@@ -186,7 +177,7 @@ def test_hand_written_fused_qkv_nanogpt() -> None:
     mka_compile.convert(model, config=CFG, example_inputs=(ids,))
     with torch.no_grad():
         assert _rel(model(ids), base) <= 1e-5
-    _randomize(model)
+    zoo.randomize_mka(model)
     with torch.no_grad():
         assert _rel(model(ids), base) >= 1e-3
     assert [n for n, _ in model.named_parameters() if n.endswith("mka.gate")] == [
@@ -213,7 +204,7 @@ def test_nothing_convertible_and_bad_arguments() -> None:
 def test_generate_with_static_cache_equals_dynamic(family: str) -> None:
     model, _ = zoo.causal_lm(family, "sdpa")
     mka_compile.convert(model, config=CFG)
-    _randomize(model)
+    zoo.randomize_mka(model)
     prompt = torch.randint(1, 90, (2, 7))
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     dynamic = model.generate(prompt, **kw)
@@ -290,7 +281,7 @@ def test_projection_call_order_does_not_matter() -> None:
     x = torch.randn(2, 11, 16)
     for m in (a, b):
         mka_compile.convert(m, config=CFG, example_inputs=(x,))
-    _randomize(a)
+    zoo.randomize_mka(a)
     b.load_state_dict(a.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(b(x), a(x))
@@ -306,7 +297,7 @@ def test_mka_mode_hand_written_sdpa_site() -> None:
     assert {s.status for s in mka_compile.inspect(model, (ids,)).sites} == {"mka"}
     with torch.no_grad():
         assert _rel(model(ids), base) <= 1e-5
-    _randomize(model)
+    zoo.randomize_mka(model)
     with torch.no_grad():
         live = model(ids)
         assert _rel(live, base) >= 1e-3
@@ -346,7 +337,7 @@ def test_deepcopy_of_converted_model_is_independent(mode: str) -> None:
 
     model, _ = zoo.causal_lm("llama", "sdpa")
     mka_compile.convert(model, mode=mode, config=CFG)
-    _randomize(model)
+    zoo.randomize_mka(model)
     ids = torch.randint(1, 90, (2, 20))
     twin = copy.deepcopy(model)
     with torch.no_grad():

@@ -398,3 +398,13 @@ def bart(attn: str = "eager"):
         max_position_embeddings=64,
     )
     return tf.BartForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
+
+
+def randomize_mka(model: nn.Module) -> None:
+    """Random values (seeded) in every new ``.mka`` parameter and gate = 1: the rewrite is live and every memory
+    level contributes."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mka." in name:
+                p.fill_(1.0) if name.endswith("gate") else p.normal_(0, 0.5)
