@@ -109,24 +109,27 @@ def model_ratios(
     return rows + rows_err
 
 
-class _SDPALayer(nn.Module):
-    """The baseline layer: q/k/v/o projections, RoPE-free GQA attention through PyTorch SDPA."""
+class SDPAAttention(nn.Module):
+    """The baseline layer: plain causal attention of the same size (q/k/v projections, GQA through PyTorch SDPA,
+    o_proj; no RoPE, no memory levels)."""
 
-    def __init__(self, hidden: int, heads: int, kv_heads: int) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int) -> None:
         super().__init__()
-        self.h, self.hkv, self.d = heads, kv_heads, hidden // heads
-        self.q_proj = nn.Linear(hidden, heads * self.d, bias=False)
-        self.k_proj = nn.Linear(hidden, kv_heads * self.d, bias=False)
-        self.v_proj = nn.Linear(hidden, kv_heads * self.d, bias=False)
-        self.o_proj = nn.Linear(heads * self.d, hidden, bias=False)
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = hidden_size // num_heads
+        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.h, self.d).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.hkv, self.d).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.hkv, self.d).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.h != self.hkv)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        gqa = self.num_heads != self.num_kv_heads
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
 def layer_ratios(
@@ -145,7 +148,7 @@ def layer_ratios(
     torch.manual_seed(0)
     cfg = config or MKAConfig()
     layers = {
-        "SDPA layer": _SDPALayer(hidden, heads, kv_heads),
+        "SDPA layer": SDPAAttention(hidden, heads, kv_heads),
         "FastMKA layer": FastMKAAttention(hidden, heads, kv_heads, config=cfg),
         "MKA layer": MKAAttention(hidden, heads, kv_heads, config=cfg),
     }

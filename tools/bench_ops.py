@@ -34,12 +34,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
-from torch import nn
 
 from mka_compile import FastMKAAttention, MKAAttention, MKAConfig
+from mka_compile.bench import SDPAAttention
 from mka_compile.kernels import session_scan
 
 try:  # Unix only: minor page faults per call (fresh large allocations are mapped and zeroed by the kernel)
@@ -173,28 +172,6 @@ def bench_scan(sizes: Sizes, repeats: int, warmup: int, seed: int, beta: float) 
 
 
 # -- 2. attention layers --------------------------------------------------------------------------------
-
-
-class SDPAAttention(nn.Module):
-    """Plain causal attention of the same size: q/k/v projections, causal SDPA, o_proj (no RoPE)."""
-
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int) -> None:
-        super().__init__()
-        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
-        self.head_dim = hidden_size // num_heads
-        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        gqa = self.num_heads != self.num_kv_heads
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
 def bench_layers(sizes: Sizes, repeats: int, warmup: int, seed: int) -> LayerResult:
