@@ -29,13 +29,10 @@ from __future__ import annotations
 import torch
 
 from . import _validate as check
+from ._dtypes import acc_dtype as _acc_dtype
 from ._grads import zeros_for_none
 from .route_mix import reference_route_mix, reference_route_mix_backward
 from .session_scan import check_session_scan, reference_session_scan, reference_session_scan_backward
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -32,12 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from . import _validate as check
+from ._dtypes import acc_dtype as _acc_dtype
 from ._grads import contiguous_outputs, new_like, zeros_for_none
 from .longterm import recall_mask, recall_probs
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def visibility(kv_valid: torch.Tensor, tq: int, causal: bool) -> torch.Tensor:

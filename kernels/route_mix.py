@@ -11,11 +11,8 @@ from __future__ import annotations
 import torch
 
 from . import _validate as check
+from ._dtypes import acc_dtype as _acc_dtype
 from ._grads import contiguous_outputs, new_like, zeros_for_none
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def reference_route_mix(lam, ks, vs):

@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as check
+from .._dtypes import acc_dtype as _acc_dtype
 from .._grads import zeros_for_none
 from .plumbing import (  # noqa: F401  (re-exported for decode_attention and tools)
     _AS_JIT,
@@ -76,10 +77,6 @@ MAX_GRID_Y = 65535  # B * H (B * Hkv) programs run along grid axis 1
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 HIDDEN_BIAS = -1.0e4  # additive-mask values at or below it hide the key exactly as -inf does
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
