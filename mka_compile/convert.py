@@ -21,6 +21,7 @@ changed, and a failure leaves the model as it was, naming the sites and reasons.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,13 +29,13 @@ import torch
 from torch import fx, nn
 
 from mka_compile import hf_attention, site_hooks
+from mka_compile.attention_intercept import AttentionToMKA
 from mka_compile.config import MKAConfig
 from mka_compile.graph import ops
 from mka_compile.inspect import inspect_with_facts
 from mka_compile.passes.attention import SiteFacts
 from mka_compile.passes.attention.common import provenance
 from mka_compile.report import Site
-from mka_compile.sdpa_intercept import SDPAToMKA
 from mka_compile.site_memory import SiteMemory, routing_stats
 
 __all__ = ["ConversionError", "SiteMemory", "convert", "routing_stats"]
@@ -47,6 +48,9 @@ class ConversionError(ValueError):
         self.problems = problems
         lines = "\n".join(f"  - {name or '<root>'}: {why}" for name, why in problems)
         super().__init__(f"cannot convert {len(problems)} site(s); the model was not changed:\n{lines}")
+
+
+MODULE_CACHES = ("slice_assign", "index_copy", "index_put")  # a KV cache buffer the site writes itself
 
 
 @dataclass
@@ -65,8 +69,20 @@ def _install(model: nn.Module, plan: _Plan, config: MKAConfig, mode: str) -> Non
         mem.to(device=ref.device, dtype=ref.dtype)
     owner.add_module("mka", mem)
 
-    intercept = SDPAToMKA(mem) if mode == "mka" and hf_attention.hf_config(model) is None else None
-    site_hooks.install(owner, mem, plan.mods, plan.maps, intercept)
+    if hf_attention.hf_config(model) is None:  # outside transformers
+        if mode == "mka":
+            mem.intercept = AttentionToMKA(mem)
+        if site.cache in MODULE_CACHES:
+            mem.position_arg = site_hooks.position_argument(owner)
+            if mem.position_arg is None:
+                warnings.warn(
+                    f"site {site.name or '<root>'!r} keeps its own KV cache ({site.cache}) but its forward has no "
+                    f"argument that gives the write position (one of {site_hooks.POSITION_NAMES}, or one int "
+                    "argument): every call starts a new sequence in the MKA memory, so cached decoding will not see "
+                    "the memory of earlier calls",
+                    stacklevel=3,
+                )
+    site_hooks.install(owner, mem, plan.mods, plan.maps)
     owner.mka_mode = mode
 
 
@@ -134,6 +150,23 @@ def _plan(model: nn.Module, site: Site, facts: SiteFacts) -> _Plan | str:
     return _Plan(site, (mods[0],), maps)
 
 
+def _check_mka_dispatch(model: nn.Module, names: list[str], example_inputs: Any) -> None:
+    """One forward: every MKA site must have attended through MKA. Hugging Face sites that do not dispatch through
+    ``AttentionInterface`` (Falcon) get the inline interceptor instead and are checked again."""
+    missing = hf_attention.check_dispatch(model, names, example_inputs)
+    if missing and hf_attention.hf_config(model) is not None:
+        if len(missing) == len(names):  # no site dispatches: keep the model's own attention implementation
+            hf_attention.restore_attention(model)
+        for name in missing:
+            mem = model.get_submodule(name).mka
+            mem.intercept = AttentionToMKA(mem)
+        missing = hf_attention.check_dispatch(model, missing, example_inputs)
+    if missing:
+        raise ConversionError(
+            [(n, "MKA mode found no attention to answer at this site (use FastMKA)") for n in missing]
+        )
+
+
 def convert(
     model: nn.Module,
     mode: str = "fastmka",
@@ -184,7 +217,7 @@ def convert(
             _install(model, plan, config, mode)
             done.append(plan.site)
         if mode == "mka":
-            hf_attention.check_dispatch(model, [p.site.name for p in plans], example_inputs)
+            _check_mka_dispatch(model, [p.site.name for p in plans], example_inputs)
     except Exception:
         for site in done:  # roll back: the model is left as it was
             owner = model.get_submodule(site.name) if site.name else model

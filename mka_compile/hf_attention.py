@@ -16,6 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mka_compile.attention_intercept import check_mask
+from mka_compile.rope_tables import DERIVABLE
+
 NAME = "mka_compile"
 
 
@@ -26,22 +29,23 @@ def hf_config(model: nn.Module):
 
 def mka_mode_problem(model: nn.Module, plan) -> str | None:
     """Why ``plan``'s site cannot be converted to MKA mode, or None."""
-    if hf_config(model) is None:  # outside transformers: the site's own SDPA call is intercepted (sdpa_intercept)
-        if plan.site.rule != "attention.sdpa":
+    rope = plan.site.rope
+    if hf_config(model) is None:  # outside transformers: the site's own attention is intercepted (attention_intercept)
+        if plan.site.rule not in ("attention.sdpa", "attention.eager.matmul"):
             return (
-                "MKA mode outside transformers needs the site's attention to be one scaled_dot_product_attention "
-                f"call; this site computes it as {plan.site.rule} (use FastMKA)"
+                "MKA mode outside transformers needs the site's attention as one scaled_dot_product_attention call or "
+                f"as matmul - softmax - matmul; this site computes it as {plan.site.rule} (use FastMKA)"
             )
-        if plan.site.rope is not None:
+        if rope is not None and rope not in DERIVABLE:
             return (
-                f"MKA mode outside transformers supports sites without RoPE; this site uses {plan.site.rope!r} "
-                "RoPE (use FastMKA)"
+                f"MKA mode outside transformers supports no RoPE or full-width {'/'.join(DERIVABLE)} RoPE; this site "
+                f"uses {rope!r} RoPE (use FastMKA)"
             )
         return None
-    if plan.site.rope not in (None, "rotate_half", "partial_rotate_half", "interleaved", "partial_interleaved"):
+    if rope not in (None, "rotate_half", "partial_rotate_half", "interleaved", "partial_interleaved"):
         return (
             f"MKA mode supports no RoPE, (partial) rotate-half or interleaved RoPE; this site uses "
-            f"{plan.site.rope!r} (use FastMKA)"
+            f"{rope!r} (use FastMKA)"
         )
     return None
 
@@ -61,6 +65,8 @@ def attention(module: nn.Module, query, key, value, attention_mask, scaling=None
     mem = getattr(module, "mka", None)
     if mem is None or mem.mode != "mka" or mem._call is None:
         return _original(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        check_mask(mem, attention_mask, query.shape[-2], key.shape[-2])
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return mem.attend(query, key, value, scale), None
 
@@ -89,8 +95,9 @@ def restore_attention(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def check_dispatch(model: nn.Module, sites: list[str], example_inputs: Any) -> None:
-    """Run one forward and make sure every converted site went through :func:`attention`."""
+def check_dispatch(model: nn.Module, sites: list[str], example_inputs: Any) -> list[str]:
+    """Run one forward; returns the converted ``sites`` whose attention did not go through MKA (:func:`attention`
+    or an interceptor). A site's clear "MKA mode" error becomes a :class:`ConversionError`."""
     from mka_compile.convert import ConversionError
     from mka_compile.inspect import hf_example_inputs
 
@@ -105,6 +112,7 @@ def check_dispatch(model: nn.Module, sites: list[str], example_inputs: Any) -> N
                 seen.add(name)
 
         hooks.append(model.get_submodule(name).register_forward_hook(post, with_kwargs=True, prepend=True))
+    buffers = {name: b.clone() for name, b in model.named_buffers()}  # a site's own KV cache is written by the run
     try:
         was = model.training
         model.eval()
@@ -116,13 +124,9 @@ def check_dispatch(model: nn.Module, sites: list[str], example_inputs: Any) -> N
             raise ConversionError([(n, str(e)) for n in sites]) from None
     finally:
         model.train(was)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
         for h in hooks:
             h.remove()
-    missing = [n for n in sites if n not in seen]
-    if missing:
-        raise ConversionError(
-            [
-                (n, "its attention does not dispatch through transformers' AttentionInterface (use FastMKA)")
-                for n in missing
-            ]
-        )
+    return [n for n in sites if n not in seen]

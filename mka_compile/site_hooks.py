@@ -7,6 +7,7 @@ that a converted model pickles.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -19,11 +20,8 @@ class SiteHook:
 
 
 class SitePre(SiteHook):
-    """Before the site's forward: which tokens are real, which cache (MKA state) this call uses, RoPE tables."""
-
-    def __init__(self, mem, intercept: Any = None) -> None:
-        super().__init__(mem)
-        self.intercept = intercept  # an SDPAToMKA mode for MKA sites outside transformers
+    """Before the site's forward: which tokens are real, which cache (MKA state) this call uses, RoPE tables; then
+    the site's attention interceptor (``mem.intercept``, MKA mode outside ``AttentionInterface``) is entered."""
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         from mka_compile.site_memory import is_cache
@@ -35,19 +33,18 @@ class SitePre(SiteHook):
             past = cache.get_seq_length(getattr(module, "layer_idx", 0) or 0)
             past = int(past) if isinstance(past, torch.Tensor) else past  # a SymInt stays symbolic (export)
             position = torch.arange(past, past + hidden.shape[1], device=hidden.device)
-        self.mem.begin(hidden, kwargs.get("attention_mask"), cache, position, kwargs.get("position_embeddings"))
-        if self.intercept is not None:
-            self.intercept.__enter__()
+        start = None
+        if cache is None and self.mem.position_arg is not None:
+            start = _argument(module, self.mem.position_arg, args, kwargs)
+        self.mem.begin(hidden, kwargs.get("attention_mask"), cache, position, kwargs.get("position_embeddings"), start)
+        if self.mem.intercept is not None:
+            self.mem.intercept.__enter__()
 
 
 class SitePost(SiteHook):
-    def __init__(self, mem, intercept: Any = None) -> None:
-        super().__init__(mem)
-        self.intercept = intercept
-
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self.intercept is not None and self.mem._call is not None:
-            self.intercept.__exit__(None, None, None)
+        if self.mem.intercept is not None and self.mem._call is not None:
+            self.mem.intercept.__exit__(None, None, None)
         self.mem.end()
 
 
@@ -76,10 +73,33 @@ class KVHook(SiteHook):
         return self.mem.on_kv(self.which, out, self.q_mod, self.other, inputs[0])
 
 
-def install(owner: nn.Module, mem, mods: tuple[nn.Module, ...], maps, intercept: Any = None) -> None:
+POSITION_NAMES = ("start_pos", "input_pos", "cache_position", "start", "pos", "position", "offset", "past_length")
+
+
+def position_argument(module: nn.Module) -> str | None:
+    """The forward argument that tells a site with its own KV cache where this call writes (Meta Llama's
+    ``start_pos``): a parameter with one of the usual names, else the only one with an int default or annotation."""
+    params = list(inspect.signature(module.forward).parameters.values())[1:]  # after the hidden states
+    named = [p.name for p in params if p.name in POSITION_NAMES]
+    if named:
+        return min(named, key=POSITION_NAMES.index)
+    ints = [p.name for p in params if p.annotation in (int, "int") or type(p.default) is int]
+    return ints[0] if len(ints) == 1 else None
+
+
+def _argument(module: nn.Module, name: str, args: tuple, kwargs: dict) -> int:
+    sig = inspect.signature(module.forward)
+    bound = sig.bind_partial(*args, **kwargs)
+    value = bound.arguments.get(name, sig.parameters[name].default)
+    if isinstance(value, torch.Tensor):
+        value = value.reshape(-1)[0] if value.numel() else 0
+    return int(value)
+
+
+def install(owner: nn.Module, mem, mods: tuple[nn.Module, ...], maps) -> None:
     """Register the site's hooks on ``owner`` (the attention module) and its projections ``mods``."""
-    owner.register_forward_pre_hook(SitePre(mem, intercept), with_kwargs=True)
-    owner.register_forward_hook(SitePost(mem, intercept), with_kwargs=True, always_call=True)
+    owner.register_forward_pre_hook(SitePre(mem), with_kwargs=True)
+    owner.register_forward_hook(SitePost(mem), with_kwargs=True, always_call=True)
     if maps is not None:
         mods[0].register_forward_hook(FusedHook(mem, maps))
     else:

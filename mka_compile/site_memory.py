@@ -16,6 +16,9 @@ from mka_compile.config import MKAConfig
 from mka_compile.layers.attention import Router, routing_weights
 from mka_compile.layers.cache import MKALayerState
 from mka_compile.report import Site
+from mka_compile.rope_tables import calibrate as calibrate_rope
+from mka_compile.rope_tables import derive as derive_rope
+from mka_compile.rope_tables import rotate as rotate_rope
 
 _SITE_KEYS = itertools.count()
 _STATES_ATTR = "_mka_states"
@@ -52,6 +55,11 @@ class SiteMemory(nn.Module):
         self._call: _Call | None = None
         self.hooked: list[nn.Module] = []  # the modules our hooks sit on (mka_compile.site_hooks)
         self._stats: list[tuple[torch.Tensor, float]] | None = None  # set while routing_stats() records
+        self.intercept = None  # MKA mode for attention computed inline: an AttentionToMKA mode (site_hooks)
+        self.kv_layout: str | None = None  # how the inline attention repeats its kv heads (attention_intercept)
+        self.score_scale: float | None = None  # MKA mode, attention spelled out: its scale (attention_intercept)
+        self.position_arg: str | None = None  # a site with its own KV cache: the forward argument giving its position
+        self._held: MKALayerState | None = None  # that site's memory (see held_state)
         self.fixed_slots = 0  # > 0: states made here preallocate that many summary slots (set by export)
 
     # -- per-call context -----------------------------------------------------------------------------
@@ -91,11 +99,31 @@ class SiteMemory(nn.Module):
         store = self._store(cache)
         return store.get(cache if store is self._states else self._state_key)
 
-    def begin(self, hidden: torch.Tensor, mask: Any, cache: Any, cache_position: Any, rope: Any = None) -> None:
+    def held_state(self, start: int, batch: int, ref: torch.Tensor) -> MKALayerState:
+        """The state of a site that keeps its own KV cache (a buffer written at ``start``, Meta-Llama style): the
+        memory lives here, a call at position 0 starts a new sequence, a call at the end of the memory continues."""
+        st = self._held
+        if start == 0 or st is None or st.n_seen.shape[0] != batch:
+            if start != 0:
+                raise RuntimeError(
+                    f"MKA memory: the site was called at position {start} with no memory for a batch of {batch}; "
+                    "start each sequence at position 0"
+                )
+            st = self._held = self.state_for(None, batch, ref)
+        elif start != int(st.n_seen.max()):
+            raise RuntimeError(
+                f"MKA memory: the site was called at position {start}, but its memory holds {int(st.n_seen.max())} "
+                "tokens; continue the sequence where it stopped, or restart it at position 0"
+            )
+        return st
+
+    def begin(
+        self, hidden: torch.Tensor, mask: Any, cache: Any, cache_position: Any, rope: Any = None, start: Any = None
+    ) -> None:
+        """Open a call. ``start``: the position a site with its own KV cache writes at (None: ``cache`` decides)."""
         B, T = hidden.shape[0], hidden.shape[1]
-        self._call = _Call(
-            valid=_valid_tokens(mask, B, T, cache_position, hidden.device), state=self.state_for(cache, B, hidden)
-        )
+        state = self.state_for(cache, B, hidden) if start is None else self.held_state(start, B, hidden)
+        self._call = _Call(valid=_valid_tokens(mask, B, T, cache_position, hidden.device), state=state)
         self._call.extra["rope"] = rope
 
     def end(self) -> None:
@@ -179,7 +207,7 @@ class SiteMemory(nn.Module):
             w = call.valid[:, None, :, None].to(call.lam.dtype)  # (B, 1, T, 1): real tokens only
             self._stats.append(((call.lam.detach() * w).sum((0, 1, 2)), float(w.sum()) * call.lam.shape[1]))
         if self.mode == "mka":
-            call.extra["k1"] = k1  # to check how the site rotates its keys (calibrate_rope)
+            call.extra["k1"] = k1  # to check how the site rotates its keys (calibrate_rope, derive_rope)
             return k1, v1
         return K.route_mix(call.lam, ks, vs)  # (B, Hkv, T, d) each
 
@@ -193,10 +221,12 @@ class SiteMemory(nn.Module):
         valid = call.valid
         st.kv_valid = valid if st.kv_valid is None else torch.cat([st.kv_valid, valid], 1)
         if cfg.uses_session:
-            tables = call.extra.get("rope")
-            if self.rope is not None and self.rope_tables is None:  # first call: learn how the tables are given
-                self.rope_tables = calibrate_rope(call.extra["k1"], key[:, :, -T:], tables, self.rope)
-            k2 = _rotate(call.extra["ema_k"], tables, self.rope, self.rope_tables).to(key.dtype)  # (B, Hkv, T, d)
+            tables, convention = call.extra.get("rope"), self.rope_tables
+            if self.rope is not None and tables is None:  # a site that rotates inside: read the rotation off its keys
+                tables, convention = derive_rope(call.extra["k1"], key[:, :, -T:], self.rope), "cos_sin"
+            elif self.rope is not None and convention is None:  # first call: learn how the tables are given
+                convention = self.rope_tables = calibrate_rope(call.extra["k1"], key[:, :, -T:], tables, self.rope)
+            k2 = rotate_rope(call.extra["ema_k"], tables, self.rope, convention).to(key.dtype)  # (B, Hkv, T, d)
             v2 = call.extra["ema_v"].to(value.dtype)
             st.kv = [torch.cat([a, b], 2) for a, b in zip(st.kv, (k2, v2))] if st.kv else [k2, v2]
             ks.append(st.kv[0])
@@ -219,55 +249,6 @@ class SiteMemory(nn.Module):
         from mka_compile import site_hooks
 
         site_hooks.remove(self)
-
-
-ROPE_TABLES = ("cos_sin", "sin_cos_half")  # (cos, sin) at full rotary width (Llama, Cohere); GPT-J's (sin, cos)
-
-
-def _rotate(x: torch.Tensor, tables: Any, style: str | None, convention: str = "cos_sin") -> torch.Tensor:
-    """Apply the site's RoPE (from its ``position_embeddings``) to ``[B, h, T, d]``: rotate-half (Llama) or
-    interleaved pairs (Cohere, GPT-J); partial rotary rotates the first ``rot`` features and passes the rest.
-    ``convention``: how the tables are given: ``"cos_sin"`` = ``(cos, sin)``, each ``[B or 1, T, rot]``;
-    ``"sin_cos_half"`` = ``(sin, cos)``, each ``[B or 1, T, rot / 2]`` (one angle per pair, GPT-J)."""
-    if style is None:
-        return x
-    if tables is None:
-        raise RuntimeError(
-            f"MKA mode needs the site's RoPE tables (position_embeddings) for its {style} RoPE, but this attention "
-            "module does not receive them (use FastMKA for this model)"
-        )
-    if convention == "sin_cos_half":
-        sin, cos = (t.repeat_interleave(2, -1) for t in tables)
-    else:
-        cos, sin = tables
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    rot = cos.shape[-1]
-    xr, xp = x[..., :rot], x[..., rot:]
-    if style.endswith("interleaved"):
-        turned = torch.stack([-xr[..., 1::2], xr[..., ::2]], -1).flatten(-2)
-    else:
-        x1, x2 = xr.chunk(2, -1)
-        turned = torch.cat([-x2, x1], -1)
-    return torch.cat([xr * cos + turned * sin, xp], -1)
-
-
-def calibrate_rope(raw: torch.Tensor, rotated: torch.Tensor, tables: Any, style: str) -> str:
-    """Which table convention reproduces the model's own rotation of this call's keys (``raw`` -> ``rotated``,
-    both ``[B, Hkv, T, d]``); a clear error when none does."""
-    tol = dict(rtol=1e-4, atol=1e-5) if raw.dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    for convention in ROPE_TABLES:
-        try:
-            mine = _rotate(raw, tables, style, convention)
-        except RuntimeError as e:
-            if "MKA mode" in str(e):
-                raise
-            continue  # shapes do not fit this convention
-        if mine.shape == rotated.shape and torch.allclose(mine.to(rotated.dtype), rotated, **tol):
-            return convention
-    raise RuntimeError(
-        f"MKA mode cannot reproduce this site's {style} RoPE from its position_embeddings (tried {ROPE_TABLES}); "
-        "use FastMKA for this model"
-    )
 
 
 def is_cache(x: Any) -> bool:

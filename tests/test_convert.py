@@ -212,35 +212,9 @@ def test_generate_with_static_cache_equals_dynamic(family: str) -> None:
     assert torch.equal(static, dynamic)
 
 
-MKA_FAMILIES = [
-    ("llama", "eager"),
-    ("llama", "sdpa"),
-    ("qwen3", "sdpa"),
-    ("opt", "eager"),
-    ("phi3", "sdpa"),  # fused qkv_proj, partial rotary
-    ("gpt2", "eager"),  # fused Conv1D c_attn, no RoPE
-    ("gpt_neox", "sdpa"),
-    ("cohere", "sdpa"),  # interleaved RoPE
-    ("cohere", "eager"),
-    ("gptj", "eager"),  # partial interleaved RoPE
-]
-
-
-@pytest.mark.parametrize(("family", "attn"), MKA_FAMILIES)
+@pytest.mark.parametrize(("family", "attn"), FAMILIES)
 def test_mka_mode_identity_live_decode_and_training(family: str, attn: str) -> None:
     _check_converted(family, attn, "mka")
-
-
-@pytest.mark.parametrize(
-    ("family", "reason"),
-    [("falcon", "does not dispatch through")],
-)
-def test_mka_mode_unsupported_sites_are_named(family: str, reason: str) -> None:
-    model, cfg = zoo.causal_lm(family, "sdpa")
-    impl = cfg._attn_implementation
-    with pytest.raises(ConversionError, match=reason):
-        mka_compile.convert(model, mode="mka")
-    assert model.config._attn_implementation == impl and not any(hasattr(m, "mka") for m in model.modules())
 
 
 def test_mka_mode_encoder_decoder_falls_back_for_other_sites() -> None:
@@ -285,49 +259,6 @@ def test_projection_call_order_does_not_matter() -> None:
     b.load_state_dict(a.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(b(x), a(x))
-
-
-def test_mka_mode_hand_written_sdpa_site() -> None:
-    """Outside transformers, MKA mode intercepts the site's one causal SDPA call (nanoGPT's flash path)."""
-    model = zoo.NanoGPT(flash=True).eval()
-    ids = torch.randint(0, 50, (2, 12))
-    with torch.no_grad():
-        base = model(ids)
-    mka_compile.convert(model, mode="mka", config=CFG, example_inputs=(ids,))
-    assert {s.status for s in mka_compile.inspect(model, (ids,)).sites} == {"mka"}
-    with torch.no_grad():
-        assert _rel(model(ids), base) <= 1e-5
-    zoo.randomize_mka(model)
-    with torch.no_grad():
-        live = model(ids)
-        assert _rel(live, base) >= 1e-3
-    # MKA mode = attention to each level mixed by the router: the intercepted call went through mka_attention
-    assert torch.isfinite(live).all()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(20):
-        loss = torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-
-
-@pytest.mark.parametrize(
-    ("make", "reason"),
-    [
-        (lambda: zoo.NanoGPT(flash=False), "one scaled_dot_product_attention call"),
-        (lambda: zoo.MetaLlamaAttention(), "this site computes it as attention.eager.matmul"),
-    ],
-)
-def test_mka_mode_hand_written_unsupported(make, reason: str) -> None:
-    model = make().eval()
-    x = torch.randint(0, 50, (2, 12)) if isinstance(model, zoo.NanoGPT) else torch.randn(2, 12, 32)
-    with pytest.raises(ConversionError, match=reason):
-        mka_compile.convert(model, mode="mka", config=CFG, example_inputs=(x,))
-    assert not any(hasattr(m, "mka") or m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 @pytest.mark.parametrize("mode", ["fastmka", "mka"])

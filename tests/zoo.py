@@ -406,5 +406,5 @@ def randomize_mka(model: nn.Module) -> None:
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".mka." in name:
+            if ".mka." in f".{name}":  # a converted root module's parameters are mka.*
                 p.fill_(1.0) if name.endswith("gate") else p.normal_(0, 0.5)

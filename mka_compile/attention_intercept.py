@@ -1,0 +1,189 @@
+"""MKA mode for sites that compute attention inline instead of through transformers' ``AttentionInterface``.
+
+Hugging Face models that dispatch attention through ``AttentionInterface`` are handled by
+:mod:`mka_compile.hf_attention`. Other sites (nanoGPT, Meta's Llama, hand-written modules, Falcon) compute attention
+in their own forward, as one ``F.scaled_dot_product_attention`` call or spelled out as
+``softmax(q @ k^T * scale + mask) @ v``. A :class:`torch.overrides.TorchFunctionMode` (PyTorch's extension point for
+intercepting torch functions), active only while the site module runs, answers that attention with the site's MKA
+attention (:meth:`mka_compile.site_memory.SiteMemory.attend`):
+
+- SDPA: the call is answered directly;
+- spelled out: the scores product records ``q`` and ``k``; the softmax's input gives the scale applied between them
+  (learned on the first call) and the mask (checked every call); the product of the probabilities with ``v`` is
+  answered with MKA's output. Once the scale is known, the scores product returns zeros (the site's own scaling,
+  masking and softmax still run on them, and the mask is still checked; their result is discarded).
+
+Keys repeated to the query heads (GQA written as ``expand`` + ``reshape`` or ``repeat_interleave``) are read back
+at the site's key heads; masks must be the causal mask, possibly with padded keys (the tokens the site's attention
+mask marks as padding). Anything else raises a clear error naming what to do.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+MATMUL = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
+DROPOUT = (
+    (F.dropout, torch.dropout, torch.Tensor.dropout) if hasattr(torch.Tensor, "dropout") else (F.dropout, torch.dropout)
+)
+_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class AttentionToMKA(TorchFunctionMode):
+    """While active, the site's attention (an SDPA call, or matmul - softmax - matmul) is answered by ``mem.attend``."""
+
+    def __init__(self, mem) -> None:
+        super().__init__()
+        self.mem = mem
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        call = self.mem._call
+        if call is None or call.extra.get("attended"):
+            return func(*args, **kwargs)
+        if func in SDPA:
+            return self._sdpa(dict(zip(_SDPA_NAMES, args)) | kwargs)
+        if func in MATMUL and len(args) == 2 and all(isinstance(a, torch.Tensor) and a.dim() == 4 for a in args):
+            return self._matmul(func, *args)
+        if func in SOFTMAX and "qk" in call.extra and "softmax" not in call.extra:
+            self._softmax_input(args[0])
+        if func in DROPOUT and "qk" in call.extra and self.mem.training and _dropout_active(args, kwargs):
+            raise RuntimeError("MKA mode: attention dropout is not supported (set its p to 0 or use FastMKA)")
+        return func(*args, **kwargs)
+
+    # -- SDPA --------------------------------------------------------------------------------------------
+    def _sdpa(self, a: dict):
+        q, k, v = a["query"], a["key"], a["value"]
+        mask = a.get("attn_mask")
+        T, S = q.shape[-2], k.shape[-2]
+        if mask is not None:
+            check_mask(self.mem, mask, T, S)
+        elif not a.get("is_causal", False) and T > 1:
+            raise RuntimeError("MKA mode: this site's scaled_dot_product_attention call is not causal (use FastMKA)")
+        if self.mem.training and a.get("dropout_p", 0.0):
+            raise RuntimeError("MKA mode: attention dropout is not supported (set dropout_p=0 or use FastMKA)")
+        scale = a.get("scale")
+        return self._answer(q, k, v, q.shape[-1] ** -0.5 if scale is None else float(scale))
+
+    # -- matmul - softmax - matmul ---------------------------------------------------------------------
+    def _matmul(self, func, a: torch.Tensor, b: torch.Tensor):
+        extra = self.mem._call.extra
+        d = self.mem.head_dim
+        if "qk" not in extra and a.shape[-1] == d and b.shape[-2] == d and a.shape[1] == self.mem.num_heads:
+            extra["qk"] = (a, b.transpose(-2, -1))
+            if self.mem.score_scale is not None:  # the site's code still runs on the scores (scale, mask, softmax)
+                shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])  # MKA answers
+                return torch.zeros(shape, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+            out = func(a, b)
+            if not torch.compiler.is_compiling():  # the first call learns the scale from the softmax input
+                extra["diag"] = _diagonal(out).detach().clone()
+            return out
+        if "qk" in extra and b.shape[-1] == d and a.shape[-1] == b.shape[-2] == extra["qk"][1].shape[-2]:
+            if self.mem.score_scale is None:
+                raise RuntimeError(
+                    "MKA mode: this site's attention has no softmax between its two products; cannot read its scale "
+                    "(use FastMKA)"
+                )
+            q, k = extra["qk"]
+            out = self._answer(q, k, b, self.mem.score_scale)
+            return out.to(torch.promote_types(a.dtype, b.dtype))
+        return func(a, b)
+
+    def _softmax_input(self, x: torch.Tensor) -> None:
+        """The scores as the softmax sees them: learn the scale (first call) and check the mask (every call)."""
+        extra = self.mem._call.extra
+        extra["softmax"] = True
+        T, S = x.shape[-2], x.shape[-1]
+        if torch.compiler.is_compiling():  # the mask is checked and the scale learned in eager runs
+            return
+        _check_keep(self.mem, x > torch.finfo(x.dtype).min / 2, T, S)
+        if self.mem.score_scale is None:
+            raw, seen = extra.pop("diag").double(), _diagonal(x.detach()).double()
+            rows = self.mem._call.valid[:, None, :].expand_as(raw) & torch.isfinite(seen)
+            raw, seen = raw[rows], seen[rows]
+            den = float((raw * raw).sum())
+            scale = float((raw * seen).sum()) / den if den > 0 else float("nan")
+            if not (scale > 0 and torch.allclose(raw * scale, seen, rtol=1e-3, atol=1e-5 * float(seen.abs().max()))):
+                raise RuntimeError(
+                    "MKA mode: cannot read this site's attention scale (the softmax input is not the scores times "
+                    "one constant plus a mask: a position bias?); use FastMKA"
+                )
+            self.mem.score_scale = scale
+
+    # -- shared ------------------------------------------------------------------------------------------
+    def _answer(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        if q.shape[1] != self.mem.num_heads:
+            raise RuntimeError(
+                f"MKA mode: the site attends with {q.shape[1]} query heads, but its query projection has "
+                f"{self.mem.num_heads}; use FastMKA"
+            )
+        k, v = self._kv_heads(k, "key"), self._kv_heads(v, "value")
+        return self.mem.attend(q, k, v, scale).transpose(1, 2)  # (B, H, T, d)
+
+    def _kv_heads(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        """``[B, h, S, d]`` at the site's key/value heads: keys repeated to the query heads are read back (each kv
+        head repeated in a row, as ``repeat_kv`` / ``repeat_interleave`` / ``expand`` + ``reshape`` write them:
+        "grouped", or the whole set tiled). The layout is checked in eager runs and kept for traced ones."""
+        B, h, S, d = x.shape
+        kv = self.mem.num_kv_heads
+        if h == kv:
+            return x
+        layouts = {"grouped": ((B, kv, h // kv, S, d), 2), "tiled": ((B, h // kv, kv, S, d), 1)}
+        if h % kv == 0 and torch.compiler.is_compiling() and self.mem.kv_layout in layouts:
+            shape, axis = layouts[self.mem.kv_layout]
+            return x.reshape(shape).select(axis, 0)
+        for name, (shape, axis) in layouts.items() if h % kv == 0 else ():
+            first = x.reshape(shape).select(axis, 0)
+            if bool((x.reshape(shape) == first.unsqueeze(axis)).all()):
+                self.mem.kv_layout = name
+                return first
+        raise RuntimeError(
+            f"MKA mode: the site attends with {h} {what} heads, which are not its {kv} key/value heads repeated "
+            "(or their layout was never seen in an eager run); use FastMKA"
+        )
+
+
+def check_mask(mem, mask: torch.Tensor, T: int, S: int) -> None:
+    """An attention mask handed to an MKA site (``[B or 1, 1 or H, T, S]``, bool keep or additive) must be the
+    causal mask, possibly with the padded keys masked too, and add nothing else (no ALiBi or other bias).
+    Checked in eager runs only (it reads the data); traced runs rely on the eager runs that came before."""
+    if torch.compiler.is_compiling():
+        return
+    keep = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    if mask.dtype != torch.bool and bool((mask.masked_fill(~keep, 0) != 0).any()):
+        raise RuntimeError(
+            "MKA mode: this site adds a bias to its attention scores (ALiBi or another position bias), which MKA's "
+            "memory levels do not have (use FastMKA)"
+        )
+    _check_keep(mem, keep, T, S)
+
+
+def _check_keep(mem, keep: torch.Tensor, T: int, S: int) -> None:
+    call = mem._call
+    causal = torch.ones(T, S, dtype=torch.bool, device=keep.device).tril(S - T)
+    pad_rows = ~call.valid.to(keep.device)[:, None, :, None]  # padded queries: any mask
+    ok = (keep == causal) | pad_rows
+    kv = call.valid if call.state.kv_valid is None else torch.cat([call.state.kv_valid, call.valid], 1)
+    if kv.shape[1] == S:  # or the causal mask with the padded keys masked too
+        ok = ok | (keep == (causal & kv[:, None, None, :].to(keep.device)))
+    if not bool(ok.all()):
+        raise RuntimeError(
+            "MKA mode: this site's attention mask is not the causal mask (with padding): a sliding window or "
+            "another pattern? MKA mode supports causal self-attention only (use FastMKA)"
+        )
+
+
+def _dropout_active(args: tuple, kwargs: dict) -> bool:
+    p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+    training = args[2] if len(args) > 2 else kwargs.get("training", kwargs.get("train", True))
+    return bool(training) and float(p) > 0
+
+
+def _diagonal(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T, S]`` -> ``[B, H, T]``: each query's score for its own key (the last ``T`` keys)."""
+    T, S = x.shape[-2], x.shape[-1]
+    return x[..., S - T :].diagonal(dim1=-2, dim2=-1)
