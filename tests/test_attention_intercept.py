@@ -35,24 +35,25 @@ def _train_lowers_loss(model: torch.nn.Module, loss_fn) -> None:
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("mode", ["fastmka", "mka"])
 @pytest.mark.parametrize("flash", [True, False])
-def test_nanogpt_identity_live_and_training(flash: bool) -> None:
+def test_nanogpt_identity_live_and_training(flash: bool, mode: str) -> None:
     model = zoo.NanoGPT(flash=flash).eval()
     ids = torch.randint(0, 50, (2, 12))
     with torch.no_grad():
         base = model(ids)
-    mka_compile.convert(model, mode="mka", config=CFG, example_inputs=(ids,))
-    assert {s.status for s in mka_compile.inspect(model, (ids,)).sites} == {"mka"}
+    mka_compile.convert(model, mode=mode, config=CFG, example_inputs=(ids,))
+    assert {s.status for s in mka_compile.inspect(model, (ids,)).sites} == {mode}
     with torch.no_grad():
         assert _rel(model(ids), base) <= 1e-5
     zoo.randomize_mka(model)
     with torch.no_grad():
         live = model(ids)
     assert _rel(live, base) >= 1e-3
-    # the answer is MKA attention: the manual and SDPA spellings of the same weights agree
+    # the manual and SDPA spellings of the same weights convert to the same model
     twin = zoo.NanoGPT(flash=not flash).eval()
     twin.load_state_dict({k: v for k, v in model.state_dict().items() if ".mka." not in k}, strict=False)
-    mka_compile.convert(twin, mode="mka", config=CFG, example_inputs=(ids,))
+    mka_compile.convert(twin, mode=mode, config=CFG, example_inputs=(ids,))
     twin.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert _rel(twin(ids), live) <= 1e-5
