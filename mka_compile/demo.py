@@ -28,6 +28,7 @@ from rich.table import Table
 import mka_compile
 from mka_compile import training
 from mka_compile.bench import randomize_mka
+from mka_compile.hf_compat import cache_kwargs, returned_cache
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,10 +41,10 @@ def decode_vs_full(model, ids: torch.Tensor, prefill: int) -> float:
     model.eval()
     full = model(ids, use_cache=False).logits
     out = model(ids[:, :prefill], use_cache=True)
-    past, worst = out.past_key_values, _rel(out.logits, full[:, :prefill])
+    past, worst = returned_cache(out), _rel(out.logits, full[:, :prefill])
     for t in range(prefill, ids.shape[1]):
-        out = model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(ids[:, t : t + 1], use_cache=True, **cache_kwargs(model, past))
+        past = returned_cache(out)
         worst = max(worst, _rel(out.logits[:, -1], full[:, t]))
     return worst
 

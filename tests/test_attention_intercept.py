@@ -13,6 +13,7 @@ import zoo
 
 import mka_compile
 from mka_compile import ConversionError, MKAConfig
+from mka_compile.hf_compat import cache_kwargs, returned_cache
 
 CFG = MKAConfig(gate_init=0.0, chunk_size=4, top_r=2)
 
@@ -124,9 +125,9 @@ def test_falcon_left_padding_and_mask_check(attn: str) -> None:
         alone = model(ids[1:, 4:]).logits
         assert _rel(full[1, 4:], alone[0]) <= 1e-4  # padding does not reach the memory
         out = model(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
+        steps, cache = [out.logits], returned_cache(out)
         for t in range(6, 11):
-            o = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+            o = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], use_cache=True, **cache_kwargs(model, cache))
             steps.append(o.logits)
         assert _rel(torch.cat(steps, 1)[1, 4:], full[1, 4:]) <= 1e-4
 

@@ -21,6 +21,7 @@ import zoo
 import mka_compile
 from mka_compile import MKAConfig
 from mka_compile import backend as B
+from mka_compile.hf_compat import cache_kwargs, returned_cache
 
 CFG = MKAConfig(gate_init=0.0, chunk_size=4, top_r=2)
 AOT = {"compiler": "aot_eager"}
@@ -260,7 +261,7 @@ def test_weights_refuse_cached_decode_and_wrong_config() -> None:
         out = compiled(ids, use_cache=True)  # prefill: the cache starts empty
         assert _rel(out.logits, conv(ids, use_cache=False).logits) <= 1e-4
         with pytest.raises(Exception, match=r"reads a KV cache with earlier tokens.*convert the model first"):
-            compiled(ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+            compiled(ids[:, :1], use_cache=True, **cache_kwargs(model, returned_cache(out)))
     torch._dynamo.reset()
     bad = {**opts, "config": MKAConfig(levels=("local", "session"), chunk_size=4)}
     with pytest.raises(Exception, match=r"weights for site 'model.layers.0.self_attn' do not fit"):

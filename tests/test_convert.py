@@ -18,6 +18,7 @@ import zoo
 
 import mka_compile
 from mka_compile import ConversionError, MKAConfig
+from mka_compile.hf_compat import cache_kwargs, returned_cache
 
 CFG = MKAConfig(gate_init=0.0, chunk_size=4, top_r=2)
 FAMILIES = [(f, a) for f in zoo.CAUSAL_LMS for a in ("eager", "sdpa")]
@@ -41,9 +42,9 @@ def _check_converted(family: str, attn: str, mode: str) -> None:
     with torch.no_grad():
         full = model(ids).logits
         out = model(ids[:, :5], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
+        steps, cache = [out.logits], returned_cache(out)
         for t in range(5, 13):
-            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(model(ids[:, t : t + 1], use_cache=True, **cache_kwargs(model, cache)).logits)
     assert _rel(full, base) >= 1e-3  # the rewrite is live
     assert _rel(torch.cat(steps, 1), full) <= 1e-4  # the MKA state rides in the cache
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)

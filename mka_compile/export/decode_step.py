@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mka_compile.hf_compat import cache_kwargs, returned_cache
 from mka_compile.layers.cache import MKALayerState
 from mka_compile.site_memory import SiteMemory
 
@@ -96,8 +97,8 @@ class DecodeStep(nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=generate_positions(attention_mask, input_ids.shape[1]),
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(self.model, cache),
         )
         present = [t for layer in cache.layers[:L] for t in (layer.keys, layer.values)]
         new_state = []
@@ -112,7 +113,7 @@ def example_step(model: nn.Module, input_ids: torch.Tensor) -> tuple[int, tuple[
     PyTorch prefill of all but the last two tokens gives the past and the state; the last two are the step."""
     P = input_ids.shape[1] - 2
     out = model(input_ids=input_ids[:, :P], use_cache=True)
-    cache = out.past_key_values
+    cache = returned_cache(out)
     layers = cache.layers
     past = [t.clone() for layer in layers for t in (layer.keys, layer.values)]  # fresh tensors, not views
     state = []

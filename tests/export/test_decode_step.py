@@ -11,6 +11,7 @@ import zoo
 from converted import MAX_LEN, converted, rel
 
 from mka_compile.export import DOMAIN, OnnxDecoder, export_onnx
+from mka_compile.hf_compat import cache_kwargs, returned_cache
 
 CASES = [("llama", "fastmka"), ("llama", "mka"), ("gpt2", "fastmka"), ("gpt2", "mka")]
 
@@ -43,9 +44,9 @@ def test_prefill_then_tokens_equal_pytorch_decode(family: str, mode: str, step_f
     with torch.no_grad():
         full = model(ids).logits
         out = model(ids[:, :P], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
+        steps, cache = [out.logits], returned_cache(out)
         for t in range(P, ids.shape[1]):
-            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(model(ids[:, t : t + 1], use_cache=True, **cache_kwargs(model, cache)).logits)
     torch_decode = torch.cat(steps, 1)
     dec = OnnxDecoder(path)
     got = [dec(ids[:, :P])] + [dec(ids[:, t : t + 1]) for t in range(P, ids.shape[1])]

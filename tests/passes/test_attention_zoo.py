@@ -8,6 +8,7 @@ import transformers as tf
 import zoo
 
 import mka_compile
+from mka_compile.hf_compat import cache_kwargs, returned_cache
 
 
 def _check_decoder_sites(report, model, cfg, has_cache: bool) -> None:
@@ -38,8 +39,8 @@ def test_causal_lm_with_dynamic_cache(family: str, attn: str) -> None:
     model, cfg = zoo.causal_lm(family, attn)
     ids = torch.randint(0, 90, (2, 8))
     with torch.no_grad():
-        past = model(ids[:, :5], use_cache=True).past_key_values
-    report = mka_compile.inspect(model, {"input_ids": ids[:, 5:], "past_key_values": past, "use_cache": True})
+        past = returned_cache(model(ids[:, :5], use_cache=True))
+    report = mka_compile.inspect(model, {"input_ids": ids[:, 5:], **cache_kwargs(model, past), "use_cache": True})
     _check_decoder_sites(report, model, cfg, has_cache=True)
     assert {s.cache for s in report.sites} == {"concat"}
 
@@ -50,10 +51,10 @@ def test_static_cache(family: str) -> None:
     ids = torch.randint(0, 90, (2, 8))
     cache = tf.StaticCache(config=cfg, max_cache_len=16)
     with torch.no_grad():
-        model(ids[:, :5], past_key_values=cache, use_cache=True)
+        model(ids[:, :5], use_cache=True, **cache_kwargs(model, cache))
     inputs = {
         "input_ids": ids[:, 5:],
-        "past_key_values": cache,
+        **cache_kwargs(model, cache),
         "use_cache": True,
         "cache_position": torch.arange(5, 8),
     }
