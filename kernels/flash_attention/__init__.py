@@ -71,11 +71,11 @@ from .reference import (  # noqa: F401  (re-exported: the package's public refer
 
 try:  # triton is optional (Linux-only); without it the ops run the reference on every device
     from .. import _triton
-    from . import decode_kernels, triton_kernels
+    from . import decode_kernels, triton_backward, triton_kernels
 except ModuleNotFoundError as _err:  # pragma: no cover - exercised only where triton is missing
     if _err.name != "triton":
         raise
-    _triton = triton_kernels = decode_kernels = None
+    _triton = triton_kernels = triton_backward = decode_kernels = None
 
 MAX_HEAD_DIM = 256
 MAX_GRID_Y = 65535  # B * H (B * Hkv) programs run along grid axis 1
@@ -242,7 +242,7 @@ def flash_attention_bwd(
     precision = dot_precision(q)
     flags = dict(HEAD_DIM=d, BLOCK_D=bd, CAUSAL=bool(causal), MASK_KIND=kind, DOT_PRECISION=precision)
     key = (q.device, q.dtype, d, bool(causal), kind, precision)
-    tk = triton_kernels
+    tk = triton_backward
     with device_scope(q):
         pre_m = max(16, min(128, 4096 // bd))
         launchable(tk._flash_attention_bwd_preprocess, q.device)[(cdiv(Tq, pre_m), B * H)](
