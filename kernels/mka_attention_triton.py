@@ -57,12 +57,8 @@ import triton
 
 from ._triton import as_bytes, for_device, pow2
 from .mka_attention import check_mka_attention, reference_mka_attention, reference_mka_attention_backward
-from .mka_attention_triton_kernels import (
-    _LOG2E_F,
-    _mka_attention_bwd_dkdv_kernel,
-    _mka_attention_bwd_dq_kernel,
-    _mka_attention_fwd_kernel,
-)
+from .mka_attention_triton_backward import _mka_attention_bwd_dkdv_kernel, _mka_attention_bwd_dq_kernel
+from .mka_attention_triton_kernels import _LOG2E_F, _mka_attention_fwd_kernel
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
