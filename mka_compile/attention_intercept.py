@@ -62,7 +62,7 @@ class AttentionToMKA(TorchFunctionMode):
         T, S = q.shape[-2], k.shape[-2]
         if mask is not None:
             check_mask(self.mem, mask, T, S)
-        elif not a.get("is_causal", False) and T > 1:
+        elif self.mem.causal and not a.get("is_causal", False) and T > 1:
             raise RuntimeError("MKA mode: this site's scaled_dot_product_attention call is not causal (use FastMKA)")
         if self.mem.training and a.get("dropout_p", 0.0):
             raise RuntimeError("MKA mode: attention dropout is not supported (set dropout_p=0 or use FastMKA)")
@@ -164,12 +164,13 @@ def check_mask(mem, mask: torch.Tensor, T: int, S: int) -> None:
 
 def _check_keep(mem, keep: torch.Tensor, T: int, S: int) -> None:
     call = mem._call
-    causal = torch.ones(T, S, dtype=torch.bool, device=keep.device).tril(S - T)
+    allowed = torch.ones(T, S, dtype=torch.bool, device=keep.device)
+    allowed = allowed.tril(S - T) if mem.causal else allowed  # a bidirectional site: padding only
     pad_rows = ~call.valid.to(keep.device)[:, None, :, None]  # padded queries: any mask
-    ok = (keep == causal) | pad_rows
+    ok = (keep == allowed) | pad_rows
     kv = call.valid if call.state.kv_valid is None else torch.cat([call.state.kv_valid, call.valid], 1)
     if kv.shape[1] == S:  # or the causal mask with the padded keys masked too
-        ok = ok | (keep == (causal & kv[:, None, None, :].to(keep.device)))
+        ok = ok | (keep == (allowed & kv[:, None, None, :].to(keep.device)))
     if not bool(ok.all()):
         raise RuntimeError(
             "MKA mode: this site's attention mask is not the causal mask (with padding): a sliding window or "

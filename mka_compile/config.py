@@ -24,7 +24,9 @@ class MKAConfig:
             start (layers built from scratch); 0.0 starts exactly at the original attention
             (conversion) while every new parameter still trains.
         recall_scale: scale of L3 recall scores; ``None`` = ``head_dim ** -0.5``.
-        causal: causal attention (bidirectional MKA is not defined by this release).
+        causal: ``False`` allows bidirectional attention with the non-causal memory of
+            :mod:`mka_compile.layers.noncausal` (no KV cache). For ``convert`` it lets bidirectional
+            self-attention sites (encoders) be converted too; causal sites stay causal.
     """
 
     levels: tuple[str, ...] = LEVELS
@@ -68,8 +70,8 @@ class MKAConfig:
             or not self.recall_scale > 0
         ):
             raise ValueError(f"recall_scale must be a positive float or None, got {self.recall_scale!r}")
-        if self.causal is not True:
-            raise ValueError("causal must be True: bidirectional MKA is not supported by this release")
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"causal must be a bool, got {self.causal!r}")
 
     @property
     def uses_session(self) -> bool:

@@ -176,12 +176,15 @@ def convert(
     """Convert every convertible self-attention site of ``model`` to FastMKA or MKA, in place; returns ``model``.
 
     ``mode="fastmka"``: the site attends to the routed mix of its memory levels (any model). ``mode="mka"``:
-    the site attends to each level and mixes the outputs (Hugging Face models whose attention dispatches
-    through transformers' ``AttentionInterface``, with no, rotate-half or interleaved RoPE and dynamic caches;
-    other models whose site computes attention as one causal ``scaled_dot_product_attention`` call, no RoPE).
+    the site attends to each level and mixes the outputs: through transformers' ``AttentionInterface``, or, where
+    a site computes attention itself (Falcon, nanoGPT, Meta's Llama), by answering its SDPA call or its
+    matmul - softmax - matmul (:mod:`mka_compile.attention_intercept`); no, rotate-half, interleaved or complex
+    RoPE; dynamic caches, or a site's own cache written at a position argument.
 
     ``config`` defaults to ``MKAConfig(gate_init=0.0)``: the converted model equals the original until it
-    is trained. ``example_inputs`` as for :func:`mka_compile.inspect` (optional for Hugging Face models).
+    is trained. Bidirectional self-attention sites (encoders) are converted only with ``causal=False`` in the
+    config, with the non-causal memory of :mod:`mka_compile.layers.noncausal`. ``example_inputs`` as for
+    :func:`mka_compile.inspect` (optional for Hugging Face models).
     Raises :class:`ConversionError` (model unchanged) when a convertible site cannot be converted.
     """
     if mode not in ("fastmka", "mka"):
@@ -195,8 +198,8 @@ def convert(
         if site.status != "original":
             problems.append((site.name, f"already converted ({site.status})"))
             continue
-        if not site.convertible:
-            continue
+        if not site.convertible and not (site.kind == "self" and not site.causal and not config.causal):
+            continue  # cross-attention, and bidirectional sites unless MKAConfig(causal=False)
         plan = _plan(model, site, fact)
         if mode == "mka" and not isinstance(plan, str):
             plan = hf_attention.mka_mode_problem(model, plan) or plan

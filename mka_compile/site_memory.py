@@ -15,6 +15,7 @@ from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
 from mka_compile.layers.attention import Router, routing_weights
 from mka_compile.layers.cache import MKALayerState
+from mka_compile.layers.noncausal import session_both_ways, whole_sequence_positions
 from mka_compile.report import Site
 from mka_compile.rope_tables import calibrate as calibrate_rope
 from mka_compile.rope_tables import derive as derive_rope
@@ -43,6 +44,7 @@ class SiteMemory(nn.Module):
         self.config = config
         self.mode = mode
         self.rope = site.rope
+        self.causal = site.causal  # False: a bidirectional site, converted with MKAConfig(causal=False)
         self.rope_tables: str | None = None if site.qk_norm is None else "cos_sin"  # MKA mode; see calibrate_rope
         self.num_heads, self.num_kv_heads, self.head_dim = site.num_heads, site.num_kv_heads, site.head_dim
         self.groups = self.num_kv_heads if config.router_per_head else 1
@@ -181,7 +183,12 @@ class SiteMemory(nn.Module):
         B, _, T, d = k1.shape
         Hkv, H = self.num_kv_heads, self.num_heads
         ks, vs = [k1], [v1]
-        if cfg.uses_session:
+        if cfg.uses_session and not self.causal:  # a bidirectional site: the EMA from both ends (layers.noncausal)
+            sk, sv = session_both_ways(k1, v1, cfg.ema_beta, call.valid)
+            ks.append(sk)
+            vs.append(sv)
+            call.extra["ema_k"], call.extra["ema_v"] = sk, sv
+        elif cfg.uses_session:
             sk, sv, st.ema_k, st.ema_v = K.session_scan(k1, v1, cfg.ema_beta, call.valid, st.ema_k, st.ema_v, st.n_seen)
             ks.append(sk)
             vs.append(sv)
@@ -194,7 +201,7 @@ class SiteMemory(nn.Module):
             )
             q = call.q.view(B, T, H, d).transpose(1, 2)  # (B, H, T, d)
             q_r = q.reshape(B, Hkv, H // Hkv, T, d).mean(2)  # (B, Hkv, T, d)
-            pos = K.real_positions(call.valid, st.n_seen)
+            pos = K.real_positions(call.valid, st.n_seen) if self.causal else whole_sequence_positions(call.valid)
             idx, found = torch.ops.mka.recall_select(q_r, st.summ_k, pos, cfg.chunk_size, cfg.top_r, None, None)
             sel = K.recall_mask(idx, found, st.summ_k.shape[2])  # (B, Hkv, T, S)
             probs = K.recall_probs(q_r[:, :, None], st.summ_k, sel, self.recall_scale)[:, :, 0]  # (B, Hkv, T, S)
@@ -241,7 +248,9 @@ class SiteMemory(nn.Module):
             idx, found = call.extra["recall"]
             q3 = call.q.view(B, T, H, d).transpose(1, 2)  # (B, H, T, d) un-rotated
             kw = dict(q3=q3.to(query.dtype), mem_k=st.summ_k, mem_v=st.summ_v, idx3=idx, found3=found)
-        out = K.mka_attention(query, ks, vs, call.lam, kv_valid=st.kv_valid, scale=float(scaling), causal=True, **kw)
+        out = K.mka_attention(
+            query, ks, vs, call.lam, kv_valid=st.kv_valid, scale=float(scaling), causal=self.causal, **kw
+        )
         call.extra["attended"] = True
         return out.transpose(1, 2).contiguous()  # (B, T, H, d)
 

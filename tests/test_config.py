@@ -45,7 +45,7 @@ def test_level_subsets(levels) -> None:
         ("router_per_head", "yes"),
         ("gate_init", "zero"),
         ("recall_scale", -1.0),
-        ("causal", False),
+        ("causal", "yes"),
     ],
 )
 def test_invalid_values_name_the_field(field: str, value) -> None:

@@ -20,6 +20,7 @@ from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
 from mka_compile.kernels import _validate as check
 from mka_compile.layers.cache import MKACache, MKALayerState
+from mka_compile.layers.noncausal import session_both_ways, whole_sequence_positions
 from mka_compile.layers.rope import RotaryEmbedding
 
 MemoryBank = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -147,6 +148,8 @@ class _MKABase(nn.Module):
     def _state(self, cache: MKACache | None, B: int, x: torch.Tensor) -> MKALayerState:
         sdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         kw = dict(batch=B, kv_heads=self.num_kv_heads, head_dim=self.head_dim, device=x.device, state_dtype=sdt)
+        if cache is not None and not self.config.causal:
+            raise ValueError("a bidirectional layer (MKAConfig(causal=False)) sees its whole sequence: no cache")
         if cache is None:
             return MKALayerState.empty(kw["batch"], kw["kv_heads"], kw["head_dim"], kw["device"], sdt)
         if not isinstance(cache, MKACache):
@@ -179,7 +182,10 @@ class _MKABase(nn.Module):
         pos = K.real_positions(valid, st.n_seen)  # (B, T)
         ks, vs = [k1], [v1]
         if cfg.uses_session:
-            sk, sv, st.ema_k, st.ema_v = K.session_scan(k1, v1, cfg.ema_beta, valid, st.ema_k, st.ema_v, st.n_seen)
+            if cfg.causal:
+                sk, sv, st.ema_k, st.ema_v = K.session_scan(k1, v1, cfg.ema_beta, valid, st.ema_k, st.ema_v, st.n_seen)
+            else:  # bidirectional: layers.noncausal
+                sk, sv = session_both_ways(k1, v1, cfg.ema_beta, valid)
             ks.append(sk)
             vs.append(sv)
         recall = None
@@ -191,7 +197,8 @@ class _MKABase(nn.Module):
                 k1, v1, valid, st.n_seen, st.part_k, st.part_v, st.summ_k, st.summ_v, cfg.chunk_size
             )
             q_r = q.view(B, Hkv, H // Hkv, T, d).mean(2)  # (B, Hkv, T, d) recall query per kv group
-            idx, found = torch.ops.mka.recall_select(q_r, st.summ_k, pos, cfg.chunk_size, cfg.top_r, bk, bvalid)
+            at = pos if cfg.causal else whole_sequence_positions(valid)  # bidirectional: every complete chunk
+            idx, found = torch.ops.mka.recall_select(q_r, st.summ_k, at, cfg.chunk_size, cfg.top_r, bk, bvalid)
             mem_k = st.summ_k if bk is None else torch.cat([st.summ_k, bk.to(st.summ_k.dtype)], 2)  # (B, Hkv, S, d)
             mem_v = st.summ_v if bv is None else torch.cat([st.summ_v, bv.to(st.summ_v.dtype)], 2)
             recall = (q_r, mem_k, mem_v, idx, found)

@@ -171,3 +171,28 @@ def test_bad_arguments(tmp_path) -> None:
         export_onnx(model, torch.ones(1, 4, dtype=torch.long), tmp_path / "x.onnx", max_len=3)
     with pytest.raises(ExportError, match="decode_step=True needs a Hugging Face causal LM"):
         export_onnx(_Net(), (torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)), "x.onnx", decode_step=True)
+
+
+def test_bidirectional_encoder_exports(tmp_path) -> None:
+    """A BERT converted with MKAConfig(causal=False) (non-causal memory, MKA attention) runs the same in ORT,
+    on a right-padded batch."""
+    import transformers as tf
+
+    import mka_compile
+    from mka_compile import MKAConfig
+
+    cfg = tf.BertConfig(
+        vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+    )
+    torch.manual_seed(0)
+    model = tf.BertModel._from_config(cfg, attn_implementation="sdpa", add_pooling_layer=False).eval()
+    mka_compile.convert(model, mode="mka", config=MKAConfig(gate_init=0.0, chunk_size=4, top_r=2, causal=False))
+    zoo.randomize_mka(model)
+    ids = torch.randint(1, 90, (2, 13))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).last_hidden_state
+    export_onnx(model, {"input_ids": ids, "attention_mask": mask}, tmp_path / "bert.onnx")
+    out = ort_session(tmp_path / "bert.onnx").run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    assert rel(torch.from_numpy(out), ref) <= 1e-5
