@@ -293,7 +293,7 @@ def attend(q, k, v, kv_valid, scale: float, causal: bool) -> torch.Tensor:
     """
     Tq, Tk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    if causal and Tq == Tk and bool(kv_valid.all()):
+    if causal and Tq == Tk and not torch.compiler.is_compiling() and bool(kv_valid.all()):  # eager fast path
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     vis = K.visibility(kv_valid, Tq, causal)  # (B, 1, Tq, Tk)
     empty = ~vis.any(-1, keepdim=True)

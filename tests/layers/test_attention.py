@@ -206,3 +206,14 @@ def test_reflecting_gate_keeps_the_mix_convex_and_trains(cls) -> None:
     torch.testing.assert_close(g, torch.tensor([0.5, 0.0, 0.3, 1.0]))
     g.sum().backward()
     torch.testing.assert_close(gates.grad, torch.tensor([-1.0, 1.0, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("cls", [FastMKAAttention, MKAAttention])
+def test_bare_layers_torch_export(cls) -> None:
+    """A layer built from scratch exports with torch.export (no data-dependent branch when traced)."""
+    torch.manual_seed(0)
+    layer = cls(hidden_size=32, num_heads=4, num_kv_heads=2, config=MKAConfig(chunk_size=4, top_r=2)).eval()
+    x = torch.randn(2, 11, 32)
+    program = torch.export.export(layer, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), layer(x))
