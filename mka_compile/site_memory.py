@@ -279,7 +279,8 @@ def _rotate(x: torch.Tensor, tables: Any, style: str | None, convention: str = "
     else:
         x1, x2 = xr.chunk(2, -1)
         turned = torch.cat([-x2, x1], -1)
-    return torch.cat([xr * cos + turned * sin, xp], -1)
+    out = xr * cos + turned * sin
+    return out if xp.shape[-1] == 0 else torch.cat([out, xp], -1)
 
 
 def calibrate_rope(raw: torch.Tensor, rotated: torch.Tensor, tables: Any, style: str) -> str:
