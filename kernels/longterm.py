@@ -66,6 +66,8 @@ def reference_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, 
     B, H, T, d = k.shape
     N = summ_k.shape[2]
     cdt = part_k.dtype
+    if T // chunk_size <= N and bool(valid.all()) and not bool(n_seen.any()):  # first call, no padding
+        return _first_chunk_update(k, v, part_k, part_v, summ_k, summ_v, chunk_size)
     rows, first, done = _slots(valid, n_seen, chunk_size, N)
     slots = torch.arange(N + 2, device=k.device)
     at_first = (slots[None, :] == first[:, None])[:, None, :, None]  # (B, 1, N+2, 1): holds the partial sum
@@ -77,6 +79,26 @@ def reference_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, 
         new_summ = torch.where(fresh, sums[:, :, :N] / chunk_size, summ)
         new_part = sums.gather(2, done[:, None, None, None].expand(B, H, 1, d)).squeeze(2)  # (B, H, d)
         out.append((new_part, new_summ))
+    (pk, sk), (pv, sv) = out
+    return pk, pv, sk, sv
+
+
+def _first_chunk_update(k, v, part_k, part_v, summ_k, summ_v, chunk_size: int):
+    """:func:`reference_chunk_update` when every token is real and nothing was seen before: chunk c is rows
+    ``[c C, (c + 1) C)``, the carried partial sum joins chunk 0 and the rows after the last complete chunk form
+    the new partial sum."""
+    T, C = k.shape[2], chunk_size
+    nc = T // C  # complete chunks (the caller checked that the buffer holds them)
+    out = []
+    for x, part, summ in ((k, part_k, summ_k), (v, part_v, summ_v)):
+        x = x.to(part.dtype)
+        sums = x[:, :, : nc * C].unflatten(2, (nc, C)).sum(3)  # (B, H, nc, d)
+        tail = x[:, :, nc * C :].sum(2)  # (B, H, d)
+        if nc:
+            sums[:, :, 0] += part
+        else:
+            tail = tail + part
+        out.append((tail, torch.cat([sums / C, summ[:, :, nc:]], 2)))
     (pk, sk), (pv, sv) = out
     return pk, pv, sk, sv
 
