@@ -268,6 +268,10 @@ def reference_recall_select(q_r, summ_k, pos, chunk_size: int, top_r: int, bank_
         avail = torch.cat([avail, bv[:, None, None, :].expand(B, H, T, M)], -1)
     width = scores.shape[-1]
     take = min(top_r, width)
+    if take == top_r:  # every output column comes from topk (descending scores; unavailable entries last)
+        vals, top = scores.masked_fill(~avail, -torch.inf).topk(take, dim=-1)
+        found = torch.isfinite(vals)
+        return top.masked_fill(~found, 0), found
     idx = torch.zeros(B, H, T, top_r, dtype=torch.int64, device=q_r.device)
     found = torch.zeros(B, H, T, top_r, dtype=torch.bool, device=q_r.device)
     if take > 0:
