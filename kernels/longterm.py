@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import _validate as check
-from ._grads import contiguous_outputs, new_like, split_halves, zeros_for_none
+from ._grads import contiguous_outputs, new_like, zeros_for_none
 
 
 def real_positions(valid: torch.Tensor, n_seen: torch.Tensor) -> torch.Tensor:
@@ -33,29 +33,74 @@ def real_positions(valid: torch.Tensor, n_seen: torch.Tensor) -> torch.Tensor:
     return (n_seen[:, None] + valid.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def _slots(valid, n_seen, chunk_size: int, N: int):
+    """Each token's row in a flat ``[B * (N + 2), ...]`` slot table (slot c = chunk c; padding goes to the
+    dump slot N + 1), the chunk holding the carried partial sum (``first``) and the chunks completed after
+    this call (``done``), both ``[B]``."""
+    B = valid.shape[0]
+    pos = real_positions(valid, n_seen)
+    slot = torch.where(valid, pos // chunk_size, N + 1)  # (B, T)
+    rows = (slot + torch.arange(B, device=valid.device)[:, None] * (N + 2)).reshape(-1)  # (B*T,)
+    return rows, n_seen // chunk_size, (n_seen + valid.long().sum(-1)) // chunk_size
+
+
+def _sum_into_slots(x: torch.Tensor, rows: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """``x: [B, H, T, d]`` -> ``[B, H, n_slots, d]``, the sum of the tokens of each slot (``rows`` from
+    :func:`_slots`). One ``index_add_`` over token rows of ``H * d`` features (a view when ``x`` is a head
+    view of a ``[B, T, H * d]`` projection, as the hooks give it)."""
+    B, H, T, d = x.shape
+    flat = x.transpose(1, 2).reshape(B * T, H * d)  # (B*T, H*d)
+    sums = flat.new_zeros(B * n_slots, H * d).index_add_(0, rows, flat)
+    return sums.view(B, n_slots, H, d).transpose(1, 2)  # (B, H, n_slots, d)
+
+
+def _take_slots(g: torch.Tensor, rows: torch.Tensor, T: int) -> torch.Tensor:
+    """Adjoint of :func:`_sum_into_slots`: ``g: [B, H, n_slots, d]`` -> ``[B, H, T, d]``, each token's slot row."""
+    B, H, n_slots, d = g.shape
+    flat = g.transpose(1, 2).reshape(B * n_slots, H * d)
+    return flat.index_select(0, rows).view(B, T, H, d).transpose(1, 2)
+
+
 def reference_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size: int):
     """Pure-torch definition of ``mka::chunk_update`` (see the module docstring)."""
     B, H, T, d = k.shape
     N = summ_k.shape[2]
     cdt = part_k.dtype
-    x = torch.cat([k, v], -1).to(cdt)  # (B, H, T, 2d)
-    pos = real_positions(valid, n_seen)
-    slot = torch.where(valid, pos // chunk_size, torch.full_like(pos, N + 1))  # pads -> dump slot
-    sums = x.new_zeros(B, H, N + 2, 2 * d)
-    sums = sums.scatter_add(2, slot[:, None, :, None].expand(B, H, T, 2 * d), x)
-    first = n_seen // chunk_size  # (B,) chunk that holds the carried partial sum
-    part = torch.cat([part_k, part_v], -1)[:, :, None, :]  # (B, H, 1, 2d)
-    sums = sums.scatter_add(2, first[:, None, None, None].expand(B, H, 1, 2 * d), part)
-    n_new = n_seen + valid.long().sum(-1)
-    done = n_new // chunk_size  # (B,) completed chunks after this call
-    slots = torch.arange(N, device=k.device)
-    fresh = (slots[None, :] >= first[:, None]) & (slots[None, :] < done[:, None])  # (B, N)
-    summ = torch.where(fresh[:, None, :, None], sums[:, :, :N] / chunk_size, torch.cat([summ_k, summ_v], -1))
-    new_part = sums.gather(2, done[:, None, None, None].expand(B, H, 1, 2 * d)).squeeze(2)
-    return (
-        *split_halves(new_part, d, new_part.dtype, new_part.dtype),
-        *split_halves(summ, d, summ.dtype, summ.dtype),
-    )
+    if T // chunk_size <= N and bool(valid.all()) and not bool(n_seen.any()):  # first call, no padding
+        return _first_chunk_update(k, v, part_k, part_v, summ_k, summ_v, chunk_size)
+    rows, first, done = _slots(valid, n_seen, chunk_size, N)
+    slots = torch.arange(N + 2, device=k.device)
+    at_first = (slots[None, :] == first[:, None])[:, None, :, None]  # (B, 1, N+2, 1): holds the partial sum
+    fresh = ((slots[None, :N] >= first[:, None]) & (slots[None, :N] < done[:, None]))[:, None, :, None]
+    out = []
+    for x, part, summ in ((k, part_k, summ_k), (v, part_v, summ_v)):
+        sums = _sum_into_slots(x.to(cdt), rows, N + 2)  # (B, H, N+2, d)
+        sums = torch.where(at_first, sums + part[:, :, None, :], sums)
+        new_summ = torch.where(fresh, sums[:, :, :N] / chunk_size, summ)
+        new_part = sums.gather(2, done[:, None, None, None].expand(B, H, 1, d)).squeeze(2)  # (B, H, d)
+        out.append((new_part, new_summ))
+    (pk, sk), (pv, sv) = out
+    return pk, pv, sk, sv
+
+
+def _first_chunk_update(k, v, part_k, part_v, summ_k, summ_v, chunk_size: int):
+    """:func:`reference_chunk_update` when every token is real and nothing was seen before: chunk c is rows
+    ``[c C, (c + 1) C)``, the carried partial sum joins chunk 0 and the rows after the last complete chunk form
+    the new partial sum."""
+    T, C = k.shape[2], chunk_size
+    nc = T // C  # complete chunks (the caller checked that the buffer holds them)
+    out = []
+    for x, part, summ in ((k, part_k, summ_k), (v, part_v, summ_v)):
+        x = x.to(part.dtype)
+        sums = x[:, :, : nc * C].unflatten(2, (nc, C)).sum(3)  # (B, H, nc, d)
+        tail = x[:, :, nc * C :].sum(2)  # (B, H, d)
+        if nc:
+            sums[:, :, 0] += part
+        else:
+            tail = tail + part
+        out.append((tail, torch.cat([sums / C, summ[:, :, nc:]], 2)))
+    (pk, sk), (pv, sv) = out
+    return pk, pv, sk, sv
 
 
 def check_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size) -> None:
@@ -134,24 +179,19 @@ def reference_chunk_update_backward(
     B, H, T, d = k.shape
     N = summ_k.shape[2]
     cdt = part_k.dtype
-    pos = real_positions(valid, n_seen)
-    slot = torch.where(valid, pos // chunk_size, torch.full_like(pos, N + 1))
-    first = n_seen // chunk_size
-    done = (n_seen + valid.long().sum(-1)) // chunk_size
+    rows, first, done = _slots(valid, n_seen, chunk_size, N)
     slots = torch.arange(N, device=k.device)
     fresh = ((slots[None, :] >= first[:, None]) & (slots[None, :] < done[:, None]))[:, None, :, None]  # (B,1,N,1)
-    g_summ = torch.cat([grad_summ_k, grad_summ_v], -1).to(cdt)  # (B, H, N, 2d)
-    g_slots = torch.nn.functional.pad(torch.where(fresh, g_summ / chunk_size, torch.zeros_like(g_summ)), (0, 0, 0, 2))
-    g_part = torch.cat([grad_part_k, grad_part_v], -1).to(cdt)[:, :, None, :]
-    g_slots = g_slots.scatter_add(2, done[:, None, None, None].expand(B, H, 1, 2 * d), g_part)  # (B, H, N+2, 2d)
-    g_x = g_slots.gather(2, slot[:, None, :, None].expand(B, H, T, 2 * d))  # pads read the empty dump slot
-    g_part_in = g_slots.gather(2, first[:, None, None, None].expand(B, H, 1, 2 * d)).squeeze(2)
-    g_summ_in = torch.where(fresh, torch.zeros_like(g_summ), g_summ)
-    return (
-        *split_halves(g_x, d, k.dtype, v.dtype),
-        *split_halves(g_part_in, d, g_part_in.dtype, g_part_in.dtype),
-        *split_halves(g_summ_in, d, g_summ_in.dtype, g_summ_in.dtype),
-    )
+    out = []
+    for g_summ, g_part, x in ((grad_summ_k, grad_part_k, k), (grad_summ_v, grad_part_v, v)):
+        g_summ = g_summ.to(cdt)  # (B, H, N, d)
+        g_slots = torch.nn.functional.pad(torch.where(fresh, g_summ / chunk_size, 0.0), (0, 0, 0, 2))  # (B,H,N+2,d)
+        g_slots = g_slots.scatter_add(2, done[:, None, None, None].expand(B, H, 1, d), g_part.to(cdt)[:, :, None])
+        g_x = _take_slots(g_slots, rows, T).to(x.dtype)  # pads read the empty dump slot
+        g_part_in = g_slots.gather(2, first[:, None, None, None].expand(B, H, 1, d)).squeeze(2)
+        out.append((g_x, g_part_in, torch.where(fresh, 0.0, g_summ)))
+    (gk, gpk, gsk), (gv, gpv, gsv) = out
+    return gk, gv, gpk, gpv, gsk, gsv
 
 
 @torch.library.custom_op("mka::chunk_update_backward", mutates_args=())
@@ -228,6 +268,10 @@ def reference_recall_select(q_r, summ_k, pos, chunk_size: int, top_r: int, bank_
         avail = torch.cat([avail, bv[:, None, None, :].expand(B, H, T, M)], -1)
     width = scores.shape[-1]
     take = min(top_r, width)
+    if take == top_r:  # every output column comes from topk (descending scores; unavailable entries last)
+        vals, top = scores.masked_fill(~avail, -torch.inf).topk(take, dim=-1)
+        found = torch.isfinite(vals)
+        return top.masked_fill(~found, 0), found
     idx = torch.zeros(B, H, T, top_r, dtype=torch.int64, device=q_r.device)
     found = torch.zeros(B, H, T, top_r, dtype=torch.bool, device=q_r.device)
     if take > 0:
@@ -301,10 +345,11 @@ def recall_probs(qg: torch.Tensor, mem_k: torch.Tensor, sel: torch.Tensor, scale
     (S = chunks + bank entries, small next to T), so no ``[T, R, d]`` gather is materialised.
     """
     s = torch.matmul(qg.to(mem_k.dtype), mem_k[:, :, None].transpose(-1, -2)) * scale  # (B, Hkv, rep, T, S)
-    m = sel[:, :, None]
-    any_hit = m.any(-1, keepdim=True)
-    p = torch.softmax(s.masked_fill(~m, -torch.inf).masked_fill(~any_hit, 0.0), -1)
-    return torch.where(m, p, torch.zeros_like(p))
+    off = ~sel[:, :, None]
+    # unselected slots get the dtype's lowest finite value (exp() of it underflows to exactly 0 next to any
+    # selected slot); a row that selected nothing is uniform here and zeroed afterwards, without NaN
+    p = torch.softmax(s.masked_fill(off, torch.finfo(s.dtype).min), -1)
+    return p.masked_fill(off, 0.0)
 
 
 def recall_mix(
@@ -315,8 +360,10 @@ def recall_mix(
     ``q_r: [B, Hkv, T, d]``, ``mem_k, mem_v: [B, Hkv, S, d]``, ``sel: [B, Hkv, T, S]`` ->
     ``k3, v3: [B, Hkv, T, d]`` (zeros where nothing was recalled).
     """
+    d = mem_k.shape[-1]
     p = recall_probs(q_r[:, :, None], mem_k, sel, scale)[:, :, 0]  # (B, Hkv, T, S)
-    return p @ mem_k, p @ mem_v
+    kv = p @ torch.cat([mem_k, mem_v], -1)  # (B, Hkv, T, 2d): keys and values in one product
+    return kv[..., :d], kv[..., d:]
 
 
 try:  # the Triton kernels register themselves as the CUDA implementations; triton is optional

@@ -20,8 +20,9 @@ Queries are the last Tq positions of the Tk keys (a key offset of ``Tk - Tq`` fo
 ``causal`` lets query i see keys ``j <= i + Tk - Tq``. GQA shares each kv head with ``H / Hkv`` query
 heads without repeating K/V. A query with no visible key gets zeros from that level.
 
-The reference computes the full-length levels in ONE attention call over a level-stacked batch
-(shared query, flash-style CPU kernel, no explicit Tq x Tk matrix per level) and merges levels by
+The reference computes each full-length level with PyTorch's flash-style CPU attention on the shared
+query (no explicit Tq x Tk matrix per level; one call per level, so the query is not copied into a
+level-stacked batch, which cost more on the CPU than the batching saved) and merges levels by
 their routing weights, which equals the log-sum-exp merge ``sum_l lam_l * exp(lse_l - lse) ...`` a
 fused kernel performs. Half-precision inputs are computed in float32.
 """
@@ -55,25 +56,26 @@ def reference_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_v
     rep = H // Hkv
     nf = len(ks)
     acc = _acc_dtype(q)
-    vis = visibility(kv_valid, Tq, causal)  # (B, 1, Tq, Tk)
-    empty = ~vis.any(-1, keepdim=True)  # (B, 1, Tq, 1)
-    qq = q.to(acc).repeat(nf, 1, 1, 1)  # (nf*B, H, Tq, d): one call for all full-length levels
-    kk = torch.cat([k.to(acc) for k in ks], 0)  # (nf*B, Hkv, Tk, d)
-    vv = torch.cat([v.to(acc) for v in vs], 0)
-    if causal and Tq == Tk and bool(kv_valid.all()):
-        o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale, enable_gqa=rep > 1)
-    else:
-        mask = (vis | empty).repeat(nf, 1, 1, 1)
-        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=rep > 1)
-    o = o.view(nf, B, Hkv, rep, Tq, d)
     w = lam.to(acc)
     w = w.view(B, w.shape[1], 1, Tq, w.shape[-1])  # (B, G, 1, Tq, L): broadcasts over the group
-    out = sum(w[..., i, None] * o[i] for i in range(nf))  # (B, Hkv, rep, Tq, d)
-    out = out.masked_fill(empty.view(B, 1, 1, Tq, 1), 0.0)
+    qa = q.to(acc)
+    empty, mask = None, None  # (B, 1, Tq, 1): queries that see no key; none when every query sees itself
+    if not (causal and Tq == Tk and bool(kv_valid.all())):
+        vis = visibility(kv_valid, Tq, causal)  # (B, 1, Tq, Tk)
+        empty = ~vis.any(-1, keepdim=True)
+        mask = vis | empty
+    out = None
+    for i in range(nf):  # one attention per full-length level on the shared query (no stacked copies of it)
+        o = F.scaled_dot_product_attention(
+            qa, ks[i].to(acc), vs[i].to(acc), attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=rep > 1
+        ).view(B, Hkv, rep, Tq, d)
+        out = w[..., 0, None] * o if out is None else out.addcmul_(w[..., i, None], o)  # (B, Hkv, rep, Tq, d)
+    if empty is not None:
+        out = out.masked_fill(empty.view(B, 1, 1, Tq, 1), 0.0)
     if idx3.shape[3] > 0:
         sel = recall_mask(idx3, found3, mem_k.shape[2])  # (B, Hkv, Tq, S)
         p3 = recall_probs(q3.view(B, Hkv, rep, Tq, d), mem_k.to(acc), sel, scale)  # (B, Hkv, rep, Tq, S)
-        out = out + w[..., nf, None] * (p3 @ mem_v.to(acc)[:, :, None])
+        out.addcmul_(w[..., nf, None], p3 @ mem_v.to(acc)[:, :, None])
     return out.reshape(B, H, Tq, d).to(q.dtype)
 
 

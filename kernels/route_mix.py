@@ -19,9 +19,14 @@ def reference_route_mix(lam, ks, vs):
     """Pure-torch definition of ``mka::route_mix``."""
     acc = _acc_dtype(ks[0])
     w = lam.to(acc)[..., None]  # (B, G, T, L, 1)
-    kf = sum(w[..., i, :] * k.to(acc) for i, k in enumerate(ks))
-    vf = sum(w[..., i, :] * v.to(acc) for i, v in enumerate(vs))
-    return kf.to(ks[0].dtype), vf.to(vs[0].dtype)
+
+    def mix(ts):
+        out = w[..., 0, :] * ts[0].to(acc)  # a fresh buffer: the other levels accumulate into it
+        for i in range(1, len(ts)):
+            out.addcmul_(w[..., i, :], ts[i].to(acc))
+        return out.to(ts[0].dtype)
+
+    return mix(ks), mix(vs)
 
 
 def check_route_mix(lam, ks, vs) -> None:

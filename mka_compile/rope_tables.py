@@ -50,7 +50,8 @@ def rotate(x: torch.Tensor, tables: Any, style: str | None, convention: str = "c
     else:
         x1, x2 = xr.chunk(2, -1)
         turned = torch.cat([-x2, x1], -1)
-    return torch.cat([xr * cos + turned * sin, xp], -1)
+    out = xr * cos + turned * sin
+    return out if xp.shape[-1] == 0 else torch.cat([out, xp], -1)
 
 
 def _close(mine: torch.Tensor, want: torch.Tensor) -> bool:

@@ -64,6 +64,30 @@ class QHook(SiteHook):
             call.q = out
 
 
+class KVPre(SiteHook):
+    """Before a k/v projection whose output the other projection's hook already computed (``SiteMemory.on_kv``):
+    when the projection is a plain ``nn.Linear`` called on that same input tensor in eager mode, it runs on zero
+    tokens instead (its result is replaced by the stored one in :class:`KVHook`), so the projection is not
+    computed twice. Anything else (other module types, other inputs, tracing, compiling) runs as usual."""
+
+    def __init__(self, mem, which: str) -> None:
+        super().__init__(mem)
+        self.which = which
+
+    def __call__(self, module: nn.Module, inputs: tuple) -> tuple | None:
+        call = self.mem._call
+        if call is None or self.which not in call.extra or not inputs:
+            return None
+        x = inputs[0]
+        if x is not call.extra.get("kv_input") or type(module).forward is not nn.Linear.forward or x.dim() < 2:
+            return None
+        if type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return None
+        if getattr(torch.compiler, "is_exporting", lambda: False)():
+            return None
+        return (x[..., :0, :], *inputs[1:])
+
+
 class KVHook(SiteHook):
     def __init__(self, mem, which: str, q_mod: nn.Module, other: nn.Module) -> None:
         super().__init__(mem)
@@ -107,6 +131,8 @@ def install(owner: nn.Module, mem, mods: tuple[nn.Module, ...], maps) -> None:
         q_mod.register_forward_hook(QHook(mem))
         k_mod.register_forward_hook(KVHook(mem, "k", q_mod, v_mod))
         v_mod.register_forward_hook(KVHook(mem, "v", q_mod, k_mod))
+        k_mod.register_forward_pre_hook(KVPre(mem, "k"))
+        v_mod.register_forward_pre_hook(KVPre(mem, "v"))
     mem.hooked = [owner, *mods]
 
 

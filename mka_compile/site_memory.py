@@ -141,6 +141,7 @@ class SiteMemory(nn.Module):
         if call is None or call.extra.get("inner"):  # outside the site's forward, or our own projection call
             return out
         if which in call.extra:  # computed when the other projection's hook fired
+            call.extra.pop("kv_input", None)
             return call.extra.pop(which)
         if call.q is None:
             call.q = q_proj(hidden)
@@ -156,6 +157,7 @@ class SiteMemory(nn.Module):
         if self.mode == "fastmka":
             k_out, v_out = kf.transpose(1, 2).reshape(k_out.shape), vf.transpose(1, 2).reshape(v_out.shape)
         call.extra["v" if which == "k" else "k"] = v_out if which == "k" else k_out
+        call.extra["kv_input"] = hidden  # the other projection's call on this input can skip its work (KVPre)
         return k_out if which == "k" else v_out
 
     def mix_fused(self, out: torch.Tensor, maps: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -195,20 +197,21 @@ class SiteMemory(nn.Module):
             call.extra["ema_k"], call.extra["ema_v"] = sk, sv
         has_recall = None
         if cfg.uses_longterm:
+            fresh = self.causal and not st.fixed_slots and st.tokens_bound == 0  # nothing seen before: position <= row
             st.reserve(T, cfg.chunk_size)
             st.part_k, st.part_v, st.summ_k, st.summ_v = torch.ops.mka.chunk_update(
                 k1, v1, call.valid, st.n_seen, st.part_k, st.part_v, st.summ_k, st.summ_v, cfg.chunk_size
             )
-            q = call.q.view(B, T, H, d).transpose(1, 2)  # (B, H, T, d)
-            q_r = q.reshape(B, Hkv, H // Hkv, T, d).mean(2)  # (B, Hkv, T, d)
+            q_r = _group_mean(call.q.view(B, T, Hkv, H // Hkv, d)).transpose(1, 2)  # (B, Hkv, T, d)
             pos = K.real_positions(call.valid, st.n_seen) if self.causal else whole_sequence_positions(call.valid)
-            idx, found = torch.ops.mka.recall_select(q_r, st.summ_k, pos, cfg.chunk_size, cfg.top_r, None, None)
-            sel = K.recall_mask(idx, found, st.summ_k.shape[2])  # (B, Hkv, T, S)
-            probs = K.recall_probs(q_r[:, :, None], st.summ_k, sel, self.recall_scale)[:, :, 0]  # (B, Hkv, T, S)
-            ks.append((probs @ st.summ_k).to(k1.dtype))
-            vs.append((probs @ st.summ_v).to(v1.dtype))
-            has_recall = found[:, 0].any(-1)  # (B, T)
+            idx, found = self._select(q_r, st.summ_k, pos, fresh)  # (B, Hkv, T, R) each
+            has_recall = found[:, 0, :, 0]  # (B, T): recall_select lists a found entry first when there is one
             call.extra["recall"] = (idx, found)
+            if self.mode == "fastmka":  # MKA mode attends over the recalled entries instead (attend)
+                sel = K.recall_mask(idx, found, st.summ_k.shape[2])  # (B, Hkv, T, S)
+                k3, v3 = K.recall_mix(q_r, st.summ_k, st.summ_v, sel, self.recall_scale)  # (B, Hkv, T, d) each
+                ks.append(k3.to(k1.dtype))
+                vs.append(v3.to(v1.dtype))
         call.lam = routing_weights(self.router, self.gate, call.q, has_recall, cfg.num_levels, self.groups)
         if self._stats is not None:
             w = call.valid[:, None, :, None].to(call.lam.dtype)  # (B, 1, T, 1): real tokens only
@@ -217,6 +220,24 @@ class SiteMemory(nn.Module):
             call.extra["k1"] = k1  # to check how the site rotates its keys (calibrate_rope, derive_rope)
             return k1, v1
         return K.route_mix(call.lam, ks, vs)  # (B, Hkv, T, d) each
+
+    def _select(self, q_r: torch.Tensor, summ_k: torch.Tensor, pos: torch.Tensor, fresh: bool):
+        """``mka::recall_select``, except for the first rows of a call on a fresh state: a token at row
+        ``t < (R + 1) C`` has at most R completed chunks before it, so it recalls all of them, no sort needed (the
+        order of the recalled entries matters neither to the FastMKA mix nor to MKA attention)."""
+        C, R = self.config.chunk_size, self.config.top_r
+        T = pos.shape[1]
+        head = min(T, (R + 1) * C) if fresh else 0
+        if head == 0:
+            return torch.ops.mka.recall_select(q_r, summ_k, pos, C, R, None, None)
+        B, Hkv = q_r.shape[0], q_r.shape[1]
+        r = torch.arange(R, device=pos.device)
+        found = (r < (pos[:, :head] // C)[..., None])[:, None].expand(B, Hkv, head, R)  # chunks c < p // C
+        idx = r * found  # (B, Hkv, head, R): slot r where found, 0 elsewhere (as recall_select)
+        if head == T:
+            return idx, found
+        idx2, found2 = torch.ops.mka.recall_select(q_r[:, :, head:], summ_k, pos[:, head:], C, R, None, None)
+        return torch.cat([idx, idx2], 2), torch.cat([found, found2], 2)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
         """MKA mode: ``sum_l lam_l Attn(q, K_l, V_l)`` over the site's own (rotated, cached) keys, the session
@@ -258,6 +279,16 @@ class SiteMemory(nn.Module):
         from mka_compile import site_hooks
 
         site_hooks.remove(self)
+
+
+def _group_mean(q: torch.Tensor) -> torch.Tensor:
+    """``[B, T, Hkv, rep, d] -> [B, T, Hkv, d]``, the mean over the query heads of each kv group (the recall
+    query): a few adds of strided views, cheaper than a reduction over that short middle axis."""
+    rep = q.shape[3]
+    out = q[:, :, :, 0]
+    for i in range(1, rep):
+        out = out + q[:, :, :, i]
+    return out / rep if rep > 1 else out
 
 
 def is_cache(x: Any) -> bool:

@@ -262,6 +262,22 @@ def test_projection_call_order_does_not_matter() -> None:
         torch.testing.assert_close(b(x), a(x))
 
 
+def test_second_projection_is_not_computed_twice() -> None:
+    """The first k/v hook runs the other projection; the model's own call of it then runs on zero tokens
+    (outputs unchanged, checked above), whichever projection the model calls first."""
+    x = torch.randn(2, 11, 16)
+    for v_first in (False, True):
+        m = _Attn(v_first)
+        mka_compile.convert(m, config=CFG, example_inputs=(x,))
+        zoo.randomize_mka(m)
+        seen = {"k": [], "v": []}
+        for name in seen:
+            getattr(m, name).register_forward_hook(lambda mod, inp, out, n=name, s=seen: s[n].append(inp[0].shape[1]))
+        with torch.no_grad():
+            m(x)
+        assert sorted(seen["k"] + seen["v"]) == [0, 11, 11]  # one inner call, one skipped, one real
+
+
 @pytest.mark.parametrize("mode", ["fastmka", "mka"])
 def test_deepcopy_of_converted_model_is_independent(mode: str) -> None:
     """A deep copy's hooks use the copy's own router and state (regression: closures kept the original's)."""

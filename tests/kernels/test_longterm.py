@@ -60,6 +60,33 @@ def test_chunk_update_matches_definition_and_splits() -> None:
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("T", [3, 4, 23])
+def test_chunk_update_first_call_without_padding(T: int) -> None:
+    """All tokens real, nothing seen: chunks are row blocks (a shortcut); equal to the definition, carried
+    partial sum included, and to feeding the tokens one by one."""
+    C, N = 4, 6
+    k, v, _ = _tokens(T=T)
+    B, H, _, d = k.shape
+    valid = torch.ones(B, T, dtype=torch.bool)
+    n0 = torch.zeros(B, dtype=torch.int64)
+    pk0, pv0, sk0, sv0 = _empty_state(B, H, d, N, F64)
+    pk0 = torch.randn_like(pk0)  # a carried partial sum (not reachable from a real cache, but part of the op)
+    pk, pv, sk, sv = torch.ops.mka.chunk_update(k, v, valid, n0, pk0, pv0, sk0 + 1.0, sv0, C)
+    for b, (done, part) in enumerate(_naive_chunks(k, valid, C)):
+        if done:
+            torch.testing.assert_close(sk[b, :, 0], done[0] + pk0[b] / C)
+        for c, mean in enumerate(done[1:], 1):
+            torch.testing.assert_close(sk[b, :, c], mean)
+        assert (sk[b, :, len(done) :] == 1.0).all()  # slots not completed keep their values
+        torch.testing.assert_close(pk[b], part + (0 if done else pk0[b]))
+    st, n = (pk0, pv0, sk0 + 1.0, sv0), n0
+    for t in range(T):
+        st = torch.ops.mka.chunk_update(k[:, :, t : t + 1], v[:, :, t : t + 1], valid[:, t : t + 1], n, *st, C)
+        n = n + 1
+    for got, want in zip(st, (pk, pv, sk, sv)):
+        torch.testing.assert_close(got, want)
+
+
 def test_chunk_update_capacity_error() -> None:
     k, v, _ = _tokens(T=12)
     valid = torch.ones(2, 12, dtype=torch.bool)

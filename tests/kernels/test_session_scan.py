@@ -142,3 +142,28 @@ def test_non_contiguous_inputs_fake_and_real_strides_agree() -> None:
 
     x = torch.randn(2, 13, 15)
     torch.testing.assert_close(torch.compile(f, backend="aot_eager")(x), f(x))
+
+
+@pytest.mark.parametrize("T", [1, SCAN_CHUNK, 3 * SCAN_CHUNK + 5])
+def test_first_call_without_padding_matches_general_path(T: int) -> None:
+    """All tokens real and nothing seen: the scan uses cached decay matrices; values and gradients equal the
+    naive definition and the general path (the same inputs with one padded token appended)."""
+    k, v, _, sk, sv, _ = _inputs(T=T)
+    k.requires_grad_(True)
+    v.requires_grad_(True)
+    valid = torch.ones(k.shape[0], T, dtype=torch.bool)
+    n0 = torch.zeros(k.shape[0], dtype=torch.int64)
+    out_k, out_v, st_k, st_v = torch.ops.mka.session_scan(k, v, valid, sk, sv, n0, 0.8)
+    torch.testing.assert_close(out_k, naive_ema(k.detach(), valid, 0.8, sk, n0), rtol=1e-9, atol=1e-10)
+    pad = lambda t: torch.cat([t, t[:, :, :1]], 2)  # noqa: E731
+    general = torch.ops.mka.session_scan(pad(k), pad(v), torch.cat([valid, valid[:, :1] & False], 1), sk, sv, n0, 0.8)
+    torch.testing.assert_close(out_v, general[1][:, :, :T], rtol=1e-9, atol=1e-10)
+    w = torch.randn_like(out_k)
+    g_fast = torch.autograd.grad((out_k * w).sum() + (out_v * w).sum() + st_k.sum() + st_v.sum(), (k, v))
+    g_gen = torch.autograd.grad(
+        (general[0][:, :, :T] * w).sum() + (general[1][:, :, :T] * w).sum() + general[2].sum() + general[3].sum(),
+        (k, v),
+    )
+    for a, b in zip(g_fast, g_gen):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    opcheck(torch.ops.mka.session_scan.default, (k, v, valid, sk, sv, n0, 0.8))
