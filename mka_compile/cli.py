@@ -37,11 +37,23 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--top-r", type=int, default=8)
     p.add_argument("--ema-beta", type=float, default=0.9)
+    p.add_argument(
+        "--bidirectional",
+        action="store_true",
+        help="also convert bidirectional self-attention (encoders), non-causal memory: MKAConfig(causal=False)",
+    )
 
 
 def _config(args) -> MKAConfig:
     levels = tuple(x.strip() for x in args.levels.split(",") if x.strip())
-    return MKAConfig(levels=levels, chunk_size=args.chunk_size, top_r=args.top_r, ema_beta=args.ema_beta, gate_init=0.0)
+    return MKAConfig(
+        levels=levels,
+        chunk_size=args.chunk_size,
+        top_r=args.top_r,
+        ema_beta=args.ema_beta,
+        gate_init=0.0,
+        causal=not args.bidirectional,
+    )
 
 
 def _load(args):

@@ -43,7 +43,7 @@ def _convertible(kind: str, causal: bool) -> tuple[bool, str | None]:
     if kind == "cross":
         return False, "cross-attention is left alone (MKA memory is defined over the site's own sequence)"
     if not causal:
-        return False, "bidirectional attention: converted only with MKAConfig(causal=False) (non-causal memory)"
+        return False, "bidirectional attention: converted only with MKAConfig(causal=False), CLI --bidirectional"
     return True, None
 
 

@@ -62,3 +62,22 @@ def test_console_script_is_installed() -> None:
     exe = shutil.which("mka-compile") or str(Path(sys.executable).parent / "mka-compile")
     r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and all(c in r.stdout for c in ("inspect", "convert", "export", "bench", "demo"))
+
+
+def test_convert_an_encoder_needs_bidirectional(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    factory = tmp_path / "encoder.py"
+    factory.write_text(
+        "import torch, transformers as tf\n"
+        "def make():\n"
+        "    cfg = tf.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,\n"
+        "                        intermediate_size=64)\n"
+        "    return tf.BertModel(cfg, add_pooling_layer=False).eval()\n"
+    )
+    ckpt = tmp_path / "bert.safetensors"
+    assert main(["convert", f"{factory}:make", "-o", str(ckpt)]) == 2
+    assert "--bidirectional" in capsys.readouterr().out
+    assert main(["convert", f"{factory}:make", "--bidirectional", "--chunk-size", "4", "-o", str(ckpt)]) == 0
+    from mka_compile.checkpoint import read_converted
+
+    _, mode, config = read_converted(ckpt)
+    assert mode == "fastmka" and config.causal is False
