@@ -73,7 +73,8 @@ class AttentionToMKA(TorchFunctionMode):
     def _matmul(self, func, a: torch.Tensor, b: torch.Tensor):
         extra = self.mem._call.extra
         d = self.mem.head_dim
-        if "qk" not in extra and a.shape[-1] == d and b.shape[-2] == d and a.shape[1] == self.mem.num_heads:
+        T = self.mem._call.valid.shape[1]  # this call's tokens: the scores product is [B, H, T, d] @ [B, h, d, S]
+        if "qk" not in extra and a.shape[1:] == (self.mem.num_heads, T, d) and b.shape[-2] == d and b.shape[-1] >= T:
             extra["qk"] = (a, b.transpose(-2, -1))
             if self.mem.score_scale is not None:  # the site's code still runs on the scores (scale, mask, softmax)
                 shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])  # MKA answers
