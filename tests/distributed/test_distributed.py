@@ -26,19 +26,14 @@ def _free_port() -> int:
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_gradients_match_single_process(mode: str, tmp_path: Path) -> None:
     out = tmp_path / "grads.pt"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        str(WORKER),
-        "--mode",
-        mode,
-        "--out",
-        str(out),
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    for _attempt in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+        cmd += [str(WORKER), "--mode", mode, "--out", str(out)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        # gloo's threads rarely abort a rank on a loaded machine ("terminate called without an active exception",
+        # SIGABRT; seen once in ~20 runs): such a launch is retried once, any other failure is reported
+        if res.returncode == 0 or "terminate called without an active exception" not in res.stderr:
+            break
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     got = torch.load(out, weights_only=True)
     model = worker.build()
