@@ -39,18 +39,24 @@ import torch.nn.functional as F
 import mka_compile.kernels  # noqa: F401  (registers the ops and their CUDA kernels)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # PYTHONSAFEPATH (gpu_run.sh) leaves tools/ off the path
-from gpu_sweep import SWEEP_KEYS, bench, make_tunables, rel_err, run_sweep, sweep_table  # noqa: E402
-
-fa = importlib.import_module("mka_compile.kernels.flash_attention")
-da = importlib.import_module("mka_compile.kernels.decode_attention")
-ma = importlib.import_module("mka_compile.kernels.mka_attention")
-mt = importlib.import_module("mka_compile.kernels.mka_attention_triton")
-ss = importlib.import_module("mka_compile.kernels.session_scan")
-st = importlib.import_module("mka_compile.kernels.session_scan_triton")
-fm = importlib.import_module("mka_compile.kernels.fastmka_mix")
-fmt = importlib.import_module("mka_compile.kernels.fastmka_mix_triton")
-lt = importlib.import_module("mka_compile.kernels.longterm")
-ltt = importlib.import_module("mka_compile.kernels.longterm_triton")
+from gpu_sweep import (  # noqa: E402  (the kernel modules under the short names both tools use)
+    SWEEP_KEYS,
+    bench,
+    da,
+    fa,
+    fm,
+    fmt,
+    lt,
+    ltt,
+    ma,
+    make_tunables,
+    mt,
+    rel_err,
+    run_sweep,
+    ss,
+    st,
+    sweep_table,
+)
 
 
 def timer(dev: torch.device, reps: int) -> Callable[[Callable[[], object]], float]:
