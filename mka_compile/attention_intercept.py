@@ -128,20 +128,22 @@ class AttentionToMKA(TorchFunctionMode):
     def _kv_heads(self, x: torch.Tensor, what: str) -> torch.Tensor:
         """``[B, h, S, d]`` at the site's key/value heads: keys repeated to the query heads are read back (each kv
         head repeated in a row, as ``repeat_kv`` / ``repeat_interleave`` / ``expand`` + ``reshape`` write them:
-        "grouped", or the whole set tiled). The layout is checked in eager runs and kept for traced ones."""
+        "grouped", or the whole set tiled). The layout is found (checked on the data) on the site's first eager
+        call with repeated heads, at conversion, and kept for every later call."""
         B, h, S, d = x.shape
         kv = self.mem.num_kv_heads
         if h == kv:
             return x
         layouts = {"grouped": ((B, kv, h // kv, S, d), 2), "tiled": ((B, h // kv, kv, S, d), 1)}
-        if h % kv == 0 and torch.compiler.is_compiling() and self.mem.kv_layout in layouts:
+        if h % kv == 0 and self.mem.kv_layout is None and not torch.compiler.is_compiling():
+            for name, (shape, axis) in layouts.items():
+                grouped = x.reshape(shape)
+                if bool((grouped == grouped.select(axis, 0).unsqueeze(axis)).all()):
+                    self.mem.kv_layout = name
+                    break
+        if h % kv == 0 and self.mem.kv_layout in layouts:
             shape, axis = layouts[self.mem.kv_layout]
             return x.reshape(shape).select(axis, 0)
-        for name, (shape, axis) in layouts.items() if h % kv == 0 else ():
-            first = x.reshape(shape).select(axis, 0)
-            if bool((x.reshape(shape) == first.unsqueeze(axis)).all()):
-                self.mem.kv_layout = name
-                return first
         raise RuntimeError(
             f"MKA mode: the site attends with {h} {what} heads, which are not its {kv} key/value heads repeated "
             "(or their layout was never seen in an eager run); use FastMKA"
