@@ -7,6 +7,7 @@ that a converted model pickles.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -100,10 +101,16 @@ class KVHook(SiteHook):
 POSITION_NAMES = ("start_pos", "input_pos", "cache_position", "start", "pos", "position", "offset", "past_length")
 
 
+@functools.cache
+def _signature(forward) -> inspect.Signature:
+    """The signature of a module class's ``forward`` (self first), read once per class."""
+    return inspect.signature(forward)
+
+
 def position_argument(module: nn.Module) -> str | None:
     """The forward argument that tells a site with its own KV cache where this call writes (Meta Llama's
     ``start_pos``): a parameter with one of the usual names, else the only one with an int default or annotation."""
-    params = list(inspect.signature(module.forward).parameters.values())[1:]  # after the hidden states
+    params = list(_signature(type(module).forward).parameters.values())[2:]  # after self and the hidden states
     named = [p.name for p in params if p.name in POSITION_NAMES]
     if named:
         return min(named, key=POSITION_NAMES.index)
@@ -112,9 +119,8 @@ def position_argument(module: nn.Module) -> str | None:
 
 
 def _argument(module: nn.Module, name: str, args: tuple, kwargs: dict) -> int:
-    sig = inspect.signature(module.forward)
-    bound = sig.bind_partial(*args, **kwargs)
-    value = bound.arguments.get(name, sig.parameters[name].default)
+    sig = _signature(type(module).forward)
+    value = sig.bind_partial(module, *args, **kwargs).arguments.get(name, sig.parameters[name].default)
     if isinstance(value, torch.Tensor):
         value = value.reshape(-1)[0] if value.numel() else 0
     return int(value)
