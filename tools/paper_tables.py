@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import convert_recovery  # noqa: E402
 import lm_training as T  # noqa: E402
 from lm_variants import VARIANTS, DecoderLM, LMConfig, analytic_cache_bytes, cache_bytes, param_count  # noqa: E402
-from paper_report import COMPARABLE, NAMES, claims, plot_losses, plot_tradeoff, rich_table, write_doc  # noqa: E402,F401
+from paper_plots import plot_losses, plot_tradeoff  # noqa: E402
+from paper_report import COMPARABLE, NAMES, claims, rich_table, write_doc  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
