@@ -27,9 +27,7 @@ from torch.overrides import TorchFunctionMode
 SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 MATMUL = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
-DROPOUT = (
-    (F.dropout, torch.dropout, torch.Tensor.dropout) if hasattr(torch.Tensor, "dropout") else (F.dropout, torch.dropout)
-)
+DROPOUT = (F.dropout, torch.dropout)
 _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 

@@ -185,13 +185,13 @@ class SiteMemory(nn.Module):
         B, _, T, d = k1.shape
         Hkv, H = self.num_kv_heads, self.num_heads
         ks, vs = [k1], [v1]
-        if cfg.uses_session and not self.causal:  # a bidirectional site: the EMA from both ends (layers.noncausal)
-            sk, sv = session_both_ways(k1, v1, cfg.ema_beta, call.valid)
-            ks.append(sk)
-            vs.append(sv)
-            call.extra["ema_k"], call.extra["ema_v"] = sk, sv
-        elif cfg.uses_session:
-            sk, sv, st.ema_k, st.ema_v = K.session_scan(k1, v1, cfg.ema_beta, call.valid, st.ema_k, st.ema_v, st.n_seen)
+        if cfg.uses_session:
+            if self.causal:
+                sk, sv, st.ema_k, st.ema_v = K.session_scan(
+                    k1, v1, cfg.ema_beta, call.valid, st.ema_k, st.ema_v, st.n_seen
+                )
+            else:  # a bidirectional site: the EMA from both ends (layers.noncausal)
+                sk, sv = session_both_ways(k1, v1, cfg.ema_beta, call.valid)
             ks.append(sk)
             vs.append(sv)
             call.extra["ema_k"], call.extra["ema_v"] = sk, sv
