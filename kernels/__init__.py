@@ -15,6 +15,7 @@ With triton installed, the ``*_triton`` modules register Triton kernels as the C
 
 from __future__ import annotations
 
+from . import fastmka_memory_cpu  # noqa: F401  (the fused CPU memory path; built on first use)
 from .decode_attention import decode_attention, reference_decode_attention
 from .fastmka_mix import fastmka_mix, reference_fastmka_mix, rope_tables
 from .flash_attention import flash_attention, reference_flash_attention

@@ -127,6 +127,7 @@ class SiteMemory(nn.Module):
         state = self.state_for(cache, B, hidden) if start is None else self.held_state(start, B, hidden)
         self._call = _Call(valid=_valid_tokens(mask, B, T, cache_position, hidden.device), state=state)
         self._call.extra["rope"] = rope
+        self._call.extra["discarded"] = cache is None and start is None  # a fresh state nothing keeps
 
     def end(self) -> None:
         call, self._call = self._call, None
@@ -182,6 +183,8 @@ class SiteMemory(nn.Module):
         levels recorded in the call for MKA mode's attention."""
         call = self._call
         cfg, st = self.config, call.state
+        if self._fused_cpu(k1, v1, call):
+            return self._mix_fused_cpu(k1, v1)
         B, _, T, d = k1.shape
         Hkv, H = self.num_kv_heads, self.num_heads
         ks, vs = [k1], [v1]
@@ -213,13 +216,41 @@ class SiteMemory(nn.Module):
                 ks.append(k3.to(k1.dtype))
                 vs.append(v3.to(v1.dtype))
         call.lam = routing_weights(self.router, self.gate, call.q, has_recall, cfg.num_levels, self.groups)
-        if self._stats is not None:
-            w = call.valid[:, None, :, None].to(call.lam.dtype)  # (B, 1, T, 1): real tokens only
-            self._stats.append(((call.lam.detach() * w).sum((0, 1, 2)), float(w.sum()) * call.lam.shape[1]))
+        self._record(call)
         if self.mode == "mka":
             call.extra["k1"] = k1  # to check how the site rotates its keys (calibrate_rope, derive_rope)
             return k1, v1
         return K.route_mix(call.lam, ks, vs)  # (B, Hkv, T, d) each
+
+    def _record(self, call: _Call) -> None:
+        if self._stats is not None:  # routing_stats() is recording
+            w = call.valid[:, None, :, None].to(call.lam.dtype)  # (B, 1, T, 1): real tokens only
+            self._stats.append(((call.lam.detach() * w).sum((0, 1, 2)), float(w.sum()) * call.lam.shape[1]))
+
+    def _fused_cpu(self, k1: torch.Tensor, v1: torch.Tensor, call: _Call) -> bool:
+        """Whether this call runs the fused CPU memory path (``kernels/fastmka_memory_cpu``): FastMKA, causal, eager
+        float32 on the CPU; under autograd only when the state is fresh and discarded (the path gives the incoming
+        state no gradient, and its new state none either)."""
+        if self.mode != "fastmka" or not self.causal or call.state.fixed_slots:
+            return False
+        if torch.is_grad_enabled() and not call.extra.get("discarded"):
+            return False
+        return K.fastmka_memory_cpu.usable(k1, v1, call.q)
+
+    def _mix_fused_cpu(self, k1: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        call = self._call
+        cfg, st = self.config, call.state
+        if cfg.uses_longterm:
+            st.reserve(k1.shape[2], cfg.chunk_size)
+        state = (st.n_seen, st.ema_k, st.ema_v, st.part_k, st.part_v, st.summ_k, st.summ_v)
+        kf, vf, call.lam, new = K.fastmka_memory_cpu.memory(
+            k1, v1, call.q, self.router(call.q), self.gate, call.valid, state,
+            session=cfg.uses_session, longterm=cfg.uses_longterm, beta=cfg.ema_beta, chunk=cfg.chunk_size,
+            top_r=cfg.top_r, scale=self.recall_scale,
+        )  # fmt: skip
+        st.ema_k, st.ema_v, st.part_k, st.part_v, st.summ_k, st.summ_v = new
+        self._record(call)
+        return kf, vf
 
     def _select(self, q_r: torch.Tensor, summ_k: torch.Tensor, pos: torch.Tensor, fresh: bool):
         """``mka::recall_select``, except for the first rows of a call on a fresh state: a token at row

@@ -1,0 +1,384 @@
+// FastMKA's memory path on the CPU in one pass per (batch row, kv head): the routing weights, the session
+// EMA, the chunk summaries, the causal top-R recall and the routed mix, forward and backward.
+//
+// The semantics are those of the mka:: reference ops composed as SiteMemory.mix_levels composes them
+// (kernels/session_scan.py, kernels/longterm.py, kernels/route_mix.py, layers/attention.routing_weights);
+// tests/kernels/test_fastmka_memory_cpu.py checks this file against that composition. float32 only.
+//
+// Layouts: k1, v1 [B, Hkv, T, d] (any strides, last one 1); q [B, T, H*d] (last stride 1); logits
+// [B, T, G*L] contiguous; valid [B, T] bool; n_seen [B] int64; states float32 contiguous:
+// ema/part [B, Hkv, d], summ [B, Hkv, N, d]. kf, vf and the saved per-token tensors are [B, T, Hkv, d].
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+using torch::Tensor;
+
+namespace {
+
+struct Levels {
+  bool session, longterm;
+  int64_t L, ls, l3;  // number of levels, index of the session level, index of the long-term level
+  Levels(bool s, bool l) : session(s), longterm(l), L(1 + s + l), ls(s ? 1 : -1), l3(l ? (s ? 2 : 1) : -1) {}
+};
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float w, const float* x, float* y, int64_t d) {  // y += w x
+  for (int64_t i = 0; i < d; ++i) y[i] += w * x[i];
+}
+
+Tensor last_contiguous(const Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
+
+// Per token: the real position, whether anything is recallable, the EMA decay a and input weight u.
+struct Tokens {
+  std::vector<int64_t> pos;
+  std::vector<float> a, u;
+  std::vector<uint8_t> ok, recall;
+  std::vector<int64_t> done;  // per row: chunks completed once this call's tokens are in
+};
+
+Tokens token_table(const Tensor& valid, const Tensor& n_seen, int64_t B, int64_t T, int64_t C, int64_t N,
+                   bool longterm, float beta) {
+  Tokens tk;
+  tk.pos.resize(B * T);
+  tk.a.resize(B * T);
+  tk.u.resize(B * T);
+  tk.ok.resize(B * T);
+  tk.recall.resize(B * T);
+  tk.done.resize(B);
+  const bool* vp = valid.data_ptr<bool>();
+  const int64_t* ns = n_seen.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t seen = ns[b];
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t i = b * T + t;
+      const bool ok = vp[i];
+      tk.ok[i] = ok;
+      tk.a[i] = !ok ? 1.f : (seen == 0 ? 0.f : beta);
+      tk.u[i] = !ok ? 0.f : (seen == 0 ? 1.f : static_cast<float>(1.0 - static_cast<double>(beta)));
+      tk.pos[i] = std::max<int64_t>(ok ? seen : seen - 1, 0);
+      tk.recall[i] = longterm && std::min(tk.pos[i] / C, N) > 0;
+      seen += ok;
+    }
+    tk.done[b] = seen / C;
+  }
+  return tk;
+}
+
+}  // namespace
+
+// Returns kf, vf, lam, router_p, ema_k, ema_v, part_k, part_v, summ_k, summ_v, then (when save) s_k, s_v,
+// k3, v3, recall slots [B, Hkv, T, R] int32 (-1 = none) and recall weights [B, Hkv, T, R].
+std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, double gate, Tensor valid,
+                            Tensor n_seen, Tensor ema_k, Tensor ema_v, Tensor part_k, Tensor part_v,
+                            Tensor summ_k, Tensor summ_v, bool session, bool longterm, double beta_d,
+                            int64_t C, int64_t R, double scale_d, bool save) {
+  k1 = last_contiguous(k1);
+  v1 = last_contiguous(v1);
+  q = last_contiguous(q);
+  logits = logits.contiguous();
+  valid = valid.contiguous();
+  n_seen = n_seen.contiguous();
+  const Levels lv(session, longterm);
+  const int64_t B = k1.size(0), Hkv = k1.size(1), T = k1.size(2), d = k1.size(3);
+  const int64_t rep = q.size(2) / (Hkv * d), L = lv.L, G = logits.size(2) / L, N = summ_k.size(2);
+  const float beta = static_cast<float>(beta_d), scale = static_cast<float>(scale_d), g = static_cast<float>(gate);
+  const Tokens tk = token_table(valid, n_seen, B, T, C, N, longterm, beta);
+
+  auto f32 = k1.options();
+  Tensor lam = torch::empty({B, G, T, L}, f32), rp = torch::empty({B, G, T, L}, f32);
+  {  // routing: lam = onehot + g (softmax(logits, L3 off where nothing is recalled) - onehot)
+    const float* lg = logits.data_ptr<float>();
+    float* lp = lam.data_ptr<float>();
+    float* pp = rp.data_ptr<float>();
+    at::parallel_for(0, B * G * T, 256, [&](int64_t lo, int64_t hi) {
+      for (int64_t row = lo; row < hi; ++row) {
+        const int64_t b = row / (G * T), gi = (row / T) % G, t = row % T;
+        const float* x = lg + (b * T + t) * G * L + gi * L;
+        const int64_t live = (lv.longterm && !tk.recall[b * T + t]) ? L - 1 : L;
+        float m = -std::numeric_limits<float>::infinity(), z = 0.f;
+        for (int64_t l = 0; l < live; ++l) m = std::max(m, x[l]);
+        float* p = pp + row * L;
+        for (int64_t l = 0; l < L; ++l) z += (p[l] = l < live ? std::exp(x[l] - m) : 0.f);
+        for (int64_t l = 0; l < L; ++l) {
+          p[l] /= z;
+          lp[row * L + l] = (l == 0 ? 1.f : 0.f) + g * (p[l] - (l == 0 ? 1.f : 0.f));
+        }
+      }
+    });
+  }
+
+  Tensor kf = torch::empty({B, T, Hkv, d}, f32), vf = torch::empty({B, T, Hkv, d}, f32);
+  Tensor ek = ema_k.clone(), ev = ema_v.clone(), pk = part_k.clone(), pv = part_v.clone();
+  Tensor sk_out = summ_k.clone(), sv_out = summ_v.clone();
+  Tensor s_k, s_v, k3s, v3s, slots, weights;
+  if (save) {
+    s_k = torch::zeros({B, T, Hkv, d}, f32);
+    s_v = torch::zeros({B, T, Hkv, d}, f32);
+    k3s = torch::zeros({B, T, Hkv, d}, f32);
+    v3s = torch::zeros({B, T, Hkv, d}, f32);
+    slots = torch::full({B, Hkv, T, R}, -1, k1.options().dtype(torch::kInt32));
+    weights = torch::zeros({B, Hkv, T, R}, f32);
+  }
+  const float *kp = k1.data_ptr<float>(), *vp = v1.data_ptr<float>(), *qp = q.data_ptr<float>();
+  const int64_t ksb = k1.stride(0), ksh = k1.stride(1), kst = k1.stride(2);
+  const int64_t vsb = v1.stride(0), vsh = v1.stride(1), vst = v1.stride(2);
+  const int64_t qsb = q.stride(0), qst = q.stride(1);
+  const float* lamp = lam.data_ptr<float>();
+  const int64_t* ns = n_seen.data_ptr<int64_t>();
+
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> qr(d), k3(d), v3(d), score(N);
+    std::vector<int64_t> order(N);
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int64_t b = bh / Hkv, h = bh % Hkv, gi = G == 1 ? 0 : h;
+      float* s_kk = ek.data_ptr<float>() + bh * d;
+      float* s_vv = ev.data_ptr<float>() + bh * d;
+      float* acc_k = pk.data_ptr<float>() + bh * d;
+      float* acc_v = pv.data_ptr<float>() + bh * d;
+      float* mk = sk_out.data_ptr<float>() + bh * N * d;
+      float* mv = sv_out.data_ptr<float>() + bh * N * d;
+      int64_t seen = ns[b];
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t i = b * T + t;
+        const float* kt = kp + b * ksb + h * ksh + t * kst;
+        const float* vt = vp + b * vsb + h * vsh + t * vst;
+        if (tk.ok[i]) {
+          if (lv.session) {
+            const float a = tk.a[i], u = tk.u[i];
+            for (int64_t j = 0; j < d; ++j) {
+              s_kk[j] = a * s_kk[j] + u * kt[j];
+              s_vv[j] = a * s_vv[j] + u * vt[j];
+            }
+          }
+          if (lv.longterm) {
+            axpy(1.f, kt, acc_k, d);
+            axpy(1.f, vt, acc_v, d);
+            if ((seen + 1) % C == 0) {  // this token completes chunk seen / C
+              const int64_t c = seen / C;
+              for (int64_t j = 0; j < d; ++j) {
+                mk[c * d + j] = acc_k[j] / static_cast<float>(C);
+                mv[c * d + j] = acc_v[j] / static_cast<float>(C);
+                acc_k[j] = acc_v[j] = 0.f;
+              }
+            }
+          }
+          ++seen;
+        }
+        const float* w = lamp + ((b * G + gi) * T + t) * L;
+        const int64_t o = (i * Hkv + h) * d;
+        float* kout = kf.data_ptr<float>() + o;
+        float* vout = vf.data_ptr<float>() + o;
+        for (int64_t j = 0; j < d; ++j) {
+          kout[j] = w[0] * kt[j];
+          vout[j] = w[0] * vt[j];
+        }
+        if (lv.session) {
+          axpy(w[lv.ls], s_kk, kout, d);
+          axpy(w[lv.ls], s_vv, vout, d);
+          if (save) {
+            std::copy(s_kk, s_kk + d, s_k.data_ptr<float>() + o);
+            std::copy(s_vv, s_vv + d, s_v.data_ptr<float>() + o);
+          }
+        }
+        if (!lv.longterm || !tk.recall[i]) continue;
+        const int64_t nav = std::min(tk.pos[i] / C, N);  // chunks completed before this token
+        std::fill(qr.begin(), qr.end(), 0.f);
+        for (int64_t r = 0; r < rep; ++r) axpy(1.f, qp + b * qsb + t * qst + (h * rep + r) * d, qr.data(), d);
+        for (int64_t j = 0; j < d; ++j) qr[j] /= static_cast<float>(rep);
+        for (int64_t c = 0; c < nav; ++c) score[c] = dot(qr.data(), mk + c * d, d);
+        const int64_t take = std::min(nav, R);
+        for (int64_t c = 0; c < nav; ++c) order[c] = c;
+        if (nav > R)  // the R best (ties: the lower slot, as a stable sort would)
+          std::partial_sort(order.begin(), order.begin() + R, order.begin() + nav, [&](int64_t x, int64_t y) {
+            return score[x] > score[y] || (score[x] == score[y] && x < y);
+          });
+        float m = -std::numeric_limits<float>::infinity(), z = 0.f;
+        for (int64_t r = 0; r < take; ++r) m = std::max(m, scale * score[order[r]]);
+        std::fill(k3.begin(), k3.end(), 0.f);
+        std::fill(v3.begin(), v3.end(), 0.f);
+        float pr[64];
+        float* pw = R <= 64 ? pr : nullptr;
+        std::vector<float> big;
+        if (!pw) {
+          big.resize(R);
+          pw = big.data();
+        }
+        for (int64_t r = 0; r < take; ++r) z += (pw[r] = std::exp(scale * score[order[r]] - m));
+        for (int64_t r = 0; r < take; ++r) {
+          pw[r] /= z;
+          axpy(pw[r], mk + order[r] * d, k3.data(), d);
+          axpy(pw[r], mv + order[r] * d, v3.data(), d);
+        }
+        axpy(w[lv.l3], k3.data(), kout, d);
+        axpy(w[lv.l3], v3.data(), vout, d);
+        if (save) {
+          std::copy(k3.begin(), k3.end(), k3s.data_ptr<float>() + o);
+          std::copy(v3.begin(), v3.end(), v3s.data_ptr<float>() + o);
+          int32_t* sl = slots.data_ptr<int32_t>() + (bh * T + t) * R;
+          float* ws = weights.data_ptr<float>() + (bh * T + t) * R;
+          for (int64_t r = 0; r < take; ++r) {
+            sl[r] = static_cast<int32_t>(order[r]);
+            ws[r] = pw[r];
+          }
+        }
+      }
+    }
+  });
+  std::vector<Tensor> out = {kf, vf, lam, rp, ek, ev, pk, pv, sk_out, sv_out};
+  if (save) out.insert(out.end(), {s_k, s_v, k3s, v3s, slots, weights});
+  return out;
+}
+
+// Gradients of the token inputs (the incoming state gets none: the fused path runs under autograd only for a
+// fresh state that nothing keeps). Returns gk1, gv1 ([B, T, Hkv, d]), gq [B, T, H*d], glogits [B, T, G*L] and
+// the gate's gradient through the effective gate (a one-element tensor).
+std::vector<Tensor> backward(Tensor gkf, Tensor gvf, Tensor k1, Tensor v1, Tensor q, double gate, Tensor valid,
+                             Tensor n_seen, Tensor lam, Tensor rp, Tensor summ_k, Tensor summ_v, Tensor s_k,
+                             Tensor s_v, Tensor k3s, Tensor v3s, Tensor slots, Tensor weights, bool session,
+                             bool longterm, double beta_d, int64_t C, int64_t R, double scale_d) {
+  gkf = gkf.contiguous();
+  gvf = gvf.contiguous();
+  k1 = last_contiguous(k1);
+  v1 = last_contiguous(v1);
+  q = last_contiguous(q);
+  const Levels lv(session, longterm);
+  const int64_t B = k1.size(0), Hkv = k1.size(1), T = k1.size(2), d = k1.size(3);
+  const int64_t HQ = q.size(2), rep = HQ / (Hkv * d), L = lv.L, G = lam.size(1), N = summ_k.size(2);
+  const float scale = static_cast<float>(scale_d), g = static_cast<float>(gate);
+  const Tokens tk = token_table(valid.contiguous(), n_seen.contiguous(), B, T, C, N, longterm,
+                                static_cast<float>(beta_d));
+  auto f32 = k1.options();
+  Tensor gk1 = torch::empty({B, T, Hkv, d}, f32), gv1 = torch::empty({B, T, Hkv, d}, f32);
+  Tensor gq = torch::zeros({B, T, HQ}, f32);
+  Tensor glam_h = torch::empty({B, Hkv, T, L}, f32);
+  const float *kp = k1.data_ptr<float>(), *vp = v1.data_ptr<float>(), *qp = q.data_ptr<float>();
+  const int64_t ksb = k1.stride(0), ksh = k1.stride(1), kst = k1.stride(2);
+  const int64_t vsb = v1.stride(0), vsh = v1.stride(1), vst = v1.stride(2);
+  const int64_t qsb = q.stride(0), qst = q.stride(1);
+  const float *gkp = gkf.data_ptr<float>(), *gvp = gvf.data_ptr<float>(), *lamp = lam.data_ptr<float>();
+  const int64_t* ns = n_seen.contiguous().data_ptr<int64_t>();
+
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> Dk(d), Dv(d), gk3(d), gv3(d), qr(d), gqr(d), gsk(N * d), gsv(N * d);
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int64_t b = bh / Hkv, h = bh % Hkv, gi = G == 1 ? 0 : h;
+      const float* mk = summ_k.data_ptr<float>() + bh * N * d;
+      const float* mv = summ_v.data_ptr<float>() + bh * N * d;
+      std::fill(Dk.begin(), Dk.end(), 0.f);
+      std::fill(Dv.begin(), Dv.end(), 0.f);
+      std::fill(gsk.begin(), gsk.end(), 0.f);
+      std::fill(gsv.begin(), gsv.end(), 0.f);
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const int64_t i = b * T + t, o = (i * Hkv + h) * d;
+        const float *gk = gkp + o, *gv = gvp + o;
+        const float* kt = kp + b * ksb + h * ksh + t * kst;
+        const float* vt = vp + b * vsb + h * vsh + t * vst;
+        const float* w = lamp + ((b * G + gi) * T + t) * L;
+        float* gl = glam_h.data_ptr<float>() + (bh * T + t) * L;
+        float* gko = gk1.data_ptr<float>() + o;
+        float* gvo = gv1.data_ptr<float>() + o;
+        gl[0] = dot(gk, kt, d) + dot(gv, vt, d);
+        for (int64_t j = 0; j < d; ++j) {
+          gko[j] = w[0] * gk[j];
+          gvo[j] = w[0] * gv[j];
+        }
+        if (lv.session) {  // D_t = dL/ds_t = lam_s g_t + a_{t+1} D_{t+1}; dk_t += u_t D_t
+          gl[lv.ls] = dot(gk, s_k.data_ptr<float>() + o, d) + dot(gv, s_v.data_ptr<float>() + o, d);
+          const float u = tk.u[i], a = tk.a[i];
+          for (int64_t j = 0; j < d; ++j) {
+            Dk[j] += w[lv.ls] * gk[j];
+            Dv[j] += w[lv.ls] * gv[j];
+            gko[j] += u * Dk[j];
+            gvo[j] += u * Dv[j];
+            Dk[j] *= a;
+            Dv[j] *= a;
+          }
+        }
+        if (!lv.longterm) continue;
+        gl[lv.l3] = dot(gk, k3s.data_ptr<float>() + o, d) + dot(gv, v3s.data_ptr<float>() + o, d);
+        if (!tk.recall[i]) continue;
+        const int32_t* sl = slots.data_ptr<int32_t>() + (bh * T + t) * R;
+        const float* pw = weights.data_ptr<float>() + (bh * T + t) * R;
+        for (int64_t j = 0; j < d; ++j) {
+          gk3[j] = w[lv.l3] * gk[j];
+          gv3[j] = w[lv.l3] * gv[j];
+        }
+        std::fill(qr.begin(), qr.end(), 0.f);
+        for (int64_t r = 0; r < rep; ++r) axpy(1.f, qp + b * qsb + t * qst + (h * rep + r) * d, qr.data(), d);
+        for (int64_t j = 0; j < d; ++j) qr[j] /= static_cast<float>(rep);
+        float gp[64], mean = 0.f;
+        std::vector<float> big;
+        float* gpw = R <= 64 ? gp : (big.resize(R), big.data());
+        int64_t take = 0;
+        for (; take < R && sl[take] >= 0; ++take) {
+          const int64_t c = sl[take];
+          gpw[take] = dot(gk3.data(), mk + c * d, d) + dot(gv3.data(), mv + c * d, d);
+          mean += pw[take] * gpw[take];
+        }
+        std::fill(gqr.begin(), gqr.end(), 0.f);
+        for (int64_t r = 0; r < take; ++r) {
+          const int64_t c = sl[r];
+          const float gs = pw[r] * (gpw[r] - mean) * scale;  // softmax backward, times the recall scale
+          axpy(pw[r], gk3.data(), gsk.data() + c * d, d);
+          axpy(gs, qr.data(), gsk.data() + c * d, d);
+          axpy(pw[r], gv3.data(), gsv.data() + c * d, d);
+          axpy(gs, mk + c * d, gqr.data(), d);
+        }
+        for (int64_t r = 0; r < rep; ++r) axpy(1.f / static_cast<float>(rep), gqr.data(),
+                                                gq.data_ptr<float>() + b * T * HQ + t * HQ + (h * rep + r) * d, d);
+      }
+      if (!lv.longterm) continue;
+      // summaries completed in this call pass their gradient to their tokens (mean over C)
+      const int64_t first = ns[b] / C;
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t i = b * T + t;
+        if (!tk.ok[i]) continue;
+        const int64_t c = tk.pos[i] / C;
+        if (c < first || c >= tk.done[b]) continue;  // a chunk still open: its gradient is the state's
+        const int64_t o = (i * Hkv + h) * d;
+        axpy(1.f / static_cast<float>(C), gsk.data() + c * d, gk1.data_ptr<float>() + o, d);
+        axpy(1.f / static_cast<float>(C), gsv.data() + c * d, gv1.data_ptr<float>() + o, d);
+      }
+    }
+  });
+
+  // routing backward: lam = onehot + g (p - onehot), p = softmax(logits) over the live levels
+  Tensor glam = G == 1 ? glam_h.sum(1, true) : glam_h;  // [B, G, T, L]
+  glam = glam.contiguous();
+  Tensor glogits = torch::empty({B, T, G * L}, f32), ggate_rows = torch::empty({B * G * T}, f32);
+  const float *glp = glam.data_ptr<float>(), *pp = rp.data_ptr<float>();
+  float* glo = glogits.data_ptr<float>();
+  float* ggr = ggate_rows.data_ptr<float>();
+  at::parallel_for(0, B * G * T, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t row = lo; row < hi; ++row) {
+      const int64_t b = row / (G * T), gi = (row / T) % G, t = row % T;
+      const float *gl = glp + row * L, *p = pp + row * L;
+      float s = 0.f, gg = 0.f;
+      for (int64_t l = 0; l < L; ++l) {
+        s += p[l] * g * gl[l];
+        gg += gl[l] * (p[l] - (l == 0 ? 1.f : 0.f));
+      }
+      float* out = glo + (b * T + t) * G * L + gi * L;
+      for (int64_t l = 0; l < L; ++l) out[l] = p[l] * (g * gl[l] - s);
+      ggr[row] = gg;
+    }
+  });
+  return {gk1, gv1, gq, glogits, ggate_rows.sum().reshape({1})};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "FastMKA memory path, forward (CPU, float32)");
+  m.def("backward", &backward, "FastMKA memory path, backward (CPU, float32)");
+}

@@ -1,0 +1,143 @@
+"""The fused CPU memory path (kernels/fastmka_memory_cpu) against the mka:: reference ops it stands for,
+composed as SiteMemory.mix_levels composes them: outputs, new state and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mka_compile import kernels as K
+from mka_compile.kernels import fastmka_memory_cpu as fused
+from mka_compile.layers.attention import routing_weights
+
+pytestmark = pytest.mark.skipif(fused.extension() is None, reason="the fused CPU extension did not build here")
+
+
+def reference(k1, v1, q, logits, gate, valid, state, *, session, longterm, beta, chunk, top_r, scale):
+    """The composition of the reference ops (what mix_levels runs without the fused path)."""
+    n_seen, ema_k, ema_v, part_k, part_v, summ_k, summ_v = state
+    B, Hkv, T, d = k1.shape
+    H = q.shape[-1] // d
+    L = 1 + session + longterm
+    G = logits.shape[-1] // L
+    ks, vs = [k1], [v1]
+    if session:
+        sk, sv, ema_k, ema_v = K.session_scan(k1, v1, beta, valid, ema_k, ema_v, n_seen)
+        ks.append(sk)
+        vs.append(sv)
+    has_recall = None
+    if longterm:
+        part_k, part_v, summ_k, summ_v = torch.ops.mka.chunk_update(
+            k1, v1, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk
+        )
+        q_r = q.view(B, T, Hkv, H // Hkv, d).mean(3).transpose(1, 2)
+        pos = K.real_positions(valid, n_seen)
+        idx, found = torch.ops.mka.recall_select(q_r, summ_k, pos, chunk, top_r, None, None)
+        has_recall = found[:, 0, :, 0]
+        sel = K.recall_mask(idx, found, summ_k.shape[2])
+        k3, v3 = K.recall_mix(q_r, summ_k, summ_v, sel, scale)
+        ks.append(k3)
+        vs.append(v3)
+    lam = routing_weights(lambda _: logits, gate, q, has_recall, L, G)
+    kf, vf = K.route_mix(lam, ks, vs)
+    return kf, vf, lam, (ema_k, ema_v, part_k, part_v, summ_k, summ_v)
+
+
+def _case(seed, *, B=2, Hkv=2, rep=2, T=37, d=8, G=1, levels=(True, True), chunk=4, top_r=3, slots=12,
+          carry=0, pad=True):  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    session, longterm = levels
+    L = 1 + session + longterm
+    base = r(B, T, Hkv * d)  # keys as a projection gives them: head views of [B, T, Hkv*d]
+    k1 = base.view(B, T, Hkv, d).transpose(1, 2)
+    v1 = r(B, Hkv, T, d)
+    q = r(B, T, Hkv * rep * d)
+    logits = r(B, T, G * L)
+    gate = torch.tensor([0.7])
+    valid = torch.ones(B, T, dtype=torch.bool)
+    if pad:
+        valid[0, :3] = False  # left padding
+        valid[1, -2:] = False  # right padding
+        valid[1, 10] = False  # a hole
+    n_seen = torch.tensor([carry, carry + 3] if B == 2 else [carry] * B, dtype=torch.int64)
+    state = (
+        n_seen,
+        r(B, Hkv, d) if carry else torch.zeros(B, Hkv, d),
+        r(B, Hkv, d) if carry else torch.zeros(B, Hkv, d),
+        r(B, Hkv, d) if carry else torch.zeros(B, Hkv, d),
+        r(B, Hkv, d) if carry else torch.zeros(B, Hkv, d),
+        r(B, Hkv, slots, d),
+        r(B, Hkv, slots, d),
+    )
+    if carry:  # the partial chunk holds n_seen % chunk tokens; slots past the completed chunks are unused (zero)
+        for b in range(B):
+            done = int(n_seen[b]) // chunk
+            state[5][b, :, done:] = 0
+            state[6][b, :, done:] = 0
+            if int(n_seen[b]) % chunk == 0:
+                state[3][b] = 0
+                state[4][b] = 0
+    else:
+        state[5].zero_()
+        state[6].zero_()
+    opts = dict(session=session, longterm=longterm, beta=0.8, chunk=chunk, top_r=top_r, scale=0.35)
+    return (k1, v1, q, logits, gate, valid, state), opts
+
+
+CASES = {
+    "default": {},
+    "per-head routing": dict(G=2),
+    "session only": dict(levels=(True, False)),
+    "long-term only": dict(levels=(False, True)),
+    "no padding": dict(pad=False),
+    "state carried": dict(carry=9),
+    "mha": dict(rep=1),
+    "recall all": dict(top_r=20),
+    "one token": dict(T=1, carry=9, pad=False),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_matches_reference_ops(name):
+    args, opts = _case(0, **CASES[name])
+    kf, vf, lam, st = fused.memory(*args, **opts)
+    rkf, rvf, rlam, rst = reference(*args, **opts)
+    torch.testing.assert_close(kf, rkf, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vf, rvf, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lam, rlam, rtol=1e-6, atol=1e-6)
+    for a, b in zip(st, rst):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradients_match_reference_ops(name):
+    args, opts = _case(1, **CASES[name])
+    leaves = [t.detach().clone().requires_grad_() for t in args[:5]]
+    w = torch.randn(2, *args[0].shape, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for fn in (fused.memory, reference):
+        xs = [t.detach().clone().requires_grad_() for t in leaves]
+        kf, vf, *_ = fn(*xs, *args[5:], **opts)
+        ((kf * w[0]).sum() + (vf * w[1]).sum()).backward()
+        grads.append([x.grad for x in xs])
+    for name_, a, b in zip(("k1", "v1", "q", "logits", "gate"), *grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name_: f"grad of {n}: {m}")
+
+
+def test_identity_at_zero_gate():
+    args, opts = _case(2)
+    args = (*args[:4], torch.zeros(1), *args[5:])
+    kf, vf, lam, _ = fused.memory(*args, **opts)
+    assert torch.equal(kf, args[0]) and torch.equal(vf, args[1])
+    assert torch.equal(lam[..., 0], torch.ones_like(lam[..., 0]))
+
+
+def test_not_used_when_traced_or_off_cpu():
+    x = torch.zeros(1, 1, 2, 2)
+    assert fused.usable(x)
+    assert not fused.usable(x.double())
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        assert not fused.usable(mode.from_tensor(x))
