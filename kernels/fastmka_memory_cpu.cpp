@@ -27,15 +27,36 @@ struct Levels {
   Levels(bool s, bool l) : session(s), longterm(l), L(1 + s + l), ls(s ? 1 : -1), l3(l ? (s ? 2 : 1) : -1) {}
 };
 
-inline float dot(const float* a, const float* b, int64_t d) {
+inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t d) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
   return s;
 }
 
-inline void axpy(float w, const float* x, float* y, int64_t d) {  // y += w x
+inline void axpy(float w, const float* __restrict__ x, float* __restrict__ y, int64_t d) {  // y += w x
+#pragma omp simd
   for (int64_t i = 0; i < d; ++i) y[i] += w * x[i];
+}
+
+// exp(x) for a softmax argument x <= 0, in a form the compiler vectorises (Cephes' expf: range reduction by
+// ln 2 in two parts and a degree-6 polynomial; about 1 ulp). Below -87 it returns exp(-87) ~ 1.6e-38, not 0.
+inline float exp_nonpos(float x) {
+  x = std::max(x, -87.f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  union {
+    int32_t i;
+    float f;
+  } two_n{(static_cast<int32_t>(n) + 127) << 23};
+  return p * two_n.f;
 }
 
 Tensor last_contiguous(const Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
@@ -110,7 +131,7 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
         float m = -std::numeric_limits<float>::infinity(), z = 0.f;
         for (int64_t l = 0; l < live; ++l) m = std::max(m, x[l]);
         float* p = pp + row * L;
-        for (int64_t l = 0; l < L; ++l) z += (p[l] = l < live ? std::exp(x[l] - m) : 0.f);
+        for (int64_t l = 0; l < L; ++l) z += (p[l] = l < live ? exp_nonpos(x[l] - m) : 0.f);
         for (int64_t l = 0; l < L; ++l) {
           p[l] /= z;
           lp[row * L + l] = (l == 0 ? 1.f : 0.f) + g * (p[l] - (l == 0 ? 1.f : 0.f));
@@ -122,33 +143,30 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
   Tensor kf = torch::empty({B, T, Hkv, d}, f32), vf = torch::empty({B, T, Hkv, d}, f32);
   Tensor ek = ema_k.clone(), ev = ema_v.clone(), pk = part_k.clone(), pv = part_v.clone();
   Tensor sk_out = summ_k.clone(), sv_out = summ_v.clone();
-  Tensor s_k, s_v, k3s, v3s, slots, weights;
+  Tensor s_k, s_v, kv3, slots, weights;
   if (save) {
     s_k = torch::zeros({B, T, Hkv, d}, f32);
     s_v = torch::zeros({B, T, Hkv, d}, f32);
-    k3s = torch::zeros({B, T, Hkv, d}, f32);
-    v3s = torch::zeros({B, T, Hkv, d}, f32);
     slots = torch::full({B, Hkv, T, R}, -1, k1.options().dtype(torch::kInt32));
     weights = torch::zeros({B, Hkv, T, R}, f32);
   }
-  const float *kp = k1.data_ptr<float>(), *vp = v1.data_ptr<float>(), *qp = q.data_ptr<float>();
+  const float *kp = k1.data_ptr<float>(), *vp = v1.data_ptr<float>();
   const int64_t ksb = k1.stride(0), ksh = k1.stride(1), kst = k1.stride(2);
   const int64_t vsb = v1.stride(0), vsh = v1.stride(1), vst = v1.stride(2);
-  const int64_t qsb = q.stride(0), qst = q.stride(1);
   const float* lamp = lam.data_ptr<float>();
   const int64_t* ns = n_seen.data_ptr<int64_t>();
+  float *kfp = kf.data_ptr<float>(), *vfp = vf.data_ptr<float>();
+  float *ekp = ek.data_ptr<float>(), *evp = ev.data_ptr<float>(), *pkp = pk.data_ptr<float>(), *pvp = pv.data_ptr<float>();
+  float *mkp = sk_out.data_ptr<float>(), *mvp = sv_out.data_ptr<float>();
+  float *skp = save ? s_k.data_ptr<float>() : nullptr, *svp = save ? s_v.data_ptr<float>() : nullptr;
 
+  // pass 1, in token order: the session EMA and the chunk summaries; kf = lam_1 k1 + lam_s s
   at::parallel_for(0, B * Hkv, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> qr(d), k3(d), v3(d), score(N);
-    std::vector<int64_t> order(N);
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / Hkv, h = bh % Hkv, gi = G == 1 ? 0 : h;
-      float* s_kk = ek.data_ptr<float>() + bh * d;
-      float* s_vv = ev.data_ptr<float>() + bh * d;
-      float* acc_k = pk.data_ptr<float>() + bh * d;
-      float* acc_v = pv.data_ptr<float>() + bh * d;
-      float* mk = sk_out.data_ptr<float>() + bh * N * d;
-      float* mv = sv_out.data_ptr<float>() + bh * N * d;
+      float *__restrict__ s_kk = ekp + bh * d, *__restrict__ s_vv = evp + bh * d;
+      float *__restrict__ acc_k = pkp + bh * d, *__restrict__ acc_v = pvp + bh * d;
+      float *mk = mkp + bh * N * d, *mv = mvp + bh * N * d;
       int64_t seen = ns[b];
       for (int64_t t = 0; t < T; ++t) {
         const int64_t i = b * T + t;
@@ -157,6 +175,7 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
         if (tk.ok[i]) {
           if (lv.session) {
             const float a = tk.a[i], u = tk.u[i];
+#pragma omp simd
             for (int64_t j = 0; j < d; ++j) {
               s_kk[j] = a * s_kk[j] + u * kt[j];
               s_vv[j] = a * s_vv[j] + u * vt[j];
@@ -178,8 +197,8 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
         }
         const float* w = lamp + ((b * G + gi) * T + t) * L;
         const int64_t o = (i * Hkv + h) * d;
-        float* kout = kf.data_ptr<float>() + o;
-        float* vout = vf.data_ptr<float>() + o;
+        float *__restrict__ kout = kfp + o, *__restrict__ vout = vfp + o;
+#pragma omp simd
         for (int64_t j = 0; j < d; ++j) {
           kout[j] = w[0] * kt[j];
           vout[j] = w[0] * vt[j];
@@ -188,56 +207,94 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
           axpy(w[lv.ls], s_kk, kout, d);
           axpy(w[lv.ls], s_vv, vout, d);
           if (save) {
-            std::copy(s_kk, s_kk + d, s_k.data_ptr<float>() + o);
-            std::copy(s_vv, s_vv + d, s_v.data_ptr<float>() + o);
-          }
-        }
-        if (!lv.longterm || !tk.recall[i]) continue;
-        const int64_t nav = std::min(tk.pos[i] / C, N);  // chunks completed before this token
-        std::fill(qr.begin(), qr.end(), 0.f);
-        for (int64_t r = 0; r < rep; ++r) axpy(1.f, qp + b * qsb + t * qst + (h * rep + r) * d, qr.data(), d);
-        for (int64_t j = 0; j < d; ++j) qr[j] /= static_cast<float>(rep);
-        for (int64_t c = 0; c < nav; ++c) score[c] = dot(qr.data(), mk + c * d, d);
-        const int64_t take = std::min(nav, R);
-        for (int64_t c = 0; c < nav; ++c) order[c] = c;
-        if (nav > R)  // the R best (ties: the lower slot, as a stable sort would)
-          std::partial_sort(order.begin(), order.begin() + R, order.begin() + nav, [&](int64_t x, int64_t y) {
-            return score[x] > score[y] || (score[x] == score[y] && x < y);
-          });
-        float m = -std::numeric_limits<float>::infinity(), z = 0.f;
-        for (int64_t r = 0; r < take; ++r) m = std::max(m, scale * score[order[r]]);
-        std::fill(k3.begin(), k3.end(), 0.f);
-        std::fill(v3.begin(), v3.end(), 0.f);
-        float pr[64];
-        float* pw = R <= 64 ? pr : nullptr;
-        std::vector<float> big;
-        if (!pw) {
-          big.resize(R);
-          pw = big.data();
-        }
-        for (int64_t r = 0; r < take; ++r) z += (pw[r] = std::exp(scale * score[order[r]] - m));
-        for (int64_t r = 0; r < take; ++r) {
-          pw[r] /= z;
-          axpy(pw[r], mk + order[r] * d, k3.data(), d);
-          axpy(pw[r], mv + order[r] * d, v3.data(), d);
-        }
-        axpy(w[lv.l3], k3.data(), kout, d);
-        axpy(w[lv.l3], v3.data(), vout, d);
-        if (save) {
-          std::copy(k3.begin(), k3.end(), k3s.data_ptr<float>() + o);
-          std::copy(v3.begin(), v3.end(), v3s.data_ptr<float>() + o);
-          int32_t* sl = slots.data_ptr<int32_t>() + (bh * T + t) * R;
-          float* ws = weights.data_ptr<float>() + (bh * T + t) * R;
-          for (int64_t r = 0; r < take; ++r) {
-            sl[r] = static_cast<int32_t>(order[r]);
-            ws[r] = pw[r];
+            std::copy(s_kk, s_kk + d, skp + o);
+            std::copy(s_vv, s_vv + d, svp + o);
           }
         }
       }
     }
   });
+
+  if (lv.longterm) {
+    // recall queries (the mean over each kv group's query heads), then the scores of every token against every
+    // slot in one matmul; a token reads only the chunks completed before it
+    Tensor qr = torch::empty({B, Hkv, T, d}, f32);
+    const float* qp = q.data_ptr<float>();
+    const int64_t qsb = q.stride(0), qst = q.stride(1);
+    float* qrp = qr.data_ptr<float>();
+    at::parallel_for(0, B * Hkv * T, 256, [&](int64_t lo, int64_t hi) {
+      for (int64_t row = lo; row < hi; ++row) {
+        const int64_t b = row / (Hkv * T), h = (row / T) % Hkv, t = row % T;
+        float* out = qrp + row * d;
+        const float* src = qp + b * qsb + t * qst + h * rep * d;
+        std::copy(src, src + d, out);
+        for (int64_t r = 1; r < rep; ++r) axpy(1.f, src + r * d, out, d);
+        for (int64_t j = 0; j < d; ++j) out[j] /= static_cast<float>(rep);
+      }
+    });
+    Tensor scores = at::matmul(qr, sk_out.transpose(-1, -2)).contiguous();  // [B, Hkv, T, N]
+    const float* scp = scores.data_ptr<float>();
+    if (save) kv3 = torch::zeros({B, Hkv, T, 2 * d}, f32);
+    float* k3p = save ? kv3.data_ptr<float>() : nullptr;
+    int32_t* slp = save ? slots.data_ptr<int32_t>() : nullptr;
+    float* wsp = save ? weights.data_ptr<float>() : nullptr;
+    // pass 2: each token's top-R recallable slots, their softmax weights, k3 and v3; kf += lam_3 k3
+    at::parallel_for(0, B * Hkv * T, 64, [&](int64_t lo, int64_t hi) {
+      std::vector<float> buf(R), pw(R), k3(d), v3(d);
+      std::vector<int64_t> pick(R);
+      for (int64_t row = lo; row < hi; ++row) {
+        const int64_t b = row / (Hkv * T), h = (row / T) % Hkv, t = row % T, i = b * T + t;
+        if (!tk.recall[i]) continue;
+        const int64_t nav = std::min(tk.pos[i] / C, N);  // chunks completed before this token
+        const float* sc = scp + row * N;
+        int64_t take = 0;
+        if (nav <= R) {
+          for (; take < nav; ++take) pick[take] = take;
+        } else {  // the R best, kept sorted by insertion (ties go to the lower slot)
+          for (int64_t c = 0; c < nav; ++c) {
+            const float v = sc[c];
+            if (take == R && !(v > buf[R - 1])) continue;
+            int64_t at = take < R ? take++ : R - 1;
+            for (; at > 0 && v > buf[at - 1]; --at) {
+              buf[at] = buf[at - 1];
+              pick[at] = pick[at - 1];
+            }
+            buf[at] = v;
+            pick[at] = c;
+          }
+        }
+        float m = -std::numeric_limits<float>::infinity(), z = 0.f;
+        for (int64_t r = 0; r < take; ++r) m = std::max(m, pw[r] = scale * sc[pick[r]]);
+#pragma omp simd reduction(+ : z)
+        for (int64_t r = 0; r < take; ++r) z += (pw[r] = exp_nonpos(pw[r] - m));
+        const float* mk = mkp + (b * Hkv + h) * N * d;
+        const float* mv = mvp + (b * Hkv + h) * N * d;
+        std::fill(k3.begin(), k3.end(), 0.f);
+        std::fill(v3.begin(), v3.end(), 0.f);
+        for (int64_t r = 0; r < take; ++r) {
+          pw[r] /= z;
+          axpy(pw[r], mk + pick[r] * d, k3.data(), d);
+          axpy(pw[r], mv + pick[r] * d, v3.data(), d);
+        }
+        const float w3 = lamp[((b * G + (G == 1 ? 0 : h)) * T + t) * L + lv.l3];
+        const int64_t o = (i * Hkv + h) * d;
+        axpy(w3, k3.data(), kfp + o, d);
+        axpy(w3, v3.data(), vfp + o, d);
+        if (save) {
+          std::copy(k3.begin(), k3.end(), k3p + row * 2 * d);
+          std::copy(v3.begin(), v3.end(), k3p + row * 2 * d + d);
+          for (int64_t r = 0; r < take; ++r) {
+            slp[row * R + r] = static_cast<int32_t>(pick[r]);
+            wsp[row * R + r] = pw[r];
+          }
+        }
+      }
+    });
+  } else if (save) {
+    kv3 = torch::zeros({B, Hkv, T, 2 * d}, f32);
+  }
   std::vector<Tensor> out = {kf, vf, lam, rp, ek, ev, pk, pv, sk_out, sv_out};
-  if (save) out.insert(out.end(), {s_k, s_v, k3s, v3s, slots, weights});
+  if (save) out.insert(out.end(), {s_k, s_v, kv3, slots, weights});
   return out;
 }
 
@@ -246,7 +303,7 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
 // the gate's gradient through the effective gate (a one-element tensor).
 std::vector<Tensor> backward(Tensor gkf, Tensor gvf, Tensor k1, Tensor v1, Tensor q, double gate, Tensor valid,
                              Tensor n_seen, Tensor lam, Tensor rp, Tensor summ_k, Tensor summ_v, Tensor s_k,
-                             Tensor s_v, Tensor k3s, Tensor v3s, Tensor slots, Tensor weights, bool session,
+                             Tensor s_v, Tensor kv3, Tensor slots, Tensor weights, bool session,
                              bool longterm, double beta_d, int64_t C, int64_t R, double scale_d) {
   gkf = gkf.contiguous();
   gvf = gvf.contiguous();
@@ -307,7 +364,8 @@ std::vector<Tensor> backward(Tensor gkf, Tensor gvf, Tensor k1, Tensor v1, Tenso
           }
         }
         if (!lv.longterm) continue;
-        gl[lv.l3] = dot(gk, k3s.data_ptr<float>() + o, d) + dot(gv, v3s.data_ptr<float>() + o, d);
+        const float* k3 = kv3.data_ptr<float>() + (bh * T + t) * 2 * d;
+        gl[lv.l3] = dot(gk, k3, d) + dot(gv, k3 + d, d);
         if (!tk.recall[i]) continue;
         const int32_t* sl = slots.data_ptr<int32_t>() + (bh * T + t) * R;
         const float* pw = weights.data_ptr<float>() + (bh * T + t) * R;

@@ -96,13 +96,13 @@ class _Memory(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gkf, gvf, *_):
-        k1, v1, q, valid, n_seen, lam, p, summ_k, summ_v, s_k, s_v, k3, v3, slots, weights = ctx.saved_tensors
+        k1, v1, q, valid, n_seen, lam, p, summ_k, summ_v, s_k, s_v, kv3, slots, weights = ctx.saved_tensors
         session, longterm, beta, chunk, top_r, scale = ctx.opts
         gkf = torch.zeros_like(s_k) if gkf is None else gkf
         gvf = torch.zeros_like(s_v) if gvf is None else gvf
         gk1, gv1, gq, glogits, ggate = extension().backward(
             gkf, gvf, k1, v1, q, ctx.gate_value, valid, n_seen, lam, p, summ_k, summ_v,
-            s_k, s_v, k3, v3, slots, weights, session, longterm, beta, chunk, top_r, scale,
+            s_k, s_v, kv3, slots, weights, session, longterm, beta, chunk, top_r, scale,
         )  # fmt: skip
         gq = gq if longterm else None  # only the recall reads the query
         return gk1.transpose(1, 2), gv1.transpose(1, 2), gq, glogits, ggate * ctx.gate_sign, None, None, None
