@@ -99,12 +99,13 @@ Tokens token_table(const Tensor& valid, const Tensor& n_seen, int64_t B, int64_t
 
 }  // namespace
 
-// Returns kf, vf, lam, router_p, ema_k, ema_v, part_k, part_v, summ_k, summ_v, then (when save) s_k, s_v,
-// k3, v3, recall slots [B, Hkv, T, R] int32 (-1 = none) and recall weights [B, Hkv, T, R].
+// Returns kf, vf (empty when !mix: MKA mode attends over the levels instead), lam, router_p, ema_k, ema_v,
+// part_k, part_v, summ_k, summ_v, then (when save or !mix) the session levels s_k, s_v, [k3|v3] [B, Hkv, T, 2d]
+// (when save; else undefined), the recalled slots [B, Hkv, T, R] int32 (-1 = none) and their weights.
 std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, double gate, Tensor valid,
                             Tensor n_seen, Tensor ema_k, Tensor ema_v, Tensor part_k, Tensor part_v,
                             Tensor summ_k, Tensor summ_v, bool session, bool longterm, double beta_d,
-                            int64_t C, int64_t R, double scale_d, bool save) {
+                            int64_t C, int64_t R, double scale_d, bool save, bool mix) {
   k1 = last_contiguous(k1);
   v1 = last_contiguous(v1);
   q = last_contiguous(q);
@@ -140,11 +141,13 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
     });
   }
 
-  Tensor kf = torch::empty({B, T, Hkv, d}, f32), vf = torch::empty({B, T, Hkv, d}, f32);
+  const bool keep = save || !mix;  // the levels themselves are outputs: for the backward, or for MKA mode
+  const int64_t Tm = mix ? T : 0;
+  Tensor kf = torch::empty({B, Tm, Hkv, d}, f32), vf = torch::empty({B, Tm, Hkv, d}, f32);
   Tensor ek = ema_k.clone(), ev = ema_v.clone(), pk = part_k.clone(), pv = part_v.clone();
   Tensor sk_out = summ_k.clone(), sv_out = summ_v.clone();
   Tensor s_k, s_v, kv3, slots, weights;
-  if (save) {
+  if (keep) {
     s_k = torch::zeros({B, T, Hkv, d}, f32);
     s_v = torch::zeros({B, T, Hkv, d}, f32);
     slots = torch::full({B, Hkv, T, R}, -1, k1.options().dtype(torch::kInt32));
@@ -158,7 +161,7 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
   float *kfp = kf.data_ptr<float>(), *vfp = vf.data_ptr<float>();
   float *ekp = ek.data_ptr<float>(), *evp = ev.data_ptr<float>(), *pkp = pk.data_ptr<float>(), *pvp = pv.data_ptr<float>();
   float *mkp = sk_out.data_ptr<float>(), *mvp = sv_out.data_ptr<float>();
-  float *skp = save ? s_k.data_ptr<float>() : nullptr, *svp = save ? s_v.data_ptr<float>() : nullptr;
+  float *skp = keep ? s_k.data_ptr<float>() : nullptr, *svp = keep ? s_v.data_ptr<float>() : nullptr;
 
   // pass 1, in token order: the session EMA and the chunk summaries; kf = lam_1 k1 + lam_s s
   at::parallel_for(0, B * Hkv, 1, [&](int64_t lo, int64_t hi) {
@@ -197,6 +200,11 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
         }
         const float* w = lamp + ((b * G + gi) * T + t) * L;
         const int64_t o = (i * Hkv + h) * d;
+        if (lv.session && keep) {
+          std::copy(s_kk, s_kk + d, skp + o);
+          std::copy(s_vv, s_vv + d, svp + o);
+        }
+        if (!mix) continue;
         float *__restrict__ kout = kfp + o, *__restrict__ vout = vfp + o;
 #pragma omp simd
         for (int64_t j = 0; j < d; ++j) {
@@ -206,10 +214,6 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
         if (lv.session) {
           axpy(w[lv.ls], s_kk, kout, d);
           axpy(w[lv.ls], s_vv, vout, d);
-          if (save) {
-            std::copy(s_kk, s_kk + d, skp + o);
-            std::copy(s_vv, s_vv + d, svp + o);
-          }
         }
       }
     }
@@ -236,8 +240,8 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
     const float* scp = scores.data_ptr<float>();
     if (save) kv3 = torch::zeros({B, Hkv, T, 2 * d}, f32);
     float* k3p = save ? kv3.data_ptr<float>() : nullptr;
-    int32_t* slp = save ? slots.data_ptr<int32_t>() : nullptr;
-    float* wsp = save ? weights.data_ptr<float>() : nullptr;
+    int32_t* slp = keep ? slots.data_ptr<int32_t>() : nullptr;
+    float* wsp = keep ? weights.data_ptr<float>() : nullptr;
     // pass 2: each token's top-R recallable slots, their softmax weights, k3 and v3; kf += lam_3 k3
     at::parallel_for(0, B * Hkv * T, 64, [&](int64_t lo, int64_t hi) {
       std::vector<float> buf(R), pw(R), k3(d), v3(d);
@@ -267,12 +271,18 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
         for (int64_t r = 0; r < take; ++r) m = std::max(m, pw[r] = scale * sc[pick[r]]);
 #pragma omp simd reduction(+ : z)
         for (int64_t r = 0; r < take; ++r) z += (pw[r] = exp_nonpos(pw[r] - m));
+        for (int64_t r = 0; r < take; ++r) pw[r] /= z;
+        if (keep)
+          for (int64_t r = 0; r < take; ++r) {
+            slp[row * R + r] = static_cast<int32_t>(pick[r]);
+            wsp[row * R + r] = pw[r];
+          }
+        if (!mix) continue;
         const float* mk = mkp + (b * Hkv + h) * N * d;
         const float* mv = mvp + (b * Hkv + h) * N * d;
         std::fill(k3.begin(), k3.end(), 0.f);
         std::fill(v3.begin(), v3.end(), 0.f);
         for (int64_t r = 0; r < take; ++r) {
-          pw[r] /= z;
           axpy(pw[r], mk + pick[r] * d, k3.data(), d);
           axpy(pw[r], mv + pick[r] * d, v3.data(), d);
         }
@@ -283,10 +293,6 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
         if (save) {
           std::copy(k3.begin(), k3.end(), k3p + row * 2 * d);
           std::copy(v3.begin(), v3.end(), k3p + row * 2 * d + d);
-          for (int64_t r = 0; r < take; ++r) {
-            slp[row * R + r] = static_cast<int32_t>(pick[r]);
-            wsp[row * R + r] = pw[r];
-          }
         }
       }
     });
@@ -294,7 +300,7 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
     kv3 = torch::zeros({B, Hkv, T, 2 * d}, f32);
   }
   std::vector<Tensor> out = {kf, vf, lam, rp, ek, ev, pk, pv, sk_out, sv_out};
-  if (save) out.insert(out.end(), {s_k, s_v, kv3, slots, weights});
+  if (keep) out.insert(out.end(), {s_k, s_v, kv3, slots, weights});
   return out;
 }
 

@@ -85,7 +85,7 @@ class _Memory(torch.autograd.Function):
     def forward(ctx, k1, v1, q, logits, gate, valid, state, opts):
         save = any(ctx.needs_input_grad[:5])
         g = _gate_value(gate)
-        out = extension().forward(k1, v1, q, logits, g, valid, *state, *opts, save)
+        out = extension().forward(k1, v1, q, logits, g, valid, *state, *opts, save, True)
         kf, vf, lam, p = out[:4]
         new_state = tuple(out[4:10])
         ctx.mark_non_differentiable(lam, *new_state)
@@ -121,3 +121,17 @@ def memory(k1, v1, q, logits, gate, valid, state, *, session, longterm, beta, ch
     opts = (bool(session), bool(longterm), float(beta), int(chunk), int(top_r), float(scale))
     kf, vf, lam, *new_state = _Memory.apply(k1, v1, q, logits, gate, valid, tuple(state), opts)
     return kf.transpose(1, 2), vf.transpose(1, 2), lam, tuple(new_state)
+
+
+def levels(k1, v1, q, logits, gate, valid, state, *, session, longterm, beta, chunk, top_r, scale):
+    """MKA mode's memory levels of one site call (no autograd: for inference): the session EMA ``s_k, s_v:
+    [B, Hkv, T, d]`` (or None), the recalled slots ``idx, found: [B, Hkv, T, R]`` as ``mka::recall_select`` gives
+    them (or None), ``lam: [B, G, T, L]`` and the new state; arguments as :func:`memory`."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (k1, v1, q, logits, gate)):
+        raise RuntimeError("fastmka_memory_cpu.levels has no backward; call it under torch.no_grad()")
+    opts = (bool(session), bool(longterm), float(beta), int(chunk), int(top_r), float(scale))
+    out = extension().forward(k1, v1, q, logits, _gate_value(gate), valid, *state, *opts, False, False)
+    s_k, s_v, _, slots = out[10:14]
+    sess = (s_k.transpose(1, 2), s_v.transpose(1, 2)) if session else (None, None)
+    recall = (slots.clamp_min(0).long(), slots >= 0) if longterm else (None, None)
+    return *sess, *recall, out[2], tuple(out[4:10])

@@ -228,13 +228,13 @@ class SiteMemory(nn.Module):
             self._stats.append(((call.lam.detach() * w).sum((0, 1, 2)), float(w.sum()) * call.lam.shape[1]))
 
     def _fused_cpu(self, k1: torch.Tensor, v1: torch.Tensor, call: _Call) -> bool:
-        """Whether this call runs the fused CPU memory path (``kernels/fastmka_memory_cpu``): FastMKA, causal, eager
-        float32 on the CPU; under autograd only when the state is fresh and discarded (the path gives the incoming
-        state no gradient, and its new state none either)."""
-        if self.mode != "fastmka" or not self.causal or call.state.fixed_slots:
+        """Whether this call runs the fused CPU memory path (``kernels/fastmka_memory_cpu``): causal, eager float32 on
+        the CPU; FastMKA under autograd only when the state is fresh and discarded (the path gives the incoming state
+        no gradient, and its new state none either), MKA mode only without autograd."""
+        if not self.causal or call.state.fixed_slots:
             return False
-        if torch.is_grad_enabled() and not call.extra.get("discarded"):
-            return False
+        if torch.is_grad_enabled() and (self.mode == "mka" or not call.extra.get("discarded")):
+            return False  # MKA mode's levels are fused for inference only
         return K.fastmka_memory_cpu.usable(k1, v1, call.q)
 
     def _mix_fused_cpu(self, k1: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,11 +243,20 @@ class SiteMemory(nn.Module):
         if cfg.uses_longterm:
             st.reserve(k1.shape[2], cfg.chunk_size)
         state = (st.n_seen, st.ema_k, st.ema_v, st.part_k, st.part_v, st.summ_k, st.summ_v)
-        kf, vf, call.lam, new = K.fastmka_memory_cpu.memory(
-            k1, v1, call.q, self.router(call.q), self.gate, call.valid, state,
+        opts = dict(
             session=cfg.uses_session, longterm=cfg.uses_longterm, beta=cfg.ema_beta, chunk=cfg.chunk_size,
             top_r=cfg.top_r, scale=self.recall_scale,
         )  # fmt: skip
+        fused = K.fastmka_memory_cpu
+        if self.mode == "mka":  # the levels MKA attention reads (see attend)
+            sk, sv, idx, found, call.lam, new = fused.levels(
+                k1, v1, call.q, self.router(call.q), self.gate, call.valid, state, **opts
+            )
+            call.extra["ema_k"], call.extra["ema_v"], call.extra["k1"] = sk, sv, k1
+            call.extra["recall"] = (idx, found)
+            kf, vf = k1, v1
+        else:
+            kf, vf, call.lam, new = fused.memory(k1, v1, call.q, self.router(call.q), self.gate, call.valid, state, **opts)
         st.ema_k, st.ema_v, st.part_k, st.part_v, st.summ_k, st.summ_v = new
         self._record(call)
         return kf, vf

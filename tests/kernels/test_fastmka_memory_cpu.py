@@ -141,3 +141,40 @@ def test_not_used_when_traced_or_off_cpu():
 
     with FakeTensorMode() as mode:
         assert not fused.usable(mode.from_tensor(x))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_mka_levels_match_reference_ops(name):
+    """MKA mode's inference path: the session levels, the recalled slot sets, the routing and the new state."""
+    args, opts = _case(3, **CASES[name])
+    k1, v1, q, logits, gate, valid, state = args
+    with torch.no_grad():
+        sk, sv, idx, found, lam, st = fused.levels(*args, **opts)
+        _, _, rlam, rst = reference(*args, **opts)
+    torch.testing.assert_close(lam, rlam, rtol=1e-6, atol=1e-6)
+    for a, b in zip(st, rst):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if opts["session"]:
+        rsk, rsv, _, _ = K.session_scan(k1, v1, opts["beta"], valid, state[1], state[2], state[0])
+        torch.testing.assert_close(sk, rsk, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sv, rsv, rtol=1e-5, atol=1e-5)
+    else:
+        assert sk is None and sv is None
+    if opts["longterm"]:
+        B, Hkv, T, d = k1.shape
+        q_r = q.view(B, T, Hkv, -1, d).mean(3).transpose(1, 2)
+        ridx, rfound = torch.ops.mka.recall_select(
+            q_r, rst[4], K.real_positions(valid, state[0]), opts["chunk"], opts["top_r"], None, None
+        )
+        slots = rst[4].shape[2]
+        assert torch.equal(K.recall_mask(idx, found, slots), K.recall_mask(ridx, rfound, slots))
+        assert torch.equal(found.sum(-1), rfound.sum(-1))
+    else:
+        assert idx is None and found is None
+
+
+def test_mka_levels_refuse_autograd():
+    args, opts = _case(4)
+    leaf = args[0].detach().requires_grad_()
+    with pytest.raises(RuntimeError, match="no backward"):
+        fused.levels(leaf, *args[1:], **opts)
