@@ -85,7 +85,7 @@ class _Memory(torch.autograd.Function):
     def forward(ctx, k1, v1, q, logits, gate, valid, state, opts):
         save = any(ctx.needs_input_grad[:5])
         g = _gate_value(gate)
-        out = extension().forward(k1, v1, q, logits, g, valid, *state, *opts, save, True)
+        out = extension().forward(k1, v1, q, logits, g, valid, *state, *opts, save, True, False)
         kf, vf, lam, p = out[:4]
         new_state = tuple(out[4:10])
         ctx.mark_non_differentiable(lam, *new_state)
@@ -108,7 +108,7 @@ class _Memory(torch.autograd.Function):
         return gk1.transpose(1, 2), gv1.transpose(1, 2), gq, glogits, ggate * ctx.gate_sign, None, None, None
 
 
-def memory(k1, v1, q, logits, gate, valid, state, *, session, longterm, beta, chunk, top_r, scale):
+def memory(k1, v1, q, logits, gate, valid, state, *, session, longterm, beta, chunk, top_r, scale, overwrite=False):
     """FastMKA's memory path of one site call.
 
     ``k1, v1: [B, Hkv, T, d]``, ``q: [B, T, H*d]`` (un-rotated query projection), ``logits: [B, T, G*L]`` (the
@@ -116,10 +116,16 @@ def memory(k1, v1, q, logits, gate, valid, state, *, session, longterm, beta, ch
     ema_v, part_k, part_v, summ_k, summ_v)`` with room for this call's chunks. Returns ``kf, vf: [B, Hkv, T, d]``
     (views of ``[B, T, Hkv, d]`` buffers), ``lam: [B, G, T, L]`` and the new ``(ema_k, ema_v, part_k, part_v,
     summ_k, summ_v)``. Differentiable in ``k1, v1, q, logits, gate``; the incoming state gets no gradient, so
-    callers use it under autograd only for a fresh state that nothing keeps.
+    callers use it under autograd only for a fresh state that nothing keeps. ``overwrite``: without autograd, kf and
+    vf may be written over ``k1`` and ``v1`` (for callers that own them and need them no more).
     """
     opts = (bool(session), bool(longterm), float(beta), int(chunk), int(top_r), float(scale))
-    kf, vf, lam, *new_state = _Memory.apply(k1, v1, q, logits, gate, valid, tuple(state), opts)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (k1, v1, q, logits, gate)):
+        kf, vf, lam, *new_state = _Memory.apply(k1, v1, q, logits, gate, valid, tuple(state), opts)
+    else:  # nothing to differentiate: the extension directly
+        kf, vf, lam, _, *new_state = extension().forward(
+            k1, v1, q, logits, _gate_value(gate), valid, *state, *opts, False, True, overwrite
+        )[:10]
     return kf.transpose(1, 2), vf.transpose(1, 2), lam, tuple(new_state)
 
 
@@ -130,7 +136,7 @@ def levels(k1, v1, q, logits, gate, valid, state, *, session, longterm, beta, ch
     if torch.is_grad_enabled() and any(t.requires_grad for t in (k1, v1, q, logits, gate)):
         raise RuntimeError("fastmka_memory_cpu.levels has no backward; call it under torch.no_grad()")
     opts = (bool(session), bool(longterm), float(beta), int(chunk), int(top_r), float(scale))
-    out = extension().forward(k1, v1, q, logits, _gate_value(gate), valid, *state, *opts, False, False)
+    out = extension().forward(k1, v1, q, logits, _gate_value(gate), valid, *state, *opts, False, False, False)
     s_k, s_v, _, slots = out[10:14]
     sess = (s_k.transpose(1, 2), s_v.transpose(1, 2)) if session else (None, None)
     recall = (slots.clamp_min(0).long(), slots >= 0) if longterm else (None, None)

@@ -3,6 +3,7 @@ work), token validity from the site's mask, the session RoPE for MKA mode, and `
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import weakref
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class SiteMemory(nn.Module):
         self.position_arg: str | None = None  # a site with its own KV cache: the forward argument giving its position
         self._held: MKALayerState | None = None  # that site's memory (see held_state)
         self.fixed_slots = 0  # > 0: states made here preallocate that many summary slots (set by export)
+        self._zeros: dict[tuple, MKALayerState] = {}  # fresh zero states by (batch, device, dtype): _zero_state
 
     # -- per-call context -----------------------------------------------------------------------------
     def state_for(self, cache: Any, batch: int, ref: torch.Tensor) -> MKALayerState:
@@ -71,12 +73,22 @@ class SiteMemory(nn.Module):
             batch, self.num_kv_heads, self.head_dim, ref.device, sdt, self.fixed_slots
         )
         if cache is None:
-            return fresh()
+            return self._zero_state(batch, ref.device, sdt) if not self.fixed_slots else fresh()
         st = self.state_of(cache)
         if st is None or st.n_seen.shape[0] != batch:
             st = fresh()
             self.bind_state(cache, st)
         return st
+
+    def _zero_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> MKALayerState:
+        """A fresh state whose zero tensors are shared by the calls of this shape (every op replaces a state tensor
+        instead of writing into it, so sharing is safe and saves creating them on each call)."""
+        key = (batch, device, dtype)
+        zero = self._zeros.get(key)
+        if zero is None:
+            with torch.no_grad():
+                zero = self._zeros[key] = MKALayerState.empty(batch, self.num_kv_heads, self.head_dim, device, dtype)
+        return dataclasses.replace(zero, kv=[])
 
     def _store(self, cache: Any) -> dict[str, MKALayerState] | weakref.WeakKeyDictionary:
         """Where the states of ``cache`` live: a dict on the cache object itself (the state dies with the cache,
@@ -131,7 +143,7 @@ class SiteMemory(nn.Module):
 
     def end(self) -> None:
         call, self._call = self._call, None
-        if call is not None:
+        if call is not None and not call.extra.get("discarded"):  # a discarded state needs no count
             call.state.n_seen = call.state.n_seen + call.valid.sum(-1)
 
     # -- the routed mix ---------------------------------------------------------------------------------
@@ -146,11 +158,14 @@ class SiteMemory(nn.Module):
             return call.extra.pop(which)
         if call.q is None:
             call.q = q_proj(hidden)
-        call.extra["inner"] = True
-        try:
-            other_out = other(hidden)
-        finally:
-            call.extra["inner"] = False
+        if _plain_linear(other, hidden):  # no module call needed (its only hooks are ours, idle for this call)
+            other_out = torch.nn.functional.linear(hidden, other.weight, other.bias)
+        else:
+            call.extra["inner"] = True
+            try:
+                other_out = other(hidden)
+            finally:
+                call.extra["inner"] = False
         k_out, v_out = (out, other_out) if which == "k" else (other_out, out)
         B, T = out.shape[0], out.shape[1]
         heads = lambda t: t.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # noqa: E731
@@ -256,7 +271,10 @@ class SiteMemory(nn.Module):
             call.extra["recall"] = (idx, found)
             kf, vf = k1, v1
         else:
-            kf, vf, call.lam, new = fused.memory(k1, v1, call.q, self.router(call.q), self.gate, call.valid, state, **opts)
+            logits = self.router(call.q)  # k1, v1 are this call's own projections: kf, vf may overwrite them
+            kf, vf, call.lam, new = fused.memory(
+                k1, v1, call.q, logits, self.gate, call.valid, state, **opts, overwrite=True
+            )
         st.ema_k, st.ema_v, st.part_k, st.part_v, st.summ_k, st.summ_v = new
         self._record(call)
         return kf, vf
@@ -329,6 +347,15 @@ def _group_mean(q: torch.Tensor) -> torch.Tensor:
     for i in range(1, rep):
         out = out + q[:, :, :, i]
     return out / rep if rep > 1 else out
+
+
+def _plain_linear(mod: nn.Module, x: Any) -> bool:
+    """``mod`` is an ``nn.Linear`` whose only hooks are a site's, called eagerly on a real tensor."""
+    from mka_compile.site_hooks import SiteHook
+
+    if type(mod) is not nn.Linear or type(x) is not torch.Tensor or torch.compiler.is_compiling():
+        return False
+    return all(isinstance(h, SiteHook) for h in [*mod._forward_pre_hooks.values(), *mod._forward_hooks.values()])
 
 
 def is_cache(x: Any) -> bool:

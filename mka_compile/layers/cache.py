@@ -34,15 +34,22 @@ class MKALayerState:
         cls, batch: int, kv_heads: int, head_dim: int, device, state_dtype: torch.dtype, slots: int = 0
     ) -> MKALayerState:
         """A fresh state; ``slots > 0`` preallocates that many summary slots, fixed (``max_len // chunk_size``)."""
-        z = lambda *s: torch.zeros(*s, dtype=state_dtype, device=device)  # noqa: E731
+        # one zero buffer for all six float states (every op replaces a state rather than writing into it)
+        per = batch * kv_heads * head_dim
+        flat = torch.zeros(per * (4 + 2 * slots), dtype=state_dtype, device=device)
+        vec = [flat[i * per : (i + 1) * per].view(batch, kv_heads, head_dim) for i in range(4)]
+        summ = [
+            flat[(4 + i * slots) * per : (4 + (i + 1) * slots) * per].view(batch, kv_heads, slots, head_dim)
+            for i in range(2)
+        ]
         return cls(
             n_seen=torch.zeros(batch, dtype=torch.int64, device=device),
-            ema_k=z(batch, kv_heads, head_dim),
-            ema_v=z(batch, kv_heads, head_dim),
-            part_k=z(batch, kv_heads, head_dim),
-            part_v=z(batch, kv_heads, head_dim),
-            summ_k=z(batch, kv_heads, slots, head_dim),
-            summ_v=z(batch, kv_heads, slots, head_dim),
+            ema_k=vec[0],
+            ema_v=vec[1],
+            part_k=vec[2],
+            part_v=vec[3],
+            summ_k=summ[0],
+            summ_v=summ[1],
             fixed_slots=slots > 0,
         )
 

@@ -178,3 +178,21 @@ def test_mka_levels_refuse_autograd():
     leaf = args[0].detach().requires_grad_()
     with pytest.raises(RuntimeError, match="no backward"):
         fused.levels(leaf, *args[1:], **opts)
+
+
+def test_overwrite_reuses_the_projection_buffers():
+    """Without autograd, ``overwrite`` writes kf, vf over head views of [B, T, Hkv*d] projections: same values."""
+    args, opts = _case(5)
+    with torch.no_grad():
+        kf, vf, lam, st = fused.memory(*args, **opts)
+        k1 = args[0].transpose(1, 2).contiguous().transpose(1, 2)  # a head view of its own [B, T, Hkv, d] buffer
+        v1 = args[1].transpose(1, 2).contiguous().transpose(1, 2)
+        okf, ovf, olam, ost = fused.memory(k1, v1, *args[2:], **opts, overwrite=True)
+    assert okf.data_ptr() == k1.data_ptr() and ovf.data_ptr() == v1.data_ptr()
+    torch.testing.assert_close(okf, kf, rtol=0, atol=0)
+    torch.testing.assert_close(ovf, vf, rtol=0, atol=0)
+    for a, b in zip(ost, st):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    leaf = args[0].detach().requires_grad_()  # under autograd the inputs are kept
+    kf2, *_ = fused.memory(leaf, *args[1:], **opts, overwrite=True)
+    assert kf2.data_ptr() != leaf.data_ptr()
