@@ -73,7 +73,7 @@ class SiteMemory(nn.Module):
             batch, self.num_kv_heads, self.head_dim, ref.device, sdt, self.fixed_slots
         )
         if cache is None:
-            return self._zero_state(batch, ref.device, sdt) if not self.fixed_slots else fresh()
+            return self._zero_state(batch, ref.device, sdt) if _real_eager(ref) and not self.fixed_slots else fresh()
         st = self.state_of(cache)
         if st is None or st.n_seen.shape[0] != batch:
             st = fresh()
@@ -349,11 +349,18 @@ def _group_mean(q: torch.Tensor) -> torch.Tensor:
     return out / rep if rep > 1 else out
 
 
+def _real_eager(x: Any) -> bool:
+    """``x`` is a plain tensor in eager mode: not traced, compiled, fake or under a dispatch mode."""
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode()
+
+
 def _plain_linear(mod: nn.Module, x: Any) -> bool:
     """``mod`` is an ``nn.Linear`` whose only hooks are a site's, called eagerly on a real tensor."""
     from mka_compile.site_hooks import SiteHook
 
-    if type(mod) is not nn.Linear or type(x) is not torch.Tensor or torch.compiler.is_compiling():
+    if type(mod) is not nn.Linear or not _real_eager(x):
         return False
     return all(isinstance(h, SiteHook) for h in [*mod._forward_pre_hooks.values(), *mod._forward_hooks.values()])
 
