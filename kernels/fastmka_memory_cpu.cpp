@@ -59,6 +59,9 @@ inline float exp_nonpos(float x) {
   return p * two_n.f;
 }
 
+// Rows (tokens x heads) below which a loop runs on one thread: forking costs more than the work.
+constexpr int64_t kRowGrain = 2048;
+
 Tensor last_contiguous(const Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); }
 
 // Per token: the real position, whether anything is recallable, the EMA decay a and input weight u.
@@ -124,7 +127,7 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
     const float* lg = logits.data_ptr<float>();
     float* lp = lam.data_ptr<float>();
     float* pp = rp.data_ptr<float>();
-    at::parallel_for(0, B * G * T, 256, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, B * G * T, kRowGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t row = lo; row < hi; ++row) {
         const int64_t b = row / (G * T), gi = (row / T) % G, t = row % T;
         const float* x = lg + (b * T + t) * G * L + gi * L;
@@ -172,7 +175,7 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
   float *skp = keep ? s_k.data_ptr<float>() : nullptr, *svp = keep ? s_v.data_ptr<float>() : nullptr;
 
   // pass 1, in token order: the session EMA and the chunk summaries; kf = lam_1 k1 + lam_s s
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B * Hkv, std::max<int64_t>(1, kRowGrain / T), [&](int64_t lo, int64_t hi) {
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / Hkv, h = bh % Hkv, gi = G == 1 ? 0 : h;
       float *__restrict__ s_kk = ekp + bh * d, *__restrict__ s_vv = evp + bh * d;
@@ -234,7 +237,7 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
     const float* qp = q.data_ptr<float>();
     const int64_t qsb = q.stride(0), qst = q.stride(1);
     float* qrp = qr.data_ptr<float>();
-    at::parallel_for(0, B * Hkv * T, 256, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, B * Hkv * T, kRowGrain, [&](int64_t lo, int64_t hi) {
       for (int64_t row = lo; row < hi; ++row) {
         const int64_t b = row / (Hkv * T), h = (row / T) % Hkv, t = row % T;
         float* out = qrp + row * d;
@@ -251,7 +254,7 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
     int32_t* slp = keep ? slots.data_ptr<int32_t>() : nullptr;
     float* wsp = keep ? weights.data_ptr<float>() : nullptr;
     // pass 2: each token's top-R recallable slots, their softmax weights, k3 and v3; kf += lam_3 k3
-    at::parallel_for(0, B * Hkv * T, 64, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, B * Hkv * T, kRowGrain / 2, [&](int64_t lo, int64_t hi) {
       std::vector<float> buf(R), pw(R), k3(d), v3(d);
       std::vector<int64_t> pick(R);
       for (int64_t row = lo; row < hi; ++row) {
@@ -341,7 +344,7 @@ std::vector<Tensor> backward(Tensor gkf, Tensor gvf, Tensor k1, Tensor v1, Tenso
   const float *gkp = gkf.data_ptr<float>(), *gvp = gvf.data_ptr<float>(), *lamp = lam.data_ptr<float>();
   const int64_t* ns = n_seen.contiguous().data_ptr<int64_t>();
 
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B * Hkv, std::max<int64_t>(1, kRowGrain / T), [&](int64_t lo, int64_t hi) {
     std::vector<float> Dk(d), Dv(d), gk3(d), gv3(d), qr(d), gqr(d), gsk(N * d), gsv(N * d);
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / Hkv, h = bh % Hkv, gi = G == 1 ? 0 : h;
@@ -433,7 +436,7 @@ std::vector<Tensor> backward(Tensor gkf, Tensor gvf, Tensor k1, Tensor v1, Tenso
   const float *glp = glam.data_ptr<float>(), *pp = rp.data_ptr<float>();
   float* glo = glogits.data_ptr<float>();
   float* ggr = ggate_rows.data_ptr<float>();
-  at::parallel_for(0, B * G * T, 256, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B * G * T, kRowGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t row = lo; row < hi; ++row) {
       const int64_t b = row / (G * T), gi = (row / T) % G, t = row % T;
       const float *gl = glp + row * L, *p = pp + row * L;

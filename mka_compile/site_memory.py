@@ -64,7 +64,7 @@ class SiteMemory(nn.Module):
         self.position_arg: str | None = None  # a site with its own KV cache: the forward argument giving its position
         self._held: MKALayerState | None = None  # that site's memory (see held_state)
         self.fixed_slots = 0  # > 0: states made here preallocate that many summary slots (set by export)
-        self._zeros: dict[tuple, MKALayerState] = {}  # fresh zero states by (batch, device, dtype): _zero_state
+        self._zeros: dict[tuple, MKALayerState] = {}  # fresh zero states by shape: _zero_state
 
     # -- per-call context -----------------------------------------------------------------------------
     def state_for(self, cache: Any, batch: int, ref: torch.Tensor) -> MKALayerState:
@@ -73,21 +73,26 @@ class SiteMemory(nn.Module):
             batch, self.num_kv_heads, self.head_dim, ref.device, sdt, self.fixed_slots
         )
         if cache is None:
-            return self._zero_state(batch, ref.device, sdt) if _real_eager(ref) and not self.fixed_slots else fresh()
+            if _real_eager(ref) and not self.fixed_slots:
+                return self._zero_state(batch, ref.device, sdt, ref.shape[1] if ref.dim() > 1 else 0)
+            return fresh()
         st = self.state_of(cache)
         if st is None or st.n_seen.shape[0] != batch:
             st = fresh()
             self.bind_state(cache, st)
         return st
 
-    def _zero_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> MKALayerState:
+    def _zero_state(self, batch: int, device: torch.device, dtype: torch.dtype, tokens: int) -> MKALayerState:
         """A fresh state whose zero tensors are shared by the calls of this shape (every op replaces a state tensor
-        instead of writing into it, so sharing is safe and saves creating them on each call)."""
-        key = (batch, device, dtype)
+        instead of writing into it, so sharing is safe and saves creating them on each call), with summary slots
+        for the chunks ``tokens`` tokens complete (so ``reserve`` pads nothing)."""
+        slots = tokens // self.config.chunk_size if self.config.uses_longterm else 0
+        key = (batch, device, dtype, slots)
         zero = self._zeros.get(key)
         if zero is None:
             with torch.no_grad():
-                zero = self._zeros[key] = MKALayerState.empty(batch, self.num_kv_heads, self.head_dim, device, dtype)
+                zero = MKALayerState.empty(batch, self.num_kv_heads, self.head_dim, device, dtype, slots)
+            zero = self._zeros[key] = dataclasses.replace(zero, fixed_slots=False)
         return dataclasses.replace(zero, kv=[])
 
     def _store(self, cache: Any) -> dict[str, MKALayerState] | weakref.WeakKeyDictionary:
