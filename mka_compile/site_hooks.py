@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mka_compile.site_inputs import is_cache
+
 
 class SiteHook:
     def __init__(self, mem) -> None:
@@ -25,8 +27,6 @@ class SitePre(SiteHook):
     the site's attention interceptor (``mem.intercept``, MKA mode outside ``AttentionInterface``) is entered."""
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        from mka_compile.site_memory import is_cache
-
         hidden = args[0] if args else kwargs.get("hidden_states")
         cache = next((v for v in list(args[1:]) + list(kwargs.values()) if is_cache(v)), None)
         position = kwargs.get("cache_position")

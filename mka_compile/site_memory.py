@@ -1,5 +1,5 @@
 """What a converted site does at run time: ``SiteMemory`` (its new parameters, per-call context and hooks'
-work), token validity from the site's mask, the session RoPE for MKA mode, and ``routing_stats``."""
+work), the session RoPE for MKA mode, and ``routing_stats``; what it reads off a call is in ``site_inputs``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from mka_compile.report import Site
 from mka_compile.rope_tables import calibrate as calibrate_rope
 from mka_compile.rope_tables import derive as derive_rope
 from mka_compile.rope_tables import rotate as rotate_rope
+from mka_compile.site_inputs import plain_linear, real_eager, valid_tokens
 
 _SITE_KEYS = itertools.count()
 _STATES_ATTR = "_mka_states"
@@ -73,7 +74,7 @@ class SiteMemory(nn.Module):
             batch, self.num_kv_heads, self.head_dim, ref.device, sdt, self.fixed_slots
         )
         if cache is None:
-            if _real_eager(ref) and not self.fixed_slots:
+            if real_eager(ref) and not self.fixed_slots:
                 return self._zero_state(batch, ref.device, sdt, ref.shape[1] if ref.dim() > 1 else 0)
             return fresh()
         st = self.state_of(cache)
@@ -142,7 +143,7 @@ class SiteMemory(nn.Module):
         """Open a call. ``start``: the position a site with its own KV cache writes at (None: ``cache`` decides)."""
         B, T = hidden.shape[0], hidden.shape[1]
         state = self.state_for(cache, B, hidden) if start is None else self.held_state(start, B, hidden)
-        self._call = _Call(valid=_valid_tokens(mask, B, T, cache_position, hidden.device), state=state)
+        self._call = _Call(valid=valid_tokens(mask, B, T, cache_position, hidden.device), state=state)
         self._call.extra["rope"] = rope
         self._call.extra["discarded"] = cache is None and start is None  # a fresh state nothing keeps
 
@@ -163,7 +164,7 @@ class SiteMemory(nn.Module):
             return call.extra.pop(which)
         if call.q is None:
             call.q = q_proj(hidden)
-        if _plain_linear(other, hidden):  # no module call needed (its only hooks are ours, idle for this call)
+        if plain_linear(other, hidden):  # no module call needed (its only hooks are ours, idle for this call)
             other_out = torch.nn.functional.linear(hidden, other.weight, other.bias)
         else:
             call.extra["inner"] = True
@@ -352,48 +353,6 @@ def _group_mean(q: torch.Tensor) -> torch.Tensor:
     for i in range(1, rep):
         out = out + q[:, :, :, i]
     return out / rep if rep > 1 else out
-
-
-def _real_eager(x: Any) -> bool:
-    """``x`` is a plain tensor in eager mode: not traced, compiled, fake or under a dispatch mode."""
-    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-
-    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode()
-
-
-def _plain_linear(mod: nn.Module, x: Any) -> bool:
-    """``mod`` is an ``nn.Linear`` whose only hooks are a site's, called eagerly on a real tensor."""
-    from mka_compile.site_hooks import SiteHook
-
-    if type(mod) is not nn.Linear or not _real_eager(x):
-        return False
-    return all(isinstance(h, SiteHook) for h in [*mod._forward_pre_hooks.values(), *mod._forward_hooks.values()])
-
-
-def is_cache(x: Any) -> bool:
-    return hasattr(x, "get_seq_length") and hasattr(x, "update") and not isinstance(x, (torch.Tensor, nn.Module))
-
-
-def _valid_tokens(mask: Any, B: int, T: int, cache_position: Any, device) -> torch.Tensor:
-    """``[B, T]``: which of this call's tokens are real, read from the site's attention mask.
-
-    A 4-D mask ``[B, 1, Tq, Tk]`` (bool keep, or additive) marks a padded query by masking its own key
-    (the diagonal, at ``cache_position`` or bottom-right); a 2-D mask ``[B, Tk]`` is read directly."""
-    if not isinstance(mask, torch.Tensor):
-        return torch.ones(B, T, dtype=torch.bool, device=device)
-    keep = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    if keep.dim() == 2:
-        return keep[:, -T:].expand(B, T).to(device)
-    if keep.dim() != 4:
-        return torch.ones(B, T, dtype=torch.bool, device=device)
-    tq, tk = keep.shape[-2], keep.shape[-1]
-    if isinstance(cache_position, torch.Tensor) and cache_position.numel() == T:
-        cols = cache_position.to(keep.device).long()
-    else:
-        cols = torch.arange(T, device=keep.device) + (tk - tq)
-    rows = torch.arange(T, device=keep.device) + (tq - T)
-    diag = keep[:, 0, rows, cols.clamp(max=tk - 1)]  # (B or 1, T)
-    return diag.expand(B, T).to(device)
 
 
 @torch.no_grad()

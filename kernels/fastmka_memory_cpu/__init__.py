@@ -1,6 +1,6 @@
 """FastMKA's memory path fused for the CPU (eager float32): routing weights, session EMA, chunk summaries,
 causal top-R recall and the routed mix of one site in one C++ pass per (batch row, kv head), forward and
-backward (``fastmka_memory_cpu.cpp``).
+backward (``extension.cpp`` with the passes in ``forward.h`` and ``backward.h``).
 
 It computes what ``SiteMemory.mix_levels`` composes from the ``mka::`` reference ops (``route_mix`` of
 ``session_scan``, ``chunk_update``, ``recall_select`` + ``recall_mix`` and ``routing_weights``); those ops
@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from torch.utils import _python_dispatch
 
-SOURCE = Path(__file__).with_name("fastmka_memory_cpu.cpp")
+HERE = Path(__file__).parent
+SOURCE = HERE / "extension.cpp"  # one translation unit; it includes the headers beside it
 ENV = "MKA_CPU_FUSED"
 
 
@@ -43,11 +44,16 @@ def extension():
     """The compiled module, or None (turned off, or it does not build here; a warning says why, once)."""
     if os.environ.get(ENV, "1") == "0":
         return None
-    flags, tag = ["-O3", "-fopenmp"], "generic"  # OpenMP: ATen's parallel_for and vectorised dot products
+    flags = ["-O3", "-fopenmp"]  # OpenMP: ATen's parallel_for and vectorised dot products
     cpu = _cpu_flags()
     if cpu:  # tuned for this CPU; the name keeps builds for different CPUs apart in a shared cache
         flags.append("-march=native")
-        tag = hashlib.sha1(cpu.encode()).hexdigest()[:10]
+    # the name changes with the sources (headers included: torch's build check reads only the .cpp) and the CPU
+    digest = hashlib.sha1(cpu.encode())
+    for f in sorted(HERE.glob("*.[ch]*")):
+        if f.suffix in (".cpp", ".h"):
+            digest.update(f.read_bytes())
+    tag = digest.hexdigest()[:12]
     try:
         from torch.utils import cpp_extension
 
