@@ -226,9 +226,53 @@ class _MKABase(nn.Module):
         valid = self._check_inputs(x, attention_mask)
         B, T, _ = x.shape
         st = self._state(cache, B, x)
-        q, ks, vs, recall, lam, pos = self._memory(x, valid, st, self._bank(memory_bank, B, x))
+        bank = self._bank(memory_bank, B, x)
+        if bank[0] is None and self._fused_cpu(x, cache):
+            q, ks, vs, recall, lam, pos = self._memory_fused(x, valid, st)
+        else:
+            q, ks, vs, recall, lam, pos = self._memory(x, valid, st, bank)
         out = self._attend(q, ks, vs, recall, lam, pos, valid, st)  # (B, H, T, d)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _fused_cpu(self, x: torch.Tensor, cache: MKACache | None) -> bool:
+        """Whether the levels come from the fused CPU pass (``kernels/fastmka_memory_cpu``): causal, eager float32
+        on the CPU, no memory bank; FastMKA under autograd only without a cache, MKA mode only without autograd
+        (as for converted sites, see ``SiteMemory._fused_cpu``)."""
+        if not self.config.causal or (torch.is_grad_enabled() and (self.mode == "mka" or cache is not None)):
+            return False
+        return K.fastmka_memory_cpu.usable(x)  # x has the weights' dtype and device (_check_inputs)
+
+    def _memory_fused(self, x, valid, st: MKALayerState):
+        """:meth:`_memory` through the fused CPU pass. FastMKA: ``ks, vs`` hold the routed ``kf, vf`` alone and
+        ``lam`` is None (already mixed); MKA mode: the levels and recall as :meth:`_memory` gives them."""
+        B, T, _ = x.shape
+        H, Hkv, d, cfg = self.num_heads, self.num_kv_heads, self.head_dim, self.config
+        q_flat = self.q_proj(x)
+        q = q_flat.view(B, T, H, d).transpose(1, 2)  # (B, H, T, d)
+        k1 = self.k_proj(x).view(B, T, Hkv, d).transpose(1, 2)  # (B, Hkv, T, d)
+        v1 = self.v_proj(x).view(B, T, Hkv, d).transpose(1, 2)
+        pos = K.real_positions(valid, st.n_seen)
+        if cfg.uses_longterm:
+            st.reserve(T, cfg.chunk_size)
+        state = (st.n_seen, st.ema_k, st.ema_v, st.part_k, st.part_v, st.summ_k, st.summ_v)
+        opts = dict(
+            session=cfg.uses_session, longterm=cfg.uses_longterm, beta=cfg.ema_beta, chunk=cfg.chunk_size,
+            top_r=cfg.top_r, scale=cfg.recall_scale or self.scale,
+        )  # fmt: skip
+        logits = self.router(q_flat)
+        fused = K.fastmka_memory_cpu
+        recall = None
+        if self.mode == "mka":
+            sk, sv, idx, found, lam, new = fused.levels(k1, v1, q_flat, logits, self.gate, valid, state, **opts)
+            ks, vs = [k1] + ([sk] if cfg.uses_session else []), [v1] + ([sv] if cfg.uses_session else [])
+            if cfg.uses_longterm:
+                recall = (None, new[4], new[5], idx, found)
+        else:  # the projections are this call's own: the mix may overwrite them
+            kf, vf, lam, new = fused.memory(k1, v1, q_flat, logits, self.gate, valid, state, **opts, overwrite=True)
+            ks, vs, lam = [kf], [vf], None
+        st.ema_k, st.ema_v, st.part_k, st.part_v, st.summ_k, st.summ_v = new
+        st.n_seen = st.n_seen + valid.sum(-1)
+        return q, ks, vs, recall, lam, pos
 
     def _attend(self, q, ks, vs, recall, lam, pos, valid, st: MKALayerState) -> torch.Tensor:
         """The mode's attention over the memory levels: ``[B, H, T, d]``."""
@@ -251,13 +295,16 @@ class FastMKAAttention(_MKABase):
     mode = "fastmka"
 
     def _attend(self, q, ks, vs, recall, lam, pos, valid, st: MKALayerState) -> torch.Tensor:
-        if recall is not None:
-            q_r, mem_k, mem_v, idx, found = recall
-            sel = K.recall_mask(idx, found, mem_k.shape[2])  # (B, Hkv, T, S)
-            k3, v3 = K.recall_mix(q_r, mem_k, mem_v, sel, self.config.recall_scale or self.scale)
-            ks.append(k3.to(q.dtype))
-            vs.append(v3.to(q.dtype))
-        kf, vf = K.route_mix(lam, ks, vs)  # (B, Hkv, T, d)
+        if lam is None:  # mixed already (the fused CPU pass)
+            (kf,), (vf,) = ks, vs
+        else:
+            if recall is not None:
+                q_r, mem_k, mem_v, idx, found = recall
+                sel = K.recall_mask(idx, found, mem_k.shape[2])  # (B, Hkv, T, S)
+                k3, v3 = K.recall_mix(q_r, mem_k, mem_v, sel, self.config.recall_scale or self.scale)
+                ks.append(k3.to(q.dtype))
+                vs.append(v3.to(q.dtype))
+            kf, vf = K.route_mix(lam, ks, vs)  # (B, Hkv, T, d)
         (kc, vc), kv_valid = st.append([self._rope(kf, pos), vf], valid)
         return attend(self._rope(q, pos), kc, vc, kv_valid, self.scale, self.config.causal)  # (B, H, T, d)
 

@@ -217,3 +217,35 @@ def test_bare_layers_torch_export(cls) -> None:
     program = torch.export.export(layer, (x,))
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), layer(x))
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_fused_cpu_path_equals_reference_ops(cls, cfg, monkeypatch) -> None:
+    """float32 on the CPU runs the fused pass (kernels/fastmka_memory_cpu): same outputs with padding and a cache,
+    and (FastMKA, no cache) the same gradients as the mka:: reference ops."""
+    from mka_compile import kernels as K
+
+    if K.fastmka_memory_cpu.extension() is None:
+        pytest.skip("the fused extension did not build here")
+    layer, x = _layer(cls, **cfg), _x()
+    mask = torch.ones(2, 29, dtype=torch.bool)
+    mask[1, :4] = False
+
+    def run():
+        with torch.no_grad():
+            full = layer(x, attention_mask=mask)
+            cache = MKACache()
+            steps = [layer(x[:, :9], cache=cache, attention_mask=mask[:, :9])]
+            steps += [layer(x[:, t : t + 1], cache=cache, attention_mask=mask[:, t : t + 1]) for t in range(9, 29)]
+        layer.zero_grad()
+        (layer(x, attention_mask=mask) * torch.linspace(-1, 1, 24)).sum().backward()
+        return full, torch.cat(steps, 1), [p.grad.clone() for p in layer.parameters()]
+
+    fused = run()
+    monkeypatch.setattr(K.fastmka_memory_cpu, "usable", lambda *a: False)
+    ref = run()
+    torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused[1], ref[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused[2], ref[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
