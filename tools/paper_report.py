@@ -343,9 +343,10 @@ def write_doc(results: dict, rec: dict | None, args, meta: dict, doc: Path, out:
         "",
         "Limits of this reproduction: a "
         f"{m['n_layers']}-layer, d={m['d_model']} model and {args.seq}-token contexts on a shared 2-core CPU, "
-        "not a 7B model with 4K-128K contexts on GPUs; the MKA / FastMKA layers run the `mka::` ops' CPU "
-        "reference implementations (the Triton kernels are for GPUs and are not exercised here), while MHA / "
-        "MQA / GQA use PyTorch's fused CPU SDPA; WikiText-2 trains on its validation split (the training split "
+        "not a 7B model with 4K-128K contexts on GPUs; the MKA / FastMKA layers run their memory levels "
+        "through the fused C++ CPU pass (`kernels/fastmka_memory_cpu/`) and their attention through PyTorch's "
+        "CPU SDPA, as MHA / MQA / GQA do (the Triton kernels are for GPUs and are not exercised here); "
+        "WikiText-2 trains on its validation split (the training split "
         "is not bundled). Speed ratios at this scale say how much work each variant adds per token on a CPU, "
         "not how it would compare on a GPU at long context.",
         "",
