@@ -18,6 +18,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import shutil
+import sysconfig
 import warnings
 from pathlib import Path
 
@@ -54,6 +56,7 @@ def extension():
         if f.suffix in (".cpp", ".h"):
             digest.update(f.read_bytes())
     tag = digest.hexdigest()[:12]
+    _ninja_on_path()
     try:
         from torch.utils import cpp_extension
 
@@ -69,6 +72,15 @@ def extension():
             stacklevel=2,
         )
         return None
+
+
+def _ninja_on_path() -> None:
+    """The build runs ``ninja`` from PATH; the ``ninja`` package installs it next to this interpreter, which is not
+    on PATH when a virtual environment's python runs without being activated (``.venv/bin/python -m pytest``)."""
+    if shutil.which("ninja") is None:
+        scripts = sysconfig.get_path("scripts")
+        if scripts and (Path(scripts) / "ninja").exists():
+            os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
 
 
 def usable(*tensors: torch.Tensor) -> bool:

@@ -196,3 +196,16 @@ def test_overwrite_reuses_the_projection_buffers():
     leaf = args[0].detach().requires_grad_()  # under autograd the inputs are kept
     kf2, *_ = fused.memory(leaf, *args[1:], **opts, overwrite=True)
     assert kf2.data_ptr() != leaf.data_ptr()
+
+
+def test_ninja_from_this_environment_is_found(monkeypatch):
+    """An unactivated virtual environment's ninja (the dependency) is put on PATH for the build."""
+    import shutil
+    import sysconfig
+    from pathlib import Path
+
+    if not (Path(sysconfig.get_path("scripts")) / "ninja").exists():
+        pytest.skip("ninja is not installed next to this interpreter")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    fused._ninja_on_path()
+    assert shutil.which("ninja") == str(Path(sysconfig.get_path("scripts")) / "ninja")
