@@ -14,7 +14,7 @@ from torch import nn
 
 from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
-from mka_compile.layers.attention import Router, routing_weights
+from mka_compile.layers.attention import Router, fused_memory, routing_weights
 from mka_compile.layers.cache import MKALayerState
 from mka_compile.layers.noncausal import session_both_ways, whole_sequence_positions
 from mka_compile.report import Site
@@ -260,30 +260,16 @@ class SiteMemory(nn.Module):
 
     def _mix_fused_cpu(self, k1: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         call = self._call
-        cfg, st = self.config, call.state
-        if cfg.uses_longterm:
-            st.reserve(k1.shape[2], cfg.chunk_size)
-        state = (st.n_seen, st.ema_k, st.ema_v, st.part_k, st.part_v, st.summ_k, st.summ_v)
-        opts = dict(
-            session=cfg.uses_session, longterm=cfg.uses_longterm, beta=cfg.ema_beta, chunk=cfg.chunk_size,
-            top_r=cfg.top_r, scale=self.recall_scale,
-        )  # fmt: skip
-        fused = K.fastmka_memory_cpu
-        if self.mode == "mka":  # the levels MKA attention reads (see attend)
-            sk, sv, idx, found, call.lam, new = fused.levels(
-                k1, v1, call.q, self.router(call.q), self.gate, call.valid, state, **opts
-            )
-            call.extra["ema_k"], call.extra["ema_v"], call.extra["k1"] = sk, sv, k1
-            call.extra["recall"] = (idx, found)
-            kf, vf = k1, v1
-        else:
-            logits = self.router(call.q)  # k1, v1 are this call's own projections: kf, vf may overwrite them
-            kf, vf, call.lam, new = fused.memory(
-                k1, v1, call.q, logits, self.gate, call.valid, state, **opts, overwrite=True
-            )
-        st.ema_k, st.ema_v, st.part_k, st.part_v, st.summ_k, st.summ_v = new
+        logits = self.router(call.q)  # k1, v1 are this call's own projections: FastMKA's mix may overwrite them
+        a, b, call.lam, recalled = fused_memory(
+            self.mode, self.config, call.state, k1, v1, call.q, logits, self.gate, call.valid, self.recall_scale
+        )
         self._record(call)
-        return kf, vf
+        if self.mode == "fastmka":
+            return a, b
+        call.extra["ema_k"], call.extra["ema_v"], call.extra["k1"] = a, b, k1  # the levels attend reads
+        call.extra["recall"] = recalled
+        return k1, v1
 
     def _select(self, q_r: torch.Tensor, summ_k: torch.Tensor, pos: torch.Tensor, fresh: bool):
         """``mka::recall_select``, except for the first rows of a call on a fresh state: a token at row

@@ -93,33 +93,38 @@ def usable(*tensors: torch.Tensor) -> bool:
     return extension() is not None
 
 
-def _gate_value(gate: torch.Tensor) -> float:
-    """``min(|gate|, 1)``, the effective gate of ``routing_weights``."""
-    return min(abs(float(gate.detach().reshape(()))), 1.0)
+def _gate(gate: torch.Tensor) -> tuple[float, float]:
+    """``(min(|gate|, 1), sign)``: the effective gate of ``routing_weights`` and its gradient (``+1`` at 0)."""
+    raw = float(gate.detach().reshape(()))
+    return min(abs(raw), 1.0), -1.0 if raw < 0 else 1.0
+
+
+def _opts(session, longterm, beta, chunk, top_r, scale) -> tuple:
+    return bool(session), bool(longterm), float(beta), int(chunk), int(top_r), float(scale)
 
 
 class _Memory(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k1, v1, q, logits, gate, valid, state, opts):
         save = any(ctx.needs_input_grad[:5])
-        g = _gate_value(gate)
+        g, sign = _gate(gate)
         out = extension().forward(k1, v1, q, logits, g, valid, *state, *opts, save, True, False)
         kf, vf, lam, p = out[:4]
         new_state = tuple(out[4:10])
         ctx.mark_non_differentiable(lam, *new_state)
-        if save:
-            ctx.save_for_backward(k1, v1, q, valid, state[0], lam, p, new_state[4], new_state[5], *out[10:])
-            ctx.gate_value, ctx.gate_sign, ctx.opts = g, (-1.0 if float(gate.detach().reshape(())) < 0 else 1.0), opts
+        if save:  # out[10:]: the session levels, [k3|v3], the recalled slots, their weights, the recall queries
+            ctx.save_for_backward(k1, v1, valid, state[0], lam, p, new_state[4], new_state[5], *out[10:])
+            ctx.gate_value, ctx.gate_sign, ctx.opts, ctx.q_features = g, sign, opts, q.shape[-1]
         return kf, vf, lam, *new_state
 
     @staticmethod
     def backward(ctx, gkf, gvf, *_):
-        k1, v1, q, valid, n_seen, lam, p, summ_k, summ_v, s_k, s_v, kv3, slots, weights = ctx.saved_tensors
+        k1, v1, valid, n_seen, lam, p, summ_k, summ_v, s_k, s_v, kv3, slots, weights, q_r = ctx.saved_tensors
         session, longterm, beta, chunk, top_r, scale = ctx.opts
         gkf = torch.zeros_like(s_k) if gkf is None else gkf
         gvf = torch.zeros_like(s_v) if gvf is None else gvf
         gk1, gv1, gq, glogits, ggate = extension().backward(
-            gkf, gvf, k1, v1, q, ctx.gate_value, valid, n_seen, lam, p, summ_k, summ_v,
+            gkf, gvf, k1, v1, q_r, ctx.q_features, ctx.gate_value, valid, n_seen, lam, p, summ_k, summ_v,
             s_k, s_v, kv3, slots, weights, session, longterm, beta, chunk, top_r, scale,
         )  # fmt: skip
         gq = gq if longterm else None  # only the recall reads the query
@@ -137,12 +142,12 @@ def memory(k1, v1, q, logits, gate, valid, state, *, session, longterm, beta, ch
     callers use it under autograd only for a fresh state that nothing keeps. ``overwrite``: without autograd, kf and
     vf may be written over ``k1`` and ``v1`` (for callers that own them and need them no more).
     """
-    opts = (bool(session), bool(longterm), float(beta), int(chunk), int(top_r), float(scale))
+    opts = _opts(session, longterm, beta, chunk, top_r, scale)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (k1, v1, q, logits, gate)):
         kf, vf, lam, *new_state = _Memory.apply(k1, v1, q, logits, gate, valid, tuple(state), opts)
     else:  # nothing to differentiate: the extension directly
         kf, vf, lam, _, *new_state = extension().forward(
-            k1, v1, q, logits, _gate_value(gate), valid, *state, *opts, False, True, overwrite
+            k1, v1, q, logits, _gate(gate)[0], valid, *state, *opts, False, True, overwrite
         )[:10]
     return kf.transpose(1, 2), vf.transpose(1, 2), lam, tuple(new_state)
 
@@ -153,8 +158,8 @@ def levels(k1, v1, q, logits, gate, valid, state, *, session, longterm, beta, ch
     them (or None), ``lam: [B, G, T, L]`` and the new state; arguments as :func:`memory`."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (k1, v1, q, logits, gate)):
         raise RuntimeError("fastmka_memory_cpu.levels has no backward; call it under torch.no_grad()")
-    opts = (bool(session), bool(longterm), float(beta), int(chunk), int(top_r), float(scale))
-    out = extension().forward(k1, v1, q, logits, _gate_value(gate), valid, *state, *opts, False, False, False)
+    opts = _opts(session, longterm, beta, chunk, top_r, scale)
+    out = extension().forward(k1, v1, q, logits, _gate(gate)[0], valid, *state, *opts, False, False, False)
     s_k, s_v, _, slots = out[10:14]
     sess = (s_k.transpose(1, 2), s_v.transpose(1, 2)) if session else (None, None)
     recall = (slots.clamp_min(0).long(), slots >= 0) if longterm else (None, None)

@@ -4,20 +4,20 @@
 #include "common.h"
 
 // Gradients of the token inputs (the incoming state gets none: the fused path runs under autograd only for a
-// fresh state that nothing keeps). Returns gk1, gv1 ([B, T, Hkv, d]), gq [B, T, H*d], glogits [B, T, G*L] and
-// the gate's gradient through the effective gate (a one-element tensor).
-std::vector<Tensor> backward(Tensor gkf, Tensor gvf, Tensor k1, Tensor v1, Tensor q, double gate, Tensor valid,
-                             Tensor n_seen, Tensor lam, Tensor rp, Tensor summ_k, Tensor summ_v, Tensor s_k,
+// fresh state that nothing keeps). qr: the forward's recall queries; HQ: the query projection's width. Returns
+// gk1, gv1 ([B, T, Hkv, d]), gq [B, T, H*d], glogits [B, T, G*L] and the gate's gradient through the effective
+// gate (a one-element tensor).
+std::vector<Tensor> backward(Tensor gkf, Tensor gvf, Tensor k1, Tensor v1, Tensor qr, int64_t HQ, double gate,
+                             Tensor valid, Tensor n_seen, Tensor lam, Tensor rp, Tensor summ_k, Tensor summ_v, Tensor s_k,
                              Tensor s_v, Tensor kv3, Tensor slots, Tensor weights, bool session,
                              bool longterm, double beta_d, int64_t C, int64_t R, double scale_d) {
   gkf = gkf.contiguous();
   gvf = gvf.contiguous();
   k1 = last_contiguous(k1);
   v1 = last_contiguous(v1);
-  q = last_contiguous(q);
   const Levels lv(session, longterm);
   const int64_t B = k1.size(0), Hkv = k1.size(1), T = k1.size(2), d = k1.size(3);
-  const int64_t HQ = q.size(2), rep = HQ / (Hkv * d), L = lv.L, G = lam.size(1), N = summ_k.size(2);
+  const int64_t rep = HQ / (Hkv * d), L = lv.L, G = lam.size(1), N = summ_k.size(2);
   const float scale = static_cast<float>(scale_d), g = static_cast<float>(gate);
   const Tokens tk = token_table(valid.contiguous(), n_seen.contiguous(), B, T, C, N, longterm,
                                 static_cast<float>(beta_d));
@@ -25,15 +25,14 @@ std::vector<Tensor> backward(Tensor gkf, Tensor gvf, Tensor k1, Tensor v1, Tenso
   Tensor gk1 = torch::empty({B, T, Hkv, d}, f32), gv1 = torch::empty({B, T, Hkv, d}, f32);
   Tensor gq = torch::zeros({B, T, HQ}, f32);
   Tensor glam_h = torch::empty({B, Hkv, T, L}, f32);
-  const float *kp = k1.data_ptr<float>(), *vp = v1.data_ptr<float>(), *qp = q.data_ptr<float>();
+  const float *kp = k1.data_ptr<float>(), *vp = v1.data_ptr<float>(), *qrp = qr.data_ptr<float>();
   const int64_t ksb = k1.stride(0), ksh = k1.stride(1), kst = k1.stride(2);
   const int64_t vsb = v1.stride(0), vsh = v1.stride(1), vst = v1.stride(2);
-  const int64_t qsb = q.stride(0), qst = q.stride(1);
   const float *gkp = gkf.data_ptr<float>(), *gvp = gvf.data_ptr<float>(), *lamp = lam.data_ptr<float>();
   const int64_t* ns = n_seen.contiguous().data_ptr<int64_t>();
 
   at::parallel_for(0, B * Hkv, std::max<int64_t>(1, kRowGrain / T), [&](int64_t lo, int64_t hi) {
-    std::vector<float> Dk(d), Dv(d), gk3(d), gv3(d), qr(d), gqr(d), gsk(N * d), gsv(N * d);
+    std::vector<float> Dk(d), Dv(d), gk3(d), gv3(d), gqr(d), gsk(N * d), gsv(N * d);
     for (int64_t bh = lo; bh < hi; ++bh) {
       const int64_t b = bh / Hkv, h = bh % Hkv, gi = G == 1 ? 0 : h;
       const float* mk = summ_k.data_ptr<float>() + bh * N * d;
@@ -78,9 +77,7 @@ std::vector<Tensor> backward(Tensor gkf, Tensor gvf, Tensor k1, Tensor v1, Tenso
           gk3[j] = w[lv.l3] * gk[j];
           gv3[j] = w[lv.l3] * gv[j];
         }
-        std::fill(qr.begin(), qr.end(), 0.f);
-        for (int64_t r = 0; r < rep; ++r) axpy(1.f, qp + b * qsb + t * qst + (h * rep + r) * d, qr.data(), d);
-        for (int64_t j = 0; j < d; ++j) qr[j] /= static_cast<float>(rep);
+        const float* q_r = qrp + (bh * T + t) * d;  // the forward's recall query
         float gp[64], mean = 0.f;
         std::vector<float> big;
         float* gpw = R <= 64 ? gp : (big.resize(R), big.data());
@@ -95,7 +92,7 @@ std::vector<Tensor> backward(Tensor gkf, Tensor gvf, Tensor k1, Tensor v1, Tenso
           const int64_t c = sl[r];
           const float gs = pw[r] * (gpw[r] - mean) * scale;  // softmax backward, times the recall scale
           axpy(pw[r], gk3.data(), gsk.data() + c * d, d);
-          axpy(gs, qr.data(), gsk.data() + c * d, d);
+          axpy(gs, q_r, gsk.data() + c * d, d);
           axpy(pw[r], gv3.data(), gsv.data() + c * d, d);
           axpy(gs, mk + c * d, gqr.data(), d);
         }

@@ -5,7 +5,8 @@
 
 // With inplace (no backward), kf and vf may be written over k1 and v1. Returns kf, vf (empty when !mix: MKA
 // mode attends over the levels instead), lam, router_p, ema_k, ema_v, part_k, part_v, summ_k, summ_v, then (when save or !mix) the session levels s_k, s_v, [k3|v3] [B, Hkv, T, 2d]
-// (when save; else undefined), the recalled slots [B, Hkv, T, R] int32 (-1 = none) and their weights.
+// (when save; else undefined), the recalled slots [B, Hkv, T, R] int32 (-1 = none), their weights and the
+// recall queries [B, Hkv, T, d] (empty without the long-term level).
 std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, double gate, Tensor valid,
                             Tensor n_seen, Tensor ema_k, Tensor ema_v, Tensor part_k, Tensor part_v,
                             Tensor summ_k, Tensor summ_v, bool session, bool longterm, double beta_d,
@@ -131,10 +132,11 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
     }
   });
 
+  Tensor qr = torch::empty({0}, f32);  // [B, Hkv, T, d] with the long-term level (kept for the backward)
   if (lv.longterm) {
     // recall queries (the mean over each kv group's query heads), then the scores of every token against every
     // slot in one matmul; a token reads only the chunks completed before it
-    Tensor qr = torch::empty({B, Hkv, T, d}, f32);
+    qr = torch::empty({B, Hkv, T, d}, f32);
     const float* qp = q.data_ptr<float>();
     const int64_t qsb = q.stride(0), qst = q.stride(1);
     float* qrp = qr.data_ptr<float>();
@@ -212,6 +214,6 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
     kv3 = torch::zeros({B, Hkv, T, 2 * d}, f32);
   }
   std::vector<Tensor> out = {kf, vf, lam, rp, ek, ev, pk, pv, sk_out, sv_out};
-  if (keep) out.insert(out.end(), {s_k, s_v, kv3, slots, weights});
+  if (keep) out.insert(out.end(), {s_k, s_v, kv3, slots, weights, qr});
   return out;
 }

@@ -72,6 +72,31 @@ def routing_weights(
     return onehot + effective_gate(gate.to(rdt)) * (p - onehot)
 
 
+def fused_memory(mode: str, cfg: MKAConfig, st: MKALayerState, k1, v1, q_flat, logits, gate, valid, scale: float):
+    """One call's memory levels through the fused CPU pass (``kernels/fastmka_memory_cpu``), shared by the layers
+    here and converted sites; ``st``'s EMA and chunk state are replaced (``n_seen`` is the caller's).
+
+    FastMKA: returns ``(kf, vf, lam, None)``, the mix possibly written over ``k1, v1`` (the caller's own
+    projections) when nothing is differentiated. MKA mode (no autograd): ``(s_k, s_v, lam, (idx, found))``, the
+    session levels (None without them) and the recalled slots (None without the long-term level)."""
+    if cfg.uses_longterm:
+        st.reserve(k1.shape[2], cfg.chunk_size)
+    state = (st.n_seen, st.ema_k, st.ema_v, st.part_k, st.part_v, st.summ_k, st.summ_v)
+    opts = dict(
+        session=cfg.uses_session, longterm=cfg.uses_longterm, beta=cfg.ema_beta, chunk=cfg.chunk_size,
+        top_r=cfg.top_r, scale=scale,
+    )  # fmt: skip
+    fused = K.fastmka_memory_cpu
+    if mode == "mka":
+        sk, sv, idx, found, lam, new = fused.levels(k1, v1, q_flat, logits, gate, valid, state, **opts)
+        out = (sk, sv, lam, (idx, found))
+    else:
+        kf, vf, lam, new = fused.memory(k1, v1, q_flat, logits, gate, valid, state, **opts, overwrite=True)
+        out = (kf, vf, lam, None)
+    st.ema_k, st.ema_v, st.part_k, st.part_v, st.summ_k, st.summ_v = new
+    return out
+
+
 def effective_gate(gate: torch.Tensor) -> torch.Tensor:
     """``min(|gate|, 1)`` with gradient ``sign(gate)`` (``+1`` at 0), straight through the clip at 1."""
     sign = torch.where(gate < 0, -1.0, 1.0).to(gate.dtype).detach()
@@ -175,14 +200,20 @@ class _MKABase(nn.Module):
         check.same_device("x", x, memory_bank_k=bk, memory_bank_v=bv, memory_bank_valid=bvalid)
         return bk, bv, bvalid
 
+    def _project(self, x: torch.Tensor):
+        """``q_flat: [B, T, H*d]``, its head view ``q: [B, H, T, d]``, and ``k1, v1: [B, Hkv, T, d]``."""
+        B, T, _ = x.shape
+        q_flat = self.q_proj(x)
+        q = q_flat.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k1 = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v1 = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q_flat, q, k1, v1
+
     def _memory(self, x, valid, st: MKALayerState, bank):
         """Projections, levels and routing. Returns q, [k_l], [v_l], recall info, lam, pos."""
         B, T, _ = x.shape
         H, Hkv, d, cfg = self.num_heads, self.num_kv_heads, self.head_dim, self.config
-        q_flat = self.q_proj(x)
-        q = q_flat.view(B, T, H, d).transpose(1, 2)  # (B, H, T, d)
-        k1 = self.k_proj(x).view(B, T, Hkv, d).transpose(1, 2)  # (B, Hkv, T, d)
-        v1 = self.v_proj(x).view(B, T, Hkv, d).transpose(1, 2)
+        q_flat, q, k1, v1 = self._project(x)
         pos = K.real_positions(valid, st.n_seen)  # (B, T)
         ks, vs = [k1], [v1]
         if cfg.uses_session:
@@ -245,33 +276,18 @@ class _MKABase(nn.Module):
     def _memory_fused(self, x, valid, st: MKALayerState):
         """:meth:`_memory` through the fused CPU pass. FastMKA: ``ks, vs`` hold the routed ``kf, vf`` alone and
         ``lam`` is None (already mixed); MKA mode: the levels and recall as :meth:`_memory` gives them."""
-        B, T, _ = x.shape
-        H, Hkv, d, cfg = self.num_heads, self.num_kv_heads, self.head_dim, self.config
-        q_flat = self.q_proj(x)
-        q = q_flat.view(B, T, H, d).transpose(1, 2)  # (B, H, T, d)
-        k1 = self.k_proj(x).view(B, T, Hkv, d).transpose(1, 2)  # (B, Hkv, T, d)
-        v1 = self.v_proj(x).view(B, T, Hkv, d).transpose(1, 2)
+        cfg = self.config
+        q_flat, q, k1, v1 = self._project(x)
         pos = K.real_positions(valid, st.n_seen)
-        if cfg.uses_longterm:
-            st.reserve(T, cfg.chunk_size)
-        state = (st.n_seen, st.ema_k, st.ema_v, st.part_k, st.part_v, st.summ_k, st.summ_v)
-        opts = dict(
-            session=cfg.uses_session, longterm=cfg.uses_longterm, beta=cfg.ema_beta, chunk=cfg.chunk_size,
-            top_r=cfg.top_r, scale=cfg.recall_scale or self.scale,
-        )  # fmt: skip
-        logits = self.router(q_flat)
-        fused = K.fastmka_memory_cpu
-        recall = None
-        if self.mode == "mka":
-            sk, sv, idx, found, lam, new = fused.levels(k1, v1, q_flat, logits, self.gate, valid, state, **opts)
-            ks, vs = [k1] + ([sk] if cfg.uses_session else []), [v1] + ([sv] if cfg.uses_session else [])
-            if cfg.uses_longterm:
-                recall = (None, new[4], new[5], idx, found)
-        else:  # the projections are this call's own: the mix may overwrite them
-            kf, vf, lam, new = fused.memory(k1, v1, q_flat, logits, self.gate, valid, state, **opts, overwrite=True)
-            ks, vs, lam = [kf], [vf], None
-        st.ema_k, st.ema_v, st.part_k, st.part_v, st.summ_k, st.summ_v = new
+        scale = cfg.recall_scale or self.scale
+        a, b, lam, recalled = fused_memory(
+            self.mode, cfg, st, k1, v1, q_flat, self.router(q_flat), self.gate, valid, scale
+        )
         st.n_seen = st.n_seen + valid.sum(-1)
+        if self.mode != "mka":
+            return q, [a], [b], None, None, pos
+        ks, vs = ([k1, a], [v1, b]) if cfg.uses_session else ([k1], [v1])
+        recall = (None, st.summ_k, st.summ_v, *recalled) if cfg.uses_longterm else None
         return q, ks, vs, recall, lam, pos
 
     def _attend(self, q, ks, vs, recall, lam, pos, valid, st: MKALayerState) -> torch.Tensor:
