@@ -46,7 +46,6 @@ from gpu_sweep import (  # noqa: E402  (the kernel modules under the short names
     lt,
     ltt,
     ma,
-    make_tunables,
     mt,
     rel_err,
     run_sweep,
@@ -55,6 +54,7 @@ from gpu_sweep import (  # noqa: E402  (the kernel modules under the short names
     sweep_table,
 )
 from gpu_timings import _guarded, timings  # noqa: E402
+from gpu_tunables import make_tunables  # noqa: E402
 
 
 def checks(dev, dtype, s) -> list[dict]:
