@@ -1,6 +1,8 @@
 """mka-compile: find attention in PyTorch models and rewrite it into MKA / FastMKA.
 
-:func:`inspect` finds attention sites; :class:`Rule` / :class:`PassManager` run custom passes;
+:func:`inspect` finds attention sites; :func:`convert` converts them; :func:`save_converted` /
+:func:`load_converted` (one file) and :func:`save_pretrained` / :func:`from_pretrained` (a Hugging Face folder)
+keep a converted model with its mode and config; :class:`Rule` / :class:`PassManager` run custom passes;
 :class:`MKAConfig`, the ``mka::`` custom ops (:mod:`mka_compile.kernels`) and the layers
 (:mod:`mka_compile.layers`) carry the MKA semantics.
 """
@@ -8,6 +10,7 @@
 from __future__ import annotations
 
 from mka_compile import kernels, layers
+from mka_compile.checkpoint import load_converted, save_converted
 from mka_compile.config import MKAConfig
 from mka_compile.convert import ConversionError, convert, routing_stats
 from mka_compile.export import export_onnx
@@ -16,6 +19,7 @@ from mka_compile.graph.pattern import any_, op, opt
 from mka_compile.graph.rules import PassError, PassManager, Rule
 from mka_compile.inspect import inspect
 from mka_compile.layers import FastMKAAttention, MKAAttention, MKACache
+from mka_compile.pretrained import from_pretrained, save_pretrained
 from mka_compile.report import Report, Site
 
 __version__ = "0.1.0"
@@ -38,10 +42,14 @@ __all__ = [
     "capture",
     "convert",
     "export_onnx",
+    "from_pretrained",
     "inspect",
     "kernels",
     "layers",
+    "load_converted",
     "op",
     "opt",
     "routing_stats",
+    "save_converted",
+    "save_pretrained",
 ]

@@ -45,9 +45,20 @@ def test_level_subsets(levels) -> None:
         ("router_per_head", "yes"),
         ("gate_init", "zero"),
         ("recall_scale", -1.0),
+        ("gate_init", float("nan")),
+        ("gate_init", float("inf")),
+        ("recall_scale", float("inf")),
+        ("recall_scale", float("nan")),
+        ("recall_scale", 0.0),
         ("causal", "yes"),
     ],
 )
 def test_invalid_values_name_the_field(field: str, value) -> None:
     with pytest.raises(ValueError, match=field):
         MKAConfig(**{field: value})
+
+
+def test_gate_init_defaults_by_use() -> None:
+    assert MKAConfig().gate_init is None
+    assert (MKAConfig().initial_gate(converting=True), MKAConfig().initial_gate(converting=False)) == (0.0, 1.0)
+    assert MKAConfig(gate_init=0.7).initial_gate(converting=True) == 0.7
