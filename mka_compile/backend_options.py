@@ -11,6 +11,7 @@ import torch
 
 from mka_compile.backend_lowering import TARGETS
 from mka_compile.backend_weights import split_weights
+from mka_compile.checkpoint import CheckpointError, config_difference, read_file, recorded_conversion, same_config
 from mka_compile.config import MKAConfig
 
 OPTION_KEYS = ("mode", "config", "weights", "attention", "inductor", "compiler")
@@ -31,26 +32,16 @@ class BackendOptions:
     compiler: str = "inductor"
 
 
-def _load(path: str | os.PathLike) -> Mapping[str, Any]:
+def _load(path: str | os.PathLike) -> tuple[Mapping[str, Any], tuple[str, MKAConfig] | None]:
+    """The checkpoint's tensors and, when it records them (``save_converted``), its mode and MKAConfig."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise BackendError(f"options['weights']: no checkpoint file at {path!r}")
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ModuleNotFoundError as exc:
-            raise BackendError("options['weights'] is a .safetensors file: pip install safetensors") from exc
-        return load_file(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - say which file and why
-        raise BackendError(
-            f"options['weights']: cannot load {path!r} with torch.load(weights_only=True): {exc}"
-        ) from exc
-    for key in ("state_dict", "model"):  # a training checkpoint wrapping the state_dict
-        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
-            state = state[key]
-    return state
+        state, meta = read_file(path)
+        return state, recorded_conversion(path, meta)
+    except CheckpointError as exc:
+        raise BackendError(f"options['weights']: {exc}") from exc
 
 
 def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
@@ -63,7 +54,6 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
     mode = options.get("mode")
     if mode not in (None, "fastmka", "mka"):
         raise BackendError(f"options['mode'] must be None, 'fastmka' or 'mka', got {mode!r}")
-    out.mode = mode
     cfg = options.get("config")
     if isinstance(cfg, Mapping):
         try:
@@ -72,7 +62,24 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
             raise BackendError(f"options['config']: {exc}") from exc
     if cfg is not None and not isinstance(cfg, MKAConfig):
         raise BackendError(f"options['config'] must be an MKAConfig or a dict of its fields, got {type(cfg).__name__}")
-    out.config = cfg
+    weights, recorded = options.get("weights"), None
+    if isinstance(weights, (str, os.PathLike)):
+        where = os.fspath(weights)
+        weights, recorded = _load(weights)
+    if recorded is not None:  # a checkpoint from save_converted: its mode and config are the ones to use
+        file_mode, file_cfg = recorded
+        if mode is not None and mode != file_mode:
+            raise BackendError(
+                f"options['mode']={mode!r} but {where} records mode {file_mode!r}: leave 'mode' out (the checkpoint "
+                "records the mode its weights were trained with)"
+            )
+        if cfg is not None and not same_config(cfg, file_cfg):
+            raise BackendError(
+                f"options['config'] differs from the MKAConfig recorded in {where}: {config_difference(cfg, file_cfg)};"
+                " leave 'config' out (the checkpoint records the config its weights were trained with)"
+            )
+        mode, cfg = file_mode, cfg or file_cfg
+    out.mode, out.config = mode, cfg
     attention = options.get("attention", "mka")
     if attention not in TARGETS:
         raise BackendError(f"options['attention'] must be one of {list(TARGETS)}, got {attention!r}")
@@ -87,10 +94,7 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
     if compiler != "inductor" and inductor:
         raise BackendError("options['inductor'] patches Inductor's config; it needs compiler='inductor'")
     out.compiler = compiler
-    weights = options.get("weights")
     if weights is not None:
-        if isinstance(weights, (str, os.PathLike)):
-            weights = _load(weights)
         if not isinstance(weights, Mapping):
             raise BackendError(f"options['weights'] must be a state_dict or a checkpoint path, got {type(weights)}")
         split = split_weights(dict(weights))

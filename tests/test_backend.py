@@ -368,3 +368,28 @@ def test_full_zoo_inductor(family: str, variant: str) -> None:
         ref = model(ids, use_cache=False).logits
         out = torch.compile(model, backend="mka", options=INDUCTOR)(ids, use_cache=False).logits
     assert _rel(out, ref) <= 1e-4
+
+
+def test_weights_file_brings_its_mode_and_config(tmp_path) -> None:
+    """A checkpoint written by save_converted records mode and MKAConfig: the backend uses them (chunk 4 here,
+    not the default 64) and refuses options that contradict them."""
+    from mka_compile.checkpoint import save_converted
+
+    conv = _trained("llama", "sdpa")
+    with torch.no_grad():
+        for name, p in conv.named_parameters():
+            if name.endswith(".mka.gate"):
+                p.fill_(0.7)
+    path = save_converted(conv, tmp_path / "conv.safetensors")
+    model, _ = zoo.causal_lm("llama", "sdpa")
+    ids = torch.randint(0, 90, (2, 13))
+    with torch.no_grad():
+        ref = conv(ids, use_cache=False).logits
+        out = torch.compile(model, backend="mka", options={**AOT, "weights": str(path)})(ids, use_cache=False).logits
+    assert _rel(out, ref) <= 1e-5
+    opts = B.parse_options({"weights": str(path), "mode": "fastmka"})
+    assert (opts.mode, opts.config) == ("fastmka", CFG)
+    with pytest.raises(B.BackendError, match=r"options\['config'\].*chunk_size=64.*chunk_size=4"):
+        B.parse_options({"weights": str(path), "config": MKAConfig()})
+    with pytest.raises(B.BackendError, match=r"options\['mode'\]='mka'.*'fastmka'"):
+        B.parse_options({"weights": str(path), "mode": "mka"})
