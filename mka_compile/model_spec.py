@@ -55,8 +55,8 @@ def load_model(spec: str, *, pretrained: bool = False, attn_implementation: str 
         raise SpecError("model spec is empty: give tiny:<family>, file.py:factory, module:factory or a HF config")
     if spec.startswith("tiny:"):
         loaded = _tiny(spec[5:], attn_implementation)
-    elif _looks_like_factory(spec):
-        loaded = _factory(spec)
+    elif (factory := _split_factory(spec)) is not None:
+        loaded = _factory(spec, *factory)
     else:
         loaded = _hf(spec, pretrained, attn_implementation)
     loaded.model.eval()
@@ -107,15 +107,31 @@ def _hf(spec: str, pretrained: bool, attn_implementation: str) -> LoadedModel:
     return _from_config(cfg, f"{spec} (random weights from its config)", attn_implementation)
 
 
-def _looks_like_factory(spec: str) -> bool:
-    if ":" not in spec or spec.count(":") != 1:
-        return False
-    left, right = spec.split(":")
-    return right.isidentifier() and (left.endswith(".py") or all(p.isidentifier() for p in left.split(".")))
+def _split_factory(spec: str) -> tuple[str, str] | None:
+    """``(file or module, factory)`` for a ``file.py:factory`` / ``module:factory`` spec, None for other specs;
+    a spec that is meant as one but is malformed raises :class:`SpecError` (Hugging Face ids have no ':')."""
+    if ":" not in spec or Path(spec).exists():
+        return None
+    drive, rest = ("", spec) if not (len(spec) > 2 and spec[1] == ":" and spec[0].isalpha()) else (spec[:2], spec[2:])
+    if ":" not in rest:
+        return None  # a Windows path
+    left, _, name = rest.rpartition(":")
+    left = drive + left
+    form = "path/to/file.py:factory or package.module:factory"
+    if ":" in left.removeprefix(drive):
+        raise SpecError(
+            f"model spec {spec!r}: a factory spec has one ':' between the file or module and the name ({form})"
+        )
+    if not name:
+        raise SpecError(f"model spec {spec!r}: no factory name after ':' (give {form})")
+    if not name.isidentifier():
+        raise SpecError(f"model spec {spec!r}: factory {name!r} is not a Python name ({form})")
+    if not left.endswith(".py") and not all(p.isidentifier() for p in left.split(".")):
+        raise SpecError(f"model spec {spec!r}: {left!r} is neither a .py file nor a dotted module name ({form})")
+    return left, name
 
 
-def _factory(spec: str) -> LoadedModel:
-    left, name = spec.split(":")
+def _factory(spec: str, left: str, name: str) -> LoadedModel:
     if left.endswith(".py"):
         path = Path(left)
         if not path.is_file():

@@ -58,3 +58,19 @@ def test_hf_config_folder_and_errors(tmp_path: Path) -> None:
         load_model(str(tmp_path / "no_such_folder"))
     with pytest.raises(SpecError, match="empty"):
         load_model("")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("model.py:", r"'model.py:'.*no factory name after ':'.*file.py:factory"),
+        ("pkg.mod:", r"'pkg.mod:'.*no factory name after ':'"),
+        ("model.py:1x", r"'1x' is not a Python name"),
+        ("nonexistent.py:make", r"file nonexistent.py does not exist"),
+        ("a.py:b:c", r"one ':'"),
+    ],
+)
+def test_malformed_factory_specs_get_a_spec_error(spec: str, message: str) -> None:
+    with pytest.raises(SpecError, match=message) as err:
+        load_model(spec)
+    assert "Hugging Face" not in str(err.value)
