@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 LEVELS = ("local", "session", "longterm")
@@ -21,8 +22,9 @@ class MKAConfig:
         router_per_head: one routing per kv head instead of one shared by all heads.
         gate_init: initial value of the gate on the non-local levels. The routing weights are
             ``w = onehot(local) + gate * (softmax(router(q)) - onehot(local))``: 1.0 routes from the
-            start (layers built from scratch); 0.0 starts exactly at the original attention
-            (conversion) while every new parameter still trains.
+            start; 0.0 starts exactly at the original attention while every new parameter still trains.
+            ``None`` (default) picks by use: 0.0 when converting a model (``convert``, the backend), so a
+            converted model is the original until trained, and 1.0 for layers built from scratch.
         recall_scale: scale of L3 recall scores; ``None`` = ``head_dim ** -0.5``.
         causal: ``False`` allows bidirectional attention with the non-causal memory of
             :mod:`mka_compile.layers.noncausal` (no KV cache). For ``convert`` it lets bidirectional
@@ -35,7 +37,7 @@ class MKAConfig:
     top_r: int = 8
     router_hidden: int | None = None
     router_per_head: bool = False
-    gate_init: float = 1.0
+    gate_init: float | None = None
     recall_scale: float | None = None
     causal: bool = True
 
@@ -62,16 +64,20 @@ class MKAConfig:
             _positive_int("router_hidden", self.router_hidden)
         if not isinstance(self.router_per_head, bool):
             raise ValueError(f"router_per_head must be a bool, got {self.router_per_head!r}")
-        if isinstance(self.gate_init, bool) or not isinstance(self.gate_init, (int, float)):
-            raise ValueError(f"gate_init must be a float (0.0 = identity at init), got {self.gate_init!r}")
-        if self.recall_scale is not None and (
-            isinstance(self.recall_scale, bool)
-            or not isinstance(self.recall_scale, (int, float))
-            or not self.recall_scale > 0
-        ):
-            raise ValueError(f"recall_scale must be a positive float or None, got {self.recall_scale!r}")
+        if self.gate_init is not None and not _finite(self.gate_init):
+            raise ValueError(
+                f"gate_init must be a finite float or None (0.0 = identity at init), got {self.gate_init!r}"
+            )
+        if self.recall_scale is not None and not (_finite(self.recall_scale) and self.recall_scale > 0):
+            raise ValueError(f"recall_scale must be a finite positive float or None, got {self.recall_scale!r}")
         if not isinstance(self.causal, bool):
             raise ValueError(f"causal must be a bool, got {self.causal!r}")
+
+    def initial_gate(self, converting: bool) -> float:
+        """The gate's starting value: ``gate_init``, or by use when it is None (0.0 converting, 1.0 from scratch)."""
+        if self.gate_init is not None:
+            return float(self.gate_init)
+        return 0.0 if converting else 1.0
 
     @property
     def uses_session(self) -> bool:
@@ -84,6 +90,10 @@ class MKAConfig:
     @property
     def num_levels(self) -> int:
         return len(self.levels)
+
+
+def _finite(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _positive_int(name: str, value: object) -> None:

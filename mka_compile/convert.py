@@ -181,15 +181,15 @@ def convert(
     matmul - softmax - matmul (:mod:`mka_compile.attention_intercept`); no, rotate-half, interleaved or complex
     RoPE; dynamic caches, or a site's own cache written at a position argument.
 
-    ``config`` defaults to ``MKAConfig(gate_init=0.0)``: the converted model equals the original until it
-    is trained. Bidirectional self-attention sites (encoders) are converted only with ``causal=False`` in the
-    config, with the non-causal memory of :mod:`mka_compile.layers.noncausal`. ``example_inputs`` as for
+    ``config`` defaults to ``MKAConfig()``; its ``gate_init`` (None unless set) starts the gate at 0: the converted
+    model equals the original until it is trained, whatever else the config sets. Bidirectional self-attention sites
+    (encoders) are converted only with ``causal=False`` in the config, with the non-causal memory of :mod:`mka_compile.layers.noncausal`. ``example_inputs`` as for
     :func:`mka_compile.inspect` (optional for Hugging Face models).
     Raises :class:`ConversionError` (model unchanged) when a convertible site cannot be converted.
     """
     if mode not in ("fastmka", "mka"):
         raise ValueError(f"mode must be 'fastmka' or 'mka', got {mode!r}")
-    config = MKAConfig(gate_init=0.0) if config is None else config
+    config = MKAConfig() if config is None else config
     if not isinstance(config, MKAConfig):
         raise ValueError(f"config must be an MKAConfig, got {type(config).__name__}")
     report, facts = inspect_with_facts(model, example_inputs)

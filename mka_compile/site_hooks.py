@@ -1,4 +1,11 @@
-"""The module hooks that connect a converted site to its :class:`~mka_compile.site_memory.SiteMemory`.
+"""How a converted site is attached: its module becomes an instance of a converted-site class, and module hooks
+connect it to its :class:`~mka_compile.site_memory.SiteMemory`.
+
+The converted-site class (:func:`site_class`) is a subclass of the site's own class with nothing overridden but
+pickling: the model's classes are untouched, and the instance keeps its name, ``isinstance`` checks and forward. It
+makes a converted site *different code* from the original for torch.compile: Dynamo guards on the type of a module
+it inlines, but not on its hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``), so without it code compiled
+for the original class would run on a converted one.
 
 Hooks are small callable objects rather than closures so that ``copy.deepcopy(model)`` gives the copy hooks that
 point at the copy's own memory, projections and interceptor (deepcopy copies objects, not closures), and so
@@ -98,6 +105,30 @@ class KVHook(SiteHook):
         return self.mem.on_kv(self.which, out, self.q_mod, self.other, inputs[0])
 
 
+_SITE_CLASSES: dict[type, type] = {}
+
+
+def site_class(base: type) -> type:
+    """The converted-site class for modules of class ``base`` (made once per class)."""
+    if getattr(base, "_mka_site_base", None) is not None:
+        return base
+    cls = _SITE_CLASSES.get(base)
+    if cls is None:
+        attrs = {"__module__": base.__module__, "__qualname__": base.__qualname__, "_mka_site_base": base}
+        attrs["__reduce_ex__"] = _reduce_site
+        cls = _SITE_CLASSES[base] = type(base.__name__, (base,), attrs)
+    return cls
+
+
+def _reduce_site(self: nn.Module, protocol: int):
+    return _rebuild_site, (type(self)._mka_site_base,), self.__getstate__()
+
+
+def _rebuild_site(base: type) -> nn.Module:
+    """Unpickle a converted site: an instance of ``base``'s converted-site class (state set by ``__setstate__``)."""
+    return base.__new__(site_class(base))
+
+
 POSITION_NAMES = ("start_pos", "input_pos", "cache_position", "start", "pos", "position", "offset", "past_length")
 
 
@@ -127,7 +158,9 @@ def _argument(module: nn.Module, name: str, args: tuple, kwargs: dict) -> int:
 
 
 def install(owner: nn.Module, mem, mods: tuple[nn.Module, ...], maps) -> None:
-    """Register the site's hooks on ``owner`` (the attention module) and its projections ``mods``."""
+    """Make ``owner`` (the attention module) a converted site and register the hooks on it and its projections
+    ``mods``."""
+    owner.__class__ = site_class(type(owner))
     owner.register_forward_pre_hook(SitePre(mem), with_kwargs=True)
     owner.register_forward_hook(SitePost(mem), with_kwargs=True, always_call=True)
     if maps is not None:
@@ -143,7 +176,8 @@ def install(owner: nn.Module, mem, mods: tuple[nn.Module, ...], maps) -> None:
 
 
 def remove(mem) -> None:
-    """Remove every hook of ``mem`` from the modules it was installed on (works on deep copies too)."""
+    """Remove every hook of ``mem`` from the modules it was installed on (works on deep copies too); the site's module
+    gets its own class back."""
     for m in getattr(mem, "hooked", []):
         for hooks in (m._forward_pre_hooks, m._forward_hooks):
             for key in [k for k, h in hooks.items() if isinstance(h, SiteHook) and h.mem is mem]:
@@ -151,4 +185,7 @@ def remove(mem) -> None:
                 for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs"):
                     getattr(m, extra, {}).pop(key, None)
                 getattr(m, "_forward_hooks_always_called", {}).pop(key, None)
+    if mem.hooked:
+        owner = mem.hooked[0]
+        owner.__class__ = getattr(type(owner), "_mka_site_base", None) or type(owner)
     mem.hooked = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,11 +53,11 @@ class SiteMemory(nn.Module):
         self.groups = self.num_kv_heads if config.router_per_head else 1
         hidden = config.router_hidden or max(1, q_features // 2)
         self.router = Router(q_features, hidden, self.groups * config.num_levels)
-        self.gate = nn.Parameter(torch.full((1,), float(config.gate_init)))
+        self.gate = nn.Parameter(torch.full((1,), config.initial_gate(converting=True)))
         self.recall_scale = config.recall_scale or site.head_dim**-0.5
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # caches that take no attributes
         self._state_key = f"site{next(_SITE_KEYS)}"  # this site's entry in a cache's MKA states
-        self._call: _Call | None = None
+        self._local = threading.local()  # the open call of each thread (see _call)
         self.hooked: list[nn.Module] = []  # the modules our hooks sit on (mka_compile.site_hooks)
         self._stats: list[tuple[torch.Tensor, float]] | None = None  # set while routing_stats() records
         self.intercept = None  # MKA mode for attention computed inline: an AttentionToMKA mode (site_hooks)
@@ -68,6 +69,35 @@ class SiteMemory(nn.Module):
         self._zeros: dict[tuple, MKALayerState] = {}  # fresh zero states by shape: _zero_state
 
     # -- per-call context -----------------------------------------------------------------------------
+    @property
+    def _call(self) -> _Call | None:
+        """The call of this site open in this thread (between its pre- and post-hook), or None. Held per thread, so
+        threads that call one converted model concurrently each have their own; while torch.compile / export traces
+        (one thread, and the compiled code keeps no Python state), a plain attribute."""
+        if torch.compiler.is_compiling():
+            return self.__dict__.get("_traced_call")
+        return getattr(self._local, "call", None)
+
+    @_call.setter
+    def _call(self, call: _Call | None) -> None:
+        if torch.compiler.is_compiling():
+            self.__dict__["_traced_call"] = call
+        else:
+            self._local.call = call
+
+    def __getstate__(self) -> dict:
+        """Pickle / deepcopy: the module's parameters and settings, not what belongs to calls or caches (open calls,
+        states of caches held weakly, shared zero states)."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        drop = ("_local", "_traced_call", "_states", "_zeros")
+        return {k: v for k, v in state.items() if k not in drop}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._local = threading.local()
+        self._states = weakref.WeakKeyDictionary()
+        self._zeros = {}
+
     def state_for(self, cache: Any, batch: int, ref: torch.Tensor) -> MKALayerState:
         sdt = torch.float64 if ref.dtype == torch.float64 else torch.float32
         fresh = lambda: MKALayerState.empty(  # noqa: E731

@@ -146,7 +146,7 @@ class _MKABase(nn.Module):
         self.groups = self.num_kv_heads if self.config.router_per_head else 1
         hidden = self.config.router_hidden or max(1, qd // 2)
         self.router = Router(qd, hidden, self.groups * self.config.num_levels)
-        self.gate = nn.Parameter(torch.full((1,), float(self.config.gate_init)))
+        self.gate = nn.Parameter(torch.full((1,), self.config.initial_gate(converting=False)))
 
     # -- shared pieces ---------------------------------------------------------------------------
     def _rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,125 @@
+"""Regression tests for silent wrong results (issue 13): each compares a converted model, with trained (non-zero)
+gates and routers, against a reference computed another way (eager vs compiled, single vs threaded, pickled vs
+original, beams / crop vs full forwards)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import threading
+
+import pytest
+import torch
+import zoo
+
+import mka_compile
+
+CFG = mka_compile.MKAConfig(chunk_size=4, top_r=2)
+
+
+def _converted(mode: str = "fastmka", config: mka_compile.MKAConfig = CFG, family: str = "llama", model=None):
+    model = model if model is not None else zoo.causal_lm(family, "sdpa")[0]
+    mka_compile.convert(model, mode=mode, config=config)
+    zoo.randomize_mka(model)
+    return model
+
+
+# -- torch.compile: a converted model is different code from the original -------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager", "mka"])
+def test_compile_original_then_converted_copy(backend: str) -> None:
+    torch._dynamo.reset()
+    orig = zoo.causal_lm("llama", "sdpa")[0]
+    conv = _converted(model=copy.deepcopy(orig))
+    options = {"compiler": "aot_eager"} if backend == "mka" else None
+    ids = torch.randint(0, 90, (2, 13))
+    with torch.no_grad():
+        eager_o, eager_c = orig(ids, use_cache=False).logits, conv(ids, use_cache=False).logits
+        assert (eager_o - eager_c).abs().max() > 1e-3  # the rewrite is live
+        out_o = torch.compile(orig, backend=backend, options=options)(ids, use_cache=False).logits
+        out_c = torch.compile(conv, backend=backend, options=options)(ids, use_cache=False).logits
+    torch.testing.assert_close(out_o, eager_o, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out_c, eager_c, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compile_then_convert_same_model_and_two_configs() -> None:
+    torch._dynamo.reset()
+    model = zoo.causal_lm("llama", "sdpa")[0]
+    other = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    ids = torch.randint(0, 90, (1, 17))
+    with torch.no_grad():
+        compiled(ids, use_cache=False)
+        _converted(model=model)  # converted in place after it was compiled
+        torch.testing.assert_close(compiled(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+        _converted(model=other, config=mka_compile.MKAConfig(chunk_size=8, top_r=1, ema_beta=0.5))
+        eager = other(ids, use_cache=False).logits
+        torch.testing.assert_close(torch.compile(other, backend="aot_eager")(ids, use_cache=False).logits, eager)
+    torch._dynamo.reset()
+
+
+# -- threads: a call's state is not on the module ---------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["fastmka", "mka"])
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_threads_share_one_converted_model(mode: str, fused: str, monkeypatch) -> None:
+    monkeypatch.setenv("MKA_CPU_FUSED", fused)
+    model = _converted(mode)
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, 90, (1, 9 + i)) for i in range(6)]
+    with torch.no_grad():
+        expected = [model.generate(p, max_new_tokens=6, do_sample=False) for p in prompts]
+        single = [model(p, use_cache=False).logits for p in prompts]
+    got, errors = {}, []
+
+    def work(i: int) -> None:
+        try:
+            with torch.no_grad():
+                for _ in range(2):
+                    got[i] = (model.generate(prompts[i], max_new_tokens=6, do_sample=False), model(prompts[i]).logits)
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in range(len(prompts)):
+        assert torch.equal(got[i][0], expected[i])
+        torch.testing.assert_close(got[i][1], single[i], rtol=1e-5, atol=1e-5)
+
+
+# -- pickle -----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["fastmka", "mka"])
+def test_converted_model_pickles(mode: str) -> None:
+    model = _converted(mode)
+    ids = torch.randint(0, 90, (2, 11))
+    with torch.no_grad():
+        ref = model(ids).logits
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        again = pickle.loads(pickle.dumps(model))
+        assert mka_compile.inspect(loaded).sites[0].status == mode
+        torch.testing.assert_close(loaded(ids).logits, ref, rtol=0, atol=0)
+        torch.testing.assert_close(again(ids).logits, ref, rtol=0, atol=0)
+
+
+# -- a user config keeps identity at init -----------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["fastmka", "mka"])
+def test_any_config_converts_to_the_original(mode: str) -> None:
+    model = zoo.causal_lm("llama", "sdpa")[0]
+    ids = torch.randint(0, 90, (2, 40))
+    with torch.no_grad():
+        ref = model(ids).logits
+        mka_compile.convert(model, mode=mode, config=mka_compile.MKAConfig(chunk_size=4, top_r=2, ema_beta=0.5))
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-6)
+    assert all(float(m.gate) == 0.0 for n, m in model.named_modules() if n.endswith(".mka"))
+    live = mka_compile.convert(zoo.causal_lm("llama", "sdpa")[0], config=mka_compile.MKAConfig(gate_init=0.5))
+    assert all(float(m.gate) == 0.5 for n, m in live.named_modules() if n.endswith(".mka"))  # asked for explicitly
+    assert float(mka_compile.FastMKAAttention(32, 4).gate) == 1.0  # layers built from scratch route from the start
