@@ -240,7 +240,7 @@ def export_onnx(
     from . import translation
 
     register_schemas()
-    path = Path(path)
+    path = _writable(Path(path))
     sites = converted_sites(model)
     max_len = _max_len(model, max_len, sites)
     slots = {name: max_len // m.config.chunk_size if max_len else 0 for name, m in sites.items()}
@@ -292,6 +292,24 @@ def export_onnx(
     program.save(path)
     if check:
         onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def _writable(path: Path) -> Path:
+    """``path`` if the file can be written there (missing folders are made), checked before the export runs."""
+    why = None
+    if path.is_dir():
+        why = "it is a folder (give a file name, e.g. model.onnx)"
+    else:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            why = f"its folder cannot be made ({exc.strerror or exc})"
+        else:
+            if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+                why = "no write permission"
+    if why:
+        raise ExportError(f"cannot write the ONNX file {str(path)!r}: {why}; choose another path")
     return path
 
 

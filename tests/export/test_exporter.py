@@ -196,3 +196,15 @@ def test_bidirectional_encoder_exports(tmp_path) -> None:
     export_onnx(model, {"input_ids": ids, "attention_mask": mask}, tmp_path / "bert.onnx")
     out = ort_session(tmp_path / "bert.onnx").run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
     assert rel(torch.from_numpy(out), ref) <= 1e-5
+
+
+def test_unwritable_path_is_reported_before_the_export(tmp_path, monkeypatch) -> None:
+    def no_export(*args, **kwargs):
+        raise AssertionError("the path must be checked before torch.export runs")
+
+    monkeypatch.setattr(torch.export, "export", no_export)
+    (tmp_path / "a_file").write_text("")
+    model, x = nn.Linear(4, 4), (torch.randn(2, 4),)
+    for path in (tmp_path / "a_file" / "m.onnx", tmp_path):  # below a file; a folder
+        with pytest.raises(ExportError, match=rf"cannot write the ONNX file {str(path)!r}"):
+            export_onnx(model, x, path)
