@@ -3,7 +3,7 @@
 ``save_pretrained(model, d)`` is ``model.save_pretrained(d)`` (the MKA parameters are in ``state_dict()``, so
 they land in the same safetensors files) plus a record in ``config.json``::
 
-    "mka_compile": {"mode": "fastmka", "config": {...MKAConfig fields...}, "model_type": "llama", "version": ...}
+    "mka_compile": {"mode": "fastmka", "config": {...MKAConfig fields...}, "original_model_type": "llama", ...}
 
 and ``model_type`` replaced by a marker that names this function. Plain transformers cannot rebuild the
 conversion (it would load the original architecture and drop the MKA weights, a different model), so
@@ -11,6 +11,12 @@ conversion (it would load the original architecture and drop the MKA weights, a 
 "load it with mka_compile.from_pretrained". ``from_pretrained(d, **hf_kwargs)`` loads the original architecture
 with transformers (any ``from_pretrained`` keyword: ``dtype``, ``device_map``, ``attn_implementation``, ...),
 converts it with the recorded mode and config, and loads the MKA weights: the same logits as the saved model.
+
+Limits: a concrete class (``LlamaForCausalLM.from_pretrained(d)``) does not refuse; transformers warns "You are using
+a model of type `llama converted by mka_compile: load it with mka_compile.from_pretrained(path)`" and its load
+report lists the ``.mka.`` weights as UNEXPECTED. Plain ``model.save_pretrained(d)`` (without this function) writes
+the MKA weights but not the mode and config: ``from_pretrained`` refuses such a folder and says to save with
+:func:`save_pretrained`; transformers loads it as the original model with the same UNEXPECTED report.
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, **kwarg
     data[RECORD] = {
         "mode": mode,
         "config": config_to_dict(config),
-        "model_type": data.get("model_type"),
+        "original_model_type": data.get("model_type"),  # not "model_type": transformers looks for nested configs
         "version": __version__,
     }
     data["model_type"] = MARKER.format(model_type=data.get("model_type"))
@@ -89,7 +95,7 @@ def from_pretrained(path: str | os.PathLike, **hf_kwargs: Any) -> nn.Module:
         )
     try:
         mode, config = record["mode"], config_from_dict(record["config"])
-        model_type = record["model_type"]
+        model_type = record.get("original_model_type") or data.get("model_type")  # no marker: as it is
         config_class = CONFIG_MAPPING[model_type]
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(

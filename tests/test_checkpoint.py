@@ -156,6 +156,8 @@ def test_hugging_face_round_trip(tmp_path: Path, family: str, mode: str) -> None
     # plain transformers cannot rebuild the conversion: it must refuse, not give back the original model
     with pytest.raises(ValueError, match=r"mka_compile\.from_pretrained"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    # a concrete class only warns (transformers' own logic), but must read the real config, not the MKA record
+    assert type(model).from_pretrained(tmp_path).config.hidden_size == model.config.hidden_size
 
 
 def test_from_pretrained_refuses_a_folder_without_the_record(tmp_path: Path) -> None:
