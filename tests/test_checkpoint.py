@@ -88,10 +88,14 @@ def test_save_converted_reads_mode_and_config_from_the_model(tmp_path: Path) -> 
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {
+        "classes": [type(m) for m in model.modules()],
+        **{k: v.detach().clone() for k, v in model.state_dict().items()},
+    }
 
 
-def _assert_untouched(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+def _assert_untouched(model: torch.nn.Module, before: dict) -> None:
+    assert [type(m) for m in model.modules()] == before.pop("classes")  # the sites got their own classes back
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert not any(isinstance(m, SiteMemory) for m in model.modules())
