@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mka_compile import hf_cache
 from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
 from mka_compile.layers.attention import Router, fused_memory, routing_weights
@@ -25,7 +26,6 @@ from mka_compile.rope_tables import rotate as rotate_rope
 from mka_compile.site_inputs import plain_linear, real_eager, valid_tokens
 
 _SITE_KEYS = itertools.count()
-_STATES_ATTR = "_mka_states"
 
 
 @dataclass
@@ -110,6 +110,7 @@ class SiteMemory(nn.Module):
         st = self.state_of(cache)
         if st is None or st.n_seen.shape[0] != batch:
             st = fresh()
+            st.config = self.config
             self.bind_state(cache, st)
         return st
 
@@ -127,17 +128,11 @@ class SiteMemory(nn.Module):
         return dataclasses.replace(zero, kv=[])
 
     def _store(self, cache: Any) -> dict[str, MKALayerState] | weakref.WeakKeyDictionary:
-        """Where the states of ``cache`` live: a dict on the cache object itself (the state dies with the cache,
-        and torch.compile sees the same structure for every new cache: no recompilation per ``generate``),
-        else (a cache that takes no attributes) this site's weak dictionary keyed by the cache."""
-        store = getattr(cache, _STATES_ATTR, None)
-        if store is None:
-            try:
-                store = {}
-                setattr(cache, _STATES_ATTR, store)
-            except (AttributeError, TypeError):
-                return self._states
-        return store
+        """Where the states of ``cache`` live: a dict on the cache object itself (the state dies with the cache, follows
+        its beam reorders and crops: :mod:`mka_compile.hf_cache`, and torch.compile sees the same structure for every
+        new cache), else (a cache that takes no attributes) this site's weak dictionary keyed by the cache."""
+        store = hf_cache.states(cache)
+        return self._states if store is None else store
 
     def bind_state(self, cache: Any, state: MKALayerState) -> None:
         """Make ``state`` the MKA state of this site for calls with ``cache`` (decode-step export)."""
@@ -176,6 +171,11 @@ class SiteMemory(nn.Module):
         self._call = _Call(valid=valid_tokens(mask, B, T, cache_position, hidden.device), state=state)
         self._call.extra["rope"] = rope
         self._call.extra["discarded"] = cache is None and start is None  # a fresh state nothing keeps
+        if cache is not None and self.causal and not state.fixed_slots:  # a cache's crop may rewind this call
+            if torch.compiler.is_compiling():
+                state.steps = []  # compiled calls keep no history: crop refuses (clear error) rather than rewind wrong
+            else:
+                self._call.extra["before"] = state.snapshot()
 
     def end(self) -> None:
         call, self._call = self._call, None
@@ -234,7 +234,10 @@ class SiteMemory(nn.Module):
         levels recorded in the call for MKA mode's attention."""
         call = self._call
         cfg, st = self.config, call.state
-        if self._fused_cpu(k1, v1, call):
+        fused = self._fused_cpu(k1, v1, call)
+        if "before" in call.extra:  # keep this call for a rewind (the fused FastMKA path writes its mix over k1, v1)
+            st.record(call.extra.pop("before"), k1.clone() if fused else k1, v1.clone() if fused else v1, call.valid)
+        if fused:
             return self._mix_fused_cpu(k1, v1)
         B, _, T, d = k1.shape
         Hkv, H = self.num_kv_heads, self.num_heads

@@ -123,3 +123,80 @@ def test_any_config_converts_to_the_original(mode: str) -> None:
     live = mka_compile.convert(zoo.causal_lm("llama", "sdpa")[0], config=mka_compile.MKAConfig(gate_init=0.5))
     assert all(float(m.gate) == 0.5 for n, m in live.named_modules() if n.endswith(".mka"))  # asked for explicitly
     assert float(mka_compile.FastMKAAttention(32, 4).gate) == 1.0  # layers built from scratch route from the start
+
+
+# -- caches: beam search and crop move the MKA state with the cache ---------------------------------------------------
+@pytest.mark.parametrize("mode", ["fastmka", "mka"])
+def test_beam_search_with_cache_equals_without(mode: str) -> None:
+    model = _converted(mode)
+    ids = torch.randint(0, 90, (2, 10))
+    kw = dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False, output_scores=True)
+    with torch.no_grad():
+        cached = model.generate(ids, use_cache=True, return_dict_in_generate=True, **kw)
+        uncached = model.generate(ids, use_cache=False, return_dict_in_generate=True, **kw)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["fastmka", "mka"])
+def test_crop_rewinds_the_mka_state(mode: str) -> None:
+    import transformers
+
+    model = _converted(mode)
+    ids = torch.randint(0, 90, (2, 30))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in one row
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        cache = transformers.DynamicCache(config=model.config)
+        model(ids[:, :12], attention_mask=mask[:, :12], past_key_values=cache)
+        for t in range(12, 17):  # token by token, then a chunk: rewinding crosses calls and splits one
+            model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache)
+        model(ids[:, 17:25], attention_mask=mask[:, :25], past_key_values=cache)
+        cache.crop(-11)  # back to 14 tokens: into the token-by-token calls
+        assert cache.get_seq_length() == 14
+        out = model(ids[:, 14:30], attention_mask=mask, past_key_values=cache).logits
+    torch.testing.assert_close(out, full[:, 14:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["fastmka", "mka"])
+def test_assisted_decoding_equals_greedy(mode: str) -> None:
+    model = _converted(mode)
+    torch.manual_seed(5)
+    base = torch.randint(0, 90, (1, 6))
+    for i in range(4):
+        ids = torch.cat([base, base, torch.randint(0, 90, (1, 3 + i)), base], 1)  # repeats: prompt lookup proposes
+        with torch.no_grad():
+            greedy = model.generate(ids, max_new_tokens=12, do_sample=False)
+            looked = model.generate(ids, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=4)
+        assert torch.equal(looked, greedy)
+
+
+def test_crop_beyond_the_history_is_refused() -> None:
+    import transformers
+
+    model = _converted()
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.randint(0, 90, (1, 300)), past_key_values=cache)
+        model(torch.randint(0, 90, (1, 1)), past_key_values=cache)
+        with pytest.raises(RuntimeError, match="cannot remove the last 302 tokens"):
+            cache.crop(-302)
+    assert cache.get_seq_length() == 301  # refused: nothing cropped
+
+
+def test_import_transformers_from_the_checkout_root() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import transformers, kernels; "
+        "cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, "
+        "num_attention_heads=2); transformers.LlamaForCausalLM(cfg); import mka_compile; "
+        "assert kernels.__file__ != mka_compile.kernels.__file__"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONSAFEPATH"}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

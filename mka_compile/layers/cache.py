@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from mka_compile import kernels as K
+from mka_compile.config import MKAConfig
+
+REWIND_TOKENS = 256  # a cached state can be rewound (``crop``) by at least this many of its latest tokens
+
+
+@dataclass
+class _Step:
+    """One cached call, kept so that ``crop`` can rewind into it: the state before it, its keys and values."""
+
+    before: tuple  # (n_seen, ema_k, ema_v, part_k, part_v, tokens_bound, kv positions) before the call
+    k1: torch.Tensor  # (B, Hkv, T, d)
+    v1: torch.Tensor  # (B, Hkv, T, d)
+    valid: torch.Tensor  # (B, T)
 
 
 @dataclass
@@ -28,6 +44,8 @@ class MKALayerState:
     kv_valid: torch.Tensor | None = None
     tokens_bound: int = 0  # tokens passed so far, padding included: a static bound on n_seen (no .item())
     fixed_slots: bool = False  # a preallocated summary buffer (export: static shapes); reserve() leaves it
+    steps: list[_Step] = field(default_factory=list)  # the latest calls, for rewind (crop)
+    config: MKAConfig | None = None  # the memory's settings, for rewind (set by the site that keeps the state)
 
     @classmethod
     def empty(
@@ -52,6 +70,64 @@ class MKALayerState:
             summ_v=summ[1],
             fixed_slots=slots > 0,
         )
+
+    # -- rewinding and batch reordering (a cache's crop, beam search) ---------------------------------------------
+    def snapshot(self) -> tuple:
+        """What :meth:`rewind` restores (references: every op replaces a state tensor instead of writing into it)."""
+        kv_len = 0 if self.kv_valid is None else self.kv_valid.shape[1]
+        return (self.n_seen, self.ema_k, self.ema_v, self.part_k, self.part_v, self.tokens_bound, kv_len)
+
+    def record(self, before: tuple, k1: torch.Tensor, v1: torch.Tensor, valid: torch.Tensor) -> None:
+        """Keep one call (``before`` = its :meth:`snapshot`) so that its tokens can be rewound; calls older than the
+        latest ``REWIND_TOKENS`` tokens are dropped."""
+        self.steps.append(_Step(before, k1.detach(), v1.detach(), valid))
+        total = sum(st.valid.shape[1] for st in self.steps)
+        while len(self.steps) > 1 and total - self.steps[0].valid.shape[1] >= REWIND_TOKENS:
+            total -= self.steps.pop(0).valid.shape[1]
+
+    def rewindable(self) -> int:
+        """How many of the latest positions :meth:`rewind` can remove."""
+        return sum(st.valid.shape[1] for st in self.steps)
+
+    def rewind(self, positions: int, config: MKAConfig) -> None:
+        """Forget the latest ``positions`` positions (padding included), exactly: the state before the call they
+        start in is restored and that call's kept tokens are run through the memory again."""
+        if positions <= 0:
+            return
+        if positions > self.rewindable():
+            raise RuntimeError(
+                f"MKA memory: cannot remove the last {positions} tokens from the cache: its MKA state can rewind only "
+                f"its latest {self.rewindable()} tokens (at least the last call and {REWIND_TOKENS} tokens are kept); "
+                "crop fewer tokens, or start the sequence again with a new cache"
+            )
+        total, i = 0, len(self.steps)
+        while total < positions:
+            i -= 1
+            total += self.steps[i].valid.shape[1]
+        step, keep = self.steps[i], total - positions  # keep: the first tokens of call i that stay
+        self.n_seen, self.ema_k, self.ema_v, self.part_k, self.part_v, self.tokens_bound, kv_len = step.before
+        del self.steps[i:]
+        if self.kv:
+            self.kv = [t[:, :, : kv_len + keep] for t in self.kv]
+        if self.kv_valid is not None:
+            self.kv_valid = self.kv_valid[:, : kv_len + keep]
+        if keep:
+            k1, v1, valid = step.k1[:, :, :keep], step.v1[:, :, :keep], step.valid[:, :keep]
+            before = self.snapshot()
+            advance(self, k1, v1, valid, config)
+            self.steps.append(_Step((*before[:6], kv_len), k1, v1, valid))
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``fn`` (a selection / repetition along the batch axis) to every per-sequence tensor: beam search's
+        reorder, select and repeat."""
+        for name in ("n_seen", "ema_k", "ema_v", "part_k", "part_v", "summ_k", "summ_v"):
+            setattr(self, name, fn(getattr(self, name)))
+        self.kv = [fn(t) for t in self.kv]
+        self.kv_valid = None if self.kv_valid is None else fn(self.kv_valid)
+        for st in self.steps:
+            b = st.before
+            st.before = (*(fn(t) for t in b[:5]), *b[5:])
+            st.k1, st.v1, st.valid = fn(st.k1), fn(st.v1), fn(st.valid)
 
     def reserve(self, new_tokens: int, chunk_size: int) -> None:
         """Make room for the chunks ``new_tokens`` more tokens can complete (a bound that needs no sync).
@@ -85,6 +161,19 @@ class MKALayerState:
         else:
             self.kv, self.kv_valid = list(tensors), valid
         return self.kv, self.kv_valid
+
+
+def advance(st: MKALayerState, k1: torch.Tensor, v1: torch.Tensor, valid: torch.Tensor, cfg: MKAConfig) -> None:
+    """Run ``k1, v1: [B, Hkv, T, d]`` (``valid: [B, T]``) through the memory of a causal state, as a call does,
+    without attending: the session EMA, the chunk summaries and the count of real tokens."""
+    if cfg.uses_session:
+        _, _, st.ema_k, st.ema_v = K.session_scan(k1, v1, cfg.ema_beta, valid, st.ema_k, st.ema_v, st.n_seen)
+    if cfg.uses_longterm:
+        st.reserve(k1.shape[2], cfg.chunk_size)
+        st.part_k, st.part_v, st.summ_k, st.summ_v = torch.ops.mka.chunk_update(
+            k1, v1, valid, st.n_seen, st.part_k, st.part_v, st.summ_k, st.summ_v, cfg.chunk_size
+        )
+    st.n_seen = st.n_seen + valid.sum(-1)
 
 
 class MKACache:
