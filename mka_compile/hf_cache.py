@@ -41,7 +41,8 @@ class _MKAStateOps:
 
     def crop(self, max_length: int) -> None:
         """``max_length <= 0`` removes ``-max_length`` positions (transformers 5); ``> 0`` keeps that many (the
-        legacy form). The MKA states are rewound exactly; when one cannot be, nothing is cropped and the error says why."""
+        legacy form). The MKA states are rewound exactly; when one cannot be, nothing is cropped and the error
+        says why."""
         states = self._mka_each()
         if max_length <= 0:
             remove = -max_length
