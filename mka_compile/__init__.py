@@ -12,7 +12,7 @@ from __future__ import annotations
 from mka_compile import kernels, layers
 from mka_compile.checkpoint import load_converted, save_converted
 from mka_compile.config import MKAConfig
-from mka_compile.convert import ConversionError, convert, routing_stats
+from mka_compile.convert import ConversionError, convert, memory_parameters, routing_stats
 from mka_compile.export import export_onnx
 from mka_compile.graph.capture import Captured, CaptureError, capture
 from mka_compile.graph.pattern import any_, op, opt
@@ -46,6 +46,7 @@ __all__ = [
     "inspect",
     "kernels",
     "layers",
+    "memory_parameters",
     "load_converted",
     "op",
     "opt",

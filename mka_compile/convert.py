@@ -20,6 +20,7 @@ changed, and a failure leaves the model as it was, naming the sites and reasons.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -36,9 +37,9 @@ from mka_compile.inspect import inspect_with_facts
 from mka_compile.passes.attention import SiteFacts
 from mka_compile.passes.attention.common import provenance
 from mka_compile.report import Site
-from mka_compile.site_memory import SiteMemory, routing_stats
+from mka_compile.site_memory import SiteMemory, memory_parameters, routing_stats
 
-__all__ = ["ConversionError", "SiteMemory", "convert", "routing_stats"]
+__all__ = ["ConversionError", "SiteMemory", "convert", "memory_parameters", "routing_stats"]
 
 
 class ConversionError(ValueError):
@@ -130,9 +131,35 @@ def _feature_map(facts: SiteFacts, role: str, heads: int, d: int) -> torch.Tenso
     return fmap
 
 
+def _outermost_wrapper(model: nn.Module, path: str) -> str:
+    """``path``, or the module that wraps it as its ``base_layer`` (PEFT's adapter layers, and wrappers that follow
+    the convention): the module the site calls, whose output the memory must mix."""
+    while "." in path:
+        parent = path.rsplit(".", 1)[0]
+        if getattr(model.get_submodule(parent), "base_layer", None) is not model.get_submodule(path):
+            break
+        path = parent
+    return path
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """Switch off adapter layers (modules with ``base_layer`` and ``enable_adapters``, PEFT's tuner layers) while the
+    model is captured, so detection sees their base projections; restored after."""
+    layers = [m for m in model.modules() if hasattr(m, "base_layer") and callable(getattr(m, "enable_adapters", None))]
+    was = [not bool(getattr(m, "disable_adapters", False)) for m in layers]
+    try:
+        for m in layers:
+            m.enable_adapters(False)
+        yield
+    finally:
+        for m, on in zip(layers, was):
+            m.enable_adapters(on)
+
+
 def _plan(model: nn.Module, site: Site, facts: SiteFacts) -> _Plan | str:
     names = (site.q_proj, site.k_proj, site.v_proj)
-    modules = [n.split("[", 1)[0] for n in names]
+    modules = [_outermost_wrapper(model, n.split("[", 1)[0]) for n in names]
     try:
         mods = tuple(model.get_submodule(n) for n in modules)
     except AttributeError as exc:
@@ -183,8 +210,9 @@ def convert(
 
     ``config`` defaults to ``MKAConfig()``; its ``gate_init`` (None unless set) starts the gate at 0: the converted
     model equals the original until it is trained, whatever else the config sets. Bidirectional self-attention sites
-    (encoders) are converted only with ``causal=False`` in the config, with the non-causal memory of :mod:`mka_compile.layers.noncausal`. ``example_inputs`` as for
-    :func:`mka_compile.inspect` (optional for Hugging Face models).
+    (encoders) are converted only with ``causal=False`` in the config, with the non-causal memory of
+    :mod:`mka_compile.layers.noncausal`. ``example_inputs`` as for :func:`mka_compile.inspect` (optional for Hugging
+    Face models).
     Raises :class:`ConversionError` (model unchanged) when a convertible site cannot be converted.
     """
     if mode not in ("fastmka", "mka"):
@@ -192,7 +220,8 @@ def convert(
     config = MKAConfig() if config is None else config
     if not isinstance(config, MKAConfig):
         raise ValueError(f"config must be an MKAConfig, got {type(config).__name__}")
-    report, facts = inspect_with_facts(model, example_inputs)
+    with adapters_off(model):  # LoRA-style wrappers: find the sites through the wrapped projections
+        report, facts = inspect_with_facts(model, example_inputs)
     plans, problems = [], []
     for site, fact in zip(report.sites, facts):
         if site.status != "original":

@@ -41,6 +41,15 @@ class SitePre(SiteHook):
             past = cache.get_seq_length(getattr(module, "layer_idx", 0) or 0)
             past = int(past) if isinstance(past, torch.Tensor) else past  # a SymInt stays symbolic (export)
             position = torch.arange(past, past + hidden.shape[1], device=hidden.device)
+        if not torch.compiler.is_compiling():
+            if module._modules.get("mka") is not self.mem:
+                raise RuntimeError(
+                    f"the converted site {type(module).__name__} no longer holds its MKA memory as .mka (replaced by "
+                    f"{type(module._modules.get('mka')).__name__}: PEFT's modules_to_save?). Keep .mka in place; to "
+                    "train the router and gate beside adapters, set requires_grad on "
+                    "mka_compile.memory_parameters(model)"
+                )
+            follow_projections(module, self.mem)
         start = None
         if cache is None and self.mem.position_arg is not None:
             start = _argument(module, self.mem.position_arg, args, kwargs)
@@ -163,6 +172,29 @@ def install(owner: nn.Module, mem, mods: tuple[nn.Module, ...], maps) -> None:
     owner.__class__ = site_class(type(owner))
     owner.register_forward_pre_hook(SitePre(mem), with_kwargs=True)
     owner.register_forward_hook(SitePost(mem), with_kwargs=True, always_call=True)
+    names = {id(m): n for n, m in owner.named_modules(remove_duplicate=False)}
+    mem.proj_paths = tuple(names.get(id(m)) for m in mods)  # where the site finds them: see follow_projections
+    mem.proj_maps = maps
+    _install_projections(mem, mods, maps)
+    mem.hooked = [owner, *mods]
+
+
+def follow_projections(owner: nn.Module, mem) -> None:
+    """Keep the projection hooks on the modules the site calls. A wrapper put in a projection's place after
+    conversion (PEFT's LoRA layers, which call the original as their ``base_layer`` and add their update) takes the
+    hooks, so the memory mixes what the site really projects; when it goes (``merge_and_unload``) they come back."""
+    paths = getattr(mem, "proj_paths", ())
+    if not paths or None in paths:
+        return
+    current = tuple(owner.get_submodule(p) for p in paths)
+    if all(c is m for c, m in zip(current, mem.hooked[1:])):
+        return
+    _remove_from(mem.hooked[1:], mem)
+    _install_projections(mem, current, mem.proj_maps)
+    mem.hooked = [owner, *current]
+
+
+def _install_projections(mem, mods: tuple[nn.Module, ...], maps) -> None:
     if maps is not None:
         mods[0].register_forward_hook(FusedHook(mem, maps))
     else:
@@ -172,20 +204,23 @@ def install(owner: nn.Module, mem, mods: tuple[nn.Module, ...], maps) -> None:
         v_mod.register_forward_hook(KVHook(mem, "v", q_mod, k_mod))
         k_mod.register_forward_pre_hook(KVPre(mem, "k"))
         v_mod.register_forward_pre_hook(KVPre(mem, "v"))
-    mem.hooked = [owner, *mods]
 
 
 def remove(mem) -> None:
     """Remove every hook of ``mem`` from the modules it was installed on (works on deep copies too); the site's module
     gets its own class back."""
-    for m in getattr(mem, "hooked", []):
+    _remove_from(getattr(mem, "hooked", []), mem)
+    if mem.hooked:
+        owner = mem.hooked[0]
+        owner.__class__ = getattr(type(owner), "_mka_site_base", None) or type(owner)
+    mem.hooked = []
+
+
+def _remove_from(modules: list[nn.Module], mem) -> None:
+    for m in modules:
         for hooks in (m._forward_pre_hooks, m._forward_hooks):
             for key in [k for k, h in hooks.items() if isinstance(h, SiteHook) and h.mem is mem]:
                 del hooks[key]
                 for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs"):
                     getattr(m, extra, {}).pop(key, None)
                 getattr(m, "_forward_hooks_always_called", {}).pop(key, None)
-    if mem.hooked:
-        owner = mem.hooked[0]
-        owner.__class__ = getattr(type(owner), "_mka_site_base", None) or type(owner)
-    mem.hooked = []

@@ -374,6 +374,13 @@ def _group_mean(q: torch.Tensor) -> torch.Tensor:
     return out / rep if rep > 1 else out
 
 
+def memory_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters conversion added (every site's router and gate). Adapter libraries freeze what they did not
+    add: after ``peft.get_peft_model(converted, ...)``, ``for p in memory_parameters(model): p.requires_grad_(True)``
+    trains them beside the adapters."""
+    return [p for m in model.modules() if isinstance(m, SiteMemory) for p in m.parameters()]
+
+
 @torch.no_grad()
 def routing_stats(model: nn.Module, batches: list[Any]) -> dict[str, dict[str, float]]:
     """Mean routing weight of each memory level at each converted site over ``batches`` (real tokens only).

@@ -200,3 +200,41 @@ def test_import_transformers_from_the_checkout_root() -> None:
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# -- PEFT LoRA: the adapters' update goes through the memory mix, in either order ----------------------------------
+@pytest.mark.parametrize("order", ["lora_after_convert", "lora_before_convert"])
+def test_lora_on_a_converted_model(order: str) -> None:
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False)
+    model = zoo.causal_lm("llama", "sdpa")[0]
+    if order == "lora_after_convert":
+        model = peft.get_peft_model(_converted(model=model), lora)
+        for p in mka_compile.memory_parameters(model):
+            p.requires_grad_(True)
+    else:
+        model = _converted(model=peft.get_peft_model(model, lora))
+    assert len(mka_compile.memory_parameters(model)) == 2 * 5  # two sites: router (2 linears: w, b) + gate
+    ids = torch.randint(0, 90, (2, 20))
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in grads) and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    assert sum(".mka." in n for n in grads) == 10  # router and gate train beside the adapters
+    model.eval()
+    with torch.no_grad():
+        adapted = model(ids).logits
+        with model.disable_adapter():
+            plain = model(ids).logits
+        assert (adapted - plain).abs().max() > 1e-3  # the adapters are live
+        merged = model.merge_and_unload()(ids).logits
+    torch.testing.assert_close(adapted, merged, rtol=1e-5, atol=1e-5)
+
+
+def test_replaced_memory_module_is_refused() -> None:
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["mka"])
+    model = peft.get_peft_model(_converted(), lora)
+    with pytest.raises(RuntimeError, match="no longer holds its MKA memory"):
+        model(torch.randint(0, 90, (1, 5)))
