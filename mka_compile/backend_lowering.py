@@ -292,6 +292,9 @@ def lower_sites(facts: list[SiteFacts], captured: Captured, target: str) -> list
         if target == "keep":
             done.append(Lowered(f.name, f.rule, "kept", "options attention='keep'"))
             continue
+        if f.match.facts.get("not_lowered"):  # score transforms the lowering does not rewrite (soft-cap, sinks, ...)
+            done.append(Lowered(f.name, f.rule, "kept", f.match.facts["not_lowered"]))
+            continue
         if kind == "sdpa" and target == "sdpa":
             done.append(Lowered(f.name, f.rule, "sdpa", None))
             continue

@@ -199,6 +199,8 @@ def convert(
     mode: str = "fastmka",
     config: MKAConfig | None = None,
     example_inputs: Any = None,
+    *,
+    allow_partial: bool = False,
 ) -> nn.Module:
     """Convert every convertible self-attention site of ``model`` to FastMKA or MKA, in place; returns ``model``.
 
@@ -213,7 +215,9 @@ def convert(
     (encoders) are converted only with ``causal=False`` in the config, with the non-causal memory of
     :mod:`mka_compile.layers.noncausal`. ``example_inputs`` as for :func:`mka_compile.inspect` (optional for Hugging
     Face models).
-    Raises :class:`ConversionError` (model unchanged) when a convertible site cannot be converted.
+    Raises :class:`ConversionError` (model unchanged) when a convertible site cannot be converted, and when the
+    model has attention-like softmaxes (multiplied with values) that no rule took as a site: they would stay
+    original while their neighbours convert. ``allow_partial=True`` converts the sites found and warns, naming them.
     """
     if mode not in ("fastmka", "mka"):
         raise ValueError(f"mode must be 'fastmka' or 'mka', got {mode!r}")
@@ -227,6 +231,9 @@ def convert(
         if site.status != "original":
             problems.append((site.name, f"already converted ({site.status})"))
             continue
+        if not site.convertible and site.kind == "self" and site.causal:
+            problems.append((site.name, site.reason or "not convertible"))
+            continue
         if not site.convertible and not (site.kind == "self" and not site.causal and not config.causal):
             continue  # cross-attention, and bidirectional sites unless MKAConfig(causal=False)
         plan = _plan(model, site, fact)
@@ -236,6 +243,18 @@ def convert(
             problems.append((site.name, plan))
         else:
             plans.append(plan)
+    left = [r for r in report.not_attention if r.attention_like]
+    if left and plans:
+        what = [(r.module, f"attention-like softmax {r.node} left original: {r.reason}") for r in left]
+        if not allow_partial:
+            hint = "; pass allow_partial=True to convert only the sites found"
+            problems += [(name, why + hint) for name, why in what]
+        else:
+            warnings.warn(
+                f"partial conversion: {len(left)} attention-like softmax(es) left original: "
+                + "; ".join(f"{name or '<root>'}: {why}" for name, why in what),
+                stacklevel=2,
+            )
     if problems:
         raise ConversionError(problems)
     if not plans:

@@ -29,7 +29,27 @@ def hf_config(model: nn.Module):
 
 def mka_mode_problem(model: nn.Module, plan) -> str | None:
     """Why ``plan``'s site cannot be converted to MKA mode, or None."""
-    rope = plan.site.rope
+    site = plan.site
+    rope = site.rope
+    unsupported = {
+        "softcap": "logit soft-capping",
+        "sinks": "attention sinks (learned logits concatenated to the scores)",
+        "bias": "an additive position bias on the scores (ALiBi or relative)",
+        "score_scale": "a tensor scale on the scores",
+        "differential": "differential attention (two attention maps per site)",
+        "latent_kv": "multi-head latent attention",
+        "clamp": "clamped scores",
+    }
+    found = [why for key, why in unsupported.items() if any(t.split("=")[0] == key for t in site.transforms)]
+    if site.mask not in ("sliding_window", "chunked") and _local_layer(model, site.name):
+        found.append(f"a {_local_layer(model, site.name)} attention mask (from the model's config)")
+    if site.mask in ("sliding_window", "chunked"):
+        found.append(f"a {'sliding-window' if site.mask == 'sliding_window' else 'chunked (local)'} attention mask")
+    if found:
+        return (
+            f"MKA mode computes the attention itself and does not support {', '.join(found)} (this site has them); "
+            "use FastMKA (mode='fastmka'), which keeps the site's own attention"
+        )
     if hf_config(model) is None:  # outside transformers: the site's own attention is intercepted (attention_intercept)
         if plan.site.rule not in ("attention.sdpa", "attention.eager.matmul"):
             return (
@@ -47,6 +67,26 @@ def mka_mode_problem(model: nn.Module, plan) -> str | None:
             f"MKA mode supports no RoPE, (partial) rotate-half or interleaved RoPE; this site uses "
             f"{rope!r} (use FastMKA)"
         )
+    return None
+
+
+def _local_layer(model: nn.Module, name: str) -> str | None:
+    """ "sliding-window" / "chunked" when the site's module is a local-attention layer by its config (a window
+    longer than the example inputs does not show in the traced mask)."""
+    try:
+        owner = model.get_submodule(name) if name else model
+    except AttributeError:
+        return None
+    if getattr(owner, "sliding_window", None) or getattr(owner, "is_sliding", False):
+        return "sliding-window"
+    cfg, idx = getattr(owner, "config", None), getattr(owner, "layer_idx", None)
+    types = getattr(cfg, "layer_types", None) if cfg is not None else None
+    if isinstance(types, (list, tuple)) and isinstance(idx, int) and idx < len(types):
+        kind = str(types[idx])
+        if "sliding" in kind or "local" in kind:
+            return "sliding-window"
+        if "chunk" in kind:
+            return "chunked"
     return None
 
 

@@ -39,7 +39,12 @@ def hf_example_inputs(model: nn.Module, batch: int = 2, seq_len: int = 8) -> dic
     return None
 
 
-def _convertible(kind: str, causal: bool) -> tuple[bool, str | None]:
+def _convertible(kind: str, causal: bool, transforms: tuple[str, ...] = ()) -> tuple[bool, str | None]:
+    if "latent_kv" in transforms:
+        return False, (
+            "multi-head latent attention (the keys concatenate a RoPE part and a no-RoPE part from different "
+            "projections): not supported yet"
+        )
     if kind == "cross":
         return False, "cross-attention is left alone (MKA memory is defined over the site's own sequence)"
     if not causal:
@@ -91,13 +96,13 @@ def inspect_with_facts(
     shared = [f.name for f in fields(Site) if f.name not in ("convertible", "reason", "status")]
     sites = []
     for f in facts:
-        ok, reason = _convertible(f.kind, f.causal)
+        ok, reason = _convertible(f.kind, f.causal, f.transforms)
         values = {name: getattr(f, name) for name in shared}
         sites.append(Site(**values, convertible=ok, reason=reason, status=_status(model, f.name)))
     report = Report(
         model=type(model).__name__,
         capture=graphs[0].method + (f" ({len(graphs)} graphs)" if len(graphs) > 1 else ""),
         sites=sites,
-        not_attention=[NotAttention(r.node, r.module, r.closest_rule, r.reason) for r in rejected],
+        not_attention=[NotAttention(r.node, r.module, r.closest_rule, r.reason, r.attention_like) for r in rejected],
     )
     return report, facts

@@ -33,6 +33,11 @@ class Site:
     qk_norm: str | None = None
     cache: str | None = None
     proj_bias: tuple[bool, bool, bool] = (False, False, False)  # q, k, v projections add a bias
+    # named transforms of the scores / operands besides scale and masks: "softcap=<cap>", "bias" (ALiBi / position
+    # bias), "sinks", "score_scale", "clip_qkv", "query_temperature", "latent_kv", "differential" (``maps`` == 2)
+    transforms: tuple[str, ...] = ()
+    maps: int = 1  # attention maps (softmaxes) per site: 2 for differential attention
+    window: int | None = None  # sliding-window width when ``mask == "sliding_window"``
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -46,6 +51,7 @@ class NotAttention:
     module: str
     closest_rule: str | None
     reason: str
+    attention_like: bool = False  # its probabilities are multiplied with values (an attention the rules did not take)
 
 
 @dataclass
@@ -68,10 +74,18 @@ class Report:
         buf = io.StringIO()
         console = Console(file=buf, width=160, color_system=None, force_terminal=False)
         t = Table(title=f"{self.model}: {len(self.sites)} attention site(s) (captured with {self.capture})")
-        for col in ("site", "kind", "causal", "heads", "kv", "d", "cache", "rope", "rule", "convertible", "status"):
+        extra = any(s.transforms or s.maps > 1 or s.window or s.mask == "chunked" for s in self.sites)
+        cols = ["site", "kind", "causal", "heads", "kv", "d", "cache", "rope", "rule", "convertible", "status"]
+        for col in cols[:9] + (["transforms"] if extra else []) + cols[9:]:
             t.add_column(col)
         for s in self.sites:
-            t.add_row(
+            more = [
+                ", ".join([*s.transforms, *([f"window={s.window}"] if s.window else [])])
+                or ("-" if s.mask not in ("chunked",) else "chunked")
+            ]
+            if s.mask == "chunked" and s.transforms:
+                more = [more[0] + ", chunked"]
+            row = [
                 s.name or "<root>",
                 s.kind,
                 "yes" if s.causal else "no",
@@ -81,9 +95,9 @@ class Report:
                 s.cache or ("yes" if s.has_kv_cache else "-"),
                 s.rope or "-",
                 s.rule,
-                "yes" if s.convertible else f"no: {s.reason}",
-                s.status,
-            )
+            ]
+            row += more if extra else []
+            t.add_row(*row, "yes" if s.convertible else f"no: {s.reason}", s.status)
         console.print(t)
         if self.not_attention:
             n = Table(title="softmax / SDPA calls that are not attention sites")

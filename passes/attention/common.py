@@ -31,11 +31,29 @@ def keys_are_projection(m: Match) -> str | None:
     return None if p.kind == "projection" else p.reason
 
 
+def _roots(src: fx.Node | None, gm, depth: int = 2) -> list[fx.Node]:
+    """``src`` and the inputs of the low-rank projections it comes from (``q_b(norm(q_a(x)))``: up to ``x``)."""
+    out = []
+    while src is not None and len(out) <= depth:
+        out.append(src)
+        p = walk(src, gm, "values")
+        src = p.source if p.kind == "projection" and not p.rope and not p.cache else None
+    return out
+
+
+def same_sequence(a: fx.Node | None, b: fx.Node | None, gm) -> bool:
+    """Do two projection inputs read the same hidden states (directly or through low-rank projections with norms,
+    as multi-head latent attention does)?"""
+    if a is None or b is None:
+        return a is b
+    return a is b or bool(set(_roots(a, gm)) & set(_roots(b, gm)))
+
+
 def values_same_sequence(m: Match) -> str | None:
     pv, pk = provenance(m, "v"), provenance(m, "k")
     if pv.kind != "projection":
         return pv.reason
-    if pv.source is not pk.source:
+    if not same_sequence(pv.source, pk.source, m.gm):
         return f"the values ({pv.describe}) are not a projection of the same sequence as the keys ({pk.describe})"
     return None
 

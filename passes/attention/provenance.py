@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import fx
 
@@ -23,8 +23,25 @@ _ROTATION_OPS = frozenset(
     {"slice", "neg", "cat", "stack", "view", "getitem", "select", "unsqueeze", "squeeze", "identity", "cast", "split"}
 )
 _REDUCTION_OPS = frozenset(
-    {"rsqrt", "sqrt", "add", "sub", "mean", "pow", "mul", "div", "cast", "identity", "view", "unsqueeze", "unknown"}
+    {
+        "rsqrt",
+        "sqrt",
+        "add",
+        "sub",
+        "mean",
+        "pow",
+        "mul",
+        "div",
+        "cast",
+        "identity",
+        "view",
+        "unsqueeze",
+        "unknown",
+        "clamp",
+        "max",
+    }
 )
+_PAIR_OPS = frozenset({"select", "getitem", "view", "unsqueeze", "squeeze", "slice", "identity", "cast", "split"})
 
 
 @dataclass
@@ -47,6 +64,7 @@ class Provenance:
     bias: bool = False
     layout_top: fx.Node | None = None  # top of the pure layout/selection run that ends at the projection
     reason: str | None = None
+    transforms: list[str] = field(default_factory=list)  # "clip_qkv", "query_temperature", "latent_kv"
 
     @property
     def describe(self) -> str:
@@ -91,6 +109,31 @@ def _rope_source(add: fx.Node, gm) -> tuple[fx.Node, str] | None:
                 if kinds and ("neg" in kinds or "cat" in kinds or "stack" in kinds):
                     return x, ("interleaved" if "stack" in kinds else "rotate_half")
     return None
+
+
+def _pair_base(n: fx.Node, gm) -> fx.Node:
+    """Follow element selection / reshaping ops back to the tensor they read (``x[..., 0]`` -> ``x``)."""
+    while isinstance(n, fx.Node) and ops.kind(n, gm) in _PAIR_OPS and n.args and isinstance(n.args[0], fx.Node):
+        n = n.args[0]
+    return n
+
+
+def _stack_rope_source(stack: fx.Node, gm) -> fx.Node | None:
+    """``stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1)`` (then flattened): the rotated pairs of ``x``."""
+    parts = [ops.skip_transparent(t, gm) for t in ops.tensor_inputs(stack)]
+    if len(parts) != 2 or any(ops.kind(t, gm) not in ("add", "sub") for t in parts):
+        return None
+    common: set[fx.Node] | None = None
+    for part in parts:
+        muls = [ops.skip_transparent(i, gm) for i in ops.tensor_inputs(part)]
+        if len(muls) != 2 or any(ops.kind(x, gm) != "mul" for x in muls):
+            return None
+        for mul in muls:
+            bases = {_pair_base(i, gm) for i in ops.tensor_inputs(mul)}
+            common = bases if common is None else common & bases
+    if not common or len(common) != 1:
+        return None
+    return next(iter(common))
 
 
 def _const_like(n: fx.Node, gm, limit: int = 5000) -> bool:
@@ -139,6 +182,17 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
                 p.n_rep *= max(1, math.prod(s_out) // math.prod(s_in))
             n = n.args[0]
             continue
+        if k == "clamp":  # clip_qkv: q/k/v clamped between projection and attention
+            if "clip_qkv" not in p.transforms:
+                p.transforms.append("clip_qkv")
+            n = n.args[0]
+            continue
+        if k == "stack":
+            src = _stack_rope_source(n, gm)
+            if src is None:
+                return _stop(p, n, f"the {role} path stacks tensors at {n.name} (not a rotary embedding)")
+            n, p.rope = src, p.rope or "interleaved"
+            continue
         if k in ("mul", "div"):
             ins = ops.tensor_inputs(n)
             if len(ins) == 1:
@@ -161,7 +215,12 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
                         n = x
                         break
                 else:
-                    return _stop(p, n, f"the {role} path multiplies two tensors at {n.name}")
+                    t = _temperature(a, b, n, gm)
+                    if t is None:
+                        return _stop(p, n, f"the {role} path multiplies two tensors at {n.name}")
+                    if "query_temperature" not in p.transforms:
+                        p.transforms.append("query_temperature" if role == "query" else f"{role}_temperature")
+                    n = t
                 continue
             return _stop(p, n, f"the {role} path divides by a tensor at {n.name}")
         if k == "add":
@@ -195,6 +254,19 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
                     style = _rope_source(inner, gm) if ops.kind(inner, gm) == "add" else None
                     p.rope = p.rope or ("partial_" + style[1] if style else "partial")
                     n = src
+                    continue
+            if nd is not None and ops.normalize_dim(dim, nd) == nd - 1 and len(tensors) == 2:
+                (b0, s0), (b1, s1) = (_feature_source(t, gm) for t in tensors)
+                style = s0 or s1
+                if b0 is b1 and style:  # q/k split into a RoPE part and a no-RoPE part, concatenated
+                    p.rope = p.rope or "partial_" + style
+                    n = b0
+                    continue
+                if style and (s0 is None or s1 is None):  # multi-head latent attention: the parts come from
+                    if "latent_kv" not in p.transforms:  # different projections; follow the no-RoPE part
+                        p.transforms.append("latent_kv")
+                    p.rope = p.rope or "partial_" + style
+                    n = tensors[0] if s0 is None else tensors[1]
                     continue
             if nd is not None and ops.normalize_dim(dim, nd) == nd - 1:
                 return _stop(p, n, f"the {role} path concatenates features at {n.name} (not a partial rotary)")
@@ -340,6 +412,32 @@ def _target_name(n: fx.Node) -> str:
     return str(t) if n.op == "call_method" else getattr(t, "__name__", "")
 
 
+def _feature_source(part: fx.Node, gm) -> tuple[fx.Node, str | None]:
+    """``(tensor a feature part was taken from, RoPE style applied to it or None)``."""
+    t, style = ops.skip_transparent(part, gm), None
+    for _ in range(8):
+        k = ops.kind(t, gm)
+        if k == "add" and style is None:
+            r = _rope_source(t, gm)
+            if r is None:
+                break
+            t, style = ops.skip_transparent(r[0], gm), r[1]
+        elif k == "view" and ops.kind(ops.skip_transparent(t.args[0], gm), gm) == "stack" and style is None:
+            src = _stack_rope_source(ops.skip_transparent(t.args[0], gm), gm)
+            if src is None:
+                break
+            t, style = ops.skip_transparent(src, gm), "interleaved"
+        elif k in ("slice", "select", "identity", "cast", "expand", "view", "transpose", "permute"):
+            t = ops.skip_transparent(t.args[0], gm)
+        elif k == "getitem" and isinstance(t.args[0], fx.Node):
+            t = ops.skip_transparent(t.args[0], gm)
+        elif k == "split":
+            t = ops.skip_transparent(t.args[0], gm)
+        else:
+            break
+    return t, style
+
+
 def _slice_source(part: fx.Node, gm) -> fx.Node | None:
     """The tensor ``part`` was sliced from along its last dim (through casts/copies), else None."""
     n = ops.skip_transparent(part, gm)
@@ -363,6 +461,19 @@ def _projection(p: Provenance, n: fx.Node, src, weight, gm) -> Provenance:
     p.source = ops.skip_transparent(src, gm) if isinstance(src, fx.Node) else None
     p.module = str(n.target) if n.op == "call_module" else module_path(n)
     return p
+
+
+def _temperature(a: fx.Node, b: fx.Node, mul: fx.Node, gm) -> fx.Node | None:
+    """``x * t`` where ``t`` is a per-token / per-position factor that does not read the hidden states (a constant,
+    or computed from positions): returns ``x`` (the operand that keeps the output's shape), else None."""
+    out = ops.shape(mul)
+    for x, t in ((a, b), (b, a)):
+        sx, st = ops.shape(x), ops.shape(t)
+        if sx is None or st is None or sx != out or st == out:
+            continue
+        if st and st[-1] == 1 or _const_like(t, gm):
+            return x
+    return None
 
 
 def _stop(p: Provenance, n: fx.Node, reason: str) -> Provenance:

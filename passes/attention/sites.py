@@ -14,7 +14,7 @@ from mka_compile.graph.capture import Captured, module_path
 from mka_compile.graph.pattern import Match
 from mka_compile.graph.rules import Rule
 
-from .common import provenance
+from .common import provenance, same_sequence
 
 
 @dataclass
@@ -40,6 +40,11 @@ class SiteFacts:
     proj_bias: tuple[bool, bool, bool]  # whether the q, k, v projections add a bias
     anchor: fx.Node = field(repr=False)
     match: Match = field(repr=False)
+    # named score transforms besides the scale and the masks: "softcap=<cap>", "bias" (ALiBi / position bias),
+    # "sinks", "score_scale" (a tensor scale), "clip_qkv", "query_temperature", "differential" (two maps)
+    transforms: tuple[str, ...] = ()
+    maps: int = 1  # attention maps per site (2: differential attention)
+    window: int | None = None  # sliding-window width (mask "sliding_window")
 
 
 @dataclass
@@ -50,6 +55,7 @@ class Rejected:
     module: str
     closest_rule: str | None
     reason: str
+    attention_like: bool = False  # multiplied with values: an attention-like softmax the rules did not take
 
 
 def _consumers(node: fx.Node, gm) -> list[fx.Node]:
@@ -60,7 +66,7 @@ def _consumers(node: fx.Node, gm) -> list[fx.Node]:
         if u in seen:
             continue
         seen.add(u)
-        if ops.kind(u, gm) in ops.TRANSPARENT:
+        if ops.kind(u, gm) in ops.TRANSPARENT | {"slice", "view", "expand"}:
             todo.extend(u.users)
         else:
             out.append(u)
@@ -87,15 +93,15 @@ def _keep_masks(m: Match, captured: Captured) -> tuple[list[torch.Tensor], bool]
         if isinstance(mask, fx.Node):
             wanted.append(("sdpa", mask))
     else:
-        if "mask_add" in m.captures:
-            wanted.append(("add", m.captures["mask_add"]))
-        if "mask_fill" in m.captures and _very_negative(ops.arg(m.captures["mask_fill_op"], 2, "value")):
-            wanted.append(("fill", m.captures["mask_fill"]))
-        if "mask_where" in m.captures:
-            w = m.captures["mask_where_op"]
-            other = w.args[2] if len(w.args) > 2 else None
-            if _very_negative(other) or (isinstance(other, fx.Node) and _const_like_negative(other, captured)):
-                wanted.append(("where", m.captures["mask_where"]))
+        for name, node, operand in m.facts.get("transforms", ()):
+            if name == "add":
+                wanted.append(("add", operand))
+            elif name == "fill" and _very_negative(ops.arg(node, 2, "value")):
+                wanted.append(("fill", operand))
+            elif name in ("where", "where_inv"):
+                other = node.args[2] if name == "where" else node.args[1]
+                if _very_negative(other) or (isinstance(other, fx.Node) and _const_like_negative(other, captured)):
+                    wanted.append((name, operand))
         bias = m.captures.get("bias")
         if bias is not None and float(ops.arg(m.captures["scores"], 3, "beta", 1) or 0) != 0:
             wanted.append(("add", bias))
@@ -105,15 +111,64 @@ def _keep_masks(m: Match, captured: Captured) -> tuple[list[torch.Tensor], bool]
         val = values.get(node)
         if not isinstance(val, torch.Tensor):
             continue
-        if how in ("fill",):
+        if how in ("fill", "where_inv"):
             keeps.append(~val.bool())
         elif how == "kv_valid":
             keeps.append(val.bool()[:, None, None, :])  # (B, 1, 1, Tk)
         elif how == "where" or (how == "sdpa" and val.dtype == torch.bool):
             keeps.append(val.bool())
         else:
-            keeps.append(val > torch.finfo(val.dtype).min / 2 if val.is_floating_point() else val.bool())
+            keeps.append(val > _HIDDEN if val.is_floating_point() else val.bool())
     return keeps, is_causal
+
+
+_HIDDEN = -1e4  # an additive mask value at or below this hides a key
+
+
+def _transforms(m: Match, captured: Captured) -> tuple[tuple[str, ...], float | None]:
+    """Named score transforms of an eager match and the scale factor of its scale layers (None: a tensor scale)."""
+    layers = m.facts.get("transforms", ())
+    out: list[str] = []
+    scale: float | None = 1.0
+    consts = [n for name, _, n in layers if name == "scale" and isinstance(n, fx.Node)]
+    values = captured.evaluate(consts) if consts else {}
+    for i, (name, node, operand) in enumerate(layers):
+        if name == "scale":
+            c = next((ops.scalar(a) for a in node.args if ops.scalar(a) is not None), None)
+            if c is None:
+                val = values.get(operand)
+                c = float(val) if isinstance(val, torch.Tensor) and val.numel() == 1 else None
+            if c is None or scale is None:
+                scale = None
+            else:
+                scale = scale * c if ops.kind(node, m.gm) == "mul" else scale / c
+        elif name == "scale_tensor":
+            scale = None
+        elif name == "softcap":
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            cap = next((ops.scalar(a) for a in nxt[1].args if ops.scalar(a) is not None), None) if nxt else None
+            out.append(f"softcap={cap:g}" if cap is not None and nxt[0] == "scale" else "softcap")
+        elif name == "sinks":
+            out.append("sinks")
+        elif name == "clamp":
+            lo = ops.arg(node, 1, "min")
+            if not _very_negative(lo) or ops.arg(node, 2, "max") is not None:
+                out.append("clamp")
+    adds = [operand for name, _, operand in layers if name == "add"]
+    bias = m.captures.get("bias")
+    if bias is not None and float(ops.arg(m.captures["scores"], 3, "beta", 1) or 0) != 0:
+        adds.append(bias)
+    vals = captured.evaluate(adds) if adds else {}
+    for a in adds:
+        v = vals.get(a)
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            finite = v[v > _HIDDEN]
+            if finite.numel() and bool((finite != 0).any()):
+                out.append("bias")
+                break
+    if scale is None:
+        out.append("score_scale")
+    return tuple(dict.fromkeys(out)), scale
 
 
 def _const_like_negative(node: fx.Node, captured: Captured) -> bool:
@@ -132,8 +187,44 @@ def _is_causal(keep: torch.Tensor) -> bool:
     return prefix and bool((lengths[..., 1:] - lengths[..., :-1] == 1).all())
 
 
-def _mask_facts(keeps: list[torch.Tensor], is_causal: bool, tq: int, tk: int) -> tuple[bool, str]:
-    """``(causal, mask kind)`` from the "may attend" masks of a site, evaluated on the example inputs."""
+def _local(keep: torch.Tensor) -> tuple[str, int] | None:
+    """A causal mask restricted to recent keys (``[N, Tq, Tk]``, bottom-right aligned): every row sees a contiguous
+    run of keys ending at its own position. ``("sliding_window", W)`` when the run is ``min(W, position + 1)`` long
+    everywhere, ``("chunked", 0)`` for other local masks (chunked attention), None otherwise."""
+    tq, tk = keep.shape[-2:]
+    if tq < 2:
+        return None
+    pos = torch.arange(tq)[:, None] + (tk - tq)  # (Tq, 1): each query's own key index
+    j = torch.arange(tk)[None, :]
+    if bool((keep & (j > pos)).any()) or not bool(keep.gather(-1, pos.expand(keep.shape[0], tq, 1)).all()):
+        return None
+    width = keep.sum(-1)  # (N, Tq)
+    first = torch.where(keep, j.expand_as(keep), tk).amin(-1)  # (N, Tq)
+    if not bool((pos[:, 0] - first + 1 == width).all()):
+        return None  # not contiguous
+    w = int(width.max())
+    if bool((width == torch.clamp(pos[:, 0] + 1, max=w)).all()):
+        return "sliding_window", w
+    return "chunked", 0
+
+
+def _mask_facts(keeps: list[torch.Tensor], is_causal: bool, tq: int, tk: int) -> tuple[bool, str, int | None]:
+    """``(causal, mask kind, window)`` from the "may attend" masks of a site, evaluated on the example inputs."""
+    causal, kind = _mask_kind(keeps, is_causal, tq, tk)
+    if kind != "custom":
+        return causal, kind, None
+    keep = torch.ones(tq, tk, dtype=torch.bool)
+    for k in keeps:
+        keep = keep & k.to("cpu")
+    if is_causal:
+        keep = keep & (torch.arange(tk)[None, :] <= torch.arange(tq)[:, None] + (tk - tq))
+    local = _local(keep.reshape(-1, tq, tk))
+    if local is None:
+        return causal, kind, None
+    return True, local[0], local[1] or None
+
+
+def _mask_kind(keeps: list[torch.Tensor], is_causal: bool, tq: int, tk: int) -> tuple[bool, str]:
     keep = torch.ones(tq, tk, dtype=torch.bool)
     for k in keeps:
         keep = keep & k.to("cpu")
@@ -189,38 +280,31 @@ def _facts(rule: Rule, m: Match, captured: Captured) -> SiteFacts:
     if is_sdpa:
         s = out.args[10] if ops.kind(out, gm) == "mka_attention" else ops.arg(out, 6, "scale")
         scale *= float(s) if ops.scalar(s) is not None else d**-0.5
-    else:
-        so = m.captures.get("scale_op")
-        if so is not None:
-            c = next((ops.scalar(a) for a in so.args if ops.scalar(a) is not None), None)
-            if c is None:
-                cnode = (
-                    next(i for i in ops.tensor_inputs(so) if i is not ops.tensor_inputs(so)[0])
-                    if len(ops.tensor_inputs(so)) > 1
-                    else None
-                )
-                val = captured.evaluate([cnode]).get(cnode) if cnode is not None else None
-                c = float(val) if isinstance(val, torch.Tensor) and val.numel() == 1 else 1.0
-            scale *= c if ops.kind(so, gm) == "mul" else 1.0 / c
+    transforms: tuple[str, ...] = ()
+    if not is_sdpa:
+        transforms, layer_scale = _transforms(m, captured)
+        scale *= layer_scale if layer_scale is not None else 1.0
         if "bias" in m.captures:
             scale *= float(ops.arg(m.captures["scores"], 4, "alpha", 1.0))
     # masks and causality
     if is_sdpa:
         tq, tk = (ops.shape(q) or (0, 0))[-2], (ops.shape(m.captures["k"]) or (0, 0))[-2]
     else:
-        sc = ops.shape(m.captures["softmax"]) or (0, 0)
+        sc = ops.shape(m.captures["scores"]) or (0, 0)
         key_axis = m.facts.get("key_axis", len(sc) - 1)
         tk = sc[key_axis]
         tq = sc[key_axis - 1] if key_axis >= 1 else 0
     keeps, is_causal = _keep_masks(m, captured)
-    causal, mask = _mask_facts(keeps, is_causal, tq, tk)
+    causal, mask, window = _mask_facts(keeps, is_causal, tq, tk)
+    for p in (pq, pk, pv):
+        transforms += tuple(t for t in p.transforms if t not in transforms)
     norm = pq.norm_shape or pk.norm_shape
     qk_norm = None if norm is None else ("per_head" if norm[-1] == d and len(norm) >= 3 else "full")
     anchor = out if is_sdpa else m.captures["softmax"]
     name = module_path(anchor) or (pq.module.rsplit(".", 1)[0] if "." in pq.module else "")
     return SiteFacts(
         name=name,
-        kind="self" if pq.source is pk.source else "cross",
+        kind="self" if same_sequence(pq.source, pk.source, gm) else "cross",
         causal=causal,
         num_heads=H,
         num_kv_heads=Hkv,
@@ -238,6 +322,8 @@ def _facts(rule: Rule, m: Match, captured: Captured) -> SiteFacts:
         proj_bias=(pq.bias, pk.bias, pv.bias),
         anchor=anchor,
         match=m,
+        transforms=transforms,
+        window=window,
     )
 
 
@@ -268,12 +354,59 @@ def find_sites(captured: Captured, rules: Sequence[Rule]) -> tuple[list[SiteFact
             sites.append(_facts(rule, m, captured))
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     sites.sort(key=lambda f: order.get(f.anchor, 0))  # graph order, whichever rule found the site
+    sites = _merge_maps(sites)
     rejected = [
         explain_softmax(n, gm, rules)
         for n in gm.graph.nodes
         if ops.kind(n, gm) in ("softmax", "sdpa") and n not in claimed
     ]
     return sites, rejected
+
+
+def _scores_of_activations(node: fx.Node, gm, limit: int = 24) -> bool:
+    """Does the softmax's input come from a product of two activations (``q @ k^T``-like), through elementwise
+    score layers? A router's softmax reads a projection of the hidden states instead."""
+    if ops.kind(node, gm) == "sdpa":
+        return True
+    layers = {"mul", "div", "add", "sub", "masked_fill", "where", "tanh", "cat", "clamp", "view", "unsqueeze"}
+    todo, seen = [(node.args[0], 0)], set()
+    while todo:
+        x, d = todo.pop()
+        x = ops.skip_transparent(x, gm)
+        if not isinstance(x, fx.Node) or x in seen or d > limit:
+            continue
+        seen.add(x)
+        k = ops.kind(x, gm)
+        if k in ("matmul", "einsum", "baddbmm"):
+            ins = ops.tensor_inputs(x)[-2:]
+            if len(ins) == 2 and not any(ops.is_parameter(i, gm) for i in ins):
+                return True
+        elif k in layers:
+            todo.extend((i, d + 1) for i in ops.tensor_inputs(x))
+    return False
+
+
+def _merge_maps(sites: list[SiteFacts]) -> list[SiteFacts]:
+    """Two attention maps of one module over the same q and k projections (differential attention:
+    ``softmax_1 V - lambda softmax_2 V``) are one site with ``maps == 2``."""
+
+    def base(name: str) -> str:
+        return name.split("[", 1)[0]
+
+    out: list[SiteFacts] = []
+    for f in sites:
+        key = (f.name, base(f.q_proj), base(f.k_proj), base(f.v_proj), f.kind)
+        twin = next((o for o in out if (o.name, base(o.q_proj), base(o.k_proj), base(o.v_proj), o.kind) == key), None)
+        if twin is None:
+            out.append(f)
+            continue
+        twin.maps += 1
+        for role in ("q_proj", "k_proj", "v_proj"):  # the maps read different parts: the site reads all of it
+            if getattr(twin, role) != getattr(f, role):
+                setattr(twin, role, base(getattr(f, role)))
+        if "differential" not in twin.transforms:
+            twin.transforms = (*twin.transforms, "differential")
+    return out
 
 
 def explain_softmax(node: fx.Node, gm: fx.GraphModule, rules: Sequence[Rule]) -> Rejected:
@@ -287,6 +420,7 @@ def explain_softmax(node: fx.Node, gm: fx.GraphModule, rules: Sequence[Rule]) ->
             None,
             "its output is not multiplied with values (a gating / router / classifier softmax)",
         )
+    attention_like = _scores_of_activations(node, gm)
     best: tuple[int, str | None, str] = (-1, None, "")
     for u in products:
         for rule in rules:
@@ -294,8 +428,8 @@ def explain_softmax(node: fx.Node, gm: fx.GraphModule, rules: Sequence[Rule]) ->
                 continue
             ok, m = rule.match_at(u, gm)
             if ok:
-                return Rejected(node.name, module_path(node), rule.name, "matched (claimed by another site)")
+                return Rejected(node.name, module_path(node), rule.name, "matched (claimed by another site)", False)
             score = m.progress + (100 if "softmax" in m.captures else 0)
             if score > best[0]:
                 best = (score, rule.name, m.reason or "no match")
-    return Rejected(node.name, module_path(node), best[1], best[2])
+    return Rejected(node.name, module_path(node), best[1], best[2], attention_like)

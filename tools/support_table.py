@@ -1,0 +1,498 @@
+"""The support table: every causal-LM family the installed transformers can build tiny, plus vendored
+third-party model files, through detection and conversion. Writes ``docs/support.md`` (and
+``docs/support.json``, the numbers it is made from).
+
+    .venv/bin/python tools/support_table.py            # everything (ONNX export included; ~30-60 min on 2 cores)
+    .venv/bin/python tools/support_table.py --quick    # skip the ONNX column
+    .venv/bin/python tools/support_table.py --only llama,gemma2 --print   # a few families, table to stdout
+    .venv/bin/python tools/support_table.py --worker gemma2               # one family, JSON to stdout
+
+Each family runs in its own subprocess (a crash or a hang costs one row, with the reason). Columns:
+
+- ``inspect``: every attention module the forward runs is covered by a site (eager and sdpa attention);
+  ``found/expected``. Expected modules: class name containing ``Attention`` (not linear / state-space /
+  cross attention), with a linear child, run by the forward, innermost such module.
+- ``identity``: FastMKA conversion at init gives the original logits (1e-5 relative).
+- ``live``: with a non-zero gate and random router the logits change.
+- ``decode``: with the live gate, prefill + token-by-token cached decoding equals one full forward (1e-4).
+- ``mka``: MKA mode converts (and is the original at init) or refuses with a ConversionError reason.
+- ``backend``: ``torch.compile(model, backend="mka", options={"compiler": "aot_eager"})`` equals eager (1e-4).
+- ``onnx``: ``mka_compile.export_onnx`` of the FastMKA model (skipped with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ("inspect", "identity", "live", "decode", "mka", "backend", "onnx")
+THIRDPARTY = ("thirdparty:litgpt", "thirdparty:nanogpt_kv")
+
+# families whose row is a known skip (not buildable as a tiny causal LM from a default config)
+_SIZE = dict(
+    hidden_size=64,
+    n_embd=64,
+    d_model=64,
+    dim=64,
+    num_hidden_layers=2,
+    n_layer=2,
+    num_layers=2,
+    n_layers=2,
+    decoder_layers=2,
+    encoder_layers=1,
+    num_attention_heads=4,
+    n_head=4,
+    n_heads=4,
+    num_heads=4,
+    decoder_attention_heads=4,
+    encoder_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    n_inner=128,
+    ffn_dim=128,
+    decoder_ffn_dim=128,
+    encoder_ffn_dim=128,
+    d_ff=128,
+    vocab_size=256,
+    max_position_embeddings=128,
+    n_positions=128,
+    head_dim=16,
+    num_local_experts=4,
+    num_experts=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    q_lora_rank=32,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    sliding_window=4,
+    attention_chunk_size=4,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def tiny_config(model_type: str):
+    """A tiny config of ``model_type``: sizes overridden where the default config has the attribute."""
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    default = cls()
+    keys = default.to_dict()
+    kwargs = {k: v for k, v in _SIZE.items() if k in keys}
+    if "num_key_value_heads" in kwargs and keys.get("num_key_value_heads") is None:
+        kwargs.pop("num_key_value_heads")  # MHA by default: keep it
+    if "sliding_window" in kwargs and keys.get("sliding_window") is None:
+        kwargs.pop("sliding_window")
+    if "attention_chunk_size" in kwargs and keys.get("attention_chunk_size") is None:
+        kwargs.pop("attention_chunk_size")
+    text = default.get_text_config() if hasattr(default, "get_text_config") else default
+    if text is not default:
+        sub = next(k for k, v in vars(default).items() if v is text)
+        tk = text.to_dict()
+        sub_kwargs = {k: v for k, v in _SIZE.items() if k in tk}
+        if tk.get("num_key_value_heads") is None:
+            sub_kwargs.pop("num_key_value_heads", None)
+        for k in ("sliding_window", "attention_chunk_size"):
+            if tk.get(k) is None:
+                sub_kwargs.pop(k, None)
+        kwargs[sub] = {**tk, **sub_kwargs}
+        kwargs[sub].pop("layer_types", None)
+    for k in ("layer_types", "mlp_layer_types", "layers_block_type", "block_types"):
+        if k in keys and isinstance(keys[k], list) and len(keys[k]) > 2:
+            kwargs[k] = _pick_layer_types(keys[k])
+    return cls(**kwargs)
+
+
+def _pick_layer_types(types: list) -> list:
+    """Two layers that keep the variety of the default's (an attention layer first where there is one)."""
+    uniq = list(dict.fromkeys(types))
+    att = [t for t in uniq if "attention" in str(t) or "full" in str(t) or "sliding" in str(t)]
+    first = att[0] if att else uniq[0]
+    rest = [t for t in uniq if t != first]
+    return [first, rest[0] if rest else first]
+
+
+# ------------------------------------------------------------------------------------------------- builders
+
+
+def build_hf(model_type: str, attn: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(model_type)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # some families init weights to zero / constant: make the logits informative
+            if p.dim() >= 1 and p.abs().sum() == 0 and p.numel() > 1:
+                p.normal_(0, 0.02)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    vocab = int(getattr(text, "vocab_size", 256) or 256)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, min(vocab, 250), (1, 8), generator=gen)
+    return model, ids
+
+
+def build_thirdparty(name: str):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from thirdparty import models
+
+    return models.build(name.split(":", 1)[1])
+
+
+def attention_modules(model, run) -> list[str]:
+    """Innermost modules named ``*Attention*`` (not linear / state-space / cross) with a linear child that
+    the forward ``run()`` calls."""
+    import torch
+    from torch import nn
+
+    skip = re.compile(r"Linear|Mamba|Delta|Lightning|Cross|Recurrent|Conv|Pool|Mlp|MLP|Rotary|Norm", re.I)
+    cands = {}
+    for name, mod in model.named_modules():
+        cls = type(mod).__name__
+        if "attention" in cls.lower() and not skip.search(cls):
+            if any(isinstance(c, nn.Linear) or type(c).__name__ == "Conv1D" for c in mod.modules() if c is not mod):
+                cands[name] = mod
+    called = set()
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: called.add(n)) for n, m in cands.items()]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    names = sorted(called)
+    return [n for n in names if not any(o.startswith(n + ".") for o in names)]
+
+
+def _covered(expected: list[str], found: list[str]) -> list[str]:
+    """Expected modules no found site is in (or contains)."""
+
+    def inside(a: str, b: str) -> bool:  # a within b
+        return a == b or b == "" or a.startswith(b + ".")
+
+    return [e for e in expected if not any(inside(f, e) or inside(e, f) for f in found)]
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    lines = [ln.strip() for ln in text if ln.strip()]
+    msg = " ".join(lines[:3]) if isinstance(exc, ValueError) and "cannot convert" in str(exc) else (lines or [""])[0]
+    return f"{type(exc).__name__}: {msg}"[:300]
+
+
+def _rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _logits(model, ids, **kw):
+    import torch
+
+    with torch.no_grad():
+        out = model(ids, **kw) if not isinstance(ids, dict) else model(**ids, **kw)
+    return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, tuple) else out)
+
+
+def _randomize(model) -> None:
+    import torch
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mka." in f".{name}":
+                p.fill_(1.0) if name.endswith("gate") else p.normal_(0, 0.5)
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def run_family(name: str, quick: bool, columns: tuple[str, ...] = COLUMNS) -> dict:
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    import mka_compile
+    from mka_compile.convert import ConversionError
+
+    row: dict = {"family": name, "cells": {}, "notes": {}}
+    cells, notes = row["cells"], row["notes"]
+    hf = not name.startswith("thirdparty:")
+    t0 = time.time()
+    try:
+        if hf:
+            model, ids = build_hf(name, "eager")
+            spec = None
+        else:
+            model, ids, spec = build_thirdparty(name)
+    except Exception as exc:  # noqa: BLE001
+        row["skip"] = _short(exc)
+        return row
+    fwd_kwargs = {} if hf else spec.get("forward_kwargs", {})
+    example = None if hf else spec["example"]
+
+    def run_orig(m=model):
+        return _logits(m, ids, **fwd_kwargs)
+
+    try:
+        ref = run_orig()
+    except Exception as exc:  # noqa: BLE001
+        row["skip"] = "forward fails: " + _short(exc)
+        return row
+
+    # inspect (eager, and sdpa where the family has it)
+    variants = [("eager", model)]
+    if hf:
+        try:
+            variants.append(("sdpa", build_hf(name, "sdpa")[0]))
+        except Exception as exc:  # noqa: BLE001
+            notes["sdpa"] = _short(exc)
+    ok_all, text = True, []
+    for attn, m in variants:
+        try:
+            expected = attention_modules(m, lambda m=m: _logits(m, ids, **fwd_kwargs))
+            report = mka_compile.inspect(m, example)
+            found = [s.name for s in report.sites if s.kind == "self"]
+            missing = _covered(expected, found)
+            row.setdefault("expected", len(expected))
+            row[f"found_{attn}"] = len(expected) - len(missing)
+            if missing or not expected:
+                ok_all = False
+                why = [r.reason for r in report.not_attention if r.module in missing or not r.module][:1]
+                text.append(f"{attn}: {len(expected) - len(missing)}/{len(expected)} ({'; '.join(why)[:160]})")
+            row.setdefault("sites", [s.as_dict() for s in report.sites if s.kind == "self"][:2])
+        except Exception as exc:  # noqa: BLE001
+            ok_all = False
+            text.append(f"{attn}: {_short(exc)}")
+    cells["inspect"] = "ok" if ok_all else "FAIL"
+    notes["inspect"] = "; ".join(text)
+
+    if columns == ("inspect",):
+        row["seconds"] = round(time.time() - t0, 1)
+        return row
+    # FastMKA: identity, live, decode
+    conv = None
+    try:
+        conv = mka_compile.convert(copy.deepcopy(model), example_inputs=example)
+        err = _rel(run_orig(conv), ref)
+        cells["identity"] = "ok" if err <= 1e-5 else "FAIL"
+        notes["identity"] = f"rel {err:.1e}"
+    except ConversionError as exc:
+        cells["identity"] = "refused"
+        notes["identity"] = _short(exc)
+    except Exception as exc:  # noqa: BLE001
+        cells["identity"] = "FAIL"
+        notes["identity"] = _short(exc)
+    if conv is not None:
+        live = copy.deepcopy(conv)
+        _randomize(live)
+        try:
+            full = run_orig(live)
+            d = _rel(full, ref)
+            cells["live"] = "ok" if d > 1e-4 else "FAIL"
+            notes["live"] = f"changes logits by {d:.1e}"
+        except Exception as exc:  # noqa: BLE001
+            cells["live"], notes["live"] = "FAIL", _short(exc)
+            full = None
+        if full is not None:
+            try:
+                step = _decode(live, ids, hf, spec)
+                err = _rel(step, full[:, -step.shape[1] :])
+                cells["decode"] = "ok" if err <= 1e-4 else "FAIL"
+                notes["decode"] = f"rel {err:.1e}"
+            except Exception as exc:  # noqa: BLE001
+                cells["decode"], notes["decode"] = "FAIL", _short(exc)
+
+    # MKA mode
+    try:
+        mk = mka_compile.convert(copy.deepcopy(model), mode="mka", example_inputs=example)
+        err = _rel(run_orig(mk), ref)
+        cells["mka"] = "ok" if err <= 1e-4 else "FAIL"
+        notes["mka"] = f"rel {err:.1e}"
+    except ConversionError as exc:
+        cells["mka"], notes["mka"] = "refused", _short(exc)
+    except Exception as exc:  # noqa: BLE001
+        cells["mka"], notes["mka"] = "FAIL", _short(exc)
+
+    # backend
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(copy.deepcopy(model), backend="mka", options={"compiler": "aot_eager"})
+        err = _rel(run_orig(compiled), ref)
+        cells["backend"] = "ok" if err <= 1e-4 else "FAIL"
+        notes["backend"] = f"rel {err:.1e}"
+    except Exception as exc:  # noqa: BLE001
+        cells["backend"], notes["backend"] = "FAIL", _short(exc)
+    finally:
+        torch._dynamo.reset()
+
+    if quick:
+        cells["onnx"] = "skipped"
+    elif conv is None:
+        cells["onnx"], notes["onnx"] = "-", "not converted"
+    else:
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                mka_compile.export_onnx(conv, ids if hf else example, Path(d) / "m.onnx", optimize=False, check=False)
+            cells["onnx"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            cells["onnx"], notes["onnx"] = "FAIL", _short(exc)
+    row["seconds"] = round(time.time() - t0, 1)
+    return row
+
+
+def _decode(model, ids, hf: bool, spec) -> torch.Tensor:  # noqa: F821
+    """Logits of the last tokens, from a prefill then one cached step per token."""
+    import torch
+
+    if not hf:
+        return spec["decode"](model, ids)
+    n = 3
+    with torch.no_grad():
+        out = model(ids[:, :-n], use_cache=True)
+        past, steps = out.past_key_values, []
+        for t in range(ids.shape[1] - n, ids.shape[1]):
+            out = model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            steps.append(out.logits)
+    return torch.cat(steps, 1)
+
+
+# ------------------------------------------------------------------------------------------------ table
+
+
+def families() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def _worker(name: str, quick: bool, timeout: int, inspect_only: bool = False) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name] + (["--quick"] if quick else [])
+    cmd += ["--inspect-only"] if inspect_only else []
+    env = dict(os.environ, PYTHONSAFEPATH="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"family": name, "skip": f"timed out after {timeout} s", "cells": {}, "notes": {}}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    err = (p.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"family": name, "skip": f"worker crashed (rc {p.returncode}): {err[:200]}", "cells": {}, "notes": {}}
+
+
+def _cell(row: dict, col: str) -> str:
+    v = row["cells"].get(col, "-")
+    note = row["notes"].get(col, "")
+    if v in ("ok", "skipped", "-"):
+        return v
+    return f"{v}: {note}".replace("|", "/").replace("\n", " ")[:220]
+
+
+def render(rows: list[dict], quick: bool) -> str:
+    built = [r for r in rows if "skip" not in r]
+    skipped = [r for r in rows if "skip" in r]
+    n = len(built)
+
+    def count(col: str, vals=("ok",)) -> int:
+        return sum(r["cells"].get(col) in vals for r in built)
+
+    hf_n = sum(not r["family"].startswith("thirdparty:") for r in built)
+    lines = [
+        "# Support table",
+        "",
+        "Generated by `tools/support_table.py`"
+        + (" --quick" if quick else "")
+        + " (do not edit by hand). Every causal-LM family of the installed transformers "
+        "(`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`) built from its default config with tiny sizes, plus the vendored "
+        "third-party model files of `tests/thirdparty/`. Column meanings: see the tool's docstring.",
+        "",
+        _versions(),
+        "",
+        f"- built: {n} ({hf_n} transformers families, {n - hf_n} third-party); skipped: {len(skipped)}",
+        f"- inspect (every attention module found, eager and sdpa): {count('inspect')}/{n} "
+        f"({100 * count('inspect') / max(n, 1):.0f} %)",
+        f"- FastMKA identity at init: {count('identity')}/{n}; live: {count('live')}/{n}; "
+        f"decode == full forward: {count('decode')}/{n}",
+        f"- MKA mode: converts {count('mka')}, refuses with a reason {count('mka', ('refused',))}, "
+        f"fails {count('mka', ('FAIL',))}",
+        f"- backend (aot_eager) == eager: {count('backend')}/{n}; ONNX: "
+        + ("not run (--quick)" if quick else f"{count('onnx')}/{n}"),
+        "",
+        "| family | sites | " + " | ".join(COLUMNS) + " |",
+        "|---|---|" + "---|" * len(COLUMNS),
+    ]
+    for r in built:
+        sites = f"{r.get('found_eager', '?')}/{r.get('expected', '?')}"
+        lines.append(f"| {r['family']} | {sites} | " + " | ".join(_cell(r, c) for c in COLUMNS) + " |")
+    lines += ["", "## Not built", "", "| family | reason |", "|---|---|"]
+    for r in skipped:
+        lines.append(f"| {r['family']} | {r['skip'].replace('|', '/')[:240]} |")
+    return "\n".join(lines) + "\n"
+
+
+def _versions() -> str:
+    import torch
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}, python {sys.version.split()[0]}."
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="skip the ONNX export column")
+    ap.add_argument("--only", help="comma-separated families (model types, or thirdparty:<name>)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--inspect-only", action="store_true", help="only the inspect column (a fast detection survey)")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per family")
+    ap.add_argument("--print", action="store_true", help="print the table instead of writing docs/support.md")
+    args = ap.parse_args(argv)
+    if args.worker:
+        try:
+            row = run_family(args.worker, args.quick, ("inspect",) if args.inspect_only else COLUMNS)
+        except Exception as exc:  # noqa: BLE001
+            row = {"family": args.worker, "skip": _short(exc), "cells": {}, "notes": {}}
+            traceback.print_exc()
+        print(json.dumps(row, default=str))
+        return
+    names = args.only.split(",") if args.only else families() + list(THIRDPARTY)
+    rows = []
+    with cf.ThreadPoolExecutor(args.jobs) as pool:
+        futs = {pool.submit(_worker, n, args.quick, args.timeout, args.inspect_only): n for n in names}
+        for f in cf.as_completed(futs):
+            r = f.result()
+            rows.append(r)
+            status = r.get("skip") or " ".join(f"{c}={r['cells'].get(c, '-')}" for c in COLUMNS)
+            print(f"[{len(rows)}/{len(names)}] {r['family']}: {status}", flush=True)
+    rows.sort(key=lambda r: (r["family"].startswith("thirdparty:"), r["family"]))
+    text = render(rows, args.quick)
+    if args.print:
+        print(text)
+        return
+    (ROOT / "docs").mkdir(exist_ok=True)
+    (ROOT / "docs" / "support.md").write_text(text)
+    (ROOT / "docs" / "support.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    print(f"wrote docs/support.md ({len(rows)} rows)")
+
+
+if __name__ == "__main__":
+    main()
