@@ -28,6 +28,10 @@ SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attentio
 MATMUL = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
 DROPOUT = (F.dropout, torch.dropout)
+DROPOUT_REFUSED = (
+    "MKA mode: attention dropout is not supported (MKA's level attention has none): set the model's attention "
+    "dropout to 0 for training (e.g. config.attention_dropout = 0.0, or dropout_p=0), or use FastMKA, which keeps it"
+)
 _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -50,7 +54,7 @@ class AttentionToMKA(TorchFunctionMode):
         if func in SOFTMAX and "qk" in call.extra and "softmax" not in call.extra:
             self._softmax_input(args[0])
         if func in DROPOUT and "qk" in call.extra and self.mem.training and _dropout_active(args, kwargs):
-            raise RuntimeError("MKA mode: attention dropout is not supported (set its p to 0 or use FastMKA)")
+            raise RuntimeError(DROPOUT_REFUSED)
         return func(*args, **kwargs)
 
     # -- SDPA --------------------------------------------------------------------------------------------
@@ -63,7 +67,7 @@ class AttentionToMKA(TorchFunctionMode):
         elif self.mem.causal and not a.get("is_causal", False) and T > 1:
             raise RuntimeError("MKA mode: this site's scaled_dot_product_attention call is not causal (use FastMKA)")
         if self.mem.training and a.get("dropout_p", 0.0):
-            raise RuntimeError("MKA mode: attention dropout is not supported (set dropout_p=0 or use FastMKA)")
+            raise RuntimeError(DROPOUT_REFUSED)
         scale = a.get("scale")
         return self._answer(q, k, v, q.shape[-1] ** -0.5 if scale is None else float(scale))
 

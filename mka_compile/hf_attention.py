@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mka_compile.attention_intercept import check_mask
+from mka_compile.attention_intercept import DROPOUT_REFUSED, check_mask
 from mka_compile.rope_tables import DERIVABLE
 
 NAME = "mka_compile"
@@ -105,6 +105,8 @@ def attention(module: nn.Module, query, key, value, attention_mask, scaling=None
     mem = getattr(module, "mka", None)
     if mem is None or mem.mode != "mka" or mem._call is None:
         return _original(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if dropout:  # the model passes its attention dropout in train mode only
+        raise RuntimeError(DROPOUT_REFUSED)
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
         check_mask(mem, attention_mask, query.shape[-2], key.shape[-2])
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5

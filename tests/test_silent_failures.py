@@ -238,3 +238,38 @@ def test_replaced_memory_module_is_refused() -> None:
     model = peft.get_peft_model(_converted(), lora)
     with pytest.raises(RuntimeError, match="no longer holds its MKA memory"):
         model(torch.randint(0, 90, (1, 5)))
+
+
+# -- attention dropout: FastMKA keeps the site's, MKA mode refuses it on every path ---------------------------------
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_attention_dropout_in_train_mode(family: str) -> None:
+    import transformers as tf
+
+    cfg = zoo._cfg(family)
+    for name in ("attention_dropout", "attn_pdrop"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, 0.5)
+    ids = torch.randint(0, 90, (1, 12))
+    fast = _converted(model=tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager"))
+    fast.train()
+    with torch.no_grad():
+        assert not torch.equal(fast(ids).logits, fast(ids).logits)  # dropout applied
+    full = _converted("mka", model=tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager"))
+    full.train()
+    with pytest.raises(RuntimeError, match="attention dropout is not supported"):
+        full(ids)
+    full.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(full(ids).logits, full(ids).logits, rtol=0, atol=0)
+
+
+def test_attention_dropout_refused_inline() -> None:
+    from zoo_handwritten import NanoGPT
+
+    model = NanoGPT(flash=False)
+    mka_compile.convert(model, mode="mka", example_inputs=(torch.randint(0, 50, (2, 12)),))
+    for blk in model.h:
+        blk["attn"].attn_dropout.p = 0.5
+    model.train()
+    with pytest.raises(RuntimeError, match="attention dropout is not supported"):
+        model(torch.randint(0, 50, (1, 12)))
