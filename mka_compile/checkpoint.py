@@ -237,16 +237,9 @@ def load_converted(model: nn.Module, path: str | Path, example_inputs: Any = Non
 
 def unconvert(model: nn.Module) -> None:
     """Undo :func:`mka_compile.convert` on ``model`` (used to roll back a failed load, as ``convert`` does)."""
-    from mka_compile import hf_attention, site_hooks
-    from mka_compile.site_memory import SiteMemory
+    from mka_compile.convert import unconvert as undo
 
-    owners = [m for m in model.modules() if isinstance(getattr(m, "mka", None), SiteMemory)]
-    for owner in owners:
-        site_hooks.remove(owner.mka)
-        del owner.mka
-        if "mka_mode" in vars(owner):
-            del owner.mka_mode
-    hf_attention.restore_attention(model)
+    undo(model)
 
 
 def _tied_groups(model: nn.Module) -> dict[str, list[str]]:

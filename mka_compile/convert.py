@@ -51,6 +51,7 @@ class ConversionError(ValueError):
         super().__init__(f"cannot convert {len(problems)} site(s); the model was not changed:\n{lines}")
 
 
+CONFIG_RECORD = "mka_compile"  # the conversion's mode and MKAConfig, on a Hugging Face model's config
 MODULE_CACHES = ("slice_assign", "index_copy", "index_put")  # a KV cache buffer the site writes itself
 
 
@@ -270,12 +271,27 @@ def convert(
         if mode == "mka":
             _check_mka_dispatch(model, [p.site.name for p in plans], example_inputs)
     except Exception:
-        for site in done:  # roll back: the model is left as it was
-            owner = model.get_submodule(site.name) if site.name else model
-            site_hooks.remove(owner.mka)
-            del owner.mka
-            del owner.mka_mode
-        if mode == "mka":
-            hf_attention.restore_attention(model)
+        unconvert(model, [model.get_submodule(s.name) if s.name else model for s in done])  # as it was
         raise
+    cfg = hf_attention.hf_config(model)
+    if cfg is not None:  # plain model.save_pretrained records the conversion (mka_compile.from_pretrained reads it)
+        from mka_compile.checkpoint import config_to_dict
+
+        setattr(cfg, CONFIG_RECORD, {"mode": mode, "config": config_to_dict(config)})
     return model
+
+
+def unconvert(model: nn.Module, owners: list[nn.Module] | None = None) -> None:
+    """Undo :func:`convert` on ``model`` (its sites, or ``owners``): hooks, ``.mka`` modules and classes, attention
+    routing and the record on the Hugging Face config. Used to roll back a failed conversion or load."""
+    if owners is None:
+        owners = [m for m in model.modules() if isinstance(getattr(m, "mka", None), SiteMemory)]
+    for owner in owners:
+        site_hooks.remove(owner.mka)
+        del owner.mka
+        if "mka_mode" in vars(owner):
+            del owner.mka_mode
+    hf_attention.restore_attention(model)
+    cfg = hf_attention.hf_config(model)
+    if cfg is not None and hasattr(cfg, CONFIG_RECORD):
+        delattr(cfg, CONFIG_RECORD)

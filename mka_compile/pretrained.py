@@ -82,6 +82,7 @@ def from_pretrained(path: str | os.PathLike, **hf_kwargs: Any) -> nn.Module:
     d = _folder(path, hf_kwargs)
     data = json.loads((d / "config.json").read_text())
     record = data.pop(RECORD, None)
+    data.pop("_mka_original_attn_implementation", None)  # MKA mode's routing: redone by convert
     if record is None:
         if _mka_keys(d):
             raise CheckpointError(

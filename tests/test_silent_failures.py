@@ -273,3 +273,30 @@ def test_attention_dropout_refused_inline() -> None:
     model.train()
     with pytest.raises(RuntimeError, match="attention dropout is not supported"):
         model(torch.randint(0, 50, (1, 12)))
+
+
+# -- checkpoints: plain save_pretrained records the conversion ---------------------------------------------------------
+@pytest.mark.parametrize("mode", ["fastmka", "mka"])
+def test_plain_save_pretrained_round_trip(mode: str, tmp_path, monkeypatch) -> None:
+    model = _converted(mode)
+    ids = torch.randint(0, 90, (2, 15))
+    model.save_pretrained(tmp_path)  # transformers' own method: the record rides in config.json
+    loaded = mka_compile.from_pretrained(tmp_path)
+    assert mka_compile.inspect(loaded).sites[0].status == mode
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    convert_module = __import__("sys").modules["mka_compile.convert"]
+    install, calls = convert_module._install, []
+
+    def failing(*args):  # the second site fails: the first is rolled back
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        install(*args)
+
+    monkeypatch.setattr(convert_module, "_install", failing)
+    fresh = zoo.causal_lm("llama", "sdpa")[0]
+    with pytest.raises(RuntimeError, match="boom"):
+        mka_compile.convert(fresh, mode=mode)
+    assert not hasattr(fresh.config, "mka_compile") and not mka_compile.memory_parameters(fresh)
+    assert not any(hasattr(type(m), "_mka_site_base") for m in fresh.modules())  # classes restored
