@@ -14,9 +14,9 @@ converts it with the recorded mode and config, and loads the MKA weights: the sa
 
 Limits: a concrete class (``LlamaForCausalLM.from_pretrained(d)``) does not refuse; transformers warns "You are using
 a model of type `llama converted by mka_compile: load it with mka_compile.from_pretrained(path)`" and its load
-report lists the ``.mka.`` weights as UNEXPECTED. Plain ``model.save_pretrained(d)`` (without this function) writes
-the MKA weights but not the mode and config: ``from_pretrained`` refuses such a folder and says to save with
-:func:`save_pretrained`; transformers loads it as the original model with the same UNEXPECTED report.
+report lists the ``.mka.`` weights as UNEXPECTED. Plain ``model.save_pretrained(d)`` records the conversion too
+(``convert`` puts the record on the model's config), so ``from_pretrained`` reads such a folder; only this function
+also replaces ``model_type``, which makes ``AutoModelForCausalLM.from_pretrained(d)`` refuse it.
 """
 
 from __future__ import annotations

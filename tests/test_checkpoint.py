@@ -166,6 +166,9 @@ def test_hugging_face_round_trip(tmp_path: Path, family: str, mode: str) -> None
 
 def test_from_pretrained_refuses_a_folder_without_the_record(tmp_path: Path) -> None:
     model = _trained(mka_compile.convert(load_model("tiny:llama").model, config=CFG))
-    model.save_pretrained(tmp_path)  # plain transformers: the MKA weights are saved, mode and config are not
+    model.save_pretrained(tmp_path)  # plain transformers: the config carries the record (convert put it there)
+    data = json.loads((tmp_path / "config.json").read_text())
+    del data["mka_compile"]  # a folder whose record was lost: MKA weights without their mode and config
+    (tmp_path / "config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"mka_compile\.save_pretrained"):
         mka_compile.from_pretrained(tmp_path)
