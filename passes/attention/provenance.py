@@ -129,11 +129,23 @@ def _stack_rope_source(stack: fx.Node, gm) -> fx.Node | None:
         if len(muls) != 2 or any(ops.kind(x, gm) != "mul" for x in muls):
             return None
         for mul in muls:
-            bases = {_pair_base(i, gm) for i in ops.tensor_inputs(mul)}
+            bases = {b for b in (_pair_base(i, gm) for i in ops.tensor_inputs(mul)) if not _const_like(b, gm)}
             common = bases if common is None else common & bases
+    if common and len(common) > 1:  # cos / sin looked up in a table at positions: not the rotated tensor
+        common = {b for b in common if not _table_lookup(b, gm)}
     if not common or len(common) != 1:
         return None
     return next(iter(common))
+
+
+def _table_lookup(n: fx.Node, gm) -> bool:
+    """``table[positions]`` (or a slice of it): a buffer or parameter read at some positions."""
+    while (
+        isinstance(n, fx.Node)
+        and ops.kind(n, gm) in {"index", "slice", "select", "view", "getitem", "unsqueeze"} | ops.TRANSPARENT
+    ):
+        n = n.args[0]
+    return isinstance(n, fx.Node) and (n.op == "get_attr" or bool(n.meta.get("mka_param")))
 
 
 def _const_like(n: fx.Node, gm, limit: int = 5000) -> bool:
