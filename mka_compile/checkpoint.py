@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mka_compile.config import MKAConfig
+from mka_compile.config import MKAConfig, config_from_dict, config_to_dict  # noqa: F401  (re-exported)
 
 MODES = ("fastmka", "mka")
 WRITE_HINT = "write it with mka_compile.save_converted(model, path) (or `mka-compile convert ... -o path`)"
@@ -27,25 +27,6 @@ WRITE_HINT = "write it with mka_compile.save_converted(model, path) (or `mka-com
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit; the message names the file and what to do."""
-
-
-def config_to_dict(config: MKAConfig) -> dict[str, Any]:
-    d = dataclasses.asdict(config)
-    d["levels"] = list(d["levels"])
-    return d
-
-
-def config_from_dict(d: dict[str, Any]) -> MKAConfig:
-    if not isinstance(d, dict):
-        raise ValueError(f"an MKAConfig is recorded as a JSON object of its fields, got {type(d).__name__}")
-    known = {f.name for f in dataclasses.fields(MKAConfig)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"unknown MKAConfig field(s) {sorted(unknown)}; known: {sorted(known)}")
-    d = dict(d)
-    if "levels" in d:
-        d["levels"] = tuple(d["levels"])
-    return MKAConfig(**d)
 
 
 def same_config(a: MKAConfig, b: MKAConfig) -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 LEVELS = ("local", "session", "longterm")
 
@@ -104,3 +106,24 @@ def _positive_int(name: str, value: object) -> None:
 def _in_open_unit(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
         raise ValueError(f"{name} must lie strictly between 0 and 1, got {value!r}")
+
+
+def config_to_dict(config: MKAConfig) -> dict[str, Any]:
+    """The fields of ``config`` as JSON-ready values (checkpoints, Hugging Face configs)."""
+    d = dataclasses.asdict(config)
+    d["levels"] = list(d["levels"])
+    return d
+
+
+def config_from_dict(d: dict[str, Any]) -> MKAConfig:
+    """The :class:`MKAConfig` written by :func:`config_to_dict` (unknown fields are refused)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"an MKAConfig is recorded as a JSON object of its fields, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(MKAConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown MKAConfig field(s) {sorted(unknown)}; known: {sorted(known)}")
+    d = dict(d)
+    if "levels" in d:
+        d["levels"] = tuple(d["levels"])
+    return MKAConfig(**d)

@@ -31,7 +31,7 @@ from torch import fx, nn
 
 from mka_compile import hf_attention, site_hooks
 from mka_compile.attention_intercept import AttentionToMKA
-from mka_compile.config import MKAConfig
+from mka_compile.config import MKAConfig, config_to_dict
 from mka_compile.graph import ops
 from mka_compile.inspect import inspect_with_facts
 from mka_compile.passes.attention import SiteFacts
@@ -181,14 +181,17 @@ def _plan(model: nn.Module, site: Site, facts: SiteFacts) -> _Plan | str:
 def _check_mka_dispatch(model: nn.Module, names: list[str], example_inputs: Any) -> None:
     """One forward: every MKA site must have attended through MKA. Hugging Face sites that do not dispatch through
     ``AttentionInterface`` (Falcon) get the inline interceptor instead and are checked again."""
-    missing = hf_attention.check_dispatch(model, names, example_inputs)
-    if missing and hf_attention.hf_config(model) is not None:
-        if len(missing) == len(names):  # no site dispatches: keep the model's own attention implementation
-            hf_attention.restore_attention(model)
-        for name in missing:
-            mem = model.get_submodule(name).mka
-            mem.intercept = AttentionToMKA(mem)
-        missing = hf_attention.check_dispatch(model, missing, example_inputs)
+    try:
+        missing = hf_attention.check_dispatch(model, names, example_inputs)
+        if missing and hf_attention.hf_config(model) is not None:
+            if len(missing) == len(names):  # no site dispatches: keep the model's own attention implementation
+                hf_attention.restore_attention(model)
+            for name in missing:
+                mem = model.get_submodule(name).mka
+                mem.intercept = AttentionToMKA(mem)
+            missing = hf_attention.check_dispatch(model, missing, example_inputs)
+    except hf_attention.DispatchRefused as e:
+        raise ConversionError([(n, str(e)) for n in names]) from None
     if missing:
         raise ConversionError(
             [(n, "MKA mode found no attention to answer at this site (use FastMKA)") for n in missing]
@@ -275,8 +278,6 @@ def convert(
         raise
     cfg = hf_attention.hf_config(model)
     if cfg is not None:  # plain model.save_pretrained records the conversion (mka_compile.from_pretrained reads it)
-        from mka_compile.checkpoint import config_to_dict
-
         setattr(cfg, CONFIG_RECORD, {"mode": mode, "config": config_to_dict(config)})
     return model
 

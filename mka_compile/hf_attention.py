@@ -22,6 +22,10 @@ from mka_compile.rope_tables import DERIVABLE
 NAME = "mka_compile"
 
 
+class DispatchRefused(RuntimeError):
+    """A converted site's MKA attention refused the trial forward (its reason is the message)."""
+
+
 def hf_config(model: nn.Module):
     cfg = getattr(model, "config", None)
     return cfg if cfg is not None and hasattr(cfg, "_attn_implementation") else None
@@ -139,8 +143,8 @@ def restore_attention(model: nn.Module) -> None:
 @torch.no_grad()
 def check_dispatch(model: nn.Module, sites: list[str], example_inputs: Any) -> list[str]:
     """Run one forward; returns the converted ``sites`` whose attention did not go through MKA (:func:`attention`
-    or an interceptor). A site's clear "MKA mode" error becomes a :class:`ConversionError`."""
-    from mka_compile.convert import ConversionError
+    or an interceptor). A site's clear "MKA mode" error is raised as :class:`DispatchRefused` (``convert`` reports
+    it as a conversion error)."""
     from mka_compile.inspect import hf_example_inputs
 
     inputs = example_inputs if example_inputs is not None else hf_example_inputs(model)
@@ -163,7 +167,7 @@ def check_dispatch(model: nn.Module, sites: list[str], example_inputs: Any) -> l
         except RuntimeError as e:
             if "MKA mode" not in str(e):
                 raise
-            raise ConversionError([(n, str(e)) for n in sites]) from None
+            raise DispatchRefused(str(e)) from None
     finally:
         model.train(was)
         with torch.no_grad():

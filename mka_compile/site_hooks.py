@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mka_compile.site_inputs import is_cache
+from mka_compile.site_inputs import is_cache, real_eager
 
 
 class SiteHook:
@@ -136,6 +136,13 @@ def _reduce_site(self: nn.Module, protocol: int):
 def _rebuild_site(base: type) -> nn.Module:
     """Unpickle a converted site: an instance of ``base``'s converted-site class (state set by ``__setstate__``)."""
     return base.__new__(site_class(base))
+
+
+def plain_linear(mod: nn.Module, x: Any) -> bool:
+    """``mod`` is an ``nn.Linear`` whose only hooks are a site's, called eagerly on a real tensor."""
+    if type(mod) is not nn.Linear or not real_eager(x):
+        return False
+    return all(isinstance(h, SiteHook) for h in [*mod._forward_pre_hooks.values(), *mod._forward_hooks.values()])
 
 
 POSITION_NAMES = ("start_pos", "input_pos", "cache_position", "start", "pos", "position", "offset", "past_length")

@@ -1,5 +1,5 @@
 """What a converted site reads off its call: which cache it got, which tokens are real, and whether a call may
-take the eager shortcuts (a real tensor, a hook-free ``nn.Linear``)."""
+take the eager shortcuts (a real tensor; a hook-free ``nn.Linear`` is :func:`mka_compile.site_hooks.plain_linear`)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,6 @@ def real_eager(x: Any) -> bool:
     from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
     return type(x) is torch.Tensor and not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode()
-
-
-def plain_linear(mod: nn.Module, x: Any) -> bool:
-    """``mod`` is an ``nn.Linear`` whose only hooks are a site's, called eagerly on a real tensor."""
-    from mka_compile.site_hooks import SiteHook
-
-    if type(mod) is not nn.Linear or not real_eager(x):
-        return False
-    return all(isinstance(h, SiteHook) for h in [*mod._forward_pre_hooks.values(), *mod._forward_hooks.values()])
 
 
 def is_cache(x: Any) -> bool:

@@ -23,7 +23,8 @@ from mka_compile.report import Site
 from mka_compile.rope_tables import calibrate as calibrate_rope
 from mka_compile.rope_tables import derive as derive_rope
 from mka_compile.rope_tables import rotate as rotate_rope
-from mka_compile.site_inputs import plain_linear, real_eager, valid_tokens
+from mka_compile.site_hooks import plain_linear
+from mka_compile.site_inputs import real_eager, valid_tokens
 
 _SITE_KEYS = itertools.count()
 
