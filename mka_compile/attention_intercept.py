@@ -45,15 +45,15 @@ class AttentionToMKA(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         call = self.mem._call
-        if call is None or call.extra.get("attended"):
+        if call is None or call.attended:
             return func(*args, **kwargs)
         if func in SDPA:
             return self._sdpa(dict(zip(_SDPA_NAMES, args)) | kwargs)
         if func in MATMUL and len(args) == 2 and all(isinstance(a, torch.Tensor) and a.dim() == 4 for a in args):
             return self._matmul(func, *args)
-        if func in SOFTMAX and "qk" in call.extra and "softmax" not in call.extra:
+        if func in SOFTMAX and call.qk is not None and not call.softmax_seen:
             self._softmax_input(args[0])
-        if func in DROPOUT and "qk" in call.extra and self.mem.training and _dropout_active(args, kwargs):
+        if func in DROPOUT and call.qk is not None and self.mem.training and _dropout_active(args, kwargs):
             raise RuntimeError(DROPOUT_REFUSED)
         return func(*args, **kwargs)
 
@@ -73,39 +73,40 @@ class AttentionToMKA(TorchFunctionMode):
 
     # -- matmul - softmax - matmul ---------------------------------------------------------------------
     def _matmul(self, func, a: torch.Tensor, b: torch.Tensor):
-        extra = self.mem._call.extra
+        call = self.mem._call
         d = self.mem.head_dim
         T = self.mem._call.valid.shape[1]  # this call's tokens: the scores product is [B, H, T, d] @ [B, h, d, S]
-        if "qk" not in extra and a.shape[1:] == (self.mem.num_heads, T, d) and b.shape[-2] == d and b.shape[-1] >= T:
-            extra["qk"] = (a, b.transpose(-2, -1))
+        if call.qk is None and a.shape[1:] == (self.mem.num_heads, T, d) and b.shape[-2] == d and b.shape[-1] >= T:
+            call.qk = (a, b.transpose(-2, -1))
             if self.mem.score_scale is not None:  # the site's code still runs on the scores (scale, mask, softmax)
                 shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])  # MKA answers
                 return torch.zeros(shape, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
             out = func(a, b)
             if not torch.compiler.is_compiling():  # the first call learns the scale from the softmax input
-                extra["diag"] = _diagonal(out).detach().clone()
+                call.diag = _diagonal(out).detach().clone()
             return out
-        if "qk" in extra and b.shape[-1] == d and a.shape[-1] == b.shape[-2] == extra["qk"][1].shape[-2]:
+        if call.qk is not None and b.shape[-1] == d and a.shape[-1] == b.shape[-2] == call.qk[1].shape[-2]:
             if self.mem.score_scale is None:
                 raise RuntimeError(
                     "MKA mode: this site's attention has no softmax between its two products; cannot read its scale "
                     "(use FastMKA)"
                 )
-            q, k = extra["qk"]
+            q, k = call.qk
             out = self._answer(q, k, b, self.mem.score_scale)
             return out.to(torch.promote_types(a.dtype, b.dtype))
         return func(a, b)
 
     def _softmax_input(self, x: torch.Tensor) -> None:
         """The scores as the softmax sees them: learn the scale (first call) and check the mask (every call)."""
-        extra = self.mem._call.extra
-        extra["softmax"] = True
+        call = self.mem._call
+        call.softmax_seen = True
         T, S = x.shape[-2], x.shape[-1]
         if torch.compiler.is_compiling():  # the mask is checked and the scale learned in eager runs
             return
         _check_keep(self.mem, x > torch.finfo(x.dtype).min / 2, T, S)
         if self.mem.score_scale is None:
-            raw, seen = extra.pop("diag").double(), _diagonal(x.detach()).double()
+            raw, seen = call.diag.double(), _diagonal(x.detach()).double()
+            call.diag = None
             rows = self.mem._call.valid[:, None, :].expand_as(raw) & torch.isfinite(seen)
             raw, seen = raw[rows], seen[rows]
             den = float((raw * raw).sum())

@@ -154,7 +154,7 @@ def check_dispatch(model: nn.Module, sites: list[str], example_inputs: Any) -> l
         mem = model.get_submodule(name).mka
 
         def post(module, args, kwargs, output, name=name, mem=mem):
-            if mem._call is not None and mem._call.extra.get("attended"):
+            if mem._call is not None and mem._call.attended:
                 seen.add(name)
 
         hooks.append(model.get_submodule(name).register_forward_hook(post, with_kwargs=True, prepend=True))

@@ -77,7 +77,7 @@ class FusedHook(SiteHook):
 class QHook(SiteHook):
     def __call__(self, module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
         call = self.mem._call
-        if call is not None and not call.extra.get("inner"):
+        if call is not None and not call.inner:
             call.q = out
 
 
@@ -93,10 +93,10 @@ class KVPre(SiteHook):
 
     def __call__(self, module: nn.Module, inputs: tuple) -> tuple | None:
         call = self.mem._call
-        if call is None or self.which not in call.extra or not inputs:
+        if call is None or self.which not in call.pending or not inputs:
             return None
         x = inputs[0]
-        if x is not call.extra.get("kv_input") or type(module).forward is not nn.Linear.forward or x.dim() < 2:
+        if x is not call.kv_input or type(module).forward is not nn.Linear.forward or x.dim() < 2:
             return None
         if type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return None

@@ -35,9 +35,25 @@ class _Call:
 
     valid: torch.Tensor  # (B, T) bool
     state: MKALayerState
+    rope: Any = None  # the site's (cos, sin) position embeddings, when the model passes them
+    discarded: bool = False  # a fresh state nothing keeps (no cache): no count, the fused path may differentiate
+    before: tuple | None = None  # the state's snapshot before this call, until the call is recorded for rewind
     q: torch.Tensor | None = None  # (B, T, H*d) query projection output
     lam: torch.Tensor | None = None  # (B, G, T, L)
-    extra: dict[str, Any] = field(default_factory=dict)
+    # separate k / v projections: the first hook computes both (on_kv); the other's result waits here for its hook
+    inner: bool = False  # our own call of the other projection is running
+    pending: dict[str, torch.Tensor] = field(default_factory=dict)  # "k" or "v" -> its (mixed) projection output
+    kv_input: torch.Tensor | None = None  # the hidden states the pending projection was computed from (KVPre)
+    # MKA mode: the levels attend reads
+    k1: torch.Tensor | None = None  # (B, Hkv, T, d) the call's own keys, un-rotated
+    ema_k: torch.Tensor | None = None  # (B, Hkv, T, d) session level keys
+    ema_v: torch.Tensor | None = None
+    recall: tuple[torch.Tensor, torch.Tensor] | None = None  # (idx, found): (B, Hkv, T, R) recalled summary slots
+    attended: bool = False  # MKA mode answered the site's attention
+    # MKA mode, attention spelled out (attention_intercept): the scores product and the scale's evidence
+    qk: tuple[torch.Tensor, torch.Tensor] | None = None  # (q, k) of the scores product
+    diag: torch.Tensor | None = None  # (B, H, T) raw scores of each query's own key, first call
+    softmax_seen: bool = False
 
 
 class SiteMemory(nn.Module):
@@ -169,18 +185,17 @@ class SiteMemory(nn.Module):
         """Open a call. ``start``: the position a site with its own KV cache writes at (None: ``cache`` decides)."""
         B, T = hidden.shape[0], hidden.shape[1]
         state = self.state_for(cache, B, hidden) if start is None else self.held_state(start, B, hidden)
-        self._call = _Call(valid=valid_tokens(mask, B, T, cache_position, hidden.device), state=state)
-        self._call.extra["rope"] = rope
-        self._call.extra["discarded"] = cache is None and start is None  # a fresh state nothing keeps
+        valid = valid_tokens(mask, B, T, cache_position, hidden.device)
+        call = self._call = _Call(valid=valid, state=state, rope=rope, discarded=cache is None and start is None)
         if cache is not None and self.causal and not state.fixed_slots:  # a cache's crop may rewind this call
             if torch.compiler.is_compiling():
                 state.steps = []  # compiled calls keep no history: crop refuses (clear error) rather than rewind wrong
             else:
-                self._call.extra["before"] = state.snapshot()
+                call.before = state.snapshot()
 
     def end(self) -> None:
         call, self._call = self._call, None
-        if call is not None and not call.extra.get("discarded"):  # a discarded state needs no count
+        if call is not None and not call.discarded:  # a discarded state needs no count
             call.state.n_seen = call.state.n_seen + call.valid.sum(-1)
 
     # -- the routed mix ---------------------------------------------------------------------------------
@@ -188,29 +203,29 @@ class SiteMemory(nn.Module):
         """Separate projections: the first of the k/v hooks to fire runs the other projection itself (once, as
         an inner call), mixes keys and values together, and leaves the other's result for its hook."""
         call = self._call
-        if call is None or call.extra.get("inner"):  # outside the site's forward, or our own projection call
+        if call is None or call.inner:  # outside the site's forward, or our own projection call
             return out
-        if which in call.extra:  # computed when the other projection's hook fired
-            call.extra.pop("kv_input", None)
-            return call.extra.pop(which)
+        if which in call.pending:  # computed when the other projection's hook fired
+            call.kv_input = None
+            return call.pending.pop(which)
         if call.q is None:
             call.q = q_proj(hidden)
         if plain_linear(other, hidden):  # no module call needed (its only hooks are ours, idle for this call)
             other_out = torch.nn.functional.linear(hidden, other.weight, other.bias)
         else:
-            call.extra["inner"] = True
+            call.inner = True
             try:
                 other_out = other(hidden)
             finally:
-                call.extra["inner"] = False
+                call.inner = False
         k_out, v_out = (out, other_out) if which == "k" else (other_out, out)
         B, T = out.shape[0], out.shape[1]
         heads = lambda t: t.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # noqa: E731
         kf, vf = self.mix_levels(heads(k_out), heads(v_out))  # (B, Hkv, T, d)
         if self.mode == "fastmka":
             k_out, v_out = kf.transpose(1, 2).reshape(k_out.shape), vf.transpose(1, 2).reshape(v_out.shape)
-        call.extra["v" if which == "k" else "k"] = v_out if which == "k" else k_out
-        call.extra["kv_input"] = hidden  # the other projection's call on this input can skip its work (KVPre)
+        call.pending["v" if which == "k" else "k"] = v_out if which == "k" else k_out
+        call.kv_input = hidden  # the other projection's call on this input can skip its work (KVPre)
         return k_out if which == "k" else v_out
 
     def mix_fused(self, out: torch.Tensor, maps: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -236,8 +251,9 @@ class SiteMemory(nn.Module):
         call = self._call
         cfg, st = self.config, call.state
         fused = self._fused_cpu(k1, v1, call)
-        if "before" in call.extra:  # keep this call for a rewind (the fused FastMKA path writes its mix over k1, v1)
-            st.record(call.extra.pop("before"), k1.clone() if fused else k1, v1.clone() if fused else v1, call.valid)
+        if call.before is not None:  # keep this call for a rewind (the fused FastMKA path writes its mix over k1, v1)
+            st.record(call.before, k1.clone() if fused else k1, v1.clone() if fused else v1, call.valid)
+            call.before = None
         if fused:
             return self._mix_fused_cpu(k1, v1)
         B, _, T, d = k1.shape
@@ -252,7 +268,7 @@ class SiteMemory(nn.Module):
                 sk, sv = session_both_ways(k1, v1, cfg.ema_beta, call.valid)
             ks.append(sk)
             vs.append(sv)
-            call.extra["ema_k"], call.extra["ema_v"] = sk, sv
+            call.ema_k, call.ema_v = sk, sv
         has_recall = None
         if cfg.uses_longterm:
             fresh = self.causal and not st.fixed_slots and st.tokens_bound == 0  # nothing seen before: position <= row
@@ -264,7 +280,7 @@ class SiteMemory(nn.Module):
             pos = K.real_positions(call.valid, st.n_seen) if self.causal else whole_sequence_positions(call.valid)
             idx, found = self._select(q_r, st.summ_k, pos, fresh)  # (B, Hkv, T, R) each
             has_recall = found[:, 0, :, 0]  # (B, T): recall_select lists a found entry first when there is one
-            call.extra["recall"] = (idx, found)
+            call.recall = (idx, found)
             if self.mode == "fastmka":  # MKA mode attends over the recalled entries instead (attend)
                 sel = K.recall_mask(idx, found, st.summ_k.shape[2])  # (B, Hkv, T, S)
                 k3, v3 = K.recall_mix(q_r, st.summ_k, st.summ_v, sel, self.recall_scale)  # (B, Hkv, T, d) each
@@ -273,7 +289,7 @@ class SiteMemory(nn.Module):
         call.lam = routing_weights(self.router, self.gate, call.q, has_recall, cfg.num_levels, self.groups)
         self._record(call)
         if self.mode == "mka":
-            call.extra["k1"] = k1  # to check how the site rotates its keys (calibrate_rope, derive_rope)
+            call.k1 = k1  # to check how the site rotates its keys (calibrate_rope, derive_rope)
             return k1, v1
         return K.route_mix(call.lam, ks, vs)  # (B, Hkv, T, d) each
 
@@ -288,7 +304,7 @@ class SiteMemory(nn.Module):
         no gradient, and its new state none either), MKA mode only without autograd."""
         if not self.causal or call.state.fixed_slots:
             return False
-        if torch.is_grad_enabled() and (self.mode == "mka" or not call.extra.get("discarded")):
+        if torch.is_grad_enabled() and (self.mode == "mka" or not call.discarded):
             return False  # MKA mode's levels are fused for inference only
         return K.fastmka_memory_cpu.usable(k1, v1, call.q)
 
@@ -301,8 +317,8 @@ class SiteMemory(nn.Module):
         self._record(call)
         if self.mode == "fastmka":
             return a, b
-        call.extra["ema_k"], call.extra["ema_v"], call.extra["k1"] = a, b, k1  # the levels attend reads
-        call.extra["recall"] = recalled
+        call.ema_k, call.ema_v, call.k1 = a, b, k1  # the levels attend reads
+        call.recall = recalled
         return k1, v1
 
     def _select(self, q_r: torch.Tensor, summ_k: torch.Tensor, pos: torch.Tensor, fresh: bool):
@@ -333,13 +349,13 @@ class SiteMemory(nn.Module):
         valid = call.valid
         st.kv_valid = valid if st.kv_valid is None else torch.cat([st.kv_valid, valid], 1)
         if cfg.uses_session:
-            tables, convention = call.extra.get("rope"), self.rope_tables
+            tables, convention = call.rope, self.rope_tables
             if self.rope is not None and tables is None:  # a site that rotates inside: read the rotation off its keys
-                tables, convention = derive_rope(call.extra["k1"], key[:, :, -T:], self.rope), "cos_sin"
+                tables, convention = derive_rope(call.k1, key[:, :, -T:], self.rope), "cos_sin"
             elif self.rope is not None and convention is None:  # first call: learn how the tables are given
-                convention = self.rope_tables = calibrate_rope(call.extra["k1"], key[:, :, -T:], tables, self.rope)
-            k2 = rotate_rope(call.extra["ema_k"], tables, self.rope, convention).to(key.dtype)  # (B, Hkv, T, d)
-            v2 = call.extra["ema_v"].to(value.dtype)
+                convention = self.rope_tables = calibrate_rope(call.k1, key[:, :, -T:], tables, self.rope)
+            k2 = rotate_rope(call.ema_k, tables, self.rope, convention).to(key.dtype)  # (B, Hkv, T, d)
+            v2 = call.ema_v.to(value.dtype)
             st.kv = [torch.cat([a, b], 2) for a, b in zip(st.kv, (k2, v2))] if st.kv else [k2, v2]
             ks.append(st.kv[0])
             vs.append(st.kv[1])
@@ -350,13 +366,13 @@ class SiteMemory(nn.Module):
             )
         kw = {}
         if cfg.uses_longterm:
-            idx, found = call.extra["recall"]
+            idx, found = call.recall
             q3 = call.q.view(B, T, H, d).transpose(1, 2)  # (B, H, T, d) un-rotated
             kw = dict(q3=q3.to(query.dtype), mem_k=st.summ_k, mem_v=st.summ_v, idx3=idx, found3=found)
         out = K.mka_attention(
             query, ks, vs, call.lam, kv_valid=st.kv_valid, scale=float(scaling), causal=self.causal, **kw
         )
-        call.extra["attended"] = True
+        call.attended = True
         return out.transpose(1, 2).contiguous()  # (B, T, H, d)
 
     def remove_hooks(self) -> None:

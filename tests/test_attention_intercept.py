@@ -195,7 +195,7 @@ def test_a_mask_that_is_not_causal_is_refused_at_run_time() -> None:
 @pytest.mark.parametrize(
     ("make", "reason"),
     [
-        (_Biased, "cannot read this site's attention scale"),
+        (_Biased, "does not support an additive position bias"),  # refused at conversion, from the site facts
         (_NormedRope, "cannot read this site's complex RoPE"),
     ],
 )
