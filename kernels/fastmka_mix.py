@@ -311,10 +311,3 @@ def fastmka_mix(
     if n_seen is None:
         n_seen = torch.zeros(B, dtype=torch.int64, device=k1.device)
     return torch.ops.mka.fastmka_mix(lam, k1, v1, k3, v3, valid, state_k, state_v, n_seen, float(beta), cos, sin)
-
-
-try:  # the Triton kernels register themselves as the CUDA implementations; triton is optional
-    from . import fastmka_mix_triton  # noqa: E402, F401
-except ModuleNotFoundError as _err:  # pragma: no cover - without triton, CUDA runs the reference
-    if _err.name != "triton":
-        raise

@@ -364,10 +364,3 @@ def recall_mix(
     p = recall_probs(q_r[:, :, None], mem_k, sel, scale)[:, :, 0]  # (B, Hkv, T, S)
     kv = p @ torch.cat([mem_k, mem_v], -1)  # (B, Hkv, T, 2d): keys and values in one product
     return kv[..., :d], kv[..., d:]
-
-
-try:  # the Triton kernels register themselves as the CUDA implementations; triton is optional
-    from . import longterm_triton  # noqa: E402, F401
-except ModuleNotFoundError as _err:  # pragma: no cover - without triton, CUDA runs the reference
-    if _err.name != "triton":
-        raise

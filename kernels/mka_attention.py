@@ -314,10 +314,3 @@ def mka_attention(
         float(d**-0.5 if scale is None else scale),
         bool(causal),
     )
-
-
-try:  # the Triton kernels register themselves as the CUDA implementation of both ops; triton is optional
-    from . import mka_attention_triton  # noqa: E402, F401
-except ModuleNotFoundError as _err:  # pragma: no cover - without triton, CUDA runs the reference
-    if _err.name != "triton":
-        raise

@@ -289,10 +289,3 @@ def session_scan(
     if n_seen is None:
         n_seen = torch.zeros(B, dtype=torch.int64, device=k.device)
     return torch.ops.mka.session_scan(k, v, valid, state_k, state_v, n_seen, float(beta))
-
-
-try:  # the Triton kernels register themselves as the CUDA implementations; triton is optional
-    from . import session_scan_triton  # noqa: E402, F401
-except ModuleNotFoundError as _err:  # pragma: no cover - without triton, CUDA runs the reference
-    if _err.name != "triton":
-        raise
