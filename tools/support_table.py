@@ -5,6 +5,7 @@ third-party model files, through detection and conversion. Writes ``docs/support
     .venv/bin/python tools/support_table.py            # everything (ONNX export included; ~30-60 min on 2 cores)
     .venv/bin/python tools/support_table.py --quick    # skip the ONNX column
     .venv/bin/python tools/support_table.py --only llama,gemma2 --print   # a few families, table to stdout
+    .venv/bin/python tools/support_table.py --only bloom --merge           # rerun rows of the last table
     .venv/bin/python tools/support_table.py --worker gemma2               # one family, JSON to stdout
 
 Each family runs in its own subprocess (a crash or a hang costs one row, with the reason). Columns:
@@ -73,16 +74,14 @@ _SIZE = dict(
     num_experts=4,
     n_routed_experts=4,
     num_experts_per_tok=2,
+    n_group=1,
+    topk_group=1,
     moe_intermediate_size=32,
     shared_expert_intermediate_size=32,
-    q_lora_rank=32,
-    kv_lora_rank=16,
-    qk_rope_head_dim=8,
-    qk_nope_head_dim=8,
-    v_head_dim=16,
     sliding_window=4,
     attention_chunk_size=4,
     pad_token_id=0,
+    is_decoder=True,
     bos_token_id=1,
     eos_token_id=2,
 )
@@ -100,8 +99,9 @@ def tiny_config(model_type: str, keep_layers: bool = False):
     default = cls()
     keys = default.to_dict()
     size = {k: v for k, v in _SIZE.items() if not (keep_layers and k in _LAYERS)}
-    if "qk_rope_head_dim" in keys:
+    if "qk_rope_head_dim" in keys or "kv_lora_rank" in keys:
         size.pop("head_dim", None)  # multi-head latent attention: head_dim follows the rope / nope split
+        size["num_key_value_heads"] = size["num_attention_heads"]  # keys are per query head
     kwargs = {k: v for k, v in size.items() if k in keys}
     if "num_key_value_heads" in kwargs and keys.get("num_key_value_heads") is None:
         kwargs.pop("num_key_value_heads")  # MHA by default: keep it
@@ -162,7 +162,7 @@ def _build_hf(model_type: str, attn: str, keep_layers: bool):
     torch.manual_seed(0)
     with torch.device("meta"):
         n = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).parameters())
-    if n > 60e6:
+    if n > 150e6:
         raise RuntimeError(f"too large when built from the tiny config ({n / 1e6:.0f} M parameters)")
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
     with torch.no_grad():
@@ -291,24 +291,35 @@ def run_family(name: str, quick: bool, columns: tuple[str, ...] = COLUMNS) -> di
             variants.append(("sdpa", build_hf(name, "sdpa")[0]))
         except Exception as exc:  # noqa: BLE001
             notes["sdpa"] = _short(exc)
-    ok_all, text = True, []
+    ok_all, text, empty = True, [], True
     for attn, m in variants:
         try:
             expected = attention_modules(m, lambda m=m: _logits(m, ids, **fwd_kwargs))
             report = mka_compile.inspect(m, example)
             found = [s.name for s in report.sites if s.kind == "self"]
+            left = [r for r in report.not_attention if r.attention_like]
+            if not expected and (found or left):  # modules not named *Attention*: the softmaxes are the expectation
+                expected = sorted({*found, *(r.module for r in left)})
+            # a module with no attention-like softmax inside (linear attention, RWKV) is not expected
+            softmaxes = [*(s.name for s in report.sites), *(r.module for r in left)]
+            expected = [e for e in expected if _covered([e], softmaxes) == []]
             missing = _covered(expected, found)
+            empty = empty and not expected
             row.setdefault("expected", len(expected))
             row[f"found_{attn}"] = len(expected) - len(missing)
-            if missing or not expected:
+            if missing:
                 ok_all = False
                 why = [r.reason for r in report.not_attention if r.module in missing or not r.module][:1]
                 text.append(f"{attn}: {len(expected) - len(missing)}/{len(expected)} ({'; '.join(why)[:160]})")
             row.setdefault("sites", [s.as_dict() for s in report.sites if s.kind == "self"][:2])
         except Exception as exc:  # noqa: BLE001
-            ok_all = False
+            ok_all, empty = False, False
             text.append(f"{attn}: {_short(exc)}")
-    cells["inspect"] = "ok" if ok_all else "FAIL"
+    cells["inspect"] = "n/a" if empty else ("ok" if ok_all else "FAIL")
+    if empty:
+        notes["inspect"] = "no attention (state-space / recurrent model)"
+        row["seconds"] = round(time.time() - t0, 1)
+        return row
     notes["inspect"] = "; ".join(text)
 
     if columns == ("inspect",):
@@ -411,25 +422,43 @@ def families() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-def _worker(name: str, quick: bool, timeout: int, inspect_only: bool = False) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name] + (["--quick"] if quick else [])
-    cmd += ["--inspect-only"] if inspect_only else []
+def _worker(names: list[str], quick: bool, timeout: int, inspect_only: bool = False) -> list[dict]:
+    """Run families in one subprocess (imports paid once), one JSON line each; a crash or a hang reruns the families
+    without a line one by one, and a single family's crash or hang becomes its row's reason."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", ",".join(names), "--timeout", str(timeout)]
+    cmd += (["--quick"] if quick else []) + (["--inspect-only"] if inspect_only else [])
     env = dict(os.environ, PYTHONSAFEPATH="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    why = None
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"family": name, "skip": f"timed out after {timeout} s", "cells": {}, "notes": {}}
-    for line in reversed(p.stdout.splitlines()):
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout * len(names) + 60, env=env, cwd=ROOT)
+        out, err = p.stdout, p.stderr
+        if p.returncode:
+            why = f"worker crashed (rc {p.returncode}): {(err.strip().splitlines() or ['no output'])[-1][:200]}"
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        why = f"timed out after {timeout} s"
+    rows = {}
+    for line in out.splitlines():
         if line.startswith("{"):
-            return json.loads(line)
-    err = (p.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"family": name, "skip": f"worker crashed (rc {p.returncode}): {err[:200]}", "cells": {}, "notes": {}}
+            r = json.loads(line)
+            rows[r["family"]] = r
+    missing = [n for n in names if n not in rows]
+    if missing and len(names) > 1:
+        for n in missing:
+            rows.update({r["family"]: r for r in _worker([n], quick, timeout, inspect_only)})
+    elif missing:
+        rows[names[0]] = {"family": names[0], "skip": why or "no output", "cells": {}, "notes": {}}
+    return [rows[n] for n in names]
+
+
+def _alarm(signum, frame):
+    raise TimeoutError("timed out")
 
 
 def _cell(row: dict, col: str) -> str:
     v = row["cells"].get(col, "-")
     note = row["notes"].get(col, "")
-    if v in ("ok", "skipped", "-"):
+    if v in ("ok", "skipped", "-", "n/a"):
         return v
     return f"{v}: {note}".replace("|", "/").replace("\n", " ")[:220]
 
@@ -443,6 +472,7 @@ def render(rows: list[dict], quick: bool) -> str:
         return sum(r["cells"].get(col) in vals for r in built)
 
     hf_n = sum(not r["family"].startswith("thirdparty:") for r in built)
+    n_att = n - count("inspect", ("n/a",))
     lines = [
         "# Support table",
         "",
@@ -455,8 +485,9 @@ def render(rows: list[dict], quick: bool) -> str:
         _versions(),
         "",
         f"- built: {n} ({hf_n} transformers families, {n - hf_n} third-party); skipped: {len(skipped)}",
-        f"- inspect (every attention module found, eager and sdpa): {count('inspect')}/{n} "
-        f"({100 * count('inspect') / max(n, 1):.0f} %)",
+        f"- no attention module (state-space / recurrent): {count('inspect', ('n/a',))}",
+        f"- inspect (every attention module found, eager and sdpa): {count('inspect')}/{n_att} "
+        f"({100 * count('inspect') / max(n_att, 1):.1f} %)",
         f"- FastMKA identity at init: {count('identity')}/{n}; live: {count('live')}/{n}; "
         f"decode == full forward: {count('decode')}/{n}",
         f"- MKA mode: converts {count('mka')}, refuses with a reason {count('mka', ('refused',))}, "
@@ -490,35 +521,62 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--inspect-only", action="store_true", help="only the inspect column (a fast detection survey)")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8, help="families per worker process")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per family")
     ap.add_argument("--print", action="store_true", help="print the table instead of writing docs/support.md")
+    ap.add_argument("--render", action="store_true", help="only rewrite docs/support.md from docs/support.json")
+    ap.add_argument("--merge", action="store_true", help="keep the other rows of docs/support.json (rerun --only rows)")
     args = ap.parse_args(argv)
+    if args.render:
+        _write(json.loads((ROOT / "docs" / "support.json").read_text()), args.quick)
+        return
     if args.worker:
-        try:
-            row = run_family(args.worker, args.quick, ("inspect",) if args.inspect_only else COLUMNS)
-        except Exception as exc:  # noqa: BLE001
-            row = {"family": args.worker, "skip": _short(exc), "cells": {}, "notes": {}}
-            traceback.print_exc()
-        print(json.dumps(row, default=str))
+        import signal
+
+        signal.signal(signal.SIGALRM, _alarm)
+        for name in args.worker.split(","):
+            signal.alarm(args.timeout)
+            try:
+                row = run_family(name, args.quick, ("inspect",) if args.inspect_only else COLUMNS)
+            except Exception as exc:  # noqa: BLE001
+                row = {"family": name, "skip": _short(exc), "cells": {}, "notes": {}}
+                traceback.print_exc()
+            finally:
+                signal.alarm(0)
+            print(json.dumps(row, default=str), flush=True)
         return
     names = args.only.split(",") if args.only else families() + list(THIRDPARTY)
-    rows = []
+    kept: list[dict] = []
+    data = ROOT / "docs" / "support.json"
+    if args.merge and data.exists():  # rerun some rows of an earlier table
+        kept = [r for r in json.loads(data.read_text()) if r["family"] not in names]
+    rows: list[dict] = []
+    batches = [names[i :: max(1, len(names) // args.batch)] for i in range(max(1, len(names) // args.batch))]
     with cf.ThreadPoolExecutor(args.jobs) as pool:
-        futs = {pool.submit(_worker, n, args.quick, args.timeout, args.inspect_only): n for n in names}
+        futs = [pool.submit(_worker, b, args.quick, args.timeout, args.inspect_only) for b in batches]
         for f in cf.as_completed(futs):
-            r = f.result()
-            rows.append(r)
-            status = r.get("skip") or " ".join(f"{c}={r['cells'].get(c, '-')}" for c in COLUMNS)
-            print(f"[{len(rows)}/{len(names)}] {r['family']}: {status}", flush=True)
-    rows.sort(key=lambda r: (r["family"].startswith("thirdparty:"), r["family"]))
-    text = render(rows, args.quick)
+            for r in f.result():
+                rows.append(r)
+                status = r.get("skip") or " ".join(f"{c}={r['cells'].get(c, '-')}" for c in COLUMNS)
+                print(f"[{len(rows)}/{len(names)}] {r['family']}: {status}", flush=True)
+            if not args.print:
+                _write(kept + rows, args.quick)  # written as batches end: an interrupted run leaves its rows
     if args.print:
-        print(text)
+        print(render(sorted(kept + rows, key=_order), args.quick))
         return
+    _write(kept + rows, args.quick)
+    print(f"wrote docs/support.md ({len(kept) + len(rows)} rows)")
+
+
+def _order(r: dict) -> tuple[bool, str]:
+    return r["family"].startswith("thirdparty:"), r["family"]
+
+
+def _write(rows: list[dict], quick: bool) -> None:
+    rows = sorted(rows, key=_order)
     (ROOT / "docs").mkdir(exist_ok=True)
-    (ROOT / "docs" / "support.md").write_text(text)
+    (ROOT / "docs" / "support.md").write_text(render(rows, quick))
     (ROOT / "docs" / "support.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
-    print(f"wrote docs/support.md ({len(rows)} rows)")
 
 
 if __name__ == "__main__":

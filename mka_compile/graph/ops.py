@@ -87,7 +87,7 @@ _names("mka_mix", "route_mix", "fastmka_mix")  # our FastMKA ops: a converted si
 _names("tanh", "tanh")
 _names("clamp", "clamp", "clamp_min", "clamp_max", "clip", "maximum", "minimum")
 _names("max", "amax", "max", "logsumexp")
-_names("full", "full", "zeros", "ones", "full_like", "zeros_like", "ones_like", "empty")
+_names("full", "full", "zeros", "ones", "full_like", "zeros_like", "ones_like", "empty", "new_empty", "new_zeros")
 
 _BY_FUNCTION: dict[Any, str] = {
     operator.matmul: "matmul",

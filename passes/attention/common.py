@@ -35,9 +35,11 @@ def _roots(src: fx.Node | None, gm, depth: int = 2) -> list[fx.Node]:
     """``src`` and the inputs of the low-rank projections it comes from (``q_b(norm(q_a(x)))``: up to ``x``)."""
     out = []
     while src is not None and len(out) <= depth:
+        while ops.kind(src, gm) in ops.TRANSPARENT | ops.LAYOUT and src.args and isinstance(src.args[0], fx.Node):
+            src = src.args[0]  # a reshape of the hidden states reads the same sequence
         out.append(src)
         p = walk(src, gm, "values")
-        src = p.source if p.kind == "projection" and not p.rope and not p.cache else None
+        src = p.source if p.kind == "projection" and not p.rope else None
     return out
 
 

@@ -196,6 +196,7 @@ def sinks_dropped(m: Match) -> str | None:
 def make_rule(product: str) -> Rule:
     probs = op("softmax", any_("pre_softmax", check=score_layers(PRODUCTS[product])), name="softmax")
     probs = opt("slice", probs, name="sink_drop")  # attention sinks: softmax over [scores, sinks], sinks dropped
+    probs = opt("masked_fill", probs, any_(), name="probs_fill")  # masked probabilities zeroed (CPM-Ant)
     probs = opt("view", probs, name="probs_view")  # [B, H, T, T] -> [B*H, T, T] for a bmm (BLOOM)
     out = op({"matmul", "einsum"}, probs, any_("v"), name="out", check=einsum_output)
     return Rule(f"attention.eager.{product}", out, (sinks_dropped, *FILTERS))

@@ -119,7 +119,8 @@ def _pair_base(n: fx.Node, gm) -> fx.Node:
 
 
 def _stack_rope_source(stack: fx.Node, gm) -> fx.Node | None:
-    """``stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1)`` (then flattened): the rotated pairs of ``x``."""
+    """``stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1)`` (then flattened: rotated pairs), or the same with
+    ``cat`` (rotated halves): the tensor ``x`` both parts read, else None."""
     parts = [ops.skip_transparent(t, gm) for t in ops.tensor_inputs(stack)]
     if len(parts) != 2 or any(ops.kind(t, gm) not in ("add", "sub") for t in parts):
         return None
@@ -255,6 +256,9 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
                     n, p.rope = cands[0].args[0], "complex"
                     continue
             return _stop(p, n, f"the {role} path has a complex op at {n.name}")
+        if k == "cat" and (src := _stack_rope_source(n, gm)) is not None:  # cat([x1 cos - x2 sin, x2 cos + x1 sin])
+            n, p.rope = src, p.rope or "rotate_half"
+            continue
         if k == "cat":
             tensors = [t for t in n.args[0]] if isinstance(n.args[0], (list, tuple)) else ops.tensor_inputs(n)
             dim = ops.arg(n, 1, "dim", 0)
@@ -268,17 +272,9 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
                     n = src
                     continue
             if nd is not None and ops.normalize_dim(dim, nd) == nd - 1 and len(tensors) == 2:
-                (b0, s0), (b1, s1) = (_feature_source(t, gm) for t in tensors)
-                style = s0 or s1
-                if b0 is b1 and style:  # q/k split into a RoPE part and a no-RoPE part, concatenated
-                    p.rope = p.rope or "partial_" + style
-                    n = b0
-                    continue
-                if style and (s0 is None or s1 is None):  # multi-head latent attention: the parts come from
-                    if "latent_kv" not in p.transforms:  # different projections; follow the no-RoPE part
-                        p.transforms.append("latent_kv")
-                    p.rope = p.rope or "partial_" + style
-                    n = tensors[0] if s0 is None else tensors[1]
+                nxt = _feature_parts(p, tensors, gm)
+                if nxt is not None:
+                    n = nxt
                     continue
             if nd is not None and ops.normalize_dim(dim, nd) == nd - 1:
                 return _stop(p, n, f"the {role} path concatenates features at {n.name} (not a partial rotary)")
@@ -290,6 +286,13 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
                 n = new[-1]
                 continue
             return _stop(p, n, f"the {role} path concatenates tensors at {n.name}")
+        if k == "full":  # a new tensor filled by slice writes: key[..., :a] = k_pass; key[..., a:] = k_rot
+            writes = _all_writes(n, node, gm)
+            nxt = writes[0] if len(writes) == 1 else _feature_parts(p, writes, gm) if len(writes) == 2 else None
+            if nxt is None:
+                return _stop(p, n, f"the {role} path reaches a new tensor at {n.name} written in {len(writes)} parts")
+            n = nxt
+            continue
         if k == "index_copy":
             p.cache, p.select, n = p.cache or "index_copy", None, ops.arg(n, 3, "source")
             continue
@@ -424,10 +427,50 @@ def _target_name(n: fx.Node) -> str:
     return str(t) if n.op == "call_method" else getattr(t, "__name__", "")
 
 
+def _feature_parts(p: Provenance, parts: list[fx.Node], gm) -> fx.Node | None:
+    """Two feature parts concatenated (``cat(..., -1)`` or slice writes): a RoPE part and a no-RoPE part of one
+    projection (partial rotary, split RoPE) or of two projections (multi-head latent attention: recorded as the
+    ``latent_kv`` transform, the walk follows the no-RoPE part). Returns where the walk goes on, or None."""
+    (b0, s0), (b1, s1) = (_feature_source(t, gm) for t in parts)
+    style = s0 or s1
+    if not style:
+        return None
+    p.rope = p.rope or "partial_" + style
+    if b0 is b1:
+        return b0
+    if s0 is None or s1 is None:
+        if "latent_kv" not in p.transforms:
+            p.transforms.append("latent_kv")
+        return parts[0] if s0 is None else parts[1]
+    return None
+
+
+def _all_writes(buffer: fx.Node, reader: fx.Node, gm) -> list[fx.Node]:
+    """Sources of the in-place slice writes into ``buffer`` before ``reader``, in graph order."""
+    order = {n: i for i, n in enumerate(buffer.graph.nodes)}
+    limit = len(order)  # the writes fill the new tensor before any read of it
+    found, todo, seen = [], [buffer], set()
+    while todo:
+        v = todo.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        for u in v.users:
+            if order.get(u, limit) >= limit:
+                continue
+            if _target_name(u) == "copy_" and u.args and u.args[0] is v and isinstance(u.args[1], fx.Node):
+                found.append((order[u], u.args[1]))
+            elif ops.kind(u, gm) == "setitem" and u.args[0] is v and isinstance(u.args[2], fx.Node):
+                found.append((order[u], u.args[2]))
+            elif ops.kind(u, gm) in _VIEW_KINDS and u.args and u.args[0] is v:
+                todo.append(u)
+    return [src for _, src in sorted(found, key=lambda x: x[0])]
+
+
 def _feature_source(part: fx.Node, gm) -> tuple[fx.Node, str | None]:
     """``(tensor a feature part was taken from, RoPE style applied to it or None)``."""
     t, style = ops.skip_transparent(part, gm), None
-    for _ in range(8):
+    for _ in range(24):
         k = ops.kind(t, gm)
         if k == "add" and style is None:
             r = _rope_source(t, gm)
@@ -439,6 +482,16 @@ def _feature_source(part: fx.Node, gm) -> tuple[fx.Node, str | None]:
             if src is None:
                 break
             t, style = ops.skip_transparent(src, gm), "interleaved"
+        elif k == "view_as_real" and style is None:  # complex RoPE: view_as_real(view_as_complex(x) * freqs)
+            inner = ops.skip_transparent(t.args[0], gm)
+            cands = [i for i in ops.tensor_inputs(inner) if ops.kind(i, gm) == "view_as_complex"]
+            if ops.kind(inner, gm) != "mul" or not cands:
+                break
+            t, style = ops.skip_transparent(cands[0].args[0], gm), "complex"
+        elif k == "cat" and style is None and (src := _stack_rope_source(t, gm)) is not None:
+            t, style = ops.skip_transparent(src, gm), "rotate_half"
+        elif k == "cat" and len(new := [x for x in ops.tensor_inputs(t) if not _is_past(x, gm)]) == 1:
+            t = ops.skip_transparent(new[0], gm)  # a KV cache: cat(past, new)
         elif k in ("slice", "select", "identity", "cast", "expand", "view", "transpose", "permute"):
             t = ops.skip_transparent(t.args[0], gm)
         elif k == "getitem" and isinstance(t.args[0], fx.Node):

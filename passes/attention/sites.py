@@ -96,8 +96,10 @@ def _keep_masks(m: Match, captured: Captured) -> tuple[list[torch.Tensor], bool]
         for name, node, operand in m.facts.get("transforms", ()):
             if name == "add":
                 wanted.append(("add", operand))
-            elif name == "fill" and _very_negative(ops.arg(node, 2, "value")):
-                wanted.append(("fill", operand))
+            elif name == "fill":
+                value = ops.arg(node, 2, "value")
+                if _very_negative(value) or (isinstance(value, fx.Node) and _const_like_negative(value, captured)):
+                    wanted.append(("fill", operand))
             elif name in ("where", "where_inv"):
                 other = node.args[2] if name == "where" else node.args[1]
                 if _very_negative(other) or (isinstance(other, fx.Node) and _const_like_negative(other, captured)):
@@ -302,6 +304,8 @@ def _facts(rule: Rule, m: Match, captured: Captured) -> SiteFacts:
     qk_norm = None if norm is None else ("per_head" if norm[-1] == d and len(norm) >= 3 else "full")
     anchor = out if is_sdpa else m.captures["softmax"]
     name = module_path(anchor) or (pq.module.rsplit(".", 1)[0] if "." in pq.module else "")
+    if _in_leaf_softmax(anchor) and "." in name:
+        name = name.rsplit(".", 1)[0]  # the softmax is an nn.Softmax submodule: the site is its owner
     return SiteFacts(
         name=name,
         kind="self" if same_sequence(pq.source, pk.source, gm) else "cross",
@@ -325,6 +329,14 @@ def _facts(rule: Rule, m: Match, captured: Captured) -> SiteFacts:
         transforms=transforms,
         window=window,
     )
+
+
+def _in_leaf_softmax(node: fx.Node) -> bool:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return False
+    cls = list(stack.values())[-1][1]
+    return (getattr(cls, "__name__", None) or str(cls).rsplit(".", 1)[-1].strip("'>")) == "Softmax"
 
 
 def _einsum_head_index(m: Match) -> int | None:
