@@ -49,6 +49,10 @@ def mka_mode_problem(model: nn.Module, plan) -> str | None:
         found.append(f"a {_local_layer(model, site.name)} attention mask (from the model's config)")
     if site.mask in ("sliding_window", "chunked"):
         found.append(f"a {'sliding-window' if site.mask == 'sliding_window' else 'chunked (local)'} attention mask")
+    owner = model.get_submodule(site.name) if site.name else model
+    d = site.head_dim or 1
+    if hf_config(model) is not None and abs(site.scale * d**0.5 - 1) > 1e-3 and getattr(owner, "scaling", None) is None:
+        found.append(f"a score scale of {site.scale:g} (not 1/sqrt(head_dim)) that the module does not declare")
     if found:
         return (
             f"MKA mode computes the attention itself and does not support {', '.join(found)} (this site has them); "

@@ -302,6 +302,11 @@ def _facts(rule: Rule, m: Match, captured: Captured) -> SiteFacts:
         transforms += tuple(t for t in p.transforms if t not in transforms)
     norm = pq.norm_shape or pk.norm_shape
     qk_norm = None if norm is None else ("per_head" if norm[-1] == d and len(norm) >= 3 else "full")
+    v_shape = ops.shape(m.captures.get("v"))
+    if not is_sdpa and v_shape and v_shape[-1] != d:  # MLA: the values' head size differs from the queries'
+        m.facts.setdefault("not_lowered", f"the values' head size {v_shape[-1]} is not the queries' {d}: kept")
+    if "latent_kv" in transforms:
+        m.facts.setdefault("not_lowered", "multi-head latent attention: kept")
     anchor = out if is_sdpa else m.captures["softmax"]
     name = module_path(anchor) or (pq.module.rsplit(".", 1)[0] if "." in pq.module else "")
     if _in_leaf_softmax(anchor) and "." in name:
