@@ -16,9 +16,8 @@ from torch import nn
 from mka_compile import hf_cache
 from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
-from mka_compile.layers.attention import Router, fused_memory, routing_weights
 from mka_compile.layers.cache import MKALayerState
-from mka_compile.layers.noncausal import session_both_ways, whole_sequence_positions
+from mka_compile.memory import Router, fused_memory, memory_levels, recall_level, routing_weights
 from mka_compile.report import Site
 from mka_compile.rope_tables import calibrate as calibrate_rope
 from mka_compile.rope_tables import derive as derive_rope
@@ -258,32 +257,16 @@ class SiteMemory(nn.Module):
             return self._mix_fused_cpu(k1, v1)
         B, _, T, d = k1.shape
         Hkv, H = self.num_kv_heads, self.num_heads
-        ks, vs = [k1], [v1]
+        q_r = _group_mean(call.q.view(B, T, Hkv, H // Hkv, d)).transpose(1, 2) if cfg.uses_longterm else None
+        ks, vs, rec = memory_levels(cfg, st, k1, v1, call.valid, q_r, self.causal)  # (B, Hkv, T, d) levels
         if cfg.uses_session:
-            if self.causal:
-                sk, sv, st.ema_k, st.ema_v = K.session_scan(
-                    k1, v1, cfg.ema_beta, call.valid, st.ema_k, st.ema_v, st.n_seen
-                )
-            else:  # a bidirectional site: the EMA from both ends (layers.noncausal)
-                sk, sv = session_both_ways(k1, v1, cfg.ema_beta, call.valid)
-            ks.append(sk)
-            vs.append(sv)
-            call.ema_k, call.ema_v = sk, sv
+            call.ema_k, call.ema_v = ks[1], vs[1]
         has_recall = None
-        if cfg.uses_longterm:
-            fresh = self.causal and not st.fixed_slots and st.tokens_bound == 0  # nothing seen before: position <= row
-            st.reserve(T, cfg.chunk_size)
-            st.part_k, st.part_v, st.summ_k, st.summ_v = torch.ops.mka.chunk_update(
-                k1, v1, call.valid, st.n_seen, st.part_k, st.part_v, st.summ_k, st.summ_v, cfg.chunk_size
-            )
-            q_r = _group_mean(call.q.view(B, T, Hkv, H // Hkv, d)).transpose(1, 2)  # (B, Hkv, T, d)
-            pos = K.real_positions(call.valid, st.n_seen) if self.causal else whole_sequence_positions(call.valid)
-            idx, found = self._select(q_r, st.summ_k, pos, fresh)  # (B, Hkv, T, R) each
-            has_recall = found[:, 0, :, 0]  # (B, T): recall_select lists a found entry first when there is one
-            call.recall = (idx, found)
+        if rec is not None:
+            has_recall = rec.found[:, 0, :, 0]  # (B, T): recall_select lists a found entry first when there is one
+            call.recall = (rec.idx, rec.found)
             if self.mode == "fastmka":  # MKA mode attends over the recalled entries instead (attend)
-                sel = K.recall_mask(idx, found, st.summ_k.shape[2])  # (B, Hkv, T, S)
-                k3, v3 = K.recall_mix(q_r, st.summ_k, st.summ_v, sel, self.recall_scale)  # (B, Hkv, T, d) each
+                k3, v3 = recall_level(*rec, self.recall_scale)  # (B, Hkv, T, d) each
                 ks.append(k3.to(k1.dtype))
                 vs.append(v3.to(v1.dtype))
         call.lam = routing_weights(self.router, self.gate, call.q, has_recall, cfg.num_levels, self.groups)
@@ -320,24 +303,6 @@ class SiteMemory(nn.Module):
         call.ema_k, call.ema_v, call.k1 = a, b, k1  # the levels attend reads
         call.recall = recalled
         return k1, v1
-
-    def _select(self, q_r: torch.Tensor, summ_k: torch.Tensor, pos: torch.Tensor, fresh: bool):
-        """``mka::recall_select``, except for the first rows of a call on a fresh state: a token at row
-        ``t < (R + 1) C`` has at most R completed chunks before it, so it recalls all of them, no sort needed (the
-        order of the recalled entries matters neither to the FastMKA mix nor to MKA attention)."""
-        C, R = self.config.chunk_size, self.config.top_r
-        T = pos.shape[1]
-        head = min(T, (R + 1) * C) if fresh else 0
-        if head == 0:
-            return torch.ops.mka.recall_select(q_r, summ_k, pos, C, R, None, None)
-        B, Hkv = q_r.shape[0], q_r.shape[1]
-        r = torch.arange(R, device=pos.device)
-        found = (r < (pos[:, :head] // C)[..., None])[:, None].expand(B, Hkv, head, R)  # chunks c < p // C
-        idx = r * found  # (B, Hkv, head, R): slot r where found, 0 elsewhere (as recall_select)
-        if head == T:
-            return idx, found
-        idx2, found2 = torch.ops.mka.recall_select(q_r[:, :, head:], summ_k, pos[:, head:], C, R, None, None)
-        return torch.cat([idx, idx2], 2), torch.cat([found, found2], 2)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
         """MKA mode: ``sum_l lam_l Attn(q, K_l, V_l)`` over the site's own (rotated, cached) keys, the session

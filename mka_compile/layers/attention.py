@@ -20,88 +20,17 @@ from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
 from mka_compile.kernels import _validate as check
 from mka_compile.layers.cache import MKACache, MKALayerState
-from mka_compile.layers.noncausal import session_both_ways, whole_sequence_positions
 from mka_compile.layers.rope import RotaryEmbedding
+from mka_compile.memory import (  # noqa: F401  (Router, routing_weights, effective_gate: part of this API)
+    Router,
+    effective_gate,
+    fused_memory,
+    memory_levels,
+    recall_level,
+    routing_weights,
+)
 
 MemoryBank = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-class Router(nn.Module):
-    """``logits = W2 silu(W1 q)``: ``[B, T, D_q] -> [B, T, G * L]``."""
-
-    def __init__(self, in_features: int, hidden: int, out_features: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden)
-        self.fc2 = nn.Linear(hidden, out_features)
-
-    def forward(self, q: torch.Tensor) -> torch.Tensor:
-        fc1, fc2 = self.fc1, self.fc2
-        plain = all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in (fc1, fc2))
-        if plain:
-            return F.linear(F.silu(F.linear(q, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)  # no module calls
-        return fc2(F.silu(fc1(q)))
-
-
-def routing_weights(
-    router: nn.Module,
-    gate: torch.Tensor,
-    q_flat: torch.Tensor,
-    has_recall: torch.Tensor | None,
-    num_levels: int,
-    groups: int,
-) -> torch.Tensor:
-    """``lam: [B, G, T, L]`` float32 (float64 for float64 inputs): gated softmax routing.
-
-    ``q_flat: [B, T, H*d]`` (the query projection); ``w = onehot(local) + g * (softmax(router(q)) - onehot)`` with
-    the reflecting gate ``g = min(|gate|, 1)``: ``w`` is always a convex mix of the levels; the gradient is
-    ``sign(gate)`` (``+1`` at exactly 0, so a zero gate trains; straight through the clip at 1), so a gate the
-    optimizer pushes below 0 bounces back instead of giving the memory levels negative weights.
-    L3 (the last level) is masked out where nothing is recalled (``has_recall: [B, T]``), so those positions
-    route over the other levels."""
-    B, T, _ = q_flat.shape
-    L = num_levels
-    rdt = torch.float64 if q_flat.dtype == torch.float64 else torch.float32
-    logits = router(q_flat).to(rdt).view(B, T, groups, L).transpose(1, 2)  # (B, G, T, L)
-    if has_recall is not None:
-        off = torch.zeros_like(logits, dtype=torch.bool)
-        off[..., L - 1] = ~has_recall[:, None, :]
-        logits = logits.masked_fill(off, -torch.inf)
-    p = torch.softmax(logits, -1)
-    onehot = torch.zeros(L, dtype=p.dtype, device=p.device)
-    onehot[0] = 1.0
-    return onehot + effective_gate(gate.to(rdt)) * (p - onehot)
-
-
-def fused_memory(mode: str, cfg: MKAConfig, st: MKALayerState, k1, v1, q_flat, logits, gate, valid, scale: float):
-    """One call's memory levels through the fused CPU pass (``kernels/fastmka_memory_cpu``), shared by the layers
-    here and converted sites; ``st``'s EMA and chunk state are replaced (``n_seen`` is the caller's).
-
-    FastMKA: returns ``(kf, vf, lam, None)``, the mix possibly written over ``k1, v1`` (the caller's own
-    projections) when nothing is differentiated. MKA mode (no autograd): ``(s_k, s_v, lam, (idx, found))``, the
-    session levels (None without them) and the recalled slots (None without the long-term level)."""
-    if cfg.uses_longterm:
-        st.reserve(k1.shape[2], cfg.chunk_size)
-    state = (st.n_seen, st.ema_k, st.ema_v, st.part_k, st.part_v, st.summ_k, st.summ_v)
-    opts = dict(
-        session=cfg.uses_session, longterm=cfg.uses_longterm, beta=cfg.ema_beta, chunk=cfg.chunk_size,
-        top_r=cfg.top_r, scale=scale,
-    )  # fmt: skip
-    fused = K.fastmka_memory_cpu
-    if mode == "mka":
-        sk, sv, idx, found, lam, new = fused.levels(k1, v1, q_flat, logits, gate, valid, state, **opts)
-        out = (sk, sv, lam, (idx, found))
-    else:
-        kf, vf, lam, new = fused.memory(k1, v1, q_flat, logits, gate, valid, state, **opts, overwrite=True)
-        out = (kf, vf, lam, None)
-    st.ema_k, st.ema_v, st.part_k, st.part_v, st.summ_k, st.summ_v = new
-    return out
-
-
-def effective_gate(gate: torch.Tensor) -> torch.Tensor:
-    """``min(|gate|, 1)`` with gradient ``sign(gate)`` (``+1`` at 0), straight through the clip at 1."""
-    sign = torch.where(gate < 0, -1.0, 1.0).to(gate.dtype).detach()
-    g = gate * sign
-    return g + (g.clamp(max=1.0) - g).detach()
 
 
 class _MKABase(nn.Module):
@@ -215,30 +144,10 @@ class _MKABase(nn.Module):
         H, Hkv, d, cfg = self.num_heads, self.num_kv_heads, self.head_dim, self.config
         q_flat, q, k1, v1 = self._project(x)
         pos = K.real_positions(valid, st.n_seen)  # (B, T)
-        ks, vs = [k1], [v1]
-        if cfg.uses_session:
-            if cfg.causal:
-                sk, sv, st.ema_k, st.ema_v = K.session_scan(k1, v1, cfg.ema_beta, valid, st.ema_k, st.ema_v, st.n_seen)
-            else:  # bidirectional: layers.noncausal
-                sk, sv = session_both_ways(k1, v1, cfg.ema_beta, valid)
-            ks.append(sk)
-            vs.append(sv)
-        recall = None
-        has_recall = None
-        if cfg.uses_longterm:
-            bk, bv, bvalid = bank
-            st.reserve(T, cfg.chunk_size)
-            st.part_k, st.part_v, st.summ_k, st.summ_v = torch.ops.mka.chunk_update(
-                k1, v1, valid, st.n_seen, st.part_k, st.part_v, st.summ_k, st.summ_v, cfg.chunk_size
-            )
-            q_r = q.view(B, Hkv, H // Hkv, T, d).mean(2)  # (B, Hkv, T, d) recall query per kv group
-            at = pos if cfg.causal else whole_sequence_positions(valid)  # bidirectional: every complete chunk
-            idx, found = torch.ops.mka.recall_select(q_r, st.summ_k, at, cfg.chunk_size, cfg.top_r, bk, bvalid)
-            mem_k = st.summ_k if bk is None else torch.cat([st.summ_k, bk.to(st.summ_k.dtype)], 2)  # (B, Hkv, S, d)
-            mem_v = st.summ_v if bv is None else torch.cat([st.summ_v, bv.to(st.summ_v.dtype)], 2)
-            recall = (q_r, mem_k, mem_v, idx, found)
-            has_recall = found[:, 0].any(-1)  # (B, T): availability is the same for every head
-        lam = self._route(q_flat, has_recall)
+        q_r = q.view(B, Hkv, H // Hkv, T, d).mean(2) if cfg.uses_longterm else None  # (B, Hkv, T, d) per kv group
+        ks, vs, rec = memory_levels(cfg, st, k1, v1, valid, q_r, cfg.causal, bank)
+        recall = None if rec is None else (rec.q_r, rec.mem_k, rec.mem_v, rec.idx, rec.found)
+        lam = self._route(q_flat, None if rec is None else rec.found[:, 0, :, 0])
         st.n_seen = st.n_seen + valid.sum(-1)
         return q, ks, vs, recall, lam, pos
 
@@ -315,9 +224,7 @@ class FastMKAAttention(_MKABase):
             (kf,), (vf,) = ks, vs
         else:
             if recall is not None:
-                q_r, mem_k, mem_v, idx, found = recall
-                sel = K.recall_mask(idx, found, mem_k.shape[2])  # (B, Hkv, T, S)
-                k3, v3 = K.recall_mix(q_r, mem_k, mem_v, sel, self.config.recall_scale or self.scale)
+                k3, v3 = recall_level(*recall, self.config.recall_scale or self.scale)  # (B, Hkv, T, d) each
                 ks.append(k3.to(q.dtype))
                 vs.append(v3.to(q.dtype))
             kf, vf = K.route_mix(lam, ks, vs)  # (B, Hkv, T, d)

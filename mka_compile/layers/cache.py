@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
+from mka_compile.memory import memory_levels
 
 REWIND_TOKENS = 256  # a cached state can be rewound (``crop``) by at least this many of its latest tokens
 
@@ -166,13 +166,7 @@ class MKALayerState:
 def advance(st: MKALayerState, k1: torch.Tensor, v1: torch.Tensor, valid: torch.Tensor, cfg: MKAConfig) -> None:
     """Run ``k1, v1: [B, Hkv, T, d]`` (``valid: [B, T]``) through the memory of a causal state, as a call does,
     without attending: the session EMA, the chunk summaries and the count of real tokens."""
-    if cfg.uses_session:
-        _, _, st.ema_k, st.ema_v = K.session_scan(k1, v1, cfg.ema_beta, valid, st.ema_k, st.ema_v, st.n_seen)
-    if cfg.uses_longterm:
-        st.reserve(k1.shape[2], cfg.chunk_size)
-        st.part_k, st.part_v, st.summ_k, st.summ_v = torch.ops.mka.chunk_update(
-            k1, v1, valid, st.n_seen, st.part_k, st.part_v, st.summ_k, st.summ_v, cfg.chunk_size
-        )
+    memory_levels(cfg, st, k1, v1, valid, None, True)
     st.n_seen = st.n_seen + valid.sum(-1)
 
 

@@ -15,18 +15,6 @@ itself non-causal.
 
 from __future__ import annotations
 
-import torch
+from mka_compile.memory import session_both_ways, whole_sequence_positions
 
-from mka_compile import kernels as K
-
-
-def session_both_ways(k1: torch.Tensor, v1: torch.Tensor, beta: float, valid: torch.Tensor):
-    """``k1, v1: [B, Hkv, T, d]``, ``valid: [B, T]`` -> the bidirectional session keys and values (state dtype)."""
-    fk, fv, _, _ = K.session_scan(k1, v1, beta, valid)
-    bk, bv, _, _ = K.session_scan(k1.flip(2), v1.flip(2), beta, valid.flip(1))
-    return (fk + bk.flip(2)) / 2, (fv + bv.flip(2)) / 2
-
-
-def whole_sequence_positions(valid: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` positions for ``mka::recall_select`` that make every complete chunk of the row recallable."""
-    return valid.long().sum(-1, keepdim=True).expand_as(valid).contiguous()
+__all__ = ["session_both_ways", "whole_sequence_positions"]

@@ -54,7 +54,12 @@ def test_whole_sequence_positions_count_real_tokens() -> None:
 
 def _bert(attn: str):
     cfg = tf.BertConfig(
-        vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+        vocab_size=96,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        attention_probs_dropout_prob=0.0,  # MKA mode refuses attention dropout in training (it has none)
     )
     torch.manual_seed(0)
     return tf.BertModel._from_config(cfg, attn_implementation=attn, add_pooling_layer=False).eval()
