@@ -273,6 +273,7 @@ def convert(
             done.append(plan.site)
         if mode == "mka":
             _check_mka_dispatch(model, [p.site.name for p in plans], example_inputs)
+        site_hooks.install_root(model)
     except Exception:
         unconvert(model, [model.get_submodule(s.name) if s.name else model for s in done])  # as it was
         raise
@@ -292,6 +293,7 @@ def unconvert(model: nn.Module, owners: list[nn.Module] | None = None) -> None:
         del owner.mka
         if "mka_mode" in vars(owner):
             del owner.mka_mode
+    site_hooks.remove_root(model)
     hf_attention.restore_attention(model)
     cfg = hf_attention.hf_config(model)
     if cfg is not None and hasattr(cfg, CONFIG_RECORD):

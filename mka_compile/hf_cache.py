@@ -60,29 +60,40 @@ class _MKAStateOps:
         getattr(self, STATES_ATTR, {}).clear()
 
 
-def _adopt(cache: Any) -> None:
+def adopt(cache: Any) -> bool:
+    """Make ``cache`` an instance of its MKA cache class (eager; see the module docstring). False for a cache that takes
+    no attributes or whose class cannot be extended."""
+    if isinstance(cache, _MKAStateOps):
+        return True
+    if not all(hasattr(cache, m) for m in ("reorder_cache", "crop")):
+        return False
     base = type(cache)
     cls = _CLASSES.get(base)
     if cls is None:
         attrs = {"__module__": base.__module__, "__qualname__": base.__qualname__, "_mka_cache_base": base}
         cls = _CLASSES[base] = type(base.__name__, (_MKAStateOps, base), attrs)
-    cache.__class__ = cls
+    try:
+        cache.__class__ = cls
+        if getattr(cache, STATES_ATTR, None) is None:
+            setattr(cache, STATES_ATTR, {})
+    except (AttributeError, TypeError):
+        return False
+    return True
 
 
-_adopt_outside_graph = torch.compiler.disable(_adopt)
+adopt_outside_graph = torch.compiler.disable(adopt)
 
 
 def states(cache: Any) -> dict | None:
-    """The MKA states of ``cache`` (created, and the cache adopted, on first use); None for a cache that takes no
-    attributes or whose class cannot be extended (its edits would not reach the MKA state: see ``SiteMemory``)."""
+    """The MKA states of ``cache``, created (and the cache adopted) on first use in eager code. Traced code cannot
+    change a class: a cache first seen there keeps a plain dict (the converted model's root hook adopts caches before
+    its sites run, see ``site_hooks.CacheAdopter``); None for a cache that takes no attributes."""
     store = getattr(cache, STATES_ATTR, None)
-    if store is not None and isinstance(cache, _MKAStateOps):
+    if store is not None:
         return store
-    if not all(hasattr(cache, m) for m in ("reorder_cache", "crop")):
-        return None
+    if not torch.compiler.is_compiling() and adopt(cache):
+        return getattr(cache, STATES_ATTR)
     try:
-        if not isinstance(cache, _MKAStateOps):
-            _adopt_outside_graph(cache) if torch.compiler.is_compiling() else _adopt(cache)
         store = {}
         setattr(cache, STATES_ATTR, store)
     except (AttributeError, TypeError):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mka_compile import hf_cache
 from mka_compile.site_inputs import is_cache, real_eager
 
 
@@ -56,6 +57,29 @@ class SitePre(SiteHook):
         self.mem.begin(hidden, kwargs.get("attention_mask"), cache, position, kwargs.get("position_embeddings"), start)
         if self.mem.intercept is not None:
             self.mem.intercept.__enter__()
+
+
+class CacheAdopter:
+    """A pre-hook on the converted model (its root): the caches of a call become MKA caches (``hf_cache``) before any
+    site runs, so that the sites find them adopted also in compiled code (where a class cannot change; there the
+    adoption is one call outside the graph, only for a cache not adopted yet)."""
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        for v in (*args, *kwargs.values()):
+            if is_cache(v) and not isinstance(v, hf_cache._MKAStateOps):
+                hf_cache.adopt_outside_graph(v) if torch.compiler.is_compiling() else hf_cache.adopt(v)
+
+
+def install_root(model: nn.Module) -> None:
+    """Register the :class:`CacheAdopter` on the converted model (once)."""
+    if not any(isinstance(h, CacheAdopter) for h in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(CacheAdopter(), with_kwargs=True, prepend=True)
+
+
+def remove_root(model: nn.Module) -> None:
+    for key in [k for k, h in model._forward_pre_hooks.items() if isinstance(h, CacheAdopter)]:
+        del model._forward_pre_hooks[key]
+        getattr(model, "_forward_pre_hooks_with_kwargs", {}).pop(key, None)
 
 
 class SitePost(SiteHook):

@@ -300,3 +300,18 @@ def test_plain_save_pretrained_round_trip(mode: str, tmp_path, monkeypatch) -> N
         mka_compile.convert(fresh, mode=mode)
     assert not hasattr(fresh.config, "mka_compile") and not mka_compile.memory_parameters(fresh)
     assert not any(hasattr(type(m), "_mka_site_base") for m in fresh.modules())  # classes restored
+
+
+@pytest.mark.slow
+def test_compiled_forward_beam_search_equals_eager() -> None:
+    torch._dynamo.reset()
+    model = _converted()
+    ids = torch.randint(0, 90, (1, 10))
+    kw = dict(max_new_tokens=6, num_beams=3, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        eager = model.generate(ids, use_cache=False, **kw)
+        model.forward = torch.compile(model.forward, backend="aot_eager", dynamic=True)  # the cache meets compiled code
+        compiled = model.generate(ids, **kw)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    torch.testing.assert_close(compiled.sequences_scores, eager.sequences_scores, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
