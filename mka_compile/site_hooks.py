@@ -38,8 +38,9 @@ class SitePre(SiteHook):
         hidden = args[0] if args else kwargs.get("hidden_states")
         cache = next((v for v in list(args[1:]) + list(kwargs.values()) if is_cache(v)), None)
         position = kwargs.get("cache_position")
-        if position is None and cache is not None:  # tokens already cached for this layer, before the update
-            past = cache.get_seq_length(getattr(module, "layer_idx", 0) or 0)
+        layer = _layer_index(module)
+        if position is None and cache is not None and layer is not None:  # tokens cached for this layer, before update
+            past = cache.get_seq_length(layer)
             past = int(past) if isinstance(past, torch.Tensor) else past  # a SymInt stays symbolic (export)
             position = torch.arange(past, past + hidden.shape[1], device=hidden.device)
         if not torch.compiler.is_compiling():
@@ -169,6 +170,17 @@ def plain_linear(mod: nn.Module, x: Any) -> bool:
     return all(isinstance(h, SiteHook) for h in [*mod._forward_pre_hooks.values(), *mod._forward_hooks.values()])
 
 
+def _layer_index(module: nn.Module) -> int | None:
+    """The index under which the site writes its cache layer (``layer_idx``; GPT-Neo's ``layer_id``), or None: then
+    the call's positions are not read from the cache (another layer's length may already include this step: a 4-D mask
+    is then read bottom-right, its queries being the last keys)."""
+    for name in ("layer_idx", "layer_id"):
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
 POSITION_NAMES = ("start_pos", "input_pos", "cache_position", "start", "pos", "position", "offset", "past_length")
 
 
@@ -189,9 +201,11 @@ def position_argument(module: nn.Module) -> str | None:
     return ints[0] if len(ints) == 1 else None
 
 
-def _argument(module: nn.Module, name: str, args: tuple, kwargs: dict) -> int:
+def _argument(module: nn.Module, name: str, args: tuple, kwargs: dict) -> int | None:
     sig = _signature(type(module).forward)
     value = sig.bind_partial(module, *args, **kwargs).arguments.get(name, sig.parameters[name].default)
+    if value is None or value is inspect.Parameter.empty:  # no position given (e.g. a call without a cache)
+        return None
     if isinstance(value, torch.Tensor):
         value = value.reshape(-1)[0] if value.numel() else 0
     return int(value)

@@ -315,3 +315,29 @@ def test_compiled_forward_beam_search_equals_eager() -> None:
     assert torch.equal(compiled.sequences, eager.sequences)
     torch.testing.assert_close(compiled.sequences_scores, eager.sequences_scores, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+# -- a site that names its cache layer otherwise (GPT-Neo's layer_id) reads its positions right -------------------
+@pytest.mark.parametrize("mode", ["fastmka", "mka"])
+def test_decode_equals_full_forward_gpt_neo(mode: str) -> None:
+    import transformers as tf
+
+    cfg = tf.AutoConfig.for_model(
+        "gpt_neo", vocab_size=90, hidden_size=32, num_layers=2, num_heads=4, window_size=8,
+        attention_types=[[["global", "local"], 1]], max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    try:
+        model = _converted(mode, model=model)
+    except mka_compile.ConversionError as e:  # MKA mode refuses GPT-Neo's unscaled scores and local window
+        assert mode == "mka" and "use FastMKA" in str(e)
+        return
+    ids = torch.randint(0, 90, (1, 20))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :10], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for t in range(10, 20):
+            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
