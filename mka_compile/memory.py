@@ -150,12 +150,15 @@ def routing_weights(
     return onehot + effective_gate(gate.to(rdt)) * (p - onehot)
 
 
-def fused_memory(mode: str, cfg: MKAConfig, st: Any, k1, v1, q_flat, logits, gate, valid, scale: float):
+def fused_memory(
+    mode: str, cfg: MKAConfig, st: Any, k1, v1, q_flat, logits, gate, valid, scale: float, overwrite: bool = True
+):
     """One call's memory levels through the fused CPU pass (``kernels/fastmka_memory_cpu``), shared by the layers
     here and converted sites; ``st``'s EMA and chunk state are replaced (``n_seen`` is the caller's).
 
     FastMKA: returns ``(kf, vf, lam, None)``, the mix possibly written over ``k1, v1`` (the caller's own
-    projections) when nothing is differentiated. MKA mode (no autograd): ``(s_k, s_v, lam, (idx, found))``, the
+    projections) when nothing is differentiated and ``overwrite`` (False: the caller keeps ``k1, v1``). MKA mode
+    (no autograd): ``(s_k, s_v, lam, (idx, found))``, the
     session levels (None without them) and the recalled slots (None without the long-term level)."""
     if cfg.uses_longterm:
         st.reserve(k1.shape[2], cfg.chunk_size)
@@ -169,7 +172,7 @@ def fused_memory(mode: str, cfg: MKAConfig, st: Any, k1, v1, q_flat, logits, gat
         sk, sv, idx, found, lam, new = fused.levels(k1, v1, q_flat, logits, gate, valid, state, **opts)
         out = (sk, sv, lam, (idx, found))
     else:
-        kf, vf, lam, new = fused.memory(k1, v1, q_flat, logits, gate, valid, state, **opts, overwrite=True)
+        kf, vf, lam, new = fused.memory(k1, v1, q_flat, logits, gate, valid, state, **opts, overwrite=overwrite)
         out = (kf, vf, lam, None)
     st.ema_k, st.ema_v, st.part_k, st.part_v, st.summ_k, st.summ_v = new
     return out

@@ -250,11 +250,12 @@ class SiteMemory(nn.Module):
         call = self._call
         cfg, st = self.config, call.state
         fused = self._fused_cpu(k1, v1, call)
-        if call.before is not None:  # keep this call for a rewind (the fused FastMKA path writes its mix over k1, v1)
-            st.record(call.before, k1.clone() if fused else k1, v1.clone() if fused else v1, call.valid)
+        keep = call.before is not None  # keep this call's keys for a rewind (the fused path must not write over them)
+        if keep:
+            st.record(call.before, k1, v1, call.valid)
             call.before = None
         if fused:
-            return self._mix_fused_cpu(k1, v1)
+            return self._mix_fused_cpu(k1, v1, overwrite=not keep)
         B, _, T, d = k1.shape
         Hkv, H = self.num_kv_heads, self.num_heads
         q_r = _group_mean(call.q.view(B, T, Hkv, H // Hkv, d)).transpose(1, 2) if cfg.uses_longterm else None
@@ -291,12 +292,15 @@ class SiteMemory(nn.Module):
             return False  # MKA mode's levels are fused for inference only
         return K.fastmka_memory_cpu.usable(k1, v1, call.q)
 
-    def _mix_fused_cpu(self, k1: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mix_fused_cpu(
+        self, k1: torch.Tensor, v1: torch.Tensor, overwrite: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         call = self._call
         logits = self.router(call.q)  # k1, v1 are this call's own projections: FastMKA's mix may overwrite them
         a, b, call.lam, recalled = fused_memory(
-            self.mode, self.config, call.state, k1, v1, call.q, logits, self.gate, call.valid, self.recall_scale
-        )
+            self.mode, self.config, call.state, k1, v1, call.q, logits, self.gate, call.valid, self.recall_scale,
+            overwrite,
+        )  # fmt: skip
         self._record(call)
         if self.mode == "fastmka":
             return a, b
