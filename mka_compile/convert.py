@@ -115,20 +115,33 @@ def _feature_map(facts: SiteFacts, role: str, heads: int, d: int) -> torch.Tenso
                 return f"the {role} layout of {prov.module} depends on a model input"
             interp.env[n] = interp.run_node(n)
     r = interp.env[top]
-    if isinstance(r, torch.Tensor) and r.dim() >= 3 and r.shape[-1] != d and r.shape[-2] == d:
-        r = r.transpose(-1, -2)  # eager scores read k^T
-    if not isinstance(r, torch.Tensor) or r.dim() < 3 or r.shape[-1] != d:
+    if not isinstance(r, torch.Tensor) or r.dim() < 3 or d not in r.shape[-2:]:
         return f"unexpected {role} layout of the fused projection {prov.module}"
+    # the features sit last, or second to last where eager scores read k^T; with as many tokens as features, try both
+    tries = [x for x in (r, r.transpose(-1, -2)) if x.shape[-1] == d]
+    found = [_selection(x, F_, heads, d) for x in tries]
+    fmap = next((f for f in found if not isinstance(f, str)), None)
+    if fmap is not None:
+        return fmap
+    why = found[0]
+    if why == "no token axis":
+        return f"cannot find the token axis of the {role} layout of {prov.module} (capture with more tokens)"
+    return f"the {role} layout of {prov.module} is not the same selection for every token"
+
+
+def _selection(r: torch.Tensor, F_: int, heads: int, d: int) -> torch.Tensor | str:
+    """``[heads, d]`` feature indices of a probe's layout ``r: [..., d]`` (entries ``token * F_ + feature``), or
+    why not (``"no token axis"``, ``"not one selection"``)."""
     token = torch.div(r, F_, rounding_mode="floor")
     t_axis = next((a for a in range(r.dim() - 1) if r.shape[a] > 1 and bool((token.diff(dim=a) == 1).all())), None)
     if t_axis is None:
-        return f"cannot find the token axis of the {role} layout of {prov.module} (capture with more tokens)"
+        return "no token axis"
     T = r.shape[t_axis]
     r = r.movedim(t_axis, -2).reshape(-1, heads, T, d)  # (batch, heads, T, d)
     fmap = (r[0, :, 0, :] % F_).long()  # (heads, d)
     expect = torch.arange(T, dtype=torch.float64)[None, :, None] * F_ + fmap[:, None, :].double()  # (heads, T, d)
     if not bool((r[0] == expect).all()):
-        return f"the {role} layout of {prov.module} is not the same selection for every token"
+        return "not one selection"
     return fmap
 
 

@@ -341,3 +341,19 @@ def test_decode_equals_full_forward_gpt_neo(mode: str) -> None:
         for t in range(10, 20):
             steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_layout_read_with_as_many_tokens_as_features() -> None:
+    """Example inputs with T == head_dim: the fused projection's layout is read the same as with other lengths."""
+    from zoo_handwritten import NanoGPT
+
+    torch.manual_seed(0)
+    base = NanoGPT(flash=False).eval()  # head_dim 8
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    mka_compile.convert(a, example_inputs=(torch.randint(0, 50, (2, 8)),))
+    mka_compile.convert(b, example_inputs=(torch.randint(0, 50, (2, 12)),))
+    zoo.randomize_mka(a)
+    zoo.randomize_mka(b)
+    ids = torch.randint(0, 50, (2, 14))
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids), b(ids), rtol=0, atol=0)
