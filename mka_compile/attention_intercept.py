@@ -178,6 +178,12 @@ def _check_keep(mem, keep: torch.Tensor, T: int, S: int) -> None:
     if kv.shape[1] == S:  # or the causal mask with the padded keys masked too
         ok = ok | (keep == (allowed & kv[:, None, None, :].to(keep.device)))
     if not bool(ok.all()):
+        if S > kv.shape[1]:  # more keys than positions seen: a preallocated cache (the future slots masked)
+            raise RuntimeError(
+                f"MKA mode: this site attends over {S} key slots but its sequence has {kv.shape[1]} positions: a "
+                "preallocated (static) KV cache. MKA mode keeps its session levels for caches that grow with the "
+                "sequence: use a dynamic cache, or FastMKA (which works with static caches)"
+            )
         raise RuntimeError(
             "MKA mode: this site's attention mask is not the causal mask (with padding): a sliding window or "
             "another pattern? MKA mode supports causal self-attention only (use FastMKA)"

@@ -43,3 +43,10 @@ def test_thirdparty_fastmka_identity_and_decode(name):
     assert (full - ref).abs().max() > 1e-3  # the gate is live
     steps = spec["decode"](conv, ids)
     torch.testing.assert_close(steps, full[:, -steps.shape[1] :], rtol=1e-4, atol=1e-5)
+
+
+def test_static_cache_refused_in_mka_mode_with_the_reason():
+    model, _, spec = models.build("torchtune")  # a preallocated cache: the mask hides the future slots
+    with pytest.raises(mka_compile.ConversionError, match=r"preallocated \(static\) KV cache"):
+        mka_compile.convert(model, mode="mka", example_inputs=spec["example"])
+    assert not mka_compile.memory_parameters(model)  # left as it was
