@@ -121,7 +121,7 @@ def scalar_operand(node: fx.Node, m: Match) -> str | None:
     ins = ops.tensor_inputs(node)
     if len(ins) == 1:
         return None
-    from .provenance import _const_like
+    from .rope_forms import _const_like
 
     if len(ins) == 2 and any(_const_like(i, m.gm) and (ops.shape(i) or ()) in ((), (1,)) for i in ins):
         return None

@@ -37,7 +37,7 @@ from .common import (
     softmax_over_keys,
     values_same_sequence,
 )
-from .provenance import _const_like
+from .rope_forms import _const_like
 
 FILTERS = (softmax_over_keys, query_is_projection, keys_are_projection, values_same_sequence)
 

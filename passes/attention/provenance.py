@@ -11,7 +11,6 @@ Conv1D, matmul with a weight), a model parameter, a graph input, or an op it doe
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass, field
 
 from torch import fx
@@ -19,9 +18,10 @@ from torch import fx
 from mka_compile.graph import ops
 from mka_compile.graph.capture import module_path
 
-_ROTATION_OPS = frozenset(
-    {"slice", "neg", "cat", "stack", "view", "getitem", "select", "unsqueeze", "squeeze", "identity", "cast", "split"}
-)
+from .rope_forms import _const_like, _reaches, _rope_source, _stack_rope_source
+from .writes import target_name
+from .writes import writes as buffer_writes
+
 _REDUCTION_OPS = frozenset(
     {
         "rsqrt",
@@ -41,7 +41,6 @@ _REDUCTION_OPS = frozenset(
         "max",
     }
 )
-_PAIR_OPS = frozenset({"select", "getitem", "view", "unsqueeze", "squeeze", "slice", "identity", "cast", "split"})
 
 
 @dataclass
@@ -70,97 +69,6 @@ class Provenance:
     def describe(self) -> str:
         base = self.module or (self.stop.name if self.stop is not None else "?")
         return f"{base}[{self.select}]" if self.select else base
-
-
-def _reaches(start: fx.Node, target: fx.Node, allowed: frozenset[str], gm, limit: int = 12) -> str | None:
-    """Is ``target`` an ancestor of ``start`` through ``allowed`` kinds only? Returns the kinds seen."""
-    seen_kinds: set[str] = set()
-    queue = deque([(start, 0)])
-    visited = set()
-    while queue:
-        n, depth = queue.popleft()
-        if n is target:
-            return ",".join(sorted(seen_kinds)) or "direct"
-        if depth >= limit or n in visited or not isinstance(n, fx.Node):
-            continue
-        visited.add(n)
-        k = ops.kind(n, gm)
-        if n is not start and k not in allowed:
-            continue
-        seen_kinds.add(k)
-        for i in ops.tensor_inputs(n):
-            queue.append((i, depth + 1))
-    return None
-
-
-def _rope_source(add: fx.Node, gm) -> tuple[fx.Node, str] | None:
-    """``x * cos + rot(x) * sin`` -> ``(x, style)``; None when ``add`` is not a rotation."""
-    ins = [ops.skip_transparent(i, gm) for i in ops.tensor_inputs(add)]
-    if len(ins) != 2 or any(ops.kind(i, gm) != "mul" for i in ins):
-        return None
-    for m1, m2 in (ins, ins[::-1]):
-        for x in ops.tensor_inputs(m1):
-            x = ops.skip_transparent(x, gm)
-            for r in ops.tensor_inputs(m2):
-                r = ops.skip_transparent(r, gm)
-                if r is x:
-                    continue
-                kinds = _reaches(r, x, _ROTATION_OPS, gm)
-                if kinds and ("neg" in kinds or "cat" in kinds or "stack" in kinds):
-                    return x, ("interleaved" if "stack" in kinds else "rotate_half")
-    return None
-
-
-def _pair_base(n: fx.Node, gm) -> fx.Node:
-    """Follow element selection / reshaping ops back to the tensor they read (``x[..., 0]`` -> ``x``)."""
-    while isinstance(n, fx.Node) and ops.kind(n, gm) in _PAIR_OPS and n.args and isinstance(n.args[0], fx.Node):
-        n = n.args[0]
-    return n
-
-
-def _stack_rope_source(stack: fx.Node, gm) -> fx.Node | None:
-    """``stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], -1)`` (then flattened: rotated pairs), or the same with
-    ``cat`` (rotated halves): the tensor ``x`` both parts read, else None."""
-    parts = [ops.skip_transparent(t, gm) for t in ops.tensor_inputs(stack)]
-    if len(parts) != 2 or any(ops.kind(t, gm) not in ("add", "sub") for t in parts):
-        return None
-    common: set[fx.Node] | None = None
-    for part in parts:
-        muls = [ops.skip_transparent(i, gm) for i in ops.tensor_inputs(part)]
-        if len(muls) != 2 or any(ops.kind(x, gm) != "mul" for x in muls):
-            return None
-        for mul in muls:
-            bases = {b for b in (_pair_base(i, gm) for i in ops.tensor_inputs(mul)) if not _const_like(b, gm)}
-            common = bases if common is None else common & bases
-    if common and len(common) > 1:  # cos / sin looked up in a table at positions: not the rotated tensor
-        common = {b for b in common if not _table_lookup(b, gm)}
-    if not common or len(common) != 1:
-        return None
-    return next(iter(common))
-
-
-def _table_lookup(n: fx.Node, gm) -> bool:
-    """``table[positions]`` (or a slice of it): a buffer or parameter read at some positions."""
-    while (
-        isinstance(n, fx.Node)
-        and ops.kind(n, gm) in {"index", "slice", "select", "view", "getitem", "unsqueeze"} | ops.TRANSPARENT
-    ):
-        n = n.args[0]
-    return isinstance(n, fx.Node) and (n.op == "get_attr" or bool(n.meta.get("mka_param")))
-
-
-def _const_like(n: fx.Node, gm, limit: int = 5000) -> bool:
-    """No graph input among the ancestors (a buffer, a constant, a lifted cache tensor)."""
-    queue, visited = deque([n]), set()
-    while queue:
-        x = queue.popleft()
-        if x in visited:
-            continue
-        visited.add(x)
-        if (x.op == "placeholder" and not x.meta.get("mka_param")) or len(visited) > limit:
-            return False
-        queue.extend(ops.tensor_inputs(x))
-    return True
 
 
 def _is_past(n: fx.Node, gm) -> bool:
@@ -287,7 +195,7 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
                 continue
             return _stop(p, n, f"the {role} path concatenates tensors at {n.name}")
         if k == "full":  # a new tensor filled by slice writes: key[..., :a] = k_pass; key[..., a:] = k_rot
-            writes = _all_writes(n, node, gm)
+            writes = [src for kind, src in buffer_writes(n, None, gm) if kind == "slice_assign"]
             nxt = writes[0] if len(writes) == 1 else _feature_parts(p, writes, gm) if len(writes) == 2 else None
             if nxt is None:
                 return _stop(p, n, f"the {role} path reaches a new tensor at {n.name} written in {len(writes)} parts")
@@ -310,7 +218,7 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
         if k == "getitem":
             src = n.args[0]
             if isinstance(src, fx.Node) and ops.kind(src, gm) == "split":
-                p.select = p.select or f"{_target_name(src)}[{n.args[1]}]"
+                p.select = p.select or f"{target_name(src)}[{n.args[1]}]"
                 n = src.args[0]
                 continue
             if isinstance(src, fx.Node) and ops.shape(src) is not None:  # tensor indexing x[..., a:b]
@@ -346,7 +254,7 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
                 return _projection(p, n, a, b, gm)
             return _stop(p, n, f"the {role} path is a product of activations at {n.name}, not a projection")
         if k == "get_attr" or (k == "placeholder" and n.meta.get("mka_param")):
-            write = _last_write(n, node, gm)  # a cache buffer written in place before it is read
+            write = (buffer_writes(n, node, gm) or [None])[-1]  # a cache buffer written in place before it is read
             if write is not None:
                 p.cache = p.cache or write[0]
                 p.select = None  # slicing so far read the cache, not a fused projection
@@ -385,46 +293,6 @@ _LAYOUT_RUN = frozenset(
         "getitem",
     }
 )
-_VIEW_KINDS = frozenset({"slice", "select", "view", "getitem", "identity", "transpose", "permute", "unsqueeze"})
-_INPLACE = {"copy_": ("slice_assign", 1), "index_put_": ("index_put", 2), "index_copy_": ("index_copy", 3)}
-
-
-def _last_write(buffer: fx.Node, reader: fx.Node, gm) -> tuple[str, fx.Node] | None:
-    """The last in-place write into ``buffer`` (or a view of it) before ``reader``: ``(cache kind, source)``.
-
-    Covers ``cache[:, a:b] = new`` (``aten.copy_`` on a slice, or ``operator.setitem`` in dynamo graphs) and
-    in-place ``index_put_`` / ``index_copy_``."""
-    order = {n: i for i, n in enumerate(buffer.graph.nodes)}
-    limit = order.get(reader, len(order))
-    best: tuple[int, str, fx.Node] | None = None
-    todo, seen = [buffer], set()
-    while todo:
-        v = todo.pop()
-        if v in seen:
-            continue
-        seen.add(v)
-        for u in v.users:
-            if order.get(u, limit) >= limit:
-                continue
-            name = _target_name(u)
-            if name in _INPLACE and u.args and u.args[0] is v:
-                kind, pos = _INPLACE[name]
-                src = ops.arg(u, pos, "src")
-                if isinstance(src, fx.Node) and (best is None or order[u] > best[0]):
-                    best = (order[u], kind, src)
-            elif ops.kind(u, gm) == "setitem" and u.args[0] is v and isinstance(u.args[2], fx.Node):
-                if best is None or order[u] > best[0]:
-                    best = (order[u], "slice_assign", u.args[2])
-            elif ops.kind(u, gm) in _VIEW_KINDS and u.args and u.args[0] is v:
-                todo.append(u)
-    return None if best is None else (best[1], best[2])
-
-
-def _target_name(n: fx.Node) -> str:
-    t = n.target
-    if hasattr(t, "_overloadpacket"):
-        return t._overloadpacket.__name__
-    return str(t) if n.op == "call_method" else getattr(t, "__name__", "")
 
 
 def _feature_parts(p: Provenance, parts: list[fx.Node], gm) -> fx.Node | None:
@@ -443,28 +311,6 @@ def _feature_parts(p: Provenance, parts: list[fx.Node], gm) -> fx.Node | None:
             p.transforms.append("latent_kv")
         return parts[0] if s0 is None else parts[1]
     return None
-
-
-def _all_writes(buffer: fx.Node, reader: fx.Node, gm) -> list[fx.Node]:
-    """Sources of the in-place slice writes into ``buffer`` before ``reader``, in graph order."""
-    order = {n: i for i, n in enumerate(buffer.graph.nodes)}
-    limit = len(order)  # the writes fill the new tensor before any read of it
-    found, todo, seen = [], [buffer], set()
-    while todo:
-        v = todo.pop()
-        if v in seen:
-            continue
-        seen.add(v)
-        for u in v.users:
-            if order.get(u, limit) >= limit:
-                continue
-            if _target_name(u) == "copy_" and u.args and u.args[0] is v and isinstance(u.args[1], fx.Node):
-                found.append((order[u], u.args[1]))
-            elif ops.kind(u, gm) == "setitem" and u.args[0] is v and isinstance(u.args[2], fx.Node):
-                found.append((order[u], u.args[2]))
-            elif ops.kind(u, gm) in _VIEW_KINDS and u.args and u.args[0] is v:
-                todo.append(u)
-    return [src for _, src in sorted(found, key=lambda x: x[0])]
 
 
 def _feature_source(part: fx.Node, gm) -> tuple[fx.Node, str | None]:
