@@ -4,6 +4,7 @@ package can hand over to an installed top-level ``kernels`` when imported by tha
 from __future__ import annotations
 
 from . import fastmka_memory_cpu  # noqa: F401  (the fused CPU memory path; built on first use)
+from .bounded_attention import bounded_attention, reference_bounded_attention
 from .decode_attention import decode_attention, reference_decode_attention
 from .fastmka_mix import fastmka_mix, reference_fastmka_mix, rope_tables
 from .flash_attention import flash_attention, reference_flash_attention
@@ -26,6 +27,8 @@ except ModuleNotFoundError as _err:  # pragma: no cover - without triton, CUDA r
         raise
 
 OPS = (
+    "bounded_attention",
+    "bounded_attention_backward",
     "session_scan",
     "session_scan_backward",
     "chunk_update",
@@ -44,6 +47,8 @@ OPS = (
 
 __all__ = [
     "OPS",
+    "bounded_attention",
+    "reference_bounded_attention",
     "decode_attention",
     "fastmka_mix",
     "flash_attention",

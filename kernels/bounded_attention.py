@@ -1,0 +1,240 @@
+"""Bounded (gathered) attention: each query attends to its own list of keys, gathered from a pool.
+
+The L1 level of bounded-memory MKA (``MKAConfig(window=W, sink_tokens=S)``): a query attends exactly to the sinks,
+its window and the tokens of the chunks it recalled, in one softmax. Which keys each query sees, and at which
+position, is decided by :mod:`mka_compile.bounded`; this op only computes
+
+    out[b, h, t] = sum_m p_m v[b, g, idx[b, g, t, m]],
+    p = softmax_m( scale * q[b, h, t] . rot(k[b, g, idx[b, g, t, m]], delta[b, g, t, m] * freqs) )
+
+with ``g = h // (H / Hkv)`` (GQA), entries ``idx < 0`` left out, and ``rot(x, a)`` the RoPE rotation of ``x`` by
+the angles ``a`` (rotate-half pairs ``(i, i + rot/2)``, or interleaved pairs ``(2i, 2i+1)`` when ``interleaved``;
+``rot = 2 * len(freqs)`` leading features, the rest pass). The keys in the pool are already rotated at their true
+positions; ``delta`` moves a key to another position (``delta = 0``: as it is; ``freqs`` empty: no rotation), which
+is how sinks and recalled chunks are placed within the positions the model was trained on.
+
+Shapes: ``q: [B, H, T, d]``; ``k, v: [B, Hkv, P, d]`` (the pool); ``idx, delta: [B, Hkv, T, M]`` int64;
+``freqs: [rot/2]`` float32. Returns ``out: [B, H, T, d]`` (q's dtype; 0 for a query with no entry) and
+``lse: [B, H, T]`` float32, the log-sum-exp of the scaled scores (``-inf`` for a query with no entry).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validate as check
+from ._dtypes import acc_dtype
+from ._grads import new_like
+
+BLOCK_T = 128  # queries per block in the reference: bounds its memory to BLOCK_T * M gathered keys per head
+
+
+def rotate_by(x: torch.Tensor, angles: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """``x: [..., d]`` rotated by ``angles: [..., rot/2]`` (broadcast), RoPE pairs as in the module docstring."""
+    half = angles.shape[-1]
+    if half == 0:
+        return x
+    rot = 2 * half
+    c, s = torch.cos(angles).to(x.dtype), torch.sin(angles).to(x.dtype)
+    xr, xp = x[..., :rot], x[..., rot:]
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack([x1 * c - x2 * s, x2 * c + x1 * s], -1).flatten(-2)
+    else:
+        x1, x2 = xr[..., :half], xr[..., half:]
+        out = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+    return out if xp.shape[-1] == 0 else torch.cat([out, xp], -1)
+
+
+def _gather(pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``pool: [B, G, P, d]``, ``idx: [B, G, t, M]`` (>= 0) -> ``[B, G, t, M, d]``."""
+    B, G, t, M = idx.shape
+    d = pool.shape[-1]
+    flat = idx.reshape(B, G, t * M, 1).expand(B, G, t * M, d)
+    return torch.gather(pool, 2, flat).view(B, G, t, M, d)
+
+
+def reference_bounded_attention(q, k, v, idx, delta, freqs, scale: float, interleaved: bool):
+    """Pure-torch definition of ``mka::bounded_attention`` (differentiable in ``q, k, v``), in blocks of queries."""
+    B, H, T, d = q.shape
+    G = k.shape[1]
+    rep = H // G
+    acc = acc_dtype(q)
+    rotate = freqs.numel() > 0
+    outs, lses = [], []
+    for t0 in range(0, T, BLOCK_T):
+        t1 = min(T, t0 + BLOCK_T)
+        ix = idx[:, :, t0:t1]  # (B, G, tb, M)
+        off = ix < 0
+        safe = ix.clamp_min(0)
+        kk = _gather(k, safe).to(acc)  # (B, G, tb, M, d)
+        vv = _gather(v, safe).to(acc)
+        if rotate:
+            ang = delta[:, :, t0:t1, :, None].to(torch.float64) * freqs.to(torch.float64)  # exact angles
+            kk = rotate_by(kk, ang, interleaved)
+        qq = q[:, :, t0:t1].reshape(B, G, rep, t1 - t0, d).to(acc)
+        s = torch.einsum("bgrtd,bgtmd->bgrtm", qq, kk) * scale
+        s = s.masked_fill(off[:, :, None], -torch.inf)
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        den = p.sum(-1, keepdim=True)
+        some = den > 0
+        o = torch.einsum("bgrtm,bgtmd->bgrtd", p, vv) / torch.where(some, den, torch.ones_like(den))
+        lse = torch.where(some, m + torch.log(torch.where(some, den, torch.ones_like(den))), -torch.inf)
+        outs.append(o.reshape(B, H, t1 - t0, d))
+        lses.append(lse.reshape(B, H, t1 - t0))
+    out = torch.cat(outs, 2) if outs else q.new_zeros(q.shape, dtype=acc)
+    lse = torch.cat(lses, 2) if lses else q.new_zeros((B, H, T), dtype=acc)
+    return out.to(q.dtype), lse.to(torch.float32)
+
+
+def check_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved) -> None:
+    check.rank("q", q, 4, "[B, H, T, d]")
+    check.floating("q", q)
+    B, H, T, d = q.shape
+    check.rank("k", k, 4, "[B, Hkv, P, d]")
+    G, P = k.shape[1], k.shape[2]
+    check.shape("k", k, (B, G, P, d), "[B, Hkv, P, d]")
+    check.shape("v", v, (B, G, P, d), "[B, Hkv, P, d] like k")
+    check.same_dtype("q", q, k=k, v=v)
+    check.same_device("q", q, k=k, v=v, idx=idx, delta=delta, freqs=freqs)
+    if G == 0 or H % G:
+        raise ValueError(f"q has {H} heads, which must be a multiple of k's {G} kv heads")
+    check.rank("idx", idx, 4, "[B, Hkv, T, M]")
+    check.shape("idx", idx, (B, G, T, idx.shape[3]), "[B, Hkv, T, M]")
+    check.dtype("idx", idx, torch.int64)
+    check.shape("delta", delta, idx.shape, "[B, Hkv, T, M] like idx")
+    check.dtype("delta", delta, torch.int64)
+    check.rank("freqs", freqs, 1, "[rot / 2]")
+    check.dtype("freqs", freqs, torch.float32)
+    if 2 * freqs.numel() > d:
+        raise ValueError(f"freqs has {freqs.numel()} frequencies, more than head size {d} allows (d / 2)")
+    if not (isinstance(scale, float) and scale > 0):
+        raise ValueError(f"scale must be a positive float, got {scale!r}")
+
+
+@torch.library.custom_op("mka::bounded_attention", mutates_args=())
+def _bounded_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    delta: torch.Tensor,
+    freqs: torch.Tensor,
+    scale: float,
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    check_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved)
+    out, lse = reference_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved)
+    return out.contiguous(), lse.contiguous()
+
+
+@_bounded_attention_op.register_fake
+def _(q, k, v, idx, delta, freqs, scale, interleaved):
+    check_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved)
+    return new_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def reference_bounded_attention_backward(grad_out, q, k, v, idx, delta, freqs, scale: float, interleaved: bool):
+    """``(dq, dk, dv)`` of ``sum(grad_out * out)``: the softmax-attention gradients per block of queries; a gathered
+    key's gradient is rotated back by its angle (a rotation's transpose is its inverse) and summed into its pool
+    entry (``scatter_add``)."""
+    B, H, T, d = q.shape
+    G = k.shape[1]
+    rep = H // G
+    acc = acc_dtype(q)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    rotate = freqs.numel() > 0
+    for t0 in range(0, T, BLOCK_T):
+        t1 = min(T, t0 + BLOCK_T)
+        tb = t1 - t0
+        ix = idx[:, :, t0:t1]
+        off = ix < 0
+        safe = ix.clamp_min(0)
+        kk = _gather(k, safe).to(acc)  # (B, G, tb, M, d)
+        vv = _gather(v, safe).to(acc)
+        ang = None
+        if rotate:
+            ang = delta[:, :, t0:t1, :, None].to(torch.float64) * freqs.to(torch.float64)
+            kk = rotate_by(kk, ang, interleaved)
+        qq = q[:, :, t0:t1].reshape(B, G, rep, tb, d).to(acc)
+        go = grad_out[:, :, t0:t1].reshape(B, G, rep, tb, d).to(acc)
+        s = torch.einsum("bgrtd,bgtmd->bgrtm", qq, kk) * scale
+        s = s.masked_fill(off[:, :, None], -torch.inf)
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        den = p.sum(-1, keepdim=True)
+        p = p / torch.where(den > 0, den, torch.ones_like(den))  # (B, G, rep, tb, M)
+        dp = torch.einsum("bgrtd,bgtmd->bgrtm", go, vv)
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True)) * scale
+        dq[:, :, t0:t1] = torch.einsum("bgrtm,bgtmd->bgrtd", ds, kk).reshape(B, H, tb, d)
+        dkk = torch.einsum("bgrtm,bgrtd->bgtmd", ds, qq)  # (B, G, tb, M, d)
+        dvv = torch.einsum("bgrtm,bgrtd->bgtmd", p, go)
+        if rotate:
+            dkk = rotate_by(dkk, -ang, interleaved)
+        keep = (~off)[..., None].to(acc)
+        flat = safe.reshape(B, G, tb * idx.shape[3], 1).expand(-1, -1, -1, d)
+        dk.scatter_add_(2, flat, (dkk * keep).reshape(B, G, -1, d))
+        dv.scatter_add_(2, flat, (dvv * keep).reshape(B, G, -1, d))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@torch.library.custom_op("mka::bounded_attention_backward", mutates_args=())
+def _bounded_attention_backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    delta: torch.Tensor,
+    freqs: torch.Tensor,
+    scale: float,
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = reference_bounded_attention_backward(grad_out, q, k, v, idx, delta, freqs, scale, interleaved)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_bounded_attention_backward_op.register_fake
+def _(grad_out, q, k, v, idx, delta, freqs, scale, interleaved):
+    return new_like(q), new_like(k), new_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, idx, delta, freqs, scale, interleaved = inputs
+    ctx.save_for_backward(q, k, v, idx, delta, freqs)
+    ctx.scale, ctx.interleaved = scale, interleaved
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, idx, delta, freqs = ctx.saved_tensors
+    g = torch.zeros_like(q) if grad_out is None else grad_out.contiguous()
+    dq, dk, dv = torch.ops.mka.bounded_attention_backward(g, q, k, v, idx, delta, freqs, ctx.scale, ctx.interleaved)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_bounded_attention_op.register_autograd(_backward, setup_context=_setup)
+
+
+def bounded_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    delta: torch.Tensor | None = None,
+    freqs: torch.Tensor | None = None,
+    scale: float | None = None,
+    interleaved: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mka::bounded_attention``; see the module docstring. ``delta`` None: zeros; ``freqs`` None: no rotation;
+    ``scale`` None: ``d ** -0.5``. Returns ``(out, lse)``."""
+    if delta is None:
+        delta = torch.zeros_like(idx)
+    if freqs is None:
+        freqs = torch.zeros(0, dtype=torch.float32, device=q.device)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    return torch.ops.mka.bounded_attention(q, k, v, idx, delta, freqs.to(torch.float32), scale, bool(interleaved))
