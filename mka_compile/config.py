@@ -31,6 +31,16 @@ class MKAConfig:
         causal: ``False`` allows bidirectional attention with the non-causal memory of
             :mod:`mka_compile.layers.noncausal` (no KV cache). For ``convert`` it lets bidirectional
             self-attention sites (encoders) be converted too; causal sites stay causal.
+        window: bounded memory (:mod:`mka_compile.bounded`): the local level attends exactly to the first
+            ``sink_tokens`` real tokens, the last ``window`` tokens (from the start of the chunk holding the
+            window's first token) and the tokens of the ``recall_chunks`` chunks each query recalls; the cache keeps
+            only those on the device (the chunks go to a host-memory store). ``None``: unbounded (every token).
+        sink_tokens: S, the first real tokens every query keeps seeing (at most ``chunk_size``).
+        recall_chunks: R, chunks of ``chunk_size`` tokens each query recalls exactly (by its score against the
+            chunk summaries); ``None`` = ``top_r``; 0 = window and sinks only (StreamingLLM).
+        trained_length: beyond this many tokens the sinks and recalled chunks are moved next to the window, so no
+            query-key distance exceeds what the model was trained on; ``None`` = the model's
+            ``max_position_embeddings`` when ``convert`` can read it, else never.
     """
 
     levels: tuple[str, ...] = LEVELS
@@ -42,6 +52,10 @@ class MKAConfig:
     gate_init: float | None = None
     recall_scale: float | None = None
     causal: bool = True
+    window: int | None = None
+    sink_tokens: int = 4
+    recall_chunks: int | None = None
+    trained_length: int | None = None
 
     def __post_init__(self) -> None:
         levels = tuple(self.levels) if isinstance(self.levels, (list, tuple)) else None
@@ -74,6 +88,25 @@ class MKAConfig:
             raise ValueError(f"recall_scale must be a finite positive float or None, got {self.recall_scale!r}")
         if not isinstance(self.causal, bool):
             raise ValueError(f"causal must be a bool, got {self.causal!r}")
+        if self.window is not None:
+            _positive_int("window", self.window)
+            if not self.causal:
+                raise ValueError("bounded memory (window=...) is for causal attention; use causal=True or window=None")
+        _nonnegative_int("sink_tokens", self.sink_tokens)
+        if self.sink_tokens > self.chunk_size:
+            raise ValueError(
+                f"sink_tokens ({self.sink_tokens}) must not exceed chunk_size ({self.chunk_size}): the sinks are part "
+                "of the first chunk"
+            )
+        if self.recall_chunks is not None:
+            _nonnegative_int("recall_chunks", self.recall_chunks)
+        if self.bounded and self.exact_recall > 0 and not self.uses_longterm:
+            raise ValueError(
+                "bounded memory recalls chunks by their summaries, which the 'longterm' level keeps: add 'longterm' "
+                "to levels, or set recall_chunks=0 (window and sinks only)"
+            )
+        if self.trained_length is not None:
+            _positive_int("trained_length", self.trained_length)
 
     def initial_gate(self, converting: bool) -> float:
         """The gate's starting value: ``gate_init``, or by use when it is None (0.0 converting, 1.0 from scratch)."""
@@ -93,6 +126,20 @@ class MKAConfig:
     def num_levels(self) -> int:
         return len(self.levels)
 
+    @property
+    def bounded(self) -> bool:
+        return self.window is not None
+
+    @property
+    def exact_recall(self) -> int:
+        """R: chunks each query attends to exactly in bounded mode."""
+        return self.top_r if self.recall_chunks is None else self.recall_chunks
+
+    def bounded_span(self) -> int:
+        """The largest query-key distance bounded memory creates once positions are moved (``trained_length``):
+        sinks, the recalled chunks, then a window of up to ``window + chunk_size - 1`` tokens."""
+        return self.sink_tokens + self.exact_recall * self.chunk_size + self.window + self.chunk_size - 1
+
 
 def _finite(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
@@ -101,6 +148,11 @@ def _finite(value: object) -> bool:
 def _positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _nonnegative_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
 
 
 def _in_open_unit(name: str, value: object) -> None:

@@ -70,6 +70,11 @@ def _install(model: nn.Module, plan: _Plan, config: MKAConfig, mode: str) -> Non
     if ref is not None:
         mem.to(device=ref.device, dtype=ref.dtype)
     owner.add_module("mka", mem)
+    if config.bounded:
+        mem.layer_idx = site_hooks._layer_index(owner)
+        mem.trained_length = _trained_length(model, config) if site.rope is not None else 0
+        if mem.trained_length:
+            mem.rope_freqs = hf_attention.rope_frequencies(model, site.head_dim).to(device=mem.gate.device)
 
     if hf_attention.hf_config(model) is None:  # outside transformers
         if mode == "mka":
@@ -211,6 +216,52 @@ def _check_mka_dispatch(model: nn.Module, names: list[str], example_inputs: Any)
         )
 
 
+def _bounded_problem(model: nn.Module, plan: _Plan, config: MKAConfig) -> str | None:
+    """Where bounded memory needs the model's RoPE frequencies (positions beyond its trained length), whether it has
+    them, and whether the bounded set fits in the trained length."""
+    site = plan.site
+    length = _trained_length(model, config)
+    if site.rope is None or not length:
+        return None
+    if hf_attention.rope_frequencies(model, site.head_dim) is None:
+        return (
+            "bounded memory moves sinks and recalled chunks within the model's trained length, which needs the RoPE "
+            "frequencies (a rotary module's inv_freq buffer); none (or several different ones) found: pass "
+            "MKAConfig(trained_length=...) only if the model has one RoPE table"
+        )
+    if config.bounded_span() > length:
+        return (
+            f"bounded memory lays out sinks + recall_chunks * chunk_size + window + chunk_size - 1 = "
+            f"{config.bounded_span()} positions, more than the model's trained length {length}: lower window or "
+            "recall_chunks"
+        )
+    return None
+
+
+def _trained_length(model: nn.Module, config: MKAConfig) -> int:
+    if config.trained_length is not None:
+        return config.trained_length
+    cfg = hf_attention.hf_config(model)
+    n = getattr(cfg, "max_position_embeddings", None) if cfg is not None else None
+    return int(n) if isinstance(n, int) and n > 0 else 0
+
+
+def _check_bounded_dispatch(model: nn.Module, names: list[str], example_inputs: Any) -> None:
+    """One forward: every bounded site must have answered its attention (transformers' ``AttentionInterface``)."""
+    try:
+        missing = hf_attention.check_dispatch(model, names, example_inputs)
+    except hf_attention.DispatchRefused as e:
+        raise ConversionError([(n, str(e)) for n in names]) from None
+    if missing:
+        raise ConversionError(
+            [
+                (n, "bounded memory (window=...) needs the site to call its attention through transformers' "
+                 "AttentionInterface; this one computes it inline (convert without window=)")
+                for n in missing
+            ]
+        )  # fmt: skip
+
+
 def convert(
     model: nn.Module,
     mode: str = "fastmka",
@@ -241,6 +292,11 @@ def convert(
     config = MKAConfig() if config is None else config
     if not isinstance(config, MKAConfig):
         raise ValueError(f"config must be an MKAConfig, got {type(config).__name__}")
+    if config.bounded and mode != "fastmka":
+        raise ValueError(
+            "bounded memory (MKAConfig(window=...)) is built on FastMKA: convert with mode='fastmka' (MKA mode keeps "
+            "a session key cache per level that is not bounded yet)"
+        )
     with adapters_off(model):  # LoRA-style wrappers: find the sites through the wrapped projections
         report, facts = inspect_with_facts(model, example_inputs)
     plans, problems = [], []
@@ -254,8 +310,10 @@ def convert(
         if not site.convertible and not (site.kind == "self" and not site.causal and not config.causal):
             continue  # cross-attention, and bidirectional sites unless MKAConfig(causal=False)
         plan = _plan(model, site, fact)
-        if mode == "mka" and not isinstance(plan, str):
-            plan = hf_attention.mka_mode_problem(model, plan) or plan
+        if (mode == "mka" or config.bounded) and not isinstance(plan, str):
+            plan = hf_attention.mka_mode_problem(model, plan, bounded=config.bounded) or plan
+        if config.bounded and not isinstance(plan, str):
+            plan = _bounded_problem(model, plan, config) or plan
         if isinstance(plan, str):
             problems.append((site.name, plan))
         else:
@@ -279,13 +337,15 @@ def convert(
         raise ConversionError(reasons)
     done = []
     try:
-        if mode == "mka":
+        if mode == "mka" or config.bounded:
             hf_attention.route_attention(model)
         for plan in plans:
             _install(model, plan, config, mode)
             done.append(plan.site)
         if mode == "mka":
             _check_mka_dispatch(model, [p.site.name for p in plans], example_inputs)
+        elif config.bounded:
+            _check_bounded_dispatch(model, [p.site.name for p in plans], example_inputs)
         site_hooks.install_root(model)
     except Exception:
         unconvert(model, [model.get_submodule(s.name) if s.name else model for s in done])  # as it was

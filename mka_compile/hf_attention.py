@@ -31,8 +31,10 @@ def hf_config(model: nn.Module):
     return cfg if cfg is not None and hasattr(cfg, "_attn_implementation") else None
 
 
-def mka_mode_problem(model: nn.Module, plan) -> str | None:
-    """Why ``plan``'s site cannot be converted to MKA mode, or None."""
+def mka_mode_problem(model: nn.Module, plan, bounded: bool = False) -> str | None:
+    """Why ``plan``'s site cannot be converted to MKA mode (``bounded``: to bounded memory), or None."""
+    if bounded:
+        return _bounded_problem(model, plan)
     site = plan.site
     rope = site.rope
     unsupported = {
@@ -78,6 +80,31 @@ def mka_mode_problem(model: nn.Module, plan) -> str | None:
     return None
 
 
+def _bounded_problem(model: nn.Module, plan) -> str | None:
+    """Bounded memory computes the site's attention itself, through transformers' ``AttentionInterface``."""
+    if hf_config(model) is None:
+        return (
+            "bounded memory (window=...) answers the site's attention through transformers' AttentionInterface and "
+            "keeps its keys in a transformers Cache; this model is not a transformers model (convert without window)"
+        )
+    why = mka_mode_problem(model, plan)
+    if why is None:
+        return None
+    return why.replace("MKA mode", "bounded memory (window=...)").replace(
+        "use FastMKA (mode='fastmka'), which keeps the site's own attention", "convert without window="
+    ).replace("(use FastMKA)", "(convert without window=)")
+
+
+def rope_frequencies(model: nn.Module, head_dim: int) -> torch.Tensor | None:
+    """The RoPE frequencies ``[rot/2]`` of the model (its rotary module's ``inv_freq`` buffer), or None when there is
+    none or several that differ."""
+    named = model.named_buffers()
+    found = [b for n, b in named if n.rsplit(".", 1)[-1] == "inv_freq" and 0 < 2 * b.numel() <= head_dim]
+    if not found or any(f.shape != found[0].shape or not torch.equal(f, found[0]) for f in found[1:]):
+        return None
+    return found[0].detach().float().clone()
+
+
 def _local_layer(model: nn.Module, name: str) -> str | None:
     """ "sliding-window" / "chunked" when the site's module is a local-attention layer by its config (a window
     longer than the example inputs does not show in the traced mask)."""
@@ -111,13 +138,15 @@ def _original(module: nn.Module):
 def attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The registered attention function: MKA for converted sites, the original elsewhere."""
     mem = getattr(module, "mka", None)
-    if mem is None or mem.mode != "mka" or mem._call is None:
+    if mem is None or not (mem.mode == "mka" or mem.config.bounded) or mem._call is None:
         return _original(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if dropout:  # the model passes its attention dropout in train mode only
         raise RuntimeError(DROPOUT_REFUSED)
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
         check_mask(mem, attention_mask, query.shape[-2], key.shape[-2])
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if mem.config.bounded:
+        return mem.attend_bounded(query, key, value, scale), None
     return mem.attend(query, key, value, scale), None
 
 

@@ -48,7 +48,8 @@ class _Call:
     ema_k: torch.Tensor | None = None  # (B, Hkv, T, d) session level keys
     ema_v: torch.Tensor | None = None
     recall: tuple[torch.Tensor, torch.Tensor] | None = None  # (idx, found): (B, Hkv, T, R) recalled summary slots
-    attended: bool = False  # MKA mode answered the site's attention
+    attended: bool = False  # MKA mode (or bounded memory) answered the site's attention
+    cache: Any = None  # the cache the call was given (bounded memory keeps its keys in that cache's layer)
     # MKA mode, attention spelled out (attention_intercept): the scores product and the scale's evidence
     qk: tuple[torch.Tensor, torch.Tensor] | None = None  # (q, k) of the scores product
     diag: torch.Tensor | None = None  # (B, H, T) raw scores of each query's own key, first call
@@ -83,6 +84,12 @@ class SiteMemory(nn.Module):
         self._held: MKALayerState | None = None  # that site's memory (see held_state)
         self.fixed_slots = 0  # > 0: states made here preallocate that many summary slots (set by export)
         self._zeros: dict[tuple, MKALayerState] = {}  # fresh zero states by shape: _zero_state
+        # bounded memory (MKAConfig(window=...)), set by convert: the site's cache layer, RoPE and trained length
+        self.layer_idx: int | None = None
+        self.register_buffer("rope_freqs", None, persistent=False)  # (rot/2,) float32: moves keys (bounded)
+        self.rope_interleaved = site.rope is not None and ("interleaved" in site.rope or site.rope == "complex")
+        self.trained_length = 0  # bounded: keys move from this position on (0: never)
+        self.site_name = site.name
 
     # -- per-call context -----------------------------------------------------------------------------
     @property
@@ -186,6 +193,11 @@ class SiteMemory(nn.Module):
         state = self.state_for(cache, B, hidden) if start is None else self.held_state(start, B, hidden)
         valid = valid_tokens(mask, B, T, cache_position, hidden.device)
         call = self._call = _Call(valid=valid, state=state, rope=rope, discarded=cache is None and start is None)
+        call.cache = cache
+        if self.config.bounded and cache is not None:  # before the site's cache.update: its layer keeps bounded keys
+            from mka_compile import hf_bounded
+
+            hf_bounded.layer_for(cache, self.layer_idx, self.site_name)
         if cache is not None and self.causal and not state.fixed_slots:  # a cache's crop may rewind this call
             if torch.compiler.is_compiling():
                 state.steps = []  # compiled calls keep no history: crop refuses (clear error) rather than rewind wrong
@@ -343,6 +355,39 @@ class SiteMemory(nn.Module):
         )
         call.attended = True
         return out.transpose(1, 2).contiguous()  # (B, T, H, d)
+
+    def attend_bounded(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """Bounded memory (:mod:`mka_compile.bounded`): the site's query, keys and values of this call (rotated, as it
+        attends to them, ``[B, H|Hkv, T, d]``) -> ``[B, T, H, d]``; the keys are kept in the cache's
+        :class:`~mka_compile.hf_bounded.BoundedLayer` (a fresh store without a cache)."""
+        from mka_compile import bounded, hf_bounded
+
+        call = self._call
+        cfg = self.config
+        B, H, T, d = query.shape
+        Hkv = key.shape[1]
+        if key.shape[2] != T:
+            raise RuntimeError(
+                f"bounded MKA memory at {self.site_name!r}: the site attends over {key.shape[2]} keys for {T} queries; "
+                "its cache is not the bounded one (pass a transformers DynamicCache, or none)"
+            )
+        layer = None if call.cache is None else hf_bounded.layer_for(call.cache, self.layer_idx, self.site_name)
+        store = None if layer is None else layer.store
+        if store is None or store.n.shape[0] != B:
+            store = bounded.BoundedStore.empty(B, Hkv, d, key, cfg)
+            if layer is not None:
+                layer.store = store
+        q_r = None
+        if cfg.exact_recall > 0:
+            q_r = _group_mean(call.q.view(B, T, Hkv, H // Hkv, d)).transpose(1, 2).float()  # (B, Hkv, T, d)
+        out = bounded.attend(
+            store, query, key, value, call.valid, q_r, call.state.summ_k if cfg.uses_longterm else None, cfg,
+            self.rope_freqs, self.rope_interleaved, self.trained_length, float(scaling),
+        )  # fmt: skip
+        call.attended = True
+        return out.transpose(1, 2).contiguous()
 
     def remove_hooks(self) -> None:
         from mka_compile import site_hooks
