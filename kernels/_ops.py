@@ -21,7 +21,13 @@ from .route_mix import reference_route_mix, route_mix
 from .session_scan import reference_session_scan, session_scan
 
 try:  # each family's Triton kernels register themselves as its CUDA implementation; triton is optional
-    from . import fastmka_mix_triton, longterm_triton, mka_attention_triton, session_scan_triton  # noqa: F401
+    from . import (  # noqa: F401
+        bounded_attention_triton,
+        fastmka_mix_triton,
+        longterm_triton,
+        mka_attention_triton,
+        session_scan_triton,
+    )
 except ModuleNotFoundError as _err:  # pragma: no cover - without triton, CUDA runs the references
     if _err.name != "triton":
         raise

@@ -139,7 +139,7 @@ class BoundedStore:
     def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Store a call's keys and values ``[B, G, T, d]`` (as the site attends to them, rotated) for its real tokens
         ``valid: [B, T]``; returns their real positions ``[B, T]`` (-1 for padding)."""
-        self._rebase(torch.maximum(self.base, self.window_start(self.n)))  # what no query from here on sees
+        self.settle()  # (a store that was cropped)
         B, G, T, d = k.shape
         valid = valid.to(self.n.device)
         pos = self.n[:, None] + valid.long().cumsum(-1) - 1  # (B, T)
@@ -162,6 +162,10 @@ class BoundedStore:
         trailing = int(torch.flip(all_real, (0,)).long().cumprod(0).sum())
         self.tail_real = self.tail_real + T if trailing == T else trailing
         return torch.where(valid, pos, -1)
+
+    def settle(self) -> None:
+        """After a call: chunks no later query sees leave the device for the chunk store."""
+        self._rebase(torch.maximum(self.base, self.window_start(self.n)))
 
     def crop(self, remove: int) -> None:
         """Forget the latest ``remove`` positions (real tokens in every row; see ``tail_real``)."""
@@ -290,6 +294,7 @@ def attend(
     pool_v = torch.cat(parts_v, 2).to(q.dtype)
     fr = freqs if (remap is not None and freqs is not None) else None
     out, _ = K.bounded_attention(q, pool_k, pool_v, idx.contiguous(), delta.contiguous(), fr, scale, interleaved)
+    store.settle()
     return out
 
 

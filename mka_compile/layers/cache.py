@@ -79,7 +79,11 @@ class MKALayerState:
 
     def record(self, before: tuple, k1: torch.Tensor, v1: torch.Tensor, valid: torch.Tensor) -> None:
         """Keep one call (``before`` = its :meth:`snapshot`) so that its tokens can be rewound; calls older than the
-        latest ``REWIND_TOKENS`` tokens are dropped."""
+        latest ``REWIND_TOKENS`` tokens are dropped. With bounded memory (``config.window``) a call longer than
+        ``REWIND_TOKENS`` is not kept (the state stays bounded; a crop into it is refused with the reason)."""
+        if self.config is not None and self.config.bounded and valid.shape[1] > REWIND_TOKENS:
+            self.steps = []
+            return
         self.steps.append(_Step(before, k1.detach(), v1.detach(), valid))
         total = sum(st.valid.shape[1] for st in self.steps)
         while len(self.steps) > 1 and total - self.steps[0].valid.shape[1] >= REWIND_TOKENS:

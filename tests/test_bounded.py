@@ -1,0 +1,277 @@
+"""Bounded memory (``MKAConfig(window=W, sink_tokens=S)``), each property against a reference computed another way:
+
+- :func:`mka_compile.bounded.attend` against a per-query loop that lists each query's tokens and their positions
+  straight from the definition (``mka_compile/bounded.py``), with padding, several calls and moved positions;
+- a converted tiny Llama against the original (identity up to S + W; equal when the recalled chunks cover the past),
+  against the unbounded conversion with trained gates (a window that covers everything), against itself (decode ==
+  prefill, padded batch == rows alone, beams and assisted decoding with the cache == without), and its memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+
+import mka_compile
+from mka_compile import MKAConfig, bounded
+from mka_compile.kernels.bounded_attention import rotate_by
+
+transformers.logging.set_verbosity_error()
+
+
+# -- the attention step against its definition --------------------------------------------------------------------
+def _rot(x, pos, freqs, interleaved=False):
+    return rotate_by(x, torch.as_tensor(pos, dtype=torch.float64)[..., None] * freqs.double(), interleaved)
+
+
+def _naive(q_raw, k_raw, v, q_r, summ_k, slot_of, real_of, cfg, freqs, trained, scale):
+    """Per query (b, h, real position t): its tokens and their positions from the definition, then one softmax.
+    ``q_raw: [B, H, N, d]`` etc. indexed by real position; ``slot_of[b]``: real position -> the position the model
+    rotates at (real position + the row's padding)."""
+    B, H, N, d = q_raw.shape
+    G = k_raw.shape[1]
+    S, W, C, R = cfg.sink_tokens, cfg.window, cfg.chunk_size, cfg.exact_recall
+    out = torch.zeros(B, H, N, d, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            g = h // (H // G)
+            for t in range(real_of[b]):
+                ws = C * (max(0, t - W + 1) // C)
+                entries = [(i, i) for i in range(ws, t + 1)]
+                avail = ws // C
+                chosen = []
+                if R and avail:
+                    scores = summ_k[b, g, :avail].double() @ q_r[b, g, t].double()
+                    chosen = sorted(scores.topk(min(R, avail)).indices.tolist())
+                move = trained and t >= trained
+                for r, c in enumerate(chosen):
+                    for o in range(C):
+                        i = c * C + o
+                        if i >= S:
+                            entries.append((i, ws - (len(chosen) - r) * C + o if move else i))
+                for s in range(min(S, ws)):
+                    entries.append((s, ws - len(chosen) * C - S + s if move else s))
+                qv = _rot(q_raw[b, h, t].double(), slot_of[b](t), freqs)
+                ks = torch.stack([_rot(k_raw[b, g, i].double(), slot_of[b](p), freqs) for i, p in entries])
+                p = torch.softmax(ks @ qv * scale, 0)
+                out[b, h, t] = p @ torch.stack([v[b, g, i].double() for i, _ in entries])
+    return out
+
+
+@pytest.mark.parametrize("trained", [0, 40])  # 40: queries from position 40 on see moved keys
+@pytest.mark.parametrize("recall", [0, 2])
+def test_attend_equals_its_definition(trained, recall):
+    torch.manual_seed(0)
+    cfg = MKAConfig(window=10, sink_tokens=3, chunk_size=4, top_r=2, recall_chunks=recall)
+    B, H, G, d, N = 2, 4, 2, 8, 57
+    pads = [0, 5]  # row 1 is left-padded by 5 slots and has 5 real tokens fewer
+    real_of = [N, N - 5]
+    freqs = 1.0 / (50.0 ** (torch.arange(d // 2, dtype=torch.float32) * 2 / d))
+    q_raw, q_r = torch.randn(B, H, N, d), torch.randn(B, G, N, d)
+    k_raw, v = torch.randn(B, G, N, d), torch.randn(B, G, N, d)
+    summ_k = torch.randn(B, G, N // 4 + 1, d)
+    slot_of = [lambda t, p=p: t + p for p in pads]
+    want = _naive(q_raw, k_raw, v, q_r, summ_k, slot_of, real_of, cfg, freqs, trained, 0.4)
+
+    # the model's view: slot-major tensors, row 1 padded on the left; fed in calls of 20, 1, 1, 15, 20 slots
+    valid = torch.ones(B, N, dtype=torch.bool)
+    valid[1, : pads[1]] = False
+    real_idx = (valid.long().cumsum(-1) - 1).clamp_min(0)  # (B, N) real position of each slot
+
+    def at_slots(x):  # [B, h, N_real, d] -> [B, h, N_slots, d], rotated at slot positions when asked
+        return torch.stack([x[b][:, real_idx[b]] for b in range(B)])
+
+    slots = torch.arange(N)
+    qs = _rot(at_slots(q_raw), slots, freqs).float()
+    ks = _rot(at_slots(k_raw), slots, freqs).float()
+    vs, qrs = at_slots(v), at_slots(q_r)
+    store = bounded.BoundedStore.empty(B, G, d, ks, cfg)
+    got = torch.zeros(B, H, N, d)
+    for lo, hi in ((0, 20), (20, 21), (21, 22), (22, 37), (37, N)):
+        out = bounded.attend(
+            store, qs[:, :, lo:hi], ks[:, :, lo:hi], vs[:, :, lo:hi], valid[:, lo:hi], qrs[:, :, lo:hi], summ_k,
+            cfg, freqs, False, trained, 0.4,
+        )  # fmt: skip
+        got[:, :, lo:hi] = out
+    for b in range(B):
+        torch.testing.assert_close(got[b][:, valid[b]].double(), want[b][:, : real_of[b]], rtol=2e-5, atol=2e-5)
+        assert torch.all(got[b][:, ~valid[b]] == 0)  # padded queries attend to nothing
+    assert store.chunk_k.shape[2] >= 8  # chunks left the window for the host store
+    rep = mka_compile.memory_report(type("C", (), {"layers": [type("L", (), {"store": store})()]})())
+    assert rep["tokens"] == N and rep["offloaded_bytes"] > 0
+
+
+# -- a converted model ---------------------------------------------------------------------------------------------
+def _llama(max_pos=256, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max_pos,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _train_memory(model, seed=1):
+    """Trained-looking memory: gates 0.6 - 0.9 and random routers, so every level contributes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in mka_compile.memory_parameters(model):
+            if p.numel() == 1:
+                p.fill_(0.6 + 0.3 * torch.rand(1, generator=g).item())
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def _copy_memory(src, dst):
+    dst.load_state_dict(src.state_dict())
+
+
+CFG = dict(window=16, sink_tokens=4, chunk_size=8, top_r=2, recall_chunks=2)
+
+
+def _converted(config, seed=0, max_pos=256, trained=True):
+    model = _llama(max_pos, seed)
+    mka_compile.convert(model, config=config)
+    if trained:
+        _train_memory(model)
+    return model
+
+
+def test_identity_at_init_up_to_sinks_plus_window():
+    original = _llama()
+    model = _converted(MKAConfig(**CFG), trained=False)
+    ids = torch.randint(0, 64, (2, 80))
+    with torch.no_grad():
+        a, b = original(ids).logits, model(ids).logits
+    n = CFG["window"] + CFG["sink_tokens"]
+    torch.testing.assert_close(b[:, :n], a[:, :n], rtol=1e-5, atol=1e-5)
+    assert (b[:, n + 8 :] - a[:, n + 8 :]).abs().max() > 1e-3  # beyond it, the memory is bounded
+
+
+def test_recall_covering_the_past_equals_the_original():
+    """R chunks cover every chunk that left the window, within the trained length: the original, exactly."""
+    original = _llama()
+    model = _converted(MKAConfig(**{**CFG, "recall_chunks": 12}), trained=False)
+    ids = torch.randint(0, 64, (2, 100))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_trained_memory_with_a_covering_window_equals_unbounded_fastmka():
+    """With trained gates and routers, a window longer than the sequence is the unbounded conversion: logits and
+    gradients (of the router and gate) agree."""
+    ids = torch.randint(0, 64, (2, 40))
+    unbounded = _converted(MKAConfig(chunk_size=8, top_r=2))
+    bounded_m = _converted(MKAConfig(**{**CFG, "window": 64}))
+    _copy_memory(unbounded, bounded_m)
+    a, b = unbounded(ids).logits, bounded_m(ids).logits
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    a.square().mean().backward()
+    b.square().mean().backward()
+    for p, q in zip(mka_compile.memory_parameters(unbounded), mka_compile.memory_parameters(bounded_m)):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("trained_length", [None, 48])  # 48: positions are moved from token 48 on
+def test_decode_equals_prefill_with_padding(trained_length):
+    cfg = MKAConfig(**CFG, trained_length=trained_length)
+    model = _converted(cfg)
+    T = 90
+    ids = torch.randint(0, 64, (2, T))
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, :7] = 0  # left padding
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        out = model(ids[:, :30], attention_mask=mask[:, :30], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for lo, hi in [(30, 31), (31, 45), *((t, t + 1) for t in range(45, T))]:
+            out = model(ids[:, lo:hi], attention_mask=mask[:, :hi], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    got = torch.cat(steps, 1)
+    torch.testing.assert_close(got[0], full[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1, 7:], full[1, 7:], rtol=1e-4, atol=1e-4)
+    # the padded row equals the same tokens alone
+    with torch.no_grad():
+        alone = model(ids[1:, 7:]).logits
+    torch.testing.assert_close(full[1, 7:], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_positions_beyond_the_trained_length_are_moved():
+    """Beyond the trained length, the keys are moved: outputs differ from true positions there, not before."""
+    ids = torch.randint(0, 64, (1, 100))
+    moved = _converted(MKAConfig(**CFG, trained_length=60))
+    true_pos = _converted(MKAConfig(**CFG, trained_length=1000))
+    _copy_memory(moved, true_pos)
+    with torch.no_grad():
+        a, b = moved(ids).logits, true_pos(ids).logits
+    torch.testing.assert_close(a[:, :60], b[:, :60], rtol=1e-5, atol=1e-5)
+    assert (a[:, 60:] - b[:, 60:]).abs().max() > 1e-4
+
+
+def test_generate_with_cache_equals_without():
+    """Greedy, beam search and assisted decoding (crop) with the bounded cache equal recomputing every step."""
+    model = _converted(MKAConfig(**CFG))
+    ids = torch.randint(0, 64, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        greedy = model.generate(ids, **kw)
+        greedy_nc = model.generate(ids, use_cache=False, **kw)
+        beams = model.generate(ids, num_beams=3, **kw)
+        beams_nc = model.generate(ids, num_beams=3, use_cache=False, **kw)
+        assisted = model.generate(ids[1:], max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=3)
+    assert torch.equal(greedy, greedy_nc)
+    assert torch.equal(beams, beams_nc)
+    assert torch.equal(assisted, greedy[1:])
+
+
+def test_resident_memory_is_bounded():
+    model = _converted(MKAConfig(**CFG))
+    full = _llama()
+    reps = {}
+    with torch.no_grad():
+        for T in (160, 320, 640):
+            ids = torch.randint(0, 64, (1, T))
+            reps[T] = (
+                mka_compile.memory_report(model(ids, use_cache=True).past_key_values),
+                mka_compile.memory_report(full(ids, use_cache=True).past_key_values),
+            )
+    (b1, f1), (b2, f2), (b3, f3) = reps.values()
+    assert f3["resident_bytes"] == 4 * f1["resident_bytes"]  # full attention grows with the context
+    # bounded: only the chunk summaries (one key per chunk and head) grow; the tokens go to the host store
+    summ = 2 * 2 * (640 - 160) // 8 * 16 * 4  # layers * kv heads * new chunks * d * float32 bytes, keys and values
+    assert b3["resident_bytes"] - b1["resident_bytes"] <= 2 * summ
+    assert b3["offloaded_bytes"] > b2["offloaded_bytes"] > b1["offloaded_bytes"]
+    assert b3["tokens"] == 640
+
+
+def test_bad_uses_are_refused_with_the_reason():
+    model = _llama()
+    with pytest.raises(ValueError, match="mode='fastmka'"):
+        mka_compile.convert(model, mode="mka", config=MKAConfig(**CFG))
+    with pytest.raises(mka_compile.ConversionError, match="trained length"):
+        mka_compile.convert(model, config=MKAConfig(**{**CFG, "window": 300}))
+    assert not any(n.endswith(".mka") for n, _ in model.named_modules())  # untouched
+    model = _converted(MKAConfig(**CFG))
+    filled = transformers.DynamicCache()
+    filled.update(torch.zeros(1, 2, 5, 16), torch.zeros(1, 2, 5, 16), 0)
+    with pytest.raises(RuntimeError, match="empty dynamic cache"):
+        model(torch.randint(0, 64, (1, 4)), past_key_values=filled)
+
+
+def test_crop_refuses_padded_positions_and_rewinds_decoded_ones():
+    model = _converted(MKAConfig(**CFG))
+    ids = torch.randint(0, 64, (1, 60))
+    with torch.no_grad():
+        cache = model(ids[:, :50], use_cache=True).past_key_values
+        for t in range(50, 60):
+            model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        cache.crop(-7)  # back to 53 tokens
+        again = model(ids[:, 53:60], past_key_values=cache, use_cache=True).logits
+        full = model(ids).logits
+    torch.testing.assert_close(again, full[:, 53:60], rtol=1e-4, atol=1e-4)
+    assert math.isfinite(float(again.sum()))
