@@ -90,9 +90,11 @@ def _bounded_problem(model: nn.Module, plan) -> str | None:
     why = mka_mode_problem(model, plan)
     if why is None:
         return None
-    return why.replace("MKA mode", "bounded memory (window=...)").replace(
-        "use FastMKA (mode='fastmka'), which keeps the site's own attention", "convert without window="
-    ).replace("(use FastMKA)", "(convert without window=)")
+    return (
+        why.replace("MKA mode", "bounded memory (window=...)")
+        .replace("use FastMKA (mode='fastmka'), which keeps the site's own attention", "convert without window=")
+        .replace("(use FastMKA)", "(convert without window=)")
+    )
 
 
 def rope_frequencies(model: nn.Module, head_dim: int) -> torch.Tensor | None:
