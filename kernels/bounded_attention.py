@@ -15,7 +15,8 @@ is how sinks and recalled chunks are placed within the positions the model was t
 
 Shapes: ``q: [B, H, T, d]``; ``k, v: [B, Hkv, P, d]`` (the pool); ``idx, delta: [B, Hkv, T, M]`` int64;
 ``freqs: [rot/2]`` float32. Returns ``out: [B, H, T, d]`` (q's dtype; 0 for a query with no entry) and
-``lse: [B, H, T]`` float32, the log-sum-exp of the scaled scores (``-inf`` for a query with no entry).
+``lse: [B, H, T]`` float32 (float64 for float64 inputs), the log-sum-exp of the scaled scores (``-inf`` for a
+query with no entry).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def reference_bounded_attention(q, k, v, idx, delta, freqs, scale: float, interl
         lses.append(lse.reshape(B, H, t1 - t0))
     out = torch.cat(outs, 2) if outs else q.new_zeros(q.shape, dtype=acc)
     lse = torch.cat(lses, 2) if lses else q.new_zeros((B, H, T), dtype=acc)
-    return out.to(q.dtype), lse.to(torch.float32)
+    return out.to(q.dtype), lse.to(acc)
 
 
 def check_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved) -> None:
@@ -133,13 +134,15 @@ def _bounded_attention_op(
 @_bounded_attention_op.register_fake
 def _(q, k, v, idx, delta, freqs, scale, interleaved):
     check_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved)
-    return new_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return new_like(q), q.new_empty(q.shape[:3], dtype=acc_dtype(q))
 
 
-def reference_bounded_attention_backward(grad_out, q, k, v, idx, delta, freqs, scale: float, interleaved: bool):
-    """``(dq, dk, dv)`` of ``sum(grad_out * out)``: the softmax-attention gradients per block of queries; a gathered
-    key's gradient is rotated back by its angle (a rotation's transpose is its inverse) and summed into its pool
-    entry (``scatter_add``)."""
+def reference_bounded_attention_backward(
+    grad_out, grad_lse, q, k, v, idx, delta, freqs, scale: float, interleaved: bool
+):
+    """``(dq, dk, dv)`` of ``sum(grad_out * out) + sum(grad_lse * lse)``: the softmax-attention gradients per block
+    of queries; a gathered key's gradient is rotated back by its angle (a rotation's transpose is its inverse) and
+    summed into its pool entry (``scatter_add``)."""
     B, H, T, d = q.shape
     G = k.shape[1]
     rep = H // G
@@ -162,6 +165,7 @@ def reference_bounded_attention_backward(grad_out, q, k, v, idx, delta, freqs, s
             kk = rotate_by(kk, ang, interleaved)
         qq = q[:, :, t0:t1].reshape(B, G, rep, tb, d).to(acc)
         go = grad_out[:, :, t0:t1].reshape(B, G, rep, tb, d).to(acc)
+        gl = grad_lse[:, :, t0:t1].reshape(B, G, rep, tb, 1).to(acc)
         s = torch.einsum("bgrtd,bgtmd->bgrtm", qq, kk) * scale
         s = s.masked_fill(off[:, :, None], -torch.inf)
         m = s.amax(-1, keepdim=True)
@@ -170,7 +174,7 @@ def reference_bounded_attention_backward(grad_out, q, k, v, idx, delta, freqs, s
         den = p.sum(-1, keepdim=True)
         p = p / torch.where(den > 0, den, torch.ones_like(den))  # (B, G, rep, tb, M)
         dp = torch.einsum("bgrtd,bgtmd->bgrtm", go, vv)
-        ds = p * (dp - (p * dp).sum(-1, keepdim=True)) * scale
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True) + gl) * scale  # d lse / d s = p
         dq[:, :, t0:t1] = torch.einsum("bgrtm,bgtmd->bgrtd", ds, kk).reshape(B, H, tb, d)
         dkk = torch.einsum("bgrtm,bgrtd->bgtmd", ds, qq)  # (B, G, tb, M, d)
         dvv = torch.einsum("bgrtm,bgrtd->bgtmd", p, go)
@@ -186,6 +190,7 @@ def reference_bounded_attention_backward(grad_out, q, k, v, idx, delta, freqs, s
 @torch.library.custom_op("mka::bounded_attention_backward", mutates_args=())
 def _bounded_attention_backward_op(
     grad_out: torch.Tensor,
+    grad_lse: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -195,12 +200,14 @@ def _bounded_attention_backward_op(
     scale: float,
     interleaved: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = reference_bounded_attention_backward(grad_out, q, k, v, idx, delta, freqs, scale, interleaved)
+    dq, dk, dv = reference_bounded_attention_backward(
+        grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved
+    )
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_bounded_attention_backward_op.register_fake
-def _(grad_out, q, k, v, idx, delta, freqs, scale, interleaved):
+def _(grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved):
     return new_like(q), new_like(k), new_like(v)
 
 
@@ -213,7 +220,8 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, idx, delta, freqs = ctx.saved_tensors
     g = torch.zeros_like(q) if grad_out is None else grad_out.contiguous()
-    dq, dk, dv = torch.ops.mka.bounded_attention_backward(g, q, k, v, idx, delta, freqs, ctx.scale, ctx.interleaved)
+    gl = q.new_zeros(q.shape[:3], dtype=acc_dtype(q)) if grad_lse is None else grad_lse.contiguous()
+    dq, dk, dv = torch.ops.mka.bounded_attention_backward(g, gl, q, k, v, idx, delta, freqs, ctx.scale, ctx.interleaved)
     return dq, dk, dv, None, None, None, None, None
 
 

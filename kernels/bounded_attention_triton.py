@@ -10,7 +10,7 @@ the angles ``delta[b, g, t, m] * freqs``::
 
 Backward (FlashAttention-2 style, with ``D_t = dO_t . out_t`` from a forward pass in ``BWD_PREP`` mode)::
 
-    dS_tm = p_tm (dO_t . v_{idx_tm} - D_t),   dq_t = scale sum_m dS_tm rot(k_{idx_tm}, a_tm)
+    dS_tm = p_tm (dO_t . v_{idx_tm} - D_t + dlse_t),   dq_t = scale sum_m dS_tm rot(k_{idx_tm}, a_tm)
     dk[idx_tm] += rot(scale dS_tm q_t, -a_tm),   dv[idx_tm] += p_tm dO_t
 
 There is no matmul here: every query has its own key list, so a program owns ``BLOCK_T`` queries of one
@@ -364,6 +364,7 @@ def bounded_attention_fwd(
 
 def bounded_attention_bwd(
     grad_out: torch.Tensor,
+    grad_lse: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -387,6 +388,7 @@ def bounded_attention_bwd(
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     if q.numel() > 0 and k.numel() > 0:
         _, lse, dot = _run_fwd(cfg, q, scale, grad_out)
+        dot = dot - grad_lse.to(dot.dtype)  # d lse / d s = p: the lse gradient enters as D_t - dlse_t
         for_device(_bounded_attention_bwd_kernel, q.device)[cfg["grid"]](
             *cfg["tensors"], grad_out, lse, dot, dq, dk, dv,
             *cfg["strides"], *grad_out.stride(), *dq.stride(),
@@ -412,8 +414,8 @@ def _bounded_attention_cuda(q, k, v, idx, delta, freqs, scale, interleaved):
     return bounded_attention_fwd(q, k, v, idx, delta, freqs, scale, interleaved)
 
 
-def _bounded_attention_backward_cuda(grad_out, q, k, v, idx, delta, freqs, scale, interleaved):
-    args = (grad_out, q, k, v, idx, delta, freqs, scale, interleaved)
+def _bounded_attention_backward_cuda(grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved):
+    args = (grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved)
     if not _triton_ok(q):
         return tuple(t.contiguous() for t in reference_bounded_attention_backward(*args))
     return bounded_attention_bwd(*args)

@@ -69,10 +69,11 @@ def _check_fwd_bwd(args, interleaved, dtype, blocks=BLOCKS, tol=2e-5):
     want_out, want_lse = ref.reference_bounded_attention(*_f64(args), SCALE, interleaved)
     _close("out", out, want_out, dtype, tol)
     assert lse.dtype == torch.float32
-    torch.testing.assert_close(lse, want_lse, rtol=tol, atol=tol)  # -inf where the reference has -inf
+    torch.testing.assert_close(lse, want_lse.float(), rtol=tol, atol=tol)  # -inf where the reference has -inf
     go = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-    got = tri.bounded_attention_bwd(go, *args, SCALE, interleaved, **blocks)
-    want = ref.reference_bounded_attention_backward(go.double(), *_f64(args), SCALE, interleaved)
+    gl = torch.randn(args[0].shape[:3], generator=torch.Generator().manual_seed(2))  # the lse's gradient too
+    got = tri.bounded_attention_bwd(go, gl, *args, SCALE, interleaved, **blocks)
+    want = ref.reference_bounded_attention_backward(go.double(), gl.double(), *_f64(args), SCALE, interleaved)
     for name, g_, w_ in zip(NAMES, got, want):
         assert g_.is_contiguous(), name
         _close(name, g_, w_, dtype, tol)
@@ -126,7 +127,7 @@ def test_queries_without_entries_and_empty_lists() -> None:
     args[3], args[4] = args[3][..., :0], args[4][..., :0]  # M = 0: nobody sees anything
     out, lse = tri.bounded_attention_fwd(*args, SCALE, False, **BLOCKS)
     assert torch.all(out == 0) and torch.isneginf(lse).all()
-    dq, dk, dv = tri.bounded_attention_bwd(torch.ones_like(out), *args, SCALE, False, **BLOCKS)
+    dq, dk, dv = tri.bounded_attention_bwd(torch.ones_like(out), lse.new_ones(lse.shape), *args, SCALE, False, **BLOCKS)
     assert dq.abs().sum() == 0 and dk.abs().sum() == 0 and dv.abs().sum() == 0
 
 
@@ -142,9 +143,9 @@ def test_cuda_kernels_registered_and_take_op_arguments() -> None:
     out, lse = tri._bounded_attention_cuda(*args, SCALE, True)
     want = ref.reference_bounded_attention(*_f64(args), SCALE, True)
     _close("out", out, want[0], torch.float32)
-    go = torch.randn_like(out)
-    got = tri._bounded_attention_backward_cuda(go, *args, SCALE, True)
-    want = ref.reference_bounded_attention_backward(go.double(), *_f64(args), SCALE, True)
+    go, gl = torch.randn_like(out), torch.randn_like(lse)
+    got = tri._bounded_attention_backward_cuda(go, gl, *args, SCALE, True)
+    want = ref.reference_bounded_attention_backward(go.double(), gl.double(), *_f64(args), SCALE, True)
     for name, g_, w_ in zip(NAMES, got, want):
         _close(name, g_, w_, torch.float32)
     out64, _ = tri._bounded_attention_cuda(*_f64(args), SCALE, True)  # float64 (gradcheck) runs the reference
@@ -174,9 +175,11 @@ def test_gpu_dispatch_forward_backward(dtype, H, G, T, M, d, rot, interleaved) -
     out, lse = torch.ops.mka.bounded_attention(*dev, SCALE, interleaved)
     want_out, want_lse = ref.reference_bounded_attention(*_f64(args), SCALE, interleaved)
     _close("out", out.detach().cpu(), want_out, dtype, 1e-4)
-    torch.testing.assert_close(lse.detach().cpu(), want_lse, rtol=1e-4, atol=1e-4)
-    go = torch.randn_like(out)
-    got = torch.autograd.grad(out, dev[:3], go)
-    want = ref.reference_bounded_attention_backward(go.cpu().double(), *_f64(args), SCALE, interleaved)
+    torch.testing.assert_close(lse.detach().cpu(), want_lse.float(), rtol=1e-4, atol=1e-4)
+    go, gl = torch.randn_like(out), torch.randn_like(lse)
+    got = torch.autograd.grad((out, lse), dev[:3], (go, gl))
+    want = ref.reference_bounded_attention_backward(
+        go.cpu().double(), gl.cpu().double(), *_f64(args), SCALE, interleaved
+    )
     for name, g_, w_ in zip(NAMES, got, want):
         _close(name, g_.cpu(), w_, dtype, 1e-4)
