@@ -79,6 +79,12 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
                 " leave 'config' out (the checkpoint records the config its weights were trained with)"
             )
         mode, cfg = file_mode, cfg or file_cfg
+    if cfg is not None and cfg.bounded:
+        raise BackendError(
+            "options['config'] asks for bounded memory (window=...), which the backend's graph rewrite does not build "
+            "(its attention and cache live in a transformers Cache): run mka_compile.convert(model, config=...) and "
+            "compile the converted model (torch.compile(model, backend='mka') keeps its mka:: ops)"
+        )
     out.mode, out.config = mode, cfg
     attention = options.get("attention", "mka")
     if attention not in TARGETS:

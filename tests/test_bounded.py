@@ -275,3 +275,23 @@ def test_crop_refuses_padded_positions_and_rewinds_decoded_ones():
         full = model(ids).logits
     torch.testing.assert_close(again, full[:, 53:60], rtol=1e-4, atol=1e-4)
     assert math.isfinite(float(again.sum()))
+
+
+def test_compiled_and_saved_models_equal_eager(tmp_path):
+    """torch.compile (the mka backend) and save_pretrained / from_pretrained give the eager bounded model's logits;
+    ONNX export and the backend's own rewrite refuse bounded memory with the reason."""
+    model = _converted(MKAConfig(**CFG, trained_length=48))
+    ids = torch.randint(0, 64, (1, 70))
+    with torch.no_grad():
+        eager = model(ids).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="mka")(ids).logits
+        mka_compile.save_pretrained(model, tmp_path)
+        again = mka_compile.from_pretrained(tmp_path)(ids).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, eager, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="bounded memory"):
+        mka_compile.export_onnx(model, ids[:, :8], tmp_path / "m.onnx")
+    with pytest.raises(Exception, match="bounded memory"):
+        torch._dynamo.reset()
+        torch.compile(_llama(), backend="mka", options={"config": MKAConfig(**CFG)})(ids)

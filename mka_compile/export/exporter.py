@@ -242,6 +242,13 @@ def export_onnx(
     register_schemas()
     path = _writable(Path(path))
     sites = converted_sites(model)
+    bounded = [name for name, m in sites.items() if m.config.bounded]
+    if bounded:
+        raise ValueError(
+            f"export_onnx does not export bounded memory (window=...) yet; sites {bounded[:3]} use it. Its per-query "
+            "recall and host chunk store have no fixed-size ONNX decode step here; export a model converted without "
+            "window=, or run the bounded model in PyTorch"
+        )
     max_len = _max_len(model, max_len, sites)
     slots = {name: max_len // m.config.chunk_size if max_len else 0 for name, m in sites.items()}
     was_training = model.training
