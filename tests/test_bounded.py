@@ -295,3 +295,30 @@ def test_compiled_and_saved_models_equal_eager(tmp_path):
     with pytest.raises(Exception, match="bounded memory"):
         torch._dynamo.reset()
         torch.compile(_llama(), backend="mka", options={"config": MKAConfig(**CFG)})(ids)
+
+
+def test_layers_built_from_scratch():
+    """FastMKAAttention with a window: equal to the unbounded layer (gate 1) up to S + W, decode == prefill with
+    moved positions, gradients flow; MKAAttention refuses a window."""
+    from mka_compile import FastMKAAttention, MKAAttention, MKACache
+
+    torch.manual_seed(0)
+    cfg = MKAConfig(**CFG, trained_length=40)
+    layer = FastMKAAttention(64, 4, 2, config=cfg)
+    wide = FastMKAAttention(64, 4, 2, config=MKAConfig(chunk_size=8, top_r=2))
+    wide.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 90, 64)
+    full = layer(x)
+    full.square().mean().backward()
+    assert layer.gate.grad is not None and layer.router.fc1.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        n = CFG["window"] + CFG["sink_tokens"]
+        torch.testing.assert_close(full[:, :n], wide(x)[:, :n], rtol=1e-5, atol=1e-5)
+        cache = MKACache()
+        outs = [layer(x[:, :30], cache=cache)]
+        for t in range(30, 90):
+            outs.append(layer(x[:, t : t + 1], cache=cache))
+    torch.testing.assert_close(torch.cat(outs, 1), full.detach(), rtol=1e-4, atol=1e-4)
+    assert cache.get_seq_length(0) == 90
+    with pytest.raises(ValueError, match="FastMKA"):
+        MKAAttention(64, 4, 2, config=cfg)

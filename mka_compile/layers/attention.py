@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mka_compile import bounded
 from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
 from mka_compile.kernels import _validate as check
@@ -53,6 +54,11 @@ class _MKABase(nn.Module):
         self.config = config if config is not None else MKAConfig()
         if not isinstance(self.config, MKAConfig):
             raise ValueError(f"config must be an MKAConfig, got {type(self.config).__name__}")
+        if self.config.bounded and self.mode != "fastmka":
+            raise ValueError(
+                "bounded memory (MKAConfig(window=...)) is built on FastMKA: use FastMKAAttention (MKA mode keeps a "
+                "session key cache per level that is not bounded yet)"
+            )
         for name, val in (("hidden_size", hidden_size), ("num_heads", num_heads)):
             check.positive_int(name, val)
         self.num_heads = num_heads
@@ -228,8 +234,31 @@ class FastMKAAttention(_MKABase):
                 ks.append(k3.to(q.dtype))
                 vs.append(v3.to(q.dtype))
             kf, vf = K.route_mix(lam, ks, vs)  # (B, Hkv, T, d)
+        if self.config.bounded:
+            return self._attend_bounded(q, kf, vf, pos, valid, st)
         (kc, vc), kv_valid = st.append([self._rope(kf, pos), vf], valid)
         return attend(self._rope(q, pos), kc, vc, kv_valid, self.scale, self.config.causal)  # (B, H, T, d)
+
+
+    def _attend_bounded(self, q, kf, vf, pos, valid, st: MKALayerState) -> torch.Tensor:
+        """Bounded memory (:mod:`mka_compile.bounded`): the store rides in the layer's state (a fresh one without a
+        cache); keys move from ``config.trained_length`` on (None: never)."""
+        cfg = self.config
+        B, H, T, d = q.shape
+        Hkv = self.num_kv_heads
+        if st.bounded is None or st.bounded.n.shape[0] != B:
+            st.bounded = bounded.BoundedStore.empty(B, Hkv, d, kf, cfg)
+        st.tokens_bound += T
+        q_r = q.view(B, Hkv, H // Hkv, T, d).mean(2).float() if cfg.exact_recall > 0 else None
+        freqs = None
+        if self.rotary is not None:
+            exps = torch.arange(0, d, 2, dtype=torch.float64, device=q.device) / d
+            freqs = (1.0 / self.rotary.base**exps).float()
+        summ = st.summ_k if cfg.uses_longterm else None
+        return bounded.attend(
+            st.bounded, self._rope(q, pos), self._rope(kf, pos), vf, valid, q_r, summ, cfg, freqs, False,
+            cfg.trained_length or 0, self.scale,
+        )  # fmt: skip
 
 
 class MKAAttention(_MKABase):
