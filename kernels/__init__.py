@@ -5,10 +5,8 @@ Importing this package registers every op with ``torch.library``:
 - ``mka::session_scan`` (+ ``_backward``): L2 session EMA with carried float32 state;
 - ``mka::chunk_update`` (+ ``_backward``) and ``mka::recall_select``: L3 chunk summaries and recall;
 - ``mka::route_mix`` (+ ``_backward``): FastMKA's routed mix of K/V levels;
-- ``mka::fastmka_mix`` (+ ``_backward``): FastMKA's memory path fused (session scan, route-mix, RoPE);
 - ``mka::mka_attention`` (+ ``_backward``): MKA's multi-level attention;
-- ``mka::flash_attention`` (+ ``_backward``): plain attention sites (GQA, causal, masks);
-- ``mka::decode_attention``: split-K attention for one or a few query tokens (inference only).
+- ``mka::flash_attention`` (+ ``_backward``): plain attention sites (GQA, causal, masks).
 
 With triton installed, the ``*_triton`` modules register Triton kernels as the CUDA implementations.
 """

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from . import fastmka_memory_cpu  # noqa: F401  (the fused CPU memory path; built on first use)
 from .bounded_attention import bounded_attention, reference_bounded_attention
-from .decode_attention import decode_attention, reference_decode_attention
-from .fastmka_mix import fastmka_mix, reference_fastmka_mix, rope_tables
 from .flash_attention import flash_attention, reference_flash_attention
 from .longterm import (
     real_positions,
@@ -21,13 +19,7 @@ from .route_mix import reference_route_mix, route_mix
 from .session_scan import reference_session_scan, session_scan
 
 try:  # each family's Triton kernels register themselves as its CUDA implementation; triton is optional
-    from . import (  # noqa: F401
-        bounded_attention_triton,
-        fastmka_mix_triton,
-        longterm_triton,
-        mka_attention_triton,
-        session_scan_triton,
-    )
+    from . import bounded_attention_triton, longterm_triton, mka_attention_triton, session_scan_triton  # noqa: F401
 except ModuleNotFoundError as _err:  # pragma: no cover - without triton, CUDA runs the references
     if _err.name != "triton":
         raise
@@ -42,21 +34,16 @@ OPS = (
     "recall_select",
     "route_mix",
     "route_mix_backward",
-    "fastmka_mix",
-    "fastmka_mix_backward",
     "mka_attention",
     "mka_attention_backward",
     "flash_attention",
     "flash_attention_backward",
-    "decode_attention",
 )
 
 __all__ = [
     "OPS",
     "bounded_attention",
     "reference_bounded_attention",
-    "decode_attention",
-    "fastmka_mix",
     "flash_attention",
     "mka_attention",
     "real_positions",
@@ -64,14 +51,11 @@ __all__ = [
     "recall_mix",
     "recall_probs",
     "reference_chunk_update",
-    "reference_decode_attention",
-    "reference_fastmka_mix",
     "reference_flash_attention",
     "reference_mka_attention",
     "reference_recall_select",
     "reference_route_mix",
     "reference_session_scan",
-    "rope_tables",
     "route_mix",
     "session_scan",
     "visibility",

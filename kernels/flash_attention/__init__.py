@@ -43,7 +43,7 @@ import torch
 
 from .. import _validate as check
 from .._grads import zeros_for_none
-from .plumbing import (  # noqa: F401  (re-exported for decode_attention and tools)
+from .plumbing import (  # noqa: F401  (re-exported for tools)
     _AS_JIT,
     _CHOSEN,
     DKDV_CONFIGS,
@@ -71,11 +71,11 @@ from .reference import (  # noqa: F401  (re-exported: the package's public refer
 
 try:  # triton is optional (Linux-only); without it the ops run the reference on every device
     from .. import _triton
-    from . import decode_kernels, triton_backward, triton_kernels
+    from . import triton_backward, triton_kernels
 except ModuleNotFoundError as _err:  # pragma: no cover - exercised only where triton is missing
     if _err.name != "triton":
         raise
-    _triton = triton_kernels = triton_backward = decode_kernels = None
+    _triton = triton_kernels = triton_backward = None
 
 MAX_HEAD_DIM = 256
 MAX_GRID_Y = 65535  # B * H (B * Hkv) programs run along grid axis 1

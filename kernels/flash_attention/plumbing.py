@@ -19,7 +19,7 @@ except ModuleNotFoundError as _err:  # pragma: no cover - exercised only where t
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per (element size, padded head dim), tried in order until one
 # fits the GPU (OutOfResources = too much shared memory); the first that fits is remembered per key.
-# bf16/fp16 d=128 heads lead with the winners of `tools/gpu_check.py --sweep` on an H200 (docs/benchmarks.md).
+# bf16/fp16 d=128 heads lead with the winners of `tools/gpu/check.py --sweep` on an H200 (docs/benchmarks.md).
 Config = tuple[int, int, int, int]
 FWD_CONFIGS: dict[tuple[int, int], list[Config]] = {
     (2, 64): [(128, 64, 4, 3), (64, 64, 4, 2), (32, 32, 4, 1)],

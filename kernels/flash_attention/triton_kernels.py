@@ -1,10 +1,9 @@
-"""Triton kernels of the plain-attention families: flash attention's forward and the helpers its backward
-(:mod:`.triton_backward`) and split-K decode (:mod:`.decode_kernels`) share.
+"""Triton kernels of plain attention: flash attention's forward and the helpers its backward
+(:mod:`.triton_backward`) shares.
 
 Only ``@triton.jit`` code lives here; the launchers (strides, grids, block sizes) are
-:func:`mka_compile.kernels.flash_attention.flash_attention_fwd` / ``flash_attention_bwd`` and
-:func:`mka_compile.kernels.decode_attention.decode_attention_fwd`, which run CPU tensors through the
-Triton interpreter (``flash_attention.launchable``).
+:func:`mka_compile.kernels.flash_attention.flash_attention_fwd` / ``flash_attention_bwd``, which run CPU
+tensors through the Triton interpreter (``flash_attention.launchable``).
 
 Conventions shared by every kernel:
 

@@ -15,7 +15,7 @@ from converted import CFG, MAX_LEN, converted, rel
 from torch import nn
 
 from mka_compile.export import DOMAIN, ExportError, export_onnx, ort_session
-from mka_compile.kernels import decode_attention, flash_attention
+from mka_compile.kernels import flash_attention
 
 NODES = {
     "fastmka": {"SessionScan", "ChunkUpdate", "RecallSelect", "RouteMix"},
@@ -105,8 +105,9 @@ class _PlainAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         q = x.view(x.shape[0], x.shape[1], 2, -1).transpose(1, 2)  # (B, 2, T, 4)
-        if self.kind == "decode":
-            return decode_attention(q, q, q, causal=True)
+        if self.kind == "untranslated":  # an mka:: op with no ONNX function (a backward, called directly)
+            lam = torch.ones(*q.shape[:3], 1)  # (B, 1, T, 1)
+            return torch.ops.mka.route_mix_backward(q, q, lam[:, :1], [q], [q])[1][0]
         bias = torch.zeros(1, 2, x.shape[1], x.shape[1]).masked_fill(~keep[:, None, None, :], -1.0e9)
         return (
             flash_attention(q, q, q, causal=True)
@@ -138,8 +139,8 @@ def test_plain_mka_flash_attention_exports(tmp_path) -> None:
 
 
 def test_op_without_onnx_function_names_op_and_site(tmp_path) -> None:
-    with pytest.raises(ExportError, match=r"mka::decode_attention at site attn: it has no ONNX function"):
-        export_onnx(_Net("decode"), (torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)), tmp_path / "x.onnx")
+    with pytest.raises(ExportError, match=r"mka::route_mix_backward at site attn: it has no ONNX function"):
+        export_onnx(_Net("untranslated"), (torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)), tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
 
 
