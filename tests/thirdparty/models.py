@@ -1,4 +1,4 @@
-"""Builders of the third-party-style models for tests and ``tools/support_table.py``.
+"""Builders of the third-party-style models for tests and ``tools/support/table.py``.
 
 ``build(name) -> (model, input_ids, spec)``: ``spec["example"]`` are the example inputs for ``inspect`` /
 ``convert`` (a cached call at ``input_pos``), ``spec["decode"](model, ids)`` the logits of the last tokens from a

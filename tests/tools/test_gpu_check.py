@@ -1,9 +1,10 @@
-"""tools/gpu_check.py and tools/gpu_run.sh run end to end: on CPU in --smoke mode (Triton interpreter), on
+"""tools/gpu/check.py and tools/gpu/run.sh run end to end: on CPU in --smoke mode (Triton interpreter), on
 CUDA for real."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -14,9 +15,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "tools" / "gpu_check.py"
-RUNNER = ROOT / "tools" / "gpu_run.sh"
-KERNELS = ("flash_fwd", "flash_dkdv", "flash_dq", "decode", "fastmka_mix", "mka_fwd", "mka_bwd")
+SCRIPT = ROOT / "tools" / "gpu" / "check.py"
+RUNNER = ROOT / "tools" / "gpu" / "run.sh"
+KERNELS = ("flash_fwd", "flash_dkdv", "flash_dq", "mka_fwd", "mka_bwd")
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
@@ -31,10 +32,13 @@ def test_runner_smoke_on_cpu(tmp_path: Path) -> None:
     assert res.returncode == 0, log[-4000:] + res.stderr[-2000:]
     assert res.stdout == log  # everything is teed
     assert f"mka_compile from {tmp_path / 'pkg'}" in log  # the copy, not the repository or an install
-    assert "tests rc=0" in log and "gpu_check rc=0" in log
+    assert "tests rc=0" in log and "check rc=0" in log
 
     report = json.loads((out / "gpu_check.json").read_text())
-    assert all(c["ok"] for c in report["checks"]) and len(report["checks"]) >= 9
+    assert all(c["ok"] for c in report["checks"]) and len(report["checks"]) >= 7
+    timed = report["timings"]  # the mka:: ops and a converted tiny Llama against the original, all timed
+    assert {r["what"] for r in timed["models"]} >= {"original (SDPA) decode", "converted fastmka prefill"}
+    assert all(math.isfinite(r["ms"]) for r in timed["ops"] + timed["models"]), timed
     sweep = {e["key"]: e for e in report["sweep"]["kernels"]}
     assert tuple(sweep) == KERNELS
     for key, e in sweep.items():
@@ -50,13 +54,13 @@ def test_runner_smoke_on_cpu(tmp_path: Path) -> None:
 
     # the normal table comes last: the goals close the gpu_check output
     tail = log[log.rindex("tile sweep:") :]
-    assert "check " in tail and "SDPA/ours" in tail and "FastMKA decode: ours/SDPA" in tail.splitlines()[-3]
+    assert "check " in tail and "SDPA/ours" in tail and "converted FastMKA decode" in tail.splitlines()[-3]
 
 
 def test_sweep_budget_and_kernel_choice(tmp_path: Path) -> None:
     """--sweep-only runs just the named kernels' sweeps; a spent budget stops the sweep and says so."""
     res = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--sweep-only", "decode,flash_fwd", "--sweep-budget", "0"]
+        [sys.executable, str(SCRIPT), "--smoke", "--sweep-only", "mka_fwd,flash_fwd", "--sweep-budget", "0"]
         + ["--out", str(tmp_path)],
         capture_output=True,
         text=True,
@@ -66,7 +70,7 @@ def test_sweep_budget_and_kernel_choice(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert "checks" not in report and "timings" not in report
     kernels = report["sweep"]["kernels"]
-    assert [e["key"] for e in kernels] == ["flash_fwd", "decode"]
+    assert [e["key"] for e in kernels] == ["flash_fwd", "mka_fwd"]
     assert all(e["results"] == [] and "budget spent" in e["stopped"] for e in kernels)
     assert "sweep budget spent" in (tmp_path / "sweep.txt").read_text()
 

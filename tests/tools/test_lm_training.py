@@ -1,19 +1,15 @@
-"""tools/lm_training.py: corpora and tokenisation, the LR schedule, held-out perplexity over every token once."""
+"""tools/paper/lm_training.py: corpora and tokenisation, the LR schedule, held-out perplexity over every token once."""
 
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-
-import lm_training as T  # noqa: E402
+from tools.paper import lm_training as T
 
 
 class Bigram(nn.Module):

@@ -1,20 +1,14 @@
-"""tools/lm_variants.py: the six attention variants of the small decoder LM (shapes, causality, cached decode,
+"""tools/paper/lm_variants.py: the six attention variants of the small decoder LM (shapes, causality, cached decode,
 training, KV-cache byte accounting)."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import mka_compile
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-
-import lm_training  # noqa: E402
-from lm_variants import (  # noqa: E402
+from tools.paper import lm_training
+from tools.paper.lm_variants import (
     VARIANTS,
     DecoderLM,
     KVCache,

@@ -1,18 +1,15 @@
-"""tools/paper_tables.py end to end at the micro budget: JSON, plots and a results.md stating the measured numbers."""
+"""tools/paper/tables.py end to end at the micro budget: JSON, plots and a results.md stating the measured numbers."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-
-import paper_tables  # noqa: E402
-from lm_variants import VARIANTS  # noqa: E402
+from tools.paper import tables as paper_tables
+from tools.paper.lm_variants import VARIANTS
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +29,7 @@ def test_writes_json_plots_and_doc(run) -> None:
         assert 5_000 < size < 200_000, (png, size)
         assert (res / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = (out / "results.md").read_text()
-    assert f"python tools/paper_tables.py --quick --out {res} --doc {out / 'results.md'}" in doc
+    assert f"python tools/paper/tables.py --quick --out {res} --doc {out / 'results.md'}" in doc
     for png in ("loss_shakespeare.png", "ppl_vs_speed.png", "conversion.png"):
         assert f"](results/{png})" in doc  # links relative to the doc
     assert "validation* split, report on the *test* split" in doc and "characters (65 distinct)" in doc

@@ -1,6 +1,6 @@
 """Overhead of one-line conversion on the CPU (a benchmark, not a test).
 
-    python tools/bench_convert.py               # tiny Llama: d=256, 4 layers, 8 heads, 4 kv heads, T=1024, batch 1
+    python tools/bench/conversion.py            # tiny Llama: d=256, 4 layers, 8 heads, 4 kv heads, T=1024, batch 1
 
 Times, side by side in one run (interleaved, median of --repeats): the original model and the same model
 converted to FastMKA and to MKA (all three memory levels, random router values), forward and forward+backward

@@ -17,9 +17,9 @@ all of them alike. Results are printed as a ``rich`` table with the torch versio
 
 Run from the repository root::
 
-    python tools/bench_ops.py                 # default sizes (15-25 s on an idle 2-core CPU)
-    python tools/bench_ops.py --quick         # small sizes, a few seconds
-    python tools/bench_ops.py --repeats 31 --threads 2
+    python tools/bench/cpu_ops.py                 # default sizes (15-25 s on an idle 2-core CPU)
+    python tools/bench/cpu_ops.py --quick         # small sizes, a few seconds
+    python tools/bench/cpu_ops.py --repeats 31 --threads 2
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Time ``mka_compile.inspect`` on a deep tiny Llama (a benchmark, not a test).
 
-    python tools/bench_inspect.py                # 32 layers, eager and sdpa, export and dynamo capture
-    python tools/bench_inspect.py --layers 8 --repeats 1
+    python tools/bench/detection.py             # 32 layers, eager and sdpa, export and dynamo capture
+    python tools/bench/detection.py --layers 8 --repeats 1
 
 Prints a table: layers, attention implementation, capture, sites found, median seconds (goal: <= 5 s for
 32 layers on a 2-core CPU with the default export capture).

@@ -6,7 +6,7 @@ target, through Triton's own pipeline down to a cubin (Triton ships ptxas). The 
 tensors with their launch intercepted: each launch is compiled with the argument types and values it
 would have had on a GPU, and the table lists registers, spills and shared memory per kernel.
 
-    python tools/triton_compile_check.py [--arch 90]
+    python tools/gpu/compile_check.py [--arch 90]
 """
 
 from __future__ import annotations
@@ -23,13 +23,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mka_compile.kernels import fastmka_mix_triton as fm
 from mka_compile.kernels import longterm_triton as lt
 from mka_compile.kernels import mka_attention_triton as mt
 from mka_compile.kernels import session_scan_triton as ss
 
 fa = importlib.import_module("mka_compile.kernels.flash_attention")  # the package (the name is also a function)
-da = importlib.import_module("mka_compile.kernels.decode_attention")
 
 _TY = {
     torch.float32: "fp32",
@@ -122,14 +120,6 @@ def run_cases() -> None:
             ss.session_scan_fwd(k, v, valid, *st, n, 0.9)
             g = [_rand(B, H, T, d, dtype=dt), _rand(B, H, T, d, dtype=dt), *st]
             ss.session_scan_bwd(*g, valid, n, 0.9, dt, torch.float32)
-            for G, has3, rope in ((1, True, True), (H, False, False)):
-                _Compile.case = f"{str(dt)[6:]} T={T} G={G} k3={has3} rope={rope}"
-                lam = torch.softmax(torch.randn(B, G, T, 2 + has3), -1)
-                k3 = (k, v) if has3 else (None, None)
-                cs = (torch.randn(B, T, d), torch.randn(B, T, d)) if rope else (None, None)
-                args = (lam, k, v, *k3, valid, *st, n, 0.9, *cs)
-                fm.fastmka_mix_fwd(*args)
-                fm.fastmka_mix_bwd(*g, *args, rope_grad=rope)
             _Compile.case = f"{str(dt)[6:]} T={T} C=16"
             lt.chunk_update_fwd(k, v, valid, n, *st, torch.zeros(B, H, 40, d), torch.zeros(B, H, 40, d), 16)
     for dt in (torch.float32, torch.bfloat16):  # attention kernels: GQA (8 query heads on 2 kv heads), causal
@@ -139,12 +129,6 @@ def run_cases() -> None:
         out, lse = torch.zeros_like(q), torch.zeros(B, 8, T)
         fa.flash_attention_fwd(q, k, v, None, None, True)  # the GPU's default tiles (see _gpu_configs)
         fa.flash_attention_bwd(q, q, k, v, out, lse, None, None, True)
-        _Compile.case = f"{str(dt)[6:]} decode Tk={T}"
-        _, bn, warps, stages = da.DECODE_CONFIGS[(2 if q.element_size() == 2 else 4, max(64, d))][0]
-        da.decode_attention_fwd(
-            q[:, :, :2], k, v, torch.ones(B, T, dtype=torch.bool), None, True, num_splits=4,
-            block_n=bn, num_warps=warps, num_stages=stages,
-        )  # fmt: skip
         _Compile.case = f"{str(dt)[6:]} mka T={T} R=8"
         lam = torch.softmax(torch.randn(B, 1, T, 3), -1)
         idx = torch.randint(0, 16, (B, 2, T, 8))
@@ -177,9 +161,9 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
     ns = parser.parse_args()
     _Compile.target = GPUTarget("cuda", ns.arch, 32)
-    for mod in (ss, fm, lt, mt):
+    for mod in (ss, lt, mt):
         mod.for_device = lambda kernel, device: _Compile(kernel)
-    for mod in (fa, da, importlib.import_module("mka_compile.kernels.flash_attention.plumbing")):
+    for mod in (fa, importlib.import_module("mka_compile.kernels.flash_attention.plumbing")):
         mod.launchable = lambda kernel, device: _Compile(kernel)
     fa.configs_for = _gpu_configs
     compiled_meta = mt._dot_meta  # compile as for a GPU: no interpreter-only bf16 upcast

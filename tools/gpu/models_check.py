@@ -1,6 +1,6 @@
 """Converted models on a GPU: the Triton kernels inside real models, eager and under the ``mka`` backend.
 
-    python tools/gpu_models_check.py            # CUDA machine; prints a table last (exit 1 if a check fails)
+    python tools/gpu/models_check.py            # CUDA machine; prints a table last (exit 1 if a check fails)
 
 For a tiny Llama converted to FastMKA and to MKA (random routers, gate 1), in fp32 on CUDA (Triton kernels):
 logits against the same model on the CPU (torch references); cached decode against one full forward;

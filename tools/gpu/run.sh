@@ -1,35 +1,35 @@
 #!/usr/bin/env bash
 # The one command for a GPU machine on which the package is not installed: the GPU tests, then
-# tools/gpu_check.py (every Triton kernel against its reference, a tile sweep, timings and goals; its table
+# tools/gpu/check.py (every Triton kernel against its reference, a tile sweep, timings and goals; its table
 # comes last), all output teed to $OUT/log.txt. Run from anywhere; it works in the repository root.
 #
-#     bash tools/gpu_run.sh              # GPU machine; $OUT is where results go
-#     bash tools/gpu_run.sh --smoke      # dry run on a CPU machine (Triton interpreter, tiny sizes)
+#     bash tools/gpu/run.sh              # GPU machine; $OUT is where results go
+#     bash tools/gpu/run.sh --smoke      # dry run on a CPU machine (Triton interpreter, tiny sizes)
 #
 # Imports without pip: mka_compile/ is copied to $MKA_PKG_DIR/mka_compile with kernels/ and passes/ inside
 # (the layout pyproject.toml's package-dir describes) and put first on PYTHONPATH; PYTHONSAFEPATH keeps the
 # repository root (whose mka_compile/ lacks kernels/) off sys.path.
 # Every step has its own timeout, so the whole run ends within T_TESTS + T_CHECK + ~30 s even if a step
 # hangs. Environment (defaults): OUT (/tmp/gpu_out), PYTHON (python, else python3), MKA_PKG_DIR (/tmp/pkg),
-# T_TESTS (150 s), T_CHECK (330 s; smoke 900 s), SWEEP_BUDGET (170 s), CHECK_ARGS (extra gpu_check args),
+# T_TESTS (150 s), T_CHECK (420 s; smoke 900 s), SWEEP_BUDGET (170 s), CHECK_ARGS (extra check.py args),
 # TEST_IDS (space-separated pytest ids run one by one instead of the whole GPU set; T_EACH s each, 30),
-# NO_SWEEP (1: checks, timings and goals only), MODELS_CHECK (1: tools/gpu_models_check.py instead of gpu_check).
+# NO_SWEEP (1: checks, timings and goals only), MODELS_CHECK (1: tools/gpu/models_check.py instead of check.py).
 # A module that fails to import (say hypothesis missing there) does not stop the other GPU tests.
 set -uo pipefail
-cd "$(dirname "$0")/.." || exit 3
+cd "$(dirname "$0")/../.." || exit 3
 
 SMOKE=0
 if [[ "${1:-}" == "--smoke" ]]; then
     SMOKE=1
 elif [[ -n "${1:-}" ]]; then
-    echo "usage: bash tools/gpu_run.sh [--smoke]" >&2
+    echo "usage: bash tools/gpu/run.sh [--smoke]" >&2
     exit 2
 fi
 OUT=${OUT:-/tmp/gpu_out}
 PY=${PYTHON:-$(command -v python || command -v python3)}
 PKG=${MKA_PKG_DIR:-/tmp/pkg}
 T_TESTS=${T_TESTS:-150}
-T_CHECK=${T_CHECK:-$((SMOKE ? 900 : 330))}
+T_CHECK=${T_CHECK:-$((SMOKE ? 900 : 420))}
 SWEEP_BUDGET=${SWEEP_BUDGET:-170}
 mkdir -p "$OUT" || exit 3
 export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 PYTHONDONTWRITEBYTECODE=1
@@ -75,8 +75,8 @@ EOF
     local dt_tests=$(($(date +%s) - t1))
 
     if [[ "${MODELS_CHECK:-0}" == 1 ]]; then  # converted models on the GPU, eager and under the mka backend
-        step "tools/gpu_models_check.py (timeout ${T_CHECK}s)"
-        timeout -k 10 "$T_CHECK" "$PY" tools/gpu_models_check.py
+        step "tools/gpu/models_check.py (timeout ${T_CHECK}s)"
+        timeout -k 10 "$T_CHECK" "$PY" tools/gpu/models_check.py
         rc_check=$?
         echo "== done: tests rc=$rc_tests, models check rc=$rc_check, total $(($(date +%s) - t0)) s"
         ((rc_tests == 0 && rc_check == 0)) || return 1
@@ -87,14 +87,14 @@ EOF
     ((SMOKE)) && args+=(--smoke)
     # shellcheck disable=SC2206  # CHECK_ARGS is split on purpose
     args+=(${CHECK_ARGS:-})
-    step "tools/gpu_check.py ${args[*]} (timeout ${T_CHECK}s)"
+    step "tools/gpu/check.py ${args[*]} (timeout ${T_CHECK}s)"
     t1=$(date +%s)
-    timeout -k 10 "$T_CHECK" "$PY" tools/gpu_check.py "${args[@]}"
+    timeout -k 10 "$T_CHECK" "$PY" tools/gpu/check.py "${args[@]}"
     rc_check=$?
     local dt_check=$(($(date +%s) - t1))
 
     echo
-    echo "== done: tests rc=$rc_tests (${dt_tests} s), gpu_check rc=$rc_check (${dt_check} s)," \
+    echo "== done: tests rc=$rc_tests (${dt_tests} s), check rc=$rc_check (${dt_check} s)," \
         "total $(($(date +%s) - t0)) s; rc 124/137 = timed out; results in $OUT"
     ((rc_tests == 0 && rc_check == 0)) || return 1
 }

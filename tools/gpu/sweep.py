@@ -1,6 +1,6 @@
-"""The tile sweep of ``tools/gpu_check.py --sweep``: time a small grid of tile configurations per Triton kernel at
+"""The tile sweep of ``tools/gpu/check.py --sweep``: time a small grid of tile configurations per Triton kernel at
 the goal size, check each winner against the reference, and say where a winner belongs in the kernel's config table.
-Imported by ``tools/gpu_check.py`` (see its docstring for the command line)."""
+Imported by ``tools/gpu/check.py`` (see its docstring for the command line)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,15 @@ import time
 from collections.abc import Callable
 
 import torch
-from gpu_sweep_candidates import WHERE  # tools/ (on the path when run)
 
 import mka_compile.kernels  # noqa: F401  (registers the ops and their CUDA kernels)
+from tools.gpu.sweep_candidates import WHERE
 
 fa = importlib.import_module("mka_compile.kernels.flash_attention")
-da = importlib.import_module("mka_compile.kernels.decode_attention")
 ma = importlib.import_module("mka_compile.kernels.mka_attention")
 mt = importlib.import_module("mka_compile.kernels.mka_attention_triton")
 ss = importlib.import_module("mka_compile.kernels.session_scan")
 st = importlib.import_module("mka_compile.kernels.session_scan_triton")
-fm = importlib.import_module("mka_compile.kernels.fastmka_mix")
-fmt = importlib.import_module("mka_compile.kernels.fastmka_mix_triton")
 lt = importlib.import_module("mka_compile.kernels.longterm")
 ltt = importlib.import_module("mka_compile.kernels.longterm_triton")
 
@@ -32,7 +29,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-SWEEP_KEYS = ("flash_fwd", "flash_dkdv", "flash_dq", "decode", "fastmka_mix", "mka_fwd", "mka_bwd")
+SWEEP_KEYS = ("flash_fwd", "flash_dkdv", "flash_dq", "mka_fwd", "mka_bwd")
 PLUMBING = importlib.import_module("mka_compile.kernels.flash_attention.plumbing")
 TR = importlib.import_module("mka_compile.kernels._triton")
 
@@ -41,10 +38,10 @@ class Tunable:
     """One kernel's sweep: ``run(cfg)`` at the goal size (timed; returns its outputs), ``check(cfg)`` its
     relative error against the reference at the check size (odd length, GQA where the kernel has it)."""
 
-    def __init__(self, key, label, params, default, candidates, run, check, reps_scale=1):
+    def __init__(self, key, label, params, default, candidates, run, check):
         self.key, self.label, self.params, self.default = key, label, params, tuple(default)
         self.candidates = [self.default] + [tuple(c) for c in candidates if tuple(c) != self.default]
-        self.run, self.check, self.reps_scale = run, check, reps_scale
+        self.run, self.check = run, check
         self.table_key: tuple[int, int] | None = None
 
 
@@ -150,9 +147,7 @@ def run_sweep(dev, dtype, tunables, budget_s, warmup, reps, tol, on_update=None)
                 break
             rec: dict = {"config": list(cfg), "ms": None}
             try:
-                rec["ms"], rec["first_call_s"] = bench(
-                    dev, functools.partial(tu.run, cfg), warmup, reps * tu.reps_scale
-                )
+                rec["ms"], rec["first_call_s"] = bench(dev, functools.partial(tu.run, cfg), warmup, reps)
                 rec["status"] = "ok"
             except Exception as e:  # noqa: BLE001  (recorded: out of shared memory, compile failure, ...)
                 rec["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -232,6 +227,3 @@ def sweep_table(sw: dict, header: str) -> str:
     used = sw.get("seconds")
     lines.append(f"sweep time {used:.0f} s of a {sw['budget_s']:.0f} s budget" if used is not None else "")
     return "\n".join(lines + notes)
-
-
-# ----------------------------------------------------------------------------------------------------- main

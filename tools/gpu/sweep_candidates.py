@@ -1,11 +1,10 @@
-"""The tile sweep's data (tools/gpu_sweep.py): candidate launch configurations per kernel, a small set for the
+"""The tile sweep's data (tools/gpu/sweep.py): candidate launch configurations per kernel, a small set for the
 interpreter smoke run, and where each kernel's default lives (for adopting a winner)."""
 
 from __future__ import annotations
 
 # Candidates per kernel on a GPU (the launcher's default is always timed first). Attention tiles are
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); decode (BLOCK_N, num_warps, num_stages, num_splits or None for
-# the launcher's choice); FastMKA mix (BLOCK_T, BLOCK_H, num_warps).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages).
 GPU_CANDIDATES: dict[str, list[tuple]] = {
     "flash_fwd": [
         (128, 64, 8, 2),
@@ -43,32 +42,6 @@ GPU_CANDIDATES: dict[str, list[tuple]] = {
         (128, 32, 4, 2),
         (64, 32, 4, 3),
     ],
-    "decode": [
-        (32, 4, 2, None),
-        (128, 4, 3, None),
-        (64, 4, 4, None),
-        (64, 2, 3, None),
-        (64, 4, 3, 8),
-        (64, 4, 3, 16),
-        (64, 4, 3, 32),
-        (128, 4, 3, 16),
-        (128, 8, 3, 16),
-        (32, 2, 3, 32),
-        (64, 4, 3, None),
-    ],
-    "fastmka_mix": [
-        (16, 16, 4),
-        (64, 16, 4),
-        (32, 8, 4),
-        (32, 8, 2),
-        (32, 32, 4),
-        (32, 64, 8),
-        (16, 8, 2),
-        (64, 32, 8),
-        (32, 16, 2),
-        (32, 4, 1),
-        (32, 16, 4),
-    ],
     "mka_fwd": [
         (64, 32, 4, 3),
         (64, 64, 4, 2),
@@ -87,8 +60,6 @@ SMOKE_CANDIDATES: dict[str, list[tuple]] = {  # bigger tiles = fewer programs = 
     "flash_fwd": [(64, 64, 1, 1)],
     "flash_dkdv": [(64, 64, 1, 1)],
     "flash_dq": [(64, 64, 1, 1)],
-    "decode": [(64, 1, 1, 1)],
-    "fastmka_mix": [(64, 16, 1)],
     "mka_fwd": [(32, 32, 1, 1)],
     "mka_bwd": [(32, 32, 1, 1)],
 }
@@ -99,8 +70,6 @@ WHERE = {
     "flash_fwd": "FWD_CONFIGS[{key}] in kernels/flash_attention/plumbing.py",
     "flash_dkdv": "DKDV_CONFIGS[{key}] in kernels/flash_attention/plumbing.py",
     "flash_dq": "DQ_CONFIGS[{key}] in kernels/flash_attention/plumbing.py",
-    "decode": "DECODE_CONFIGS[{key}] (splits: _num_splits) in kernels/decode_attention.py",
-    "fastmka_mix": "fastmka_mix_fwd's BLOCK_T/BLOCK_H/num_warps defaults in kernels/fastmka_mix_triton.py",
     "mka_fwd": "_config in kernels/mka_attention_triton.py",
     "mka_bwd": "_config in kernels/mka_attention_triton.py (shared with the forward)",
 }

@@ -1,11 +1,12 @@
-"""Each Triton kernel's sweep for ``tools/gpu_check.py --sweep``: its goal-size run, its check against the reference
-at an odd-length GQA size, its default tile and candidates (``make_tunables``); ``tools/gpu_sweep.py`` times them."""
+"""Each Triton kernel's sweep for ``tools/gpu/check.py --sweep``: its goal-size run, its check against the reference
+at an odd-length GQA size, its default tile and candidates (``make_tunables``); ``tools/gpu/sweep.py`` times them."""
 
 from __future__ import annotations
 
 import torch
-from gpu_sweep import PLUMBING, TR, Tunable, da, fa, fm, fmt, ma, max_rel_err, mt, pinned_table, rel_err  # tools/
-from gpu_sweep_candidates import GPU_CANDIDATES, SMOKE_CANDIDATES  # tools/ (on the path when run)
+
+from tools.gpu.sweep import PLUMBING, Tunable, fa, ma, max_rel_err, mt, pinned_table, rel_err
+from tools.gpu.sweep_candidates import GPU_CANDIDATES, SMOKE_CANDIDATES
 
 
 def _tiles(cfg) -> dict:
@@ -78,61 +79,7 @@ def make_tunables(dev, dtype, s, keys) -> list[Tunable]:
                 lambda c, table=table: flash_bwd_check(table, c),
             )
         )
-    # split-K decode: one token over the T-long cache
-    q1 = rd(B, H, 1, d)
-    qd = qc[:, :, -3:]
-    if cpu:
-        dec_default = (da.INTERPRETER_BLOCK_N, 1, 1, None)
-    else:
-        _, bn0, w0, st0 = da.DECODE_CONFIGS[(es, max(64, bd))][0]
-        dec_default = (bn0, w0, st0, None)
-    dec = lambda c: dict(block_n=c[0], num_warps=c[1], num_stages=c[2], num_splits=c[3])  # noqa: E731
-    out.append(
-        Tunable(
-            "decode",
-            "split-K decode",
-            ("BLOCK_N", "warps", "stages", "splits"),
-            dec_default,
-            cands["decode"],
-            lambda c: da.decode_attention_fwd(q1, k, v, None, None, True, **dec(c))[0],
-            lambda c: rel_err(
-                da.decode_attention_fwd(qd, kc, vc, None, None, True, **dec(c))[0],
-                once("dec", lambda: da.reference_decode_attention(qd, kc, vc, None, scale, True)[0]),
-            ),
-            reps_scale=4,
-        )
-    )
-    # fused FastMKA mix (scan + route-mix + RoPE)
     valid = torch.ones(B, T, dtype=torch.bool, device=dev)
-    sk = torch.zeros(B, H, d, device=dev)
-    n0 = torch.zeros(B, dtype=torch.int64, device=dev)
-    lam = torch.softmax(rd(B, 1, T, 2, dt=torch.float32), -1)
-    cos, sin = fm.rope_tables(torch.arange(T, device=dev).expand(B, T), d, dtype=dtype)
-
-    def mix_inputs(n):  # check size: Bc batches, odd length, padding, a carried state, RoPE
-        validc = torch.ones(Bc, n, dtype=torch.bool, device=dev)
-        validc[1, :5] = False
-        skc = torch.randn(Bc, Hkv, d, generator=g).to(dev)
-        lamc = torch.softmax(torch.randn(Bc, 1, n, 2, generator=g), -1).to(dev)
-        cc, sc = fm.rope_tables(torch.arange(n, device=dev).expand(Bc, n) + 3, d, dtype=dtype)
-        return (lamc, kc, vc, None, None, validc, skc, skc * 0.5, torch.tensor([0, 7], device=dev), 0.9, cc, sc)
-
-    mix = lambda c: dict(BLOCK_T=c[0], BLOCK_H=c[1], num_warps=c[2])  # noqa: E731
-    half = d // 2
-    out.append(
-        Tunable(
-            "fastmka_mix",
-            "fastmka mix",
-            ("BLOCK_T", "BLOCK_H", "warps"),
-            (TR.pow2(T, 16, 32), TR.pow2(half, 1, 16), 4),
-            cands["fastmka_mix"],
-            lambda c: fmt.fastmka_mix_fwd(lam, k, v, None, None, valid, sk, sk, n0, 0.9, cos, sin, **mix(c))[:2],
-            lambda c: max_rel_err(
-                fmt.fastmka_mix_fwd(*once("mix_in", lambda: mix_inputs(Tc)), **mix(c)),
-                once("mix_ref", lambda: fm.reference_fastmka_mix(*cache["mix_in"])),
-            ),
-        )
-    )
     # MKA attention: L1 + L2 + L3 (R=8 over T/64 summaries), as in the timings
     N = max(1, T // 64)
     lam3 = torch.softmax(rd(B, 1, T, 3, dt=torch.float32), -1)

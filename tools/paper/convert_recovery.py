@@ -1,8 +1,8 @@
 """Conversion experiment: a pretrained MHA LM converted to FastMKA with ``mka_compile.convert``, fine-tuned,
 perplexity tracked against fine-tuning steps.
 
-    python tools/convert_recovery.py                     # pretrains its own MHA model first (a few minutes)
-    python tools/paper_tables.py                         # runs this on the table's trained MHA model
+    python tools/paper/convert_recovery.py               # pretrains its own MHA model first (a few minutes)
+    python tools/paper/tables.py                         # runs this on the table's trained MHA model
 
 Three arms fine-tune from the same pretrained weights on the same batches, interleaved step by step:
 the original MHA model (control), FastMKA with ``gate_init=0`` (the project's default: the converted
@@ -28,9 +28,10 @@ from rich.table import Table
 
 import mka_compile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import lm_training as T  # noqa: E402
-from lm_variants import DecoderLM, LMConfig  # noqa: E402
+if not __package__:  # run as a file: the checkout's `tools` package, appended so an installed mka_compile still wins
+    sys.path.append(str(Path(__file__).resolve().parents[2]))
+from tools.paper import lm_training as T  # noqa: E402
+from tools.paper.lm_variants import DecoderLM, LMConfig  # noqa: E402
 
 ARMS = ("control", "fastmka_gate0", "fastmka_gate1")
 ARM_LABELS = {

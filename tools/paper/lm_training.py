@@ -1,5 +1,5 @@
-"""Corpora, training steps and held-out perplexity for the paper-table experiments (``tools/paper_tables.py``,
-``tools/convert_recovery.py``).
+"""Corpora, training steps and held-out perplexity for the paper-table experiments (``tools/paper/tables.py``,
+``tools/paper/convert_recovery.py``).
 
 Tokenisation: Tiny Shakespeare by characters (the 65 distinct characters of the file), WikiText-2 by
 UTF-8 bytes (256 ids; ``mka_compile.training.load_corpus``). Splits: Tiny Shakespeare first 90 % train / last 10 %

@@ -1,6 +1,6 @@
 """A small decoder LM with six interchangeable attention variants, for the paper-table experiments.
 
-    from lm_variants import LMConfig, DecoderLM
+    from tools.paper.lm_variants import LMConfig, DecoderLM
     model = DecoderLM(LMConfig(vocab_size=65), "gqa")
     logits = model(ids)                              # ids: [B, T] -> [B, T, V]
     cache = model.new_cache(); model(prompt, cache=cache); model(next_id, cache=cache)   # cached decode

@@ -1,10 +1,10 @@
-"""The plots of ``tools/paper_tables.py`` (matplotlib, Agg backend): perplexity against speed, and loss curves."""
+"""The plots of ``tools/paper/tables.py`` (matplotlib, Agg backend): perplexity against speed, and loss curves."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from paper_report import NAMES
+from tools.paper.report import NAMES
 
 
 def _plt():

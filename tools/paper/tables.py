@@ -1,17 +1,17 @@
 """The MKA paper's tables re-measured at small scale: six attention variants in one decoder LM, on CPU.
 
-    python tools/paper_tables.py                 # default budget: both corpora, six variants, conversion (~15-20 min)
-    python tools/paper_tables.py --quick --out /tmp/pt --doc /tmp/pt/results.md     # micro budget (~30 s)
+    python tools/paper/tables.py                 # default budget: both corpora, six variants, conversion (~15-20 min)
+    python tools/paper/tables.py --quick --out /tmp/pt --doc /tmp/pt/results.md     # micro budget (~30 s)
 
-One small decoder LM (``tools/lm_variants.py``) with MHA, MQA, GQA, MLA, MKA and FastMKA attention, the
+One small decoder LM (``tools/paper/lm_variants.py``) with MHA, MQA, GQA, MLA, MKA and FastMKA attention, the
 same width, depth, steps, batch, learning-rate schedule, data order and seed, trained on Tiny Shakespeare
 (characters) and WikiText-2 (bytes; trained on the validation split, reported on the test split). All
 variants train in lock-step (one step of each, in rotating order, on the same batch), and every timing
 is taken interleaved across variants, so machine load hits them alike. Measured per variant: held-out
-perplexity (``tools/lm_training.py``: every token predicted once, no padding), training tokens/s (median
+perplexity (``tools/paper/lm_training.py``: every token predicted once, no padding), training tokens/s (median
 step), eval latency (a forward over one validation batch), decode ms/token (greedy cached decoding after
 a prompt, batch 1), and the KV-cache bytes held after decoding next to the analytic formula. Then the
-conversion experiment (``tools/convert_recovery.py``) on the table's trained MHA model.
+conversion experiment (``tools/paper/convert_recovery.py``) on the table's trained MHA model.
 
 Writes ``<out>/<corpus>.json``, ``<out>/conversion.json``, PNG plots under ``<out>/``, and ``--doc``
 (default ``docs/results.md``) with the tables, the command, seeds, budgets and the conclusions computed
@@ -36,14 +36,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import mka_compile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import convert_recovery  # noqa: E402
-import lm_training as T  # noqa: E402
-from lm_variants import VARIANTS, DecoderLM, LMConfig, analytic_cache_bytes, cache_bytes, param_count  # noqa: E402
-from paper_plots import plot_losses, plot_tradeoff  # noqa: E402
-from paper_report import COMPARABLE, NAMES, claims, rich_table, write_doc  # noqa: E402,F401
+if not __package__:  # run as a file: the checkout's `tools` package, appended so an installed mka_compile still wins
+    sys.path.append(str(Path(__file__).resolve().parents[2]))
+from tools.paper import convert_recovery  # noqa: E402
+from tools.paper import lm_training as T  # noqa: E402
+from tools.paper.lm_variants import (  # noqa: E402
+    VARIANTS,
+    DecoderLM,
+    LMConfig,
+    analytic_cache_bytes,
+    cache_bytes,
+    param_count,
+)
+from tools.paper.plots import plot_losses, plot_tradeoff  # noqa: E402
+from tools.paper.report import COMPARABLE, NAMES, claims, rich_table, write_doc  # noqa: E402,F401
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT = dict(
     threads=1,
@@ -335,7 +343,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
-    command = " ".join(["python tools/paper_tables.py", *argv])
+    command = " ".join(["python tools/paper/tables.py", *argv])
     out, doc = Path(args.out), Path(args.doc)
     out.mkdir(parents=True, exist_ok=True)
     console = Console()

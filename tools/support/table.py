@@ -2,11 +2,11 @@
 third-party model files, through detection and conversion. Writes ``docs/support.md`` (and
 ``docs/support.json``, the numbers it is made from).
 
-    .venv/bin/python tools/support_table.py            # everything (ONNX export included; ~30-60 min on 2 cores)
-    .venv/bin/python tools/support_table.py --quick    # skip the ONNX column
-    .venv/bin/python tools/support_table.py --only llama,gemma2 --print   # a few families, table to stdout
-    .venv/bin/python tools/support_table.py --only bloom --merge           # rerun rows of the last table
-    .venv/bin/python tools/support_table.py --worker gemma2               # one family, JSON to stdout
+    .venv/bin/python tools/support/table.py            # everything (ONNX export included; ~30-60 min on 2 cores)
+    .venv/bin/python tools/support/table.py --quick    # skip the ONNX column
+    .venv/bin/python tools/support/table.py --only llama,gemma2 --print   # a few families, table to stdout
+    .venv/bin/python tools/support/table.py --only bloom --merge           # rerun rows of the last table
+    .venv/bin/python tools/support/table.py --worker gemma2               # one family, JSON to stdout
 
 Each family runs in its own subprocess (a crash or a hang costs one row, with the reason). Columns:
 
@@ -36,12 +36,13 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling modules, when imported from elsewhere
+ROOT = Path(__file__).resolve().parents[2]
+if not __package__:  # run as a file: the checkout's `tools` package, appended so an installed mka_compile still wins
+    sys.path.append(str(ROOT))
 
-from support_render import COLUMNS, _order, _write, render  # noqa: E402
-from tiny_models import build_hf, build_thirdparty  # noqa: E402
-from tiny_models import logits as _logits  # noqa: E402
+from tools.support.render import COLUMNS, _order, _write, render  # noqa: E402
+from tools.support.tiny_models import build_hf, build_thirdparty  # noqa: E402
+from tools.support.tiny_models import logits as _logits  # noqa: E402
 
 THIRDPARTY = ("thirdparty:litgpt", "thirdparty:litgpt_softcap", "thirdparty:torchtune")
 

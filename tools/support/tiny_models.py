@@ -1,4 +1,4 @@
-"""Tiny models for the support table (``tools/support_table.py``): every causal-LM family of the installed transformers
+"""Tiny models for the support table (``tools/support/table.py``): every causal-LM family of the installed transformers
 built from its default config with small sizes, and the third-party-style models of ``tests/thirdparty``."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 _SIZE = dict(
     hidden_size=64,
