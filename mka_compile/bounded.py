@@ -59,6 +59,7 @@ class BoundedStore:
     chunk_k: torch.Tensor  # (B, G, N, C, d) on the host
     chunk_v: torch.Tensor
     tail_real: int = 0  # the latest positions (slots) that were real tokens in every row: what crop may remove
+    positions: int = 0  # positions stored, padding included
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, head_dim: int, ref: torch.Tensor, cfg: MKAConfig) -> BoundedStore:
@@ -158,6 +159,7 @@ class BoundedStore:
             if bool(sink.any()):
                 getattr(self, sink_name).transpose(1, 2)[b_idx[sink], pos[b_idx, t_idx][sink]] = rows[sink]
         self.n = self.n + cnt
+        self.positions += T
         all_real = valid.all(0)
         trailing = int(torch.flip(all_real, (0,)).long().cumprod(0).sum())
         self.tail_real = self.tail_real + T if trailing == T else trailing
@@ -178,6 +180,7 @@ class BoundedStore:
             )
         self.n = self.n - remove
         self.tail_real -= remove
+        self.positions -= remove
         self._rebase(torch.minimum(self.base, self.window_start(self.n)))
         self.recent_k = self.recent_k[:, :, : int((self.n - self.base).max())]
         self.recent_v = self.recent_v[:, :, : self.recent_k.shape[2]]

@@ -248,7 +248,6 @@ class FastMKAAttention(_MKABase):
         Hkv = self.num_kv_heads
         if st.bounded is None or st.bounded.n.shape[0] != B:
             st.bounded = bounded.BoundedStore.empty(B, Hkv, d, kf, cfg)
-        st.tokens_bound += T
         q_r = q.view(B, Hkv, H // Hkv, T, d).mean(2).float() if cfg.exact_recall > 0 else None
         freqs = None
         if self.rotary is not None:

@@ -207,5 +207,5 @@ class MKACache:
         """Positions cached for layer ``idx`` (padding included)."""
         st = self.layers.get(idx)
         if st is not None and st.bounded is not None:
-            return int(st.tokens_bound)
+            return st.bounded.positions
         return 0 if st is None or st.kv_valid is None else int(st.kv_valid.shape[1])
