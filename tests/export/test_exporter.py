@@ -140,7 +140,9 @@ def test_plain_mka_flash_attention_exports(tmp_path) -> None:
 
 def test_op_without_onnx_function_names_op_and_site(tmp_path) -> None:
     with pytest.raises(ExportError, match=r"mka::route_mix_backward at site attn: it has no ONNX function"):
-        export_onnx(_Net("untranslated"), (torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)), tmp_path / "x.onnx")
+        export_onnx(
+            _Net("untranslated"), (torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)), tmp_path / "x.onnx"
+        )
     assert not (tmp_path / "x.onnx").exists()
 
 
