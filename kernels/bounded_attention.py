@@ -32,11 +32,16 @@ BLOCK_T = 128  # queries per block in the reference: bounds its memory to BLOCK_
 
 def rotate_by(x: torch.Tensor, angles: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """``x: [..., d]`` rotated by ``angles: [..., rot/2]`` (broadcast), RoPE pairs as in the module docstring."""
-    half = angles.shape[-1]
+    return rotate_cs(x, torch.cos(angles), torch.sin(angles), interleaved)
+
+
+def rotate_cs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """:func:`rotate_by` given the angles' ``cos, sin: [..., rot/2]``."""
+    half = cos.shape[-1]
     if half == 0:
         return x
     rot = 2 * half
-    c, s = torch.cos(angles).to(x.dtype), torch.sin(angles).to(x.dtype)
+    c, s = cos.to(x.dtype), sin.to(x.dtype)
     xr, xp = x[..., :rot], x[..., rot:]
     if interleaved:
         x1, x2 = xr[..., 0::2], xr[..., 1::2]
@@ -44,7 +49,15 @@ def rotate_by(x: torch.Tensor, angles: torch.Tensor, interleaved: bool) -> torch
     else:
         x1, x2 = xr[..., :half], xr[..., half:]
         out = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
-    return out if xp.shape[-1] == 0 else torch.cat([out, xp], -1)
+    return out if xp.shape[-1] == 0 else torch.cat([out, xp.expand(*out.shape[:-1], xp.shape[-1])], -1)
+
+
+def _turns(delta: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of ``delta[..., None] * freqs`` (``[..., rot/2]``), computed in float64 once per distinct
+    ``delta`` (a block's entries share few: a recalled chunk's tokens, a query's sinks move together)."""
+    u, inv = torch.unique(delta, return_inverse=True)
+    a = u.to(torch.float64)[:, None] * freqs.to(torch.float64)  # (U, rot/2) exact angles
+    return torch.cos(a)[inv], torch.sin(a)[inv]
 
 
 def _gather(pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -55,27 +68,44 @@ def _gather(pool: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(pool, 2, flat).view(B, G, t, M, d)
 
 
-def reference_bounded_attention(q, k, v, idx, delta, freqs, scale: float, interleaved: bool):
-    """Pure-torch definition of ``mka::bounded_attention`` (differentiable in ``q, k, v``), in blocks of queries."""
-    B, H, T, d = q.shape
+def _scores(q, k, v, idx, delta, freqs, scale, interleaved, run, t0, t1):
+    """One block of queries ``t0:t1``: ``(qq [B, G, rep, tb, d], kk, vv [B, G, tb, M, d], s [B, G, rep, tb, M],
+    off [B, G, tb, M], turn)``; ``kk`` as gathered (rotated by ``turn`` when the keys are turned, see below)."""
+    B, H, _, d = q.shape
     G = k.shape[1]
     rep = H // G
     acc = acc_dtype(q)
-    rotate = freqs.numel() > 0
+    ix = idx[:, :, t0:t1]  # (B, G, tb, M)
+    tb, M = ix.shape[2], ix.shape[3]
+    off = ix < 0
+    safe = ix.clamp_min(0)
+    kk = _gather(k, safe).to(acc)  # (B, G, tb, M, d)
+    vv = _gather(v, safe).to(acc)
+    qq = q[:, :, t0:t1].reshape(B, G, rep, tb, d).to(acc)
+    turn = None
+    if freqs.numel() == 0:
+        s = torch.einsum("bgrtd,bgtmd->bgrtm", qq, kk)
+    elif run > 1:  # one angle per run of entries: turn the query back instead of every key (q . Rk = R^T q . k)
+        a = delta[:, :, t0:t1, ::run].to(torch.float64)[..., None] * freqs.to(torch.float64)  # (B, G, tb, Mr, h)
+        turn = (torch.cos(a).to(acc), torch.sin(a).to(acc))
+        qr = rotate_cs(qq[:, :, :, :, None, :], turn[0][:, :, None], -turn[1][:, :, None], interleaved)
+        kr = kk.view(B, G, tb, M // run, run, d)
+        s = torch.einsum("bgrtnd,bgtncd->bgrtnc", qr, kr).reshape(B, G, rep, tb, M)
+    else:
+        kk = rotate_cs(kk, *(t.to(acc) for t in _turns(delta[:, :, t0:t1], freqs)), interleaved)
+        s = torch.einsum("bgrtd,bgtmd->bgrtm", qq, kk)
+    s = (s * scale).masked_fill(off[:, :, None], -torch.inf)
+    return qq, kk, vv, s, off, turn
+
+
+def reference_bounded_attention(q, k, v, idx, delta, freqs, scale: float, interleaved: bool, run: int = 1):
+    """Pure-torch definition of ``mka::bounded_attention`` (differentiable in ``q, k, v``), in blocks of queries."""
+    B, H, T, d = q.shape
+    acc = acc_dtype(q)
     outs, lses = [], []
     for t0 in range(0, T, BLOCK_T):
         t1 = min(T, t0 + BLOCK_T)
-        ix = idx[:, :, t0:t1]  # (B, G, tb, M)
-        off = ix < 0
-        safe = ix.clamp_min(0)
-        kk = _gather(k, safe).to(acc)  # (B, G, tb, M, d)
-        vv = _gather(v, safe).to(acc)
-        if rotate:
-            ang = delta[:, :, t0:t1, :, None].to(torch.float64) * freqs.to(torch.float64)  # exact angles
-            kk = rotate_by(kk, ang, interleaved)
-        qq = q[:, :, t0:t1].reshape(B, G, rep, t1 - t0, d).to(acc)
-        s = torch.einsum("bgrtd,bgtmd->bgrtm", qq, kk) * scale
-        s = s.masked_fill(off[:, :, None], -torch.inf)
+        _, _, vv, s, _, _ = _scores(q, k, v, idx, delta, freqs, scale, interleaved, run, t0, t1)
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)
@@ -90,7 +120,7 @@ def reference_bounded_attention(q, k, v, idx, delta, freqs, scale: float, interl
     return out.to(q.dtype), lse.to(acc)
 
 
-def check_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved) -> None:
+def check_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved, run: int = 1) -> None:
     check.rank("q", q, 4, "[B, H, T, d]")
     check.floating("q", q)
     B, H, T, d = q.shape
@@ -113,6 +143,8 @@ def check_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved) -> N
         raise ValueError(f"freqs has {freqs.numel()} frequencies, more than head size {d} allows (d / 2)")
     if not (isinstance(scale, float) and scale > 0):
         raise ValueError(f"scale must be a positive float, got {scale!r}")
+    if not (isinstance(run, int) and run >= 1 and idx.shape[3] % run == 0):
+        raise ValueError(f"run must be a positive int dividing the {idx.shape[3]} entries per query, got {run!r}")
 
 
 @torch.library.custom_op("mka::bounded_attention", mutates_args=())
@@ -125,20 +157,21 @@ def _bounded_attention_op(
     freqs: torch.Tensor,
     scale: float,
     interleaved: bool,
+    run: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    check_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved)
-    out, lse = reference_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved)
+    check_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved, run)
+    out, lse = reference_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved, run)
     return out.contiguous(), lse.contiguous()
 
 
 @_bounded_attention_op.register_fake
-def _(q, k, v, idx, delta, freqs, scale, interleaved):
-    check_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved)
+def _(q, k, v, idx, delta, freqs, scale, interleaved, run=1):
+    check_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved, run)
     return new_like(q), q.new_empty(q.shape[:3], dtype=acc_dtype(q))
 
 
 def reference_bounded_attention_backward(
-    grad_out, grad_lse, q, k, v, idx, delta, freqs, scale: float, interleaved: bool
+    grad_out, grad_lse, q, k, v, idx, delta, freqs, scale: float, interleaved: bool, run: int = 1
 ):
     """``(dq, dk, dv)`` of ``sum(grad_out * out) + sum(grad_lse * lse)``: the softmax-attention gradients per block
     of queries; a gathered key's gradient is rotated back by its angle (a rotation's transpose is its inverse) and
@@ -150,24 +183,13 @@ def reference_bounded_attention_backward(
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-    rotate = freqs.numel() > 0
+    M = idx.shape[3]
     for t0 in range(0, T, BLOCK_T):
         t1 = min(T, t0 + BLOCK_T)
         tb = t1 - t0
-        ix = idx[:, :, t0:t1]
-        off = ix < 0
-        safe = ix.clamp_min(0)
-        kk = _gather(k, safe).to(acc)  # (B, G, tb, M, d)
-        vv = _gather(v, safe).to(acc)
-        ang = None
-        if rotate:
-            ang = delta[:, :, t0:t1, :, None].to(torch.float64) * freqs.to(torch.float64)
-            kk = rotate_by(kk, ang, interleaved)
-        qq = q[:, :, t0:t1].reshape(B, G, rep, tb, d).to(acc)
+        qq, kk, vv, s, off, turn = _scores(q, k, v, idx, delta, freqs, scale, interleaved, run, t0, t1)
         go = grad_out[:, :, t0:t1].reshape(B, G, rep, tb, d).to(acc)
         gl = grad_lse[:, :, t0:t1].reshape(B, G, rep, tb, 1).to(acc)
-        s = torch.einsum("bgrtd,bgtmd->bgrtm", qq, kk) * scale
-        s = s.masked_fill(off[:, :, None], -torch.inf)
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         p = torch.exp(s - m)
@@ -175,13 +197,23 @@ def reference_bounded_attention_backward(
         p = p / torch.where(den > 0, den, torch.ones_like(den))  # (B, G, rep, tb, M)
         dp = torch.einsum("bgrtd,bgtmd->bgrtm", go, vv)
         ds = p * (dp - (p * dp).sum(-1, keepdim=True) + gl) * scale  # d lse / d s = p
-        dq[:, :, t0:t1] = torch.einsum("bgrtm,bgtmd->bgrtd", ds, kk).reshape(B, H, tb, d)
-        dkk = torch.einsum("bgrtm,bgrtd->bgtmd", ds, qq)  # (B, G, tb, M, d)
         dvv = torch.einsum("bgrtm,bgrtd->bgtmd", p, go)
-        if rotate:
-            dkk = rotate_by(dkk, -ang, interleaved)
+        if turn is not None:  # s = (R^T q) . k per run: dq = R (sum ds k), dk = ds R^T q
+            dsr = ds.view(B, G, rep, tb, M // run, run)
+            kr = kk.view(B, G, tb, M // run, run, d)
+            dqr = torch.einsum("bgrtnc,bgtncd->bgrtnd", dsr, kr)
+            dq_blk = rotate_cs(dqr, turn[0][:, :, None], turn[1][:, :, None], interleaved).sum(4)
+            qr = rotate_cs(qq[:, :, :, :, None, :], turn[0][:, :, None], -turn[1][:, :, None], interleaved)
+            dkk = torch.einsum("bgrtnc,bgrtnd->bgtncd", dsr, qr).reshape(B, G, tb, M, d)
+        else:
+            dq_blk = torch.einsum("bgrtm,bgtmd->bgrtd", ds, kk)
+            dkk = torch.einsum("bgrtm,bgrtd->bgtmd", ds, qq)
+            if freqs.numel():
+                c, sn = (t.to(acc) for t in _turns(delta[:, :, t0:t1], freqs))
+                dkk = rotate_cs(dkk, c, -sn, interleaved)  # rotate back
+        dq[:, :, t0:t1] = dq_blk.reshape(B, H, tb, d)
         keep = (~off)[..., None].to(acc)
-        flat = safe.reshape(B, G, tb * idx.shape[3], 1).expand(-1, -1, -1, d)
+        flat = idx[:, :, t0:t1].clamp_min(0).reshape(B, G, tb * M, 1).expand(-1, -1, -1, d)
         dk.scatter_add_(2, flat, (dkk * keep).reshape(B, G, -1, d))
         dv.scatter_add_(2, flat, (dvv * keep).reshape(B, G, -1, d))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -199,30 +231,33 @@ def _bounded_attention_backward_op(
     freqs: torch.Tensor,
     scale: float,
     interleaved: bool,
+    run: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = reference_bounded_attention_backward(
-        grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved
+        grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved, run
     )
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_bounded_attention_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved):
+def _(grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved, run=1):
     return new_like(q), new_like(k), new_like(v)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, idx, delta, freqs, scale, interleaved = inputs
+    q, k, v, idx, delta, freqs, scale, interleaved, run = inputs
     ctx.save_for_backward(q, k, v, idx, delta, freqs)
-    ctx.scale, ctx.interleaved = scale, interleaved
+    ctx.scale, ctx.interleaved, ctx.run = scale, interleaved, run
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, idx, delta, freqs = ctx.saved_tensors
     g = torch.zeros_like(q) if grad_out is None else grad_out.contiguous()
     gl = q.new_zeros(q.shape[:3], dtype=acc_dtype(q)) if grad_lse is None else grad_lse.contiguous()
-    dq, dk, dv = torch.ops.mka.bounded_attention_backward(g, gl, q, k, v, idx, delta, freqs, ctx.scale, ctx.interleaved)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = torch.ops.mka.bounded_attention_backward(
+        g, gl, q, k, v, idx, delta, freqs, ctx.scale, ctx.interleaved, ctx.run
+    )
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _bounded_attention_op.register_autograd(_backward, setup_context=_setup)
@@ -237,12 +272,16 @@ def bounded_attention(
     freqs: torch.Tensor | None = None,
     scale: float | None = None,
     interleaved: bool = False,
+    run: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``mka::bounded_attention``; see the module docstring. ``delta`` None: zeros; ``freqs`` None: no rotation;
-    ``scale`` None: ``d ** -0.5``. Returns ``(out, lse)``."""
+    ``scale`` None: ``d ** -0.5``; ``run``: the entries come in aligned runs of ``run`` that share one ``delta``
+    (a recalled chunk's tokens), which lets an implementation turn the query once per run instead of every key.
+    Returns ``(out, lse)``."""
     if delta is None:
         delta = torch.zeros_like(idx)
     if freqs is None:
         freqs = torch.zeros(0, dtype=torch.float32, device=q.device)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    return torch.ops.mka.bounded_attention(q, k, v, idx, delta, freqs.to(torch.float32), scale, bool(interleaved))
+    fr = freqs.to(torch.float32)
+    return torch.ops.mka.bounded_attention(q, k, v, idx, delta, fr, scale, bool(interleaved), int(run))

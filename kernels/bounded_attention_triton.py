@@ -406,18 +406,19 @@ def _triton_ok(q: torch.Tensor) -> bool:
     return q.dtype in _SUPPORTED and q.shape[-1] <= MAX_HEAD_DIM
 
 
-def _bounded_attention_cuda(q, k, v, idx, delta, freqs, scale, interleaved):
+def _bounded_attention_cuda(q, k, v, idx, delta, freqs, scale, interleaved, run=1):
+    """(``run`` only speeds the reference up; the kernels read each entry's own ``delta``.)"""
     if not _triton_ok(q):
-        check_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved)
-        out, lse = reference_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved)
+        check_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved, run)
+        out, lse = reference_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved, run)
         return out.contiguous(), lse.contiguous()
     return bounded_attention_fwd(q, k, v, idx, delta, freqs, scale, interleaved)
 
 
-def _bounded_attention_backward_cuda(grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved):
+def _bounded_attention_backward_cuda(grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved, run=1):
     args = (grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved)
     if not _triton_ok(q):
-        return tuple(t.contiguous() for t in reference_bounded_attention_backward(*args))
+        return tuple(t.contiguous() for t in reference_bounded_attention_backward(*args, run))
     return bounded_attention_bwd(*args)
 
 

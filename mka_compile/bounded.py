@@ -33,6 +33,7 @@ import torch
 
 from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
+from mka_compile.kernels.bounded_attention import rotate_cs
 
 
 def _host_for(device: torch.device) -> tuple[torch.device, bool]:
@@ -226,79 +227,132 @@ def attend(
     qpos = store.append(k, v, valid)  # (B, T)
     B, H, T, d = q.shape
     G = k.shape[1]
-    S, W, C, R = cfg.sink_tokens, cfg.window, cfg.chunk_size, cfg.exact_recall
+    S, C, R = cfg.sink_tokens, cfg.chunk_size, cfg.exact_recall
     dev = q.device
     real = qpos >= 0
     t = qpos.clamp_min(0)
     ws = store.window_start(t)  # (B, T)
-    base = store.base
-    Lr = store.recent_k.shape[2]
-    # the window: real positions t - m, m < W + C - 1, from ws(t) on
-    wi = t[..., None] - torch.arange(W + C - 1, device=dev)  # (B, T, Mw)
-    w_ok = real[..., None] & (wi >= ws[..., None])
-    w_idx = torch.where(w_ok, S + wi - base[:, None, None], -1)
-    # the sinks not in the window
-    s = torch.arange(S, device=dev)
-    s_ok = real[..., None] & (s < ws[..., None])  # (B, T, S)
-    s_idx = torch.where(s_ok, s.expand_as(s_ok), -1)
-    parts_idx = [s_idx[:, None].expand(B, G, T, S), w_idx[:, None].expand(B, G, T, w_idx.shape[-1])]
-    parts_k, parts_v = [store.sink_k, store.recent_k], [store.sink_v, store.recent_v]
     remap = None
     if trained_length > 0 and freqs is not None and freqs.numel():
         remap = real & (t >= trained_length)  # (B, T)
         if not bool(remap.any()):
             remap = None
     zero = torch.zeros((), dtype=torch.int64, device=dev)
-    s_delta = torch.zeros(B, G, T, S, dtype=torch.int64, device=dev)
-    c_idx = c_delta = None
+    n_rec = torch.zeros(B, G, T, dtype=torch.int64, device=dev)  # chunks each query recalled
+    far = None
     if R > 0 and summ_k is not None and summ_k.shape[2] > 0:
-        at = torch.where(real, ws, 0)  # recall among the chunks c < ws(t) / C
-        sel, found = torch.ops.mka.recall_select(q_r, summ_k, at, C, R, None, None)  # (B, G, T, R)
-        stored = base // C  # (B,) chunks in the host store
-        in_store = found & (sel < stored[:, None, None, None])
-        o = torch.arange(C, device=dev)
-        ci = sel[..., None] * C + o  # (B, G, T, R, C) real positions
-        c_ok = found[..., None] & (ci >= S)
-        slot = S + ci - base[:, None, None, None, None]  # in recent
-        n_st = int(stored.max())
-        if n_st > 0 and bool(in_store.any()):
-            present = torch.zeros(B, G, n_st + 1, dtype=torch.bool, device=dev)
-            present.scatter_(2, torch.where(in_store, sel, n_st).flatten(2), True)
-            present = present[..., :n_st]
-            U = int(present.sum(-1).max())
-            order = torch.argsort((~present).to(torch.int8), dim=-1, stable=True)[..., :U]  # (B, G, U) chunk ids
-            rank = present.long().cumsum(-1) - 1  # (B, G, n_st): a present chunk's place among the fetched
-            u = rank.gather(-1, sel.clamp(max=n_st - 1).flatten(2)).view_as(sel)
-            h = order.to(store.chunk_k.device)[..., None, None].expand(B, G, U, C, d)
-            fk = torch.gather(store.chunk_k, 2, h).to(dev, non_blocking=True)  # (B, G, U, C, d)
-            fv = torch.gather(store.chunk_v, 2, h).to(dev, non_blocking=True)
-            parts_k.append(fk.flatten(2, 3).to(store.recent_k.dtype))
-            parts_v.append(fv.flatten(2, 3).to(store.recent_v.dtype))
-            slot = torch.where(in_store[..., None], S + Lr + u[..., None] * C + o, slot)
-        c_idx = torch.where(c_ok, slot, -1).flatten(3)  # (B, G, T, R*C)
-        if remap is not None:  # sinks, then the recalled chunks in chunk order, then the window, ending at t
-            n_rec = found.sum(-1)  # (B, G, T)
-            before = (found[..., None, :] & (sel[..., None, :] < sel[..., :, None])).sum(-1)  # (B, G, T, R)
-            wsg = ws[:, None]
-            cd = wsg[..., None] - (n_rec[..., None] - before) * C - sel * C  # (B, G, T, R)
-            c_delta = torch.where(remap[:, None, :, None], cd, zero)[..., None].expand(B, G, T, R, C).flatten(3)
-            sd = (wsg - n_rec * C - S)[..., None]  # (B, G, T, 1)
-            s_delta = torch.where(remap[:, None, :, None], sd, zero).expand(B, G, T, S)
-    elif remap is not None:
-        sd = (ws - S)[:, None, :, None]
-        s_delta = torch.where(remap[:, None, :, None], sd, zero).expand(B, G, T, S)
-    idx = torch.cat(parts_idx + ([c_idx] if c_idx is not None else []), -1)
-    delta = torch.cat(
-        [s_delta, torch.zeros(B, G, T, w_idx.shape[-1], dtype=torch.int64, device=dev)]
-        + ([c_delta if c_delta is not None else torch.zeros_like(c_idx)] if c_idx is not None else []),
-        -1,
-    )
+        far, n_rec = _recalled(store, q, ws, real, q_r, summ_k, cfg, remap, freqs, interleaved, scale)
+    s_delta = None  # the sinks sit right before the recalled chunks, which sit right before the window
+    if remap is not None:
+        s_delta = torch.where(remap[:, None], ws[:, None] - n_rec * C - S, zero)  # (B, G, T)
+    near = _window_attention(q, store, t, real, ws, scale, s_delta, freqs, interleaved)
+    store.settle()
+    out = near[0] if far is None else _merge(*near, *far)
+    return out.to(q.dtype)
+
+
+def _recalled(store: BoundedStore, q, ws, real, q_r, summ_k, cfg: MKAConfig, remap, freqs, interleaved, scale):
+    """Each query's R recalled chunks (``mka::recall_select`` among the chunks before its window), their tokens
+    attended exactly (``mka::bounded_attention``, one move per chunk): ``((out, lse), n_rec [B, G, T])``."""
+    B, H, T, d = q.shape
+    G = store.recent_k.shape[1]
+    S, C, R = cfg.sink_tokens, cfg.chunk_size, cfg.exact_recall
+    dev = q.device
+    base = store.base
+    at = torch.where(real, ws, 0)  # recall among the chunks c < ws(t) / C
+    sel, found = torch.ops.mka.recall_select(q_r, summ_k, at, C, R, None, None)  # (B, G, T, R)
+    stored = base // C  # (B,) chunks in the host store
+    in_store = found & (sel < stored[:, None, None, None])
+    o = torch.arange(C, device=dev)
+    ci = sel[..., None] * C + o  # (B, G, T, R, C) real positions
+    ok = found[..., None] & (ci >= S)  # a sink is attended as a sink
+    slot = ci - base[:, None, None, None, None]  # in recent (the pool starts with recent)
+    parts_k, parts_v = [store.recent_k], [store.recent_v]
+    n_st = int(stored.max())
+    if n_st > 0 and bool(in_store.any()):  # fetch the stored chunks some query recalled, once each
+        present = torch.zeros(B, G, n_st + 1, dtype=torch.bool, device=dev)
+        present.scatter_(2, torch.where(in_store, sel, n_st).flatten(2), True)
+        present = present[..., :n_st]
+        U = int(present.sum(-1).max())
+        order = torch.argsort((~present).to(torch.int8), dim=-1, stable=True)[..., :U]  # (B, G, U) chunk ids
+        rank = present.long().cumsum(-1) - 1  # (B, G, n_st): a present chunk's place among the fetched
+        u = rank.gather(-1, sel.clamp(max=n_st - 1).flatten(2)).view_as(sel)
+        h = order.to(store.chunk_k.device)[..., None, None].expand(B, G, U, C, d)
+        fk = torch.gather(store.chunk_k, 2, h).to(dev, non_blocking=True)  # (B, G, U, C, d)
+        fv = torch.gather(store.chunk_v, 2, h).to(dev, non_blocking=True)
+        parts_k.append(fk.flatten(2, 3).to(store.recent_k.dtype))
+        parts_v.append(fv.flatten(2, 3).to(store.recent_v.dtype))
+        slot = torch.where(in_store[..., None], store.recent_k.shape[2] + u[..., None] * C + o, slot)
+    idx = torch.where(ok, slot, -1).flatten(3)  # (B, G, T, R*C)
+    n_rec = found.sum(-1)  # (B, G, T)
+    delta = torch.zeros_like(idx)
+    if remap is not None:  # the recalled chunks, in chunk order, right before the window
+        before = (found[..., None, :] & (sel[..., None, :] < sel[..., :, None])).sum(-1)  # (B, G, T, R)
+        cd = ws[:, None, :, None] - (n_rec[..., None] - before) * C - sel * C  # (B, G, T, R)
+        zero = torch.zeros((), dtype=torch.int64, device=dev)
+        delta = torch.where(remap[:, None, :, None], cd, zero)[..., None].expand(B, G, T, R, C).flatten(3)
     pool_k = torch.cat(parts_k, 2).to(q.dtype)
     pool_v = torch.cat(parts_v, 2).to(q.dtype)
-    fr = freqs if (remap is not None and freqs is not None) else None
-    out, _ = K.bounded_attention(q, pool_k, pool_v, idx.contiguous(), delta.contiguous(), fr, scale, interleaved)
-    store.settle()
-    return out
+    fr = freqs if remap is not None else None
+    out = K.bounded_attention(q, pool_k, pool_v, idx.contiguous(), delta.contiguous(), fr, scale, interleaved, run=C)
+    return out, n_rec
+
+
+WINDOW_BLOCK = 256  # queries per block of the dense window attention
+
+
+def _window_attention(q, store: BoundedStore, t, real, ws, scale: float, s_delta, freqs, interleaved: bool):
+    """Each query's window ``[ws(t), t]`` from ``store.recent`` and its sinks (those before the window; moved by
+    ``s_delta: [B, G, T]`` when given), as dense attention over the keys its block of queries spans, masked per query:
+    ``(out [B, H, T, d], lse [B, H, T])`` in the accumulation dtype."""
+    B, H, T, d = q.shape
+    G = store.recent_k.shape[1]
+    S = store.sinks
+    rep = H // G
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros(B, H, T, d, dtype=acc, device=q.device)
+    lse = torch.full((B, H, T), -torch.inf, dtype=acc, device=q.device)
+    base = store.base[:, None]
+    sk, sv = store.sink_k.to(acc), store.sink_v.to(acc)  # (B, G, S, d)
+    for a in range(0, T, WINDOW_BLOCK):
+        b = min(T, a + WINDOW_BLOCK)
+        tb, wb, rb = t[:, a:b], ws[:, a:b], real[:, a:b]
+        if not bool(rb.any()):
+            continue
+        lo = int(torch.where(rb, wb - base, torch.iinfo(torch.int64).max).min())
+        hi = int(torch.where(rb, tb - base, -1).max()) + 1
+        kk = store.recent_k[:, :, lo:hi].to(acc)  # (B, G, L, d)
+        vv = store.recent_v[:, :, lo:hi].to(acc)
+        ki = base + lo + torch.arange(hi - lo, device=q.device)  # (B, L) real positions
+        vis = rb[..., None] & (ki[:, None, :] >= wb[..., None]) & (ki[:, None, :] <= tb[..., None])  # (B, tb, L)
+        qq = q[:, :, a:b].reshape(B, G, rep, b - a, d).to(acc)
+        sc = torch.einsum("bgrtd,bgld->bgrtl", qq, kk) * scale
+        sc = sc.masked_fill(~vis[:, None, None], -torch.inf)
+        if S:
+            qs = qq
+            if s_delta is not None:  # q . R(delta) k = R(-delta) q . k: turn the query once for its sinks
+                ang = s_delta[:, :, a:b].to(torch.float64)[..., None] * freqs.to(torch.float64)  # (B, G, tb, h)
+                qs = rotate_cs(qq, torch.cos(ang)[:, :, None].to(acc), -torch.sin(ang)[:, :, None].to(acc), interleaved)
+            s_ok = rb[..., None] & (torch.arange(S, device=q.device) < wb[..., None])  # (B, tb, S)
+            ss = torch.einsum("bgrtd,bgsd->bgrts", qs, sk) * scale
+            sc = torch.cat([ss.masked_fill(~s_ok[:, None, None], -torch.inf), sc], -1)
+            vv = torch.cat([sv, vv], 2)
+        m = torch.logsumexp(sc, -1, keepdim=True)  # (B, G, rep, tb, 1)
+        some = torch.isfinite(m)
+        p = torch.exp(sc - torch.where(some, m, torch.zeros_like(m)))
+        out[:, :, a:b] = torch.einsum("bgrtl,bgld->bgrtd", p, vv).reshape(B, H, b - a, d)
+        lse[:, :, a:b] = m.reshape(B, H, b - a)
+    return out, lse
+
+
+def _merge(o1, lse1, o2, lse2):
+    """One softmax over two disjoint key sets, from each set's normalised output and log-sum-exp."""
+    lse2 = lse2.to(lse1.dtype)
+    m = torch.maximum(lse1, lse2)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w1, w2 = torch.exp(lse1 - m)[..., None], torch.exp(lse2 - m)[..., None]
+    den = w1 + w2
+    return (w1 * o1 + w2 * o2.to(o1.dtype)) / torch.where(den > 0, den, torch.ones_like(den))
 
 
 def _bytes(obj, seen: set[int]) -> int:

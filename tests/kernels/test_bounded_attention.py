@@ -100,3 +100,25 @@ def test_bad_inputs_name_the_argument():
         K.bounded_attention(q, k, v, idx.int())
     with pytest.raises(ValueError, match="kv heads"):
         K.bounded_attention(q[:, :3], k, v, idx)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("rot", [8, 4])
+def test_runs_sharing_one_move_equal_entry_by_entry(interleaved, rot):
+    """``run``: the query is turned once per run of entries; outputs and gradients equal turning every key."""
+    B, H, G, T, P, d, run = 2, 4, 2, 5, 40, 8, 4
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((B, H, T, d), (B, G, P, d), (B, G, P, d)))
+    idx = torch.randint(-1, P, (B, G, T, 3 * run), generator=g)
+    delta = torch.randint(-(10**5), 10**5, (B, G, T, 3), generator=g).repeat_interleave(run, -1)
+    freqs = 1.0 / (100.0 ** (torch.arange(rot // 2, dtype=torch.float32) * 2 / rot))
+    outs = []
+    for r in (1, run):
+        ins = tuple(t.clone().requires_grad_(True) for t in (q, k, v))
+        out, lse = K.bounded_attention(*ins, idx, delta, freqs, 0.5, interleaved, run=r)
+        grads = torch.autograd.grad((out * out).sum() + lse.sum(), ins)
+        outs.append((out, lse, *grads))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="run"):
+        K.bounded_attention(q, k, v, idx, delta, freqs, 0.5, interleaved, run=5)
