@@ -322,3 +322,22 @@ def test_layers_built_from_scratch():
     assert cache.get_seq_length(0) == 90
     with pytest.raises(ValueError, match="FastMKA"):
         MKAAttention(64, 4, 2, config=cfg)
+
+
+def test_models_outside_transformers_are_refused():
+    class Block(torch.nn.Module):
+        def __init__(self, d=32, h=4):
+            super().__init__()
+            self.h = h
+            self.q, self.k, self.v = (torch.nn.Linear(d, d) for _ in range(3))
+
+        def forward(self, x):
+            B, T, D = x.shape
+            q, k, v = (m(x).view(B, T, self.h, D // self.h).transpose(1, 2) for m in (self.q, self.k, self.v))
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return y.transpose(1, 2).reshape(B, T, D)
+
+    model = Block().eval()
+    with pytest.raises(mka_compile.ConversionError, match="not a transformers model"):
+        mka_compile.convert(model, config=MKAConfig(**CFG), example_inputs=(torch.randn(1, 8, 32),))
+    assert not hasattr(model, "mka")
