@@ -93,7 +93,7 @@ class MKAConfig:
             if not self.causal:
                 raise ValueError("bounded memory (window=...) is for causal attention; use causal=True or window=None")
         _nonnegative_int("sink_tokens", self.sink_tokens)
-        if self.sink_tokens > self.chunk_size:
+        if self.bounded and self.sink_tokens > self.chunk_size:
             raise ValueError(
                 f"sink_tokens ({self.sink_tokens}) must not exceed chunk_size ({self.chunk_size}): the sinks are part "
                 "of the first chunk"

@@ -62,3 +62,18 @@ def test_gate_init_defaults_by_use() -> None:
     assert MKAConfig().gate_init is None
     assert (MKAConfig().initial_gate(converting=True), MKAConfig().initial_gate(converting=False)) == (0.0, 1.0)
     assert MKAConfig(gate_init=0.7).initial_gate(converting=True) == 0.7
+
+
+def test_bounded_settings_are_checked_only_when_bounded():
+    from mka_compile import MKAConfig
+
+    MKAConfig(chunk_size=3)  # sink_tokens (4) matters only with a window
+    with pytest.raises(ValueError, match="sink_tokens"):
+        MKAConfig(chunk_size=3, window=8)
+    with pytest.raises(ValueError, match="window"):
+        MKAConfig(window=0)
+    with pytest.raises(ValueError, match="causal"):
+        MKAConfig(window=8, causal=False)
+    with pytest.raises(ValueError, match="longterm"):
+        MKAConfig(window=8, levels=("local", "session"))
+    assert MKAConfig(window=8, levels=("local", "session"), recall_chunks=0).exact_recall == 0
