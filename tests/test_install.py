@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-IMPORTS = "import mka_compile, mka_compile.kernels as k, mka_compile.passes, mka_compile.layers; print(k.__file__)"
+IMPORTS = (
+    "import mka_compile, mka_compile.kernels as k, mka_compile.passes, mka_compile.layers, mka_compile.backend;"
+    " print(k.__file__)"
+)
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:

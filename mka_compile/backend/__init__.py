@@ -8,10 +8,10 @@ For every graph dynamo hands over:
 - Attention sites of the original model code (eager matmul-softmax-matmul with scale and mask, or SDPA)
   are found by the attention rules and lowered to ``mka::flash_attention`` (``attention="mka"``, default),
   to ``F.scaled_dot_product_attention`` (``"sdpa"``) or left alone (``"keep"``); see
-  :mod:`mka_compile.backend_lowering`. The site table and the reasons other softmaxes were not taken are
+  :mod:`mka_compile.backend.lowering`. The site table and the reasons other softmaxes were not taken are
   logged (logger ``mka_compile.backend``) and kept: :func:`last_report`, :func:`reports`.
 - With ``weights`` (a converted model's checkpoint) and ``mode="fastmka"``, original model code runs with
-  the trained routers (:mod:`mka_compile.backend_weights`).
+  the trained routers (:mod:`mka_compile.backend.weights`).
 - Inductor compiles the rest (``torch._dynamo.lookup_backend("inductor")``, through AOTAutograd, so
   training works).
 
@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from mka_compile.backend_lowering import SYMBOLIC, Lowered, lower_sites
-from mka_compile.backend_options import OPTION_KEYS, BackendError, BackendOptions, parse_options
-from mka_compile.backend_weights import WeightsError, apply_fastmka
+from mka_compile.backend.lowering import SYMBOLIC, Lowered, lower_sites
+from mka_compile.backend.options import OPTION_KEYS, BackendError, BackendOptions, parse_options
+from mka_compile.backend.weights import WeightsError, apply_fastmka
 from mka_compile.config import MKAConfig
 from mka_compile.graph import ops
 from mka_compile.graph.capture import Captured

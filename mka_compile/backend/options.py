@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from mka_compile.backend_lowering import TARGETS
-from mka_compile.backend_weights import split_weights
+from mka_compile.backend.lowering import TARGETS
+from mka_compile.backend.weights import split_weights
 from mka_compile.checkpoint import CheckpointError, config_difference, read_file, recorded_conversion, same_config
 from mka_compile.config import MKAConfig
 

@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from mka_compile.backend_lowering import _combine, _dim, symbolic_value
+from mka_compile.backend.lowering import _combine, _dim, symbolic_value
 from mka_compile.config import MKAConfig
 from mka_compile.convert import _feature_map
 from mka_compile.graph import ops
@@ -226,7 +226,7 @@ def apply_fastmka(
         for a in mix.all_input_nodes:
             _hoist(mix, a)
         if maps is not None:
-            mix.meta = outs[0].meta  # shared (see backend_lowering._replace)
+            mix.meta = outs[0].meta  # shared (see backend.lowering._replace)
             outs[0].replace_all_uses_with(mix, delete_user_cb=lambda u, mix=mix: u is not mix)
         else:
             for j, o in enumerate(outs[1:]):
