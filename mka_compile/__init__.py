@@ -13,12 +13,12 @@ from mka_compile import kernels, layers
 from mka_compile.bounded import memory_report
 from mka_compile.checkpoint import load_converted, save_converted
 from mka_compile.config import MKAConfig
-from mka_compile.convert import ConversionError, convert, memory_parameters, routing_stats
+from mka_compile.conversion import ConversionError, convert, memory_parameters, routing_stats
 from mka_compile.export import export_onnx
 from mka_compile.graph.capture import Captured, CaptureError, capture
 from mka_compile.graph.pattern import any_, op, opt
 from mka_compile.graph.rules import PassError, PassManager, Rule
-from mka_compile.inspect import inspect
+from mka_compile.inspection import inspect
 from mka_compile.layers import FastMKAAttention, MKAAttention, MKACache
 from mka_compile.pretrained import from_pretrained, save_pretrained
 from mka_compile.report import Report, Site

@@ -75,7 +75,7 @@ def model_ratios(
     ``labels`` to time the real loss). Returns rows ``{"what", "ms", "ratio"}`` (ratio to the original);
     a mode that cannot convert this model gets a row with ``"error"`` instead.
     """
-    from mka_compile.convert import ConversionError, convert
+    from mka_compile.conversion import ConversionError, convert
 
     models = {"original": model}
     rows_err = []

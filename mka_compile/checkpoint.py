@@ -192,7 +192,7 @@ def load_converted(model: nn.Module, path: str | Path, example_inputs: Any = Non
 
     Atomic: the checkpoint is checked against the model before anything is changed and again once converted;
     on any failure the conversion is undone and the model's weights are as before."""
-    from mka_compile.convert import convert
+    from mka_compile.conversion import convert
 
     state, mode, config = read_converted(path)
     problems = fit_problems(model, state)
@@ -218,7 +218,7 @@ def load_converted(model: nn.Module, path: str | Path, example_inputs: Any = Non
 
 def unconvert(model: nn.Module) -> None:
     """Undo :func:`mka_compile.convert` on ``model`` (used to roll back a failed load, as ``convert`` does)."""
-    from mka_compile.convert import unconvert as undo
+    from mka_compile.conversion import unconvert as undo
 
     undo(model)
 

@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from mka_compile.convert import ConversionError
+    from mka_compile.conversion import ConversionError
     from mka_compile.model_spec import SpecError
 
     try:

@@ -180,7 +180,7 @@ def check_dispatch(model: nn.Module, sites: list[str], example_inputs: Any) -> l
     """Run one forward; returns the converted ``sites`` whose attention did not go through MKA (:func:`attention`
     or an interceptor). A site's clear "MKA mode" error is raised as :class:`DispatchRefused` (``convert`` reports
     it as a conversion error)."""
-    from mka_compile.inspect import hf_example_inputs
+    from mka_compile.inspection import hf_example_inputs
 
     inputs = example_inputs if example_inputs is not None else hf_example_inputs(model)
     seen: set[str] = set()

@@ -77,7 +77,7 @@ def from_pretrained(path: str | os.PathLike, **hf_kwargs: Any) -> nn.Module:
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from mka_compile.convert import convert
+    from mka_compile.conversion import convert
 
     d = _folder(path, hf_kwargs)
     data = json.loads((d / "config.json").read_text())

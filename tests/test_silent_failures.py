@@ -285,7 +285,7 @@ def test_plain_save_pretrained_round_trip(mode: str, tmp_path, monkeypatch) -> N
     assert mka_compile.inspect(loaded).sites[0].status == mode
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
-    convert_module = __import__("sys").modules["mka_compile.convert"]
+    convert_module = __import__("sys").modules["mka_compile.conversion"]
     install, calls = convert_module._install, []
 
     def failing(*args):  # the second site fails: the first is rolled back

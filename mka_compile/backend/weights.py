@@ -23,7 +23,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from mka_compile.backend.lowering import _combine, _dim, symbolic_value
 from mka_compile.config import MKAConfig
-from mka_compile.convert import _feature_map
+from mka_compile.conversion import _feature_map
 from mka_compile.graph import ops
 from mka_compile.graph.capture import Captured
 from mka_compile.passes.attention import SiteFacts

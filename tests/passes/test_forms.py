@@ -13,7 +13,7 @@ from torch import nn
 from zoo_forms import FORMS, HD, D, H, WhereKeep, _Base, _causal, example
 
 import mka_compile
-from mka_compile.convert import ConversionError
+from mka_compile.conversion import ConversionError
 
 
 @pytest.mark.parametrize("name", sorted(FORMS))

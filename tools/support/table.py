@@ -114,7 +114,7 @@ def run_family(name: str, quick: bool, columns: tuple[str, ...] = COLUMNS) -> di
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     import mka_compile
-    from mka_compile.convert import ConversionError
+    from mka_compile.conversion import ConversionError
 
     row: dict = {"family": name, "cells": {}, "notes": {}}
     cells, notes = row["cells"], row["notes"]

@@ -1,4 +1,4 @@
-"""``mka_compile.inspect``: find the attention sites of a model and explain every other softmax."""
+"""The module of ``mka_compile.inspect``: find the attention sites of a model and explain every other softmax."""
 
 from __future__ import annotations
 

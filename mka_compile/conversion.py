@@ -33,7 +33,7 @@ from mka_compile import hf_attention, site_hooks
 from mka_compile.attention_intercept import AttentionToMKA
 from mka_compile.config import MKAConfig, config_to_dict
 from mka_compile.graph import ops
-from mka_compile.inspect import inspect_with_facts
+from mka_compile.inspection import inspect_with_facts
 from mka_compile.passes.attention import SiteFacts
 from mka_compile.passes.attention.common import provenance
 from mka_compile.report import Site
