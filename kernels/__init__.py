@@ -1,4 +1,4 @@
-"""The ``mka::`` custom ops: one module per op family (reference, registration; Triton on GPU).
+"""The ``mka::`` custom ops: one module or folder per op family (reference, registration; Triton on GPU).
 
 Importing this package registers every op with ``torch.library``:
 
@@ -8,7 +8,7 @@ Importing this package registers every op with ``torch.library``:
 - ``mka::mka_attention`` (+ ``_backward``): MKA's multi-level attention;
 - ``mka::flash_attention`` (+ ``_backward``): plain attention sites (GQA, causal, masks).
 
-With triton installed, the ``*_triton`` modules register Triton kernels as the CUDA implementations.
+With triton installed, each family's Triton module registers its kernels as the CUDA implementations.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Triton plumbing shared by the ``*_triton`` kernel modules.
+"""Triton plumbing shared by the families' Triton kernel modules.
 
 ``triton.jit`` decides between compiling and interpreting when a kernel is *defined*, from
 ``TRITON_INTERPRET``. The package defines its kernels at import, often before a test could set that

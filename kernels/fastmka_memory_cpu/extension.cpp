@@ -2,7 +2,7 @@
 // EMA, the chunk summaries, the causal top-R recall and the routed mix, forward and backward.
 //
 // The semantics are those of the mka:: reference ops composed as SiteMemory.mix_levels composes them
-// (kernels/session_scan.py, kernels/longterm.py, kernels/route_mix.py, layers/attention.routing_weights);
+// (kernels/session_scan/, kernels/longterm/, kernels/route_mix.py, layers/attention.routing_weights);
 // tests/kernels/test_fastmka_memory_cpu.py checks these files against that composition. float32 only.
 //
 // Layouts: k1, v1 [B, Hkv, T, d] (any strides, last one 1); q [B, T, H*d] (last stride 1); logits

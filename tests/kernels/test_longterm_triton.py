@@ -1,4 +1,4 @@
-"""Triton L3 kernels (``kernels/longterm_triton.py``): chunk_update and recall_select against the references.
+"""Triton L3 kernels (``kernels/longterm/triton_kernels.py``): chunk_update and recall_select against the references.
 
 The launchers run on CPU tensors through the Triton interpreter (tiny shapes, small blocks); the tests
 marked ``gpu`` go through the ``mka::`` dispatcher on CUDA tensors.
@@ -16,8 +16,8 @@ if not torch.cuda.is_available():  # before triton is imported; CPU tensors run 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
-ref = importlib.import_module("mka_compile.kernels.longterm")
-tri = importlib.import_module("mka_compile.kernels.longterm_triton")
+ref = importlib.import_module("mka_compile.kernels.longterm.reference")
+tri = importlib.import_module("mka_compile.kernels.longterm.triton_kernels")
 
 C = 4
 

@@ -1,4 +1,4 @@
-"""Triton MKA attention (``kernels/mka_attention_triton.py``) against the pure-torch reference.
+"""Triton MKA attention (``kernels/mka_attention/triton_launch.py``) against the pure-torch reference.
 
 The launchers run on CPU tensors through the Triton interpreter (tiny shapes, 16-wide blocks); the tests
 marked ``gpu`` go through the ``mka::`` dispatcher on CUDA tensors.
@@ -16,8 +16,8 @@ if not torch.cuda.is_available():  # before triton is imported; CPU tensors run 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
-ref = importlib.import_module("mka_compile.kernels.mka_attention")
-tri = importlib.import_module("mka_compile.kernels.mka_attention_triton")
+ref = importlib.import_module("mka_compile.kernels.mka_attention.reference")
+tri = importlib.import_module("mka_compile.kernels.mka_attention.triton_launch")
 
 BLOCKS = dict(block_m=16, block_n=16)
 SCALE = 0.4

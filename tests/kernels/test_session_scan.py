@@ -6,7 +6,7 @@ from naive_mka import naive_ema
 from torch.library import opcheck
 
 from mka_compile.kernels import session_scan
-from mka_compile.kernels.session_scan import SCAN_CHUNK, linear_scan
+from mka_compile.kernels.session_scan.reference import SCAN_CHUNK, linear_scan
 
 F64 = torch.float64
 

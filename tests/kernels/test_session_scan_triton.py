@@ -1,4 +1,4 @@
-"""Triton session scan (``kernels/session_scan_triton.py``) against the pure-torch reference.
+"""Triton session scan (``kernels/session_scan/triton_kernels.py``) against the pure-torch reference.
 
 The launchers run on CPU tensors through the Triton interpreter (tiny shapes, small blocks so that T and d
 span several tiles); the tests marked ``gpu`` go through the ``mka::`` dispatcher on CUDA tensors.
@@ -16,8 +16,8 @@ if not torch.cuda.is_available():  # before triton is imported; CPU tensors run 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
-ref = importlib.import_module("mka_compile.kernels.session_scan")
-tri = importlib.import_module("mka_compile.kernels.session_scan_triton")
+ref = importlib.import_module("mka_compile.kernels.session_scan.reference")
+tri = importlib.import_module("mka_compile.kernels.session_scan.triton_kernels")
 
 BLOCKS = dict(BLOCK_T=16, BLOCK_D=4)
 

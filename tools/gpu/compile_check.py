@@ -23,9 +23,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mka_compile.kernels import longterm_triton as lt
-from mka_compile.kernels import mka_attention_triton as mt
-from mka_compile.kernels import session_scan_triton as ss
+from mka_compile.kernels.longterm import triton_kernels as lt
+from mka_compile.kernels.mka_attention import triton_launch as mt
+from mka_compile.kernels.session_scan import triton_kernels as ss
 
 fa = importlib.import_module("mka_compile.kernels.flash_attention")  # the package (the name is also a function)
 

@@ -16,12 +16,12 @@ import mka_compile.kernels  # noqa: F401  (registers the ops and their CUDA kern
 from tools.gpu.sweep_candidates import WHERE
 
 fa = importlib.import_module("mka_compile.kernels.flash_attention")
-ma = importlib.import_module("mka_compile.kernels.mka_attention")
-mt = importlib.import_module("mka_compile.kernels.mka_attention_triton")
-ss = importlib.import_module("mka_compile.kernels.session_scan")
-st = importlib.import_module("mka_compile.kernels.session_scan_triton")
-lt = importlib.import_module("mka_compile.kernels.longterm")
-ltt = importlib.import_module("mka_compile.kernels.longterm_triton")
+ma = importlib.import_module("mka_compile.kernels.mka_attention.reference")
+mt = importlib.import_module("mka_compile.kernels.mka_attention.triton_launch")
+ss = importlib.import_module("mka_compile.kernels.session_scan.reference")
+st = importlib.import_module("mka_compile.kernels.session_scan.triton_kernels")
+lt = importlib.import_module("mka_compile.kernels.longterm.reference")
+ltt = importlib.import_module("mka_compile.kernels.longterm.triton_kernels")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

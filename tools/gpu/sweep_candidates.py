@@ -70,6 +70,6 @@ WHERE = {
     "flash_fwd": "FWD_CONFIGS[{key}] in kernels/flash_attention/plumbing.py",
     "flash_dkdv": "DKDV_CONFIGS[{key}] in kernels/flash_attention/plumbing.py",
     "flash_dq": "DQ_CONFIGS[{key}] in kernels/flash_attention/plumbing.py",
-    "mka_fwd": "_config in kernels/mka_attention_triton.py",
-    "mka_bwd": "_config in kernels/mka_attention_triton.py (shared with the forward)",
+    "mka_fwd": "_config in kernels/mka_attention/triton_launch.py",
+    "mka_bwd": "_config in kernels/mka_attention/triton_launch.py (shared with the forward)",
 }

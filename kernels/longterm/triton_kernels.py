@@ -1,6 +1,6 @@
 """Triton forward kernels for ``mka::chunk_update`` and ``mka::recall_select`` (the CUDA implementations).
 
-chunk_update (see :mod:`.longterm`): with ``p_t`` the real position of token t, the running sum of the
+chunk_update (see :mod:`.reference`): with ``p_t`` the real position of token t, the running sum of the
 current chunk is a linear recurrence with resets::
 
     h_t = c_t h_{t-1} + x_t,   h_{-1} = part,   x_t = [k_t, v_t] on real tokens (0 on padding)
@@ -10,7 +10,7 @@ current chunk is a linear recurrence with resets::
 
 Summary slots outside ``[n_seen // C, n' // C)`` are copied unchanged. One program per (batch, kv head,
 feature block of BLOCK_D); T is walked in tiles of BLOCK_T tokens with ``tl.associative_scan`` inside a
-tile and the running sum carried in registers (as in :mod:`.session_scan_triton`).
+tile and the running sum carried in registers (as in :mod:`..session_scan.triton_kernels`).
 
 recall_select: one program per (batch, kv head, block of BLOCK_Q queries)::
 
@@ -34,14 +34,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import as_bytes, for_device, pow2
-from .longterm import (
+from .._triton import as_bytes, for_device, pow2
+from ..session_scan.triton_kernels import _linrec2_combine
+from .reference import (
     _check_capacity,
     check_chunk_update,
     check_recall_select,
     reference_recall_select,
 )
-from .session_scan_triton import _linrec2_combine
 
 MAX_TOP_R = 32
 MAX_HEAD_DIM = 256

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _validate as check
-from ._grads import contiguous_outputs, new_like, zeros_for_none
+from .. import _validate as check
+from .._grads import contiguous_outputs, new_like, zeros_for_none
 
 
 def real_positions(valid: torch.Tensor, n_seen: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The ``@triton.jit`` code of ``mka::mka_attention``'s forward and the helpers its backward
-(:mod:`.mka_attention_triton_backward`) shares. The math, the launchers and the registration are in
-:mod:`.mka_attention_triton`."""
+(:mod:`.triton_backward`) shares. The math, the launchers and the registration are in
+:mod:`.triton_launch`."""
 
 from __future__ import annotations
 

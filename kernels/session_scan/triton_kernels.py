@@ -1,6 +1,6 @@
 """Triton kernels for ``mka::session_scan`` and ``mka::session_scan_backward`` (the CUDA implementations).
 
-Math (per batch row b, kv head h, feature i; see :mod:`.session_scan` for the definition)::
+Math (per batch row b, kv head h, feature i; see :mod:`.reference` for the definition)::
 
     forward:   s_t = a_t s_{t-1} + (1 - a_t) k_t,   s_{-1} = state
                a_t = 1 (padding), 0 (first real token when n_seen == 0), beta (otherwise)
@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import as_bytes, for_device, pow2
-from .session_scan import check_session_scan
+from .._triton import as_bytes, for_device, pow2
+from .reference import check_session_scan
 
 
 @triton.jit

@@ -32,10 +32,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _validate as check
-from ._dtypes import acc_dtype as _acc_dtype
-from ._grads import contiguous_outputs, new_like, zeros_for_none
-from .longterm import recall_mask, recall_probs
+from .. import _validate as check
+from .._dtypes import acc_dtype as _acc_dtype
+from .._grads import contiguous_outputs, new_like, zeros_for_none
+from ..longterm.reference import recall_mask, recall_probs
 
 
 def visibility(kv_valid: torch.Tensor, tq: int, causal: bool) -> torch.Tensor:

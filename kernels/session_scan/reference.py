@@ -28,8 +28,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import _validate as check
-from ._grads import contiguous_outputs, new_like, zeros_for_none
+from .. import _validate as check
+from .._grads import contiguous_outputs, new_like, zeros_for_none
 
 SCAN_CHUNK = 16
 _LOG_ZERO = -1.0e4  # log of a zero decay: exp() of anything that includes it is exactly 0

@@ -1,6 +1,6 @@
 """Triton kernels for ``mka::mka_attention`` and ``mka::mka_attention_backward`` (the CUDA implementation).
 
-Semantics are those of :func:`kernels.mka_attention.reference_mka_attention`. For query row ``i`` of head
+Semantics are those of :func:`.reference.reference_mka_attention`. For query row ``i`` of head
 ``h`` (kv head ``g = h // (H / Hkv)``, routing group ``g`` or 0), with ``visible(i, j) = kv_valid[j]`` and,
 when causal, ``j <= i + Tk - Tq``:
 
@@ -55,10 +55,10 @@ from __future__ import annotations
 import torch
 import triton
 
-from ._triton import as_bytes, for_device, pow2
-from .mka_attention import check_mka_attention, reference_mka_attention, reference_mka_attention_backward
-from .mka_attention_triton_backward import _mka_attention_bwd_dkdv_kernel, _mka_attention_bwd_dq_kernel
-from .mka_attention_triton_kernels import _LOG2E_F, _mka_attention_fwd_kernel
+from .._triton import as_bytes, for_device, pow2
+from .reference import check_mka_attention, reference_mka_attention, reference_mka_attention_backward
+from .triton_backward import _mka_attention_bwd_dkdv_kernel, _mka_attention_bwd_dq_kernel
+from .triton_kernels import _LOG2E_F, _mka_attention_fwd_kernel
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256

@@ -1,6 +1,6 @@
 """Triton kernels of MKA attention's backward: dQ per query block and dK/dV per key block of each level. The
-conventions and the helpers they share are those of :mod:`.mka_attention_triton_kernels`; the launcher is
-:mod:`.mka_attention_triton`.
+conventions and the helpers they share are those of :mod:`.triton_kernels`; the launcher is
+:mod:`.triton_launch`.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .mka_attention_triton_kernels import _LOG2E, _mm, _recalled_slot
+from .triton_kernels import _LOG2E, _mm, _recalled_slot
 
 
 @triton.jit
