@@ -5,7 +5,7 @@ Hugging Face models that dispatch attention through ``AttentionInterface`` are h
 in their own forward, as one ``F.scaled_dot_product_attention`` call or spelled out as
 ``softmax(q @ k^T * scale + mask) @ v``. A :class:`torch.overrides.TorchFunctionMode` (PyTorch's extension point for
 intercepting torch functions), active only while the site module runs, answers that attention with the site's MKA
-attention (:meth:`mka_compile.site_memory.SiteMemory.attend`):
+attention (:meth:`mka_compile.sites.memory.SiteMemory.attend`):
 
 - SDPA: the call is answered directly;
 - spelled out: the scores product records ``q`` and ``k``; the softmax's input gives the scale applied between them

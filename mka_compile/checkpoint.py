@@ -46,7 +46,7 @@ def config_difference(given: MKAConfig, recorded: MKAConfig) -> str:
 
 def conversion_of(model: nn.Module) -> tuple[str, MKAConfig]:
     """``(mode, config)`` of a model converted by :func:`mka_compile.convert`, read from its sites' ``.mka``."""
-    from mka_compile.site_memory import SiteMemory
+    from mka_compile.sites.memory import SiteMemory
 
     sites = {name: m for name, m in model.named_modules() if isinstance(m, SiteMemory)}
     if not sites:

@@ -1,6 +1,6 @@
 """One-line conversion: ``mka_compile.convert(model)`` turns causal self-attention sites into FastMKA
 (or, with ``mode="mka"``, MKA: see :mod:`mka_compile.hf_attention`). The run-time side of a converted
-site is :mod:`mka_compile.site_memory`; this module plans and installs.
+site is :mod:`mka_compile.sites.memory`; this module plans and installs.
 
 FastMKA only changes what attention reads: ``kf = sum_l lam_l k_l`` (and ``vf``) in the space of the
 site's k/v projections, before its norm, RoPE, cache and attention, which stay the model's own. So a
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from mka_compile import hf_attention, site_hooks
+from mka_compile import hf_attention
 from mka_compile.attention_intercept import AttentionToMKA
 from mka_compile.config import MKAConfig, config_to_dict
 from mka_compile.graph import ops
@@ -37,7 +37,8 @@ from mka_compile.inspection import inspect_with_facts
 from mka_compile.passes.attention import SiteFacts
 from mka_compile.passes.attention.common import provenance
 from mka_compile.report import Site
-from mka_compile.site_memory import SiteMemory, memory_parameters, routing_stats
+from mka_compile.sites import hooks as site_hooks
+from mka_compile.sites.memory import SiteMemory, memory_parameters, routing_stats
 
 __all__ = ["ConversionError", "SiteMemory", "convert", "memory_parameters", "routing_stats"]
 

@@ -87,7 +87,7 @@ adopt_outside_graph = torch.compiler.disable(adopt)
 def states(cache: Any) -> dict | None:
     """The MKA states of ``cache``, created (and the cache adopted) on first use in eager code. Traced code cannot
     change a class: a cache first seen there keeps a plain dict (the converted model's root hook adopts caches before
-    its sites run, see ``site_hooks.CacheAdopter``); None for a cache that takes no attributes."""
+    its sites run, see ``sites.hooks.CacheAdopter``); None for a cache that takes no attributes."""
     store = getattr(cache, STATES_ATTR, None)
     if store is not None:
         return store

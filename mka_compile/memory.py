@@ -1,6 +1,6 @@
 """The MKA memory step, written once: the router, the gated routing weights, and the memory levels of one call (the
 session EMA, the chunk summaries and the long-term recall) composed from the ``mka::`` ops. The layers built from
-scratch (:mod:`mka_compile.layers.attention`), converted sites (:mod:`mka_compile.site_memory`) and the cache's
+scratch (:mod:`mka_compile.layers.attention`), converted sites (:mod:`mka_compile.sites.memory`) and the cache's
 rewind (:mod:`mka_compile.layers.cache`) are adapters over it; :func:`fused_memory` is the same step through the
 fused CPU pass (``kernels/fastmka_memory_cpu``)."""
 

@@ -14,7 +14,7 @@ import mka_compile
 from mka_compile.bench import randomize_mka
 from mka_compile.checkpoint import load_converted, read_converted, save_converted
 from mka_compile.model_spec import load_model
-from mka_compile.site_memory import SiteMemory
+from mka_compile.sites.memory import SiteMemory
 
 
 @pytest.mark.parametrize(("family", "mode", "suffix"), [("llama", "fastmka", ".safetensors"), ("gpt2", "mka", ".pt")])

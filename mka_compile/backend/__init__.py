@@ -275,7 +275,7 @@ def prepare_decode(model: nn.Module, max_len: int | None = None) -> nn.Module:
     tokens, padding included) defaults to ``model.config.max_position_embeddings``; a longer sequence raises
     a clear error in ``mka::chunk_update``. Call it after :func:`mka_compile.convert`, before compiling.
     """
-    from mka_compile.site_memory import SiteMemory
+    from mka_compile.sites.memory import SiteMemory
 
     sites = [m for m in model.modules() if isinstance(m, SiteMemory)]
     if not sites:

@@ -3,7 +3,7 @@
 A deployment may keep the original model code and ship the trained MKA parameters (``<site>.mka.*`` keys of
 a converted model's ``state_dict``). There are no modules to hook in a compiled graph, so the graph itself
 is rewritten: each site's k and v projection outputs are replaced by the routed mix of the memory levels,
-computed by a :class:`~mka_compile.site_memory.SiteMemory` holding the checkpoint's router and gate (the same
+computed by a :class:`~mka_compile.sites.memory.SiteMemory` holding the checkpoint's router and gate (the same
 object and code a converted model runs: ``mix_levels`` / ``mix_fused``), attached to the GraphModule as a
 submodule. A full-sequence forward (scoring, training, prefill without earlier cached tokens) then equals
 the converted model in eager mode. A site that reads a KV cache holding earlier calls is refused: the
@@ -29,7 +29,7 @@ from mka_compile.graph.capture import Captured
 from mka_compile.passes.attention import SiteFacts
 from mka_compile.passes.attention.common import provenance
 from mka_compile.report import Site
-from mka_compile.site_memory import SiteMemory
+from mka_compile.sites.memory import SiteMemory
 
 CONVERT_HINT = (
     "convert the model first (mka_compile.convert(model, mode=..., config=...)), load the checkpoint with "

@@ -22,7 +22,7 @@ from torch import nn
 
 from mka_compile.hf_compat import cache_kwargs, returned_cache
 from mka_compile.layers.cache import MKALayerState
-from mka_compile.site_memory import SiteMemory
+from mka_compile.sites.memory import SiteMemory
 
 STATE_FIELDS = ("n_seen", "ema_k", "ema_v", "part_k", "part_v", "summ_k", "summ_v")
 MKA_FIELDS = ("kv_k", "kv_v")

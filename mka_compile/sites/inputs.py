@@ -1,5 +1,5 @@
 """What a converted site reads off its call: which cache it got, which tokens are real, and whether a call may
-take the eager shortcuts (a real tensor; a hook-free ``nn.Linear`` is :func:`mka_compile.site_hooks.plain_linear`)."""
+take the eager shortcuts (a real tensor; a hook-free ``nn.Linear`` is :func:`mka_compile.sites.hooks.plain_linear`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """What a converted site does at run time: ``SiteMemory`` (its new parameters, per-call context and hooks'
-work), the session RoPE for MKA mode, and ``routing_stats``; what it reads off a call is in ``site_inputs``."""
+work), the session RoPE for MKA mode, and ``routing_stats``; what it reads off a call is in :mod:`.inputs`."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from mka_compile.report import Site
 from mka_compile.rope_tables import calibrate as calibrate_rope
 from mka_compile.rope_tables import derive as derive_rope
 from mka_compile.rope_tables import rotate as rotate_rope
-from mka_compile.site_hooks import plain_linear
-from mka_compile.site_inputs import real_eager, valid_tokens
+from mka_compile.sites.hooks import plain_linear
+from mka_compile.sites.inputs import real_eager, valid_tokens
 
 _SITE_KEYS = itertools.count()
 
@@ -75,9 +75,9 @@ class SiteMemory(nn.Module):
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # caches that take no attributes
         self._state_key = f"site{next(_SITE_KEYS)}"  # this site's entry in a cache's MKA states
         self._local = threading.local()  # the open call of each thread (see _call)
-        self.hooked: list[nn.Module] = []  # the modules our hooks sit on (mka_compile.site_hooks)
+        self.hooked: list[nn.Module] = []  # the modules our hooks sit on (mka_compile.sites.hooks)
         self._stats: list[tuple[torch.Tensor, float]] | None = None  # set while routing_stats() records
-        self.intercept = None  # MKA mode for attention computed inline: an AttentionToMKA mode (site_hooks)
+        self.intercept = None  # MKA mode for attention computed inline: an AttentionToMKA mode (sites.hooks)
         self.kv_layout: str | None = None  # how the inline attention repeats its kv heads (attention_intercept)
         self.score_scale: float | None = None  # MKA mode, attention spelled out: its scale (attention_intercept)
         self.position_arg: str | None = None  # a site with its own KV cache: the forward argument giving its position
@@ -390,7 +390,7 @@ class SiteMemory(nn.Module):
         return out.transpose(1, 2).contiguous()
 
     def remove_hooks(self) -> None:
-        from mka_compile import site_hooks
+        from mka_compile.sites import hooks as site_hooks
 
         site_hooks.remove(self)
 

@@ -1,5 +1,5 @@
 """How a converted site is attached: its module becomes an instance of a converted-site class, and module hooks
-connect it to its :class:`~mka_compile.site_memory.SiteMemory`.
+connect it to its :class:`~mka_compile.sites.memory.SiteMemory`.
 
 The converted-site class (:func:`site_class`) is a subclass of the site's own class with nothing overridden but
 pickling: the model's classes are untouched, and the instance keeps its name, ``isinstance`` checks and forward. It
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mka_compile import hf_cache
-from mka_compile.site_inputs import is_cache, real_eager
+from mka_compile.sites.inputs import is_cache, real_eager
 
 
 class SiteHook:
