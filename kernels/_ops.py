@@ -18,12 +18,6 @@ from .mka_attention import mka_attention, reference_mka_attention, visibility
 from .route_mix import reference_route_mix, route_mix
 from .session_scan import reference_session_scan, session_scan
 
-try:  # this family's Triton kernels register themselves as its CUDA implementation; triton is optional
-    from . import bounded_attention_triton  # noqa: F401
-except ModuleNotFoundError as _err:  # pragma: no cover - without triton, CUDA runs the references
-    if _err.name != "triton":
-        raise
-
 OPS = (
     "bounded_attention",
     "bounded_attention_backward",

@@ -1,7 +1,7 @@
 """MKA mode for sites that compute attention inline instead of through transformers' ``AttentionInterface``.
 
 Hugging Face models that dispatch attention through ``AttentionInterface`` are handled by
-:mod:`mka_compile.hf_attention`. Other sites (nanoGPT, Meta's Llama, hand-written modules, Falcon) compute attention
+:mod:`mka_compile.hf.attention`. Other sites (nanoGPT, Meta's Llama, hand-written modules, Falcon) compute attention
 in their own forward, as one ``F.scaled_dot_product_attention`` call or spelled out as
 ``softmax(q @ k^T * scale + mask) @ v``. A :class:`torch.overrides.TorchFunctionMode` (PyTorch's extension point for
 intercepting torch functions), active only while the site module runs, answers that attention with the site's MKA

@@ -377,7 +377,7 @@ def memory_report(cache) -> dict[str, int]:
     (bounded layers: sinks and recent tokens; other layers: every key and value; the MKA state: session EMA, chunk
     summaries, the crop history), ``offloaded_bytes`` (bounded layers' chunk stores, in host memory) and ``tokens``
     (the most real tokens a layer holds)."""
-    from mka_compile import hf_cache
+    from mka_compile.hf import cache as hf_cache
 
     layers = getattr(cache, "layers", None)
     if not isinstance(layers, list):

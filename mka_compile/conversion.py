@@ -1,5 +1,5 @@
 """One-line conversion: ``mka_compile.convert(model)`` turns causal self-attention sites into FastMKA
-(or, with ``mode="mka"``, MKA: see :mod:`mka_compile.hf_attention`). The run-time side of a converted
+(or, with ``mode="mka"``, MKA: see :mod:`mka_compile.hf.attention`). The run-time side of a converted
 site is :mod:`mka_compile.sites.memory`; this module plans and installs.
 
 FastMKA only changes what attention reads: ``kf = sum_l lam_l k_l`` (and ``vf``) in the space of the
@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from mka_compile import hf_attention
 from mka_compile.attention_intercept import AttentionToMKA
 from mka_compile.config import MKAConfig, config_to_dict
 from mka_compile.graph import ops
+from mka_compile.hf import attention as hf_attention
 from mka_compile.inspection import inspect_with_facts
 from mka_compile.passes.attention import SiteFacts
 from mka_compile.passes.attention.common import provenance

@@ -28,7 +28,7 @@ from rich.table import Table
 import mka_compile
 from mka_compile import training
 from mka_compile.bench import randomize_mka
-from mka_compile.hf_compat import cache_kwargs, returned_cache
+from mka_compile.hf.compat import cache_kwargs, returned_cache
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -13,7 +13,7 @@ import zoo
 
 import mka_compile
 from mka_compile import ConversionError, MKAConfig
-from mka_compile.hf_compat import cache_kwargs, returned_cache
+from mka_compile.hf.compat import cache_kwargs, returned_cache
 
 CFG = MKAConfig(gate_init=0.0, chunk_size=4, top_r=2)
 

@@ -9,7 +9,7 @@ import zoo
 import mka_compile
 from mka_compile import MKAConfig
 from mka_compile import kernels as K
-from mka_compile.hf_compat import cache_kwargs, returned_cache
+from mka_compile.hf.compat import cache_kwargs, returned_cache
 from mka_compile.sites.memory import SiteMemory
 
 pytestmark = pytest.mark.skipif(K.fastmka_memory_cpu.extension() is None, reason="the fused extension did not build")

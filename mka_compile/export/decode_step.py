@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mka_compile.hf_compat import cache_kwargs, returned_cache
+from mka_compile.hf.compat import cache_kwargs, returned_cache
 from mka_compile.layers.cache import MKALayerState
 from mka_compile.sites.memory import SiteMemory
 

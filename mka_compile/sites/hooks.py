@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mka_compile import hf_cache
+from mka_compile.hf import cache as hf_cache
 from mka_compile.sites.inputs import is_cache, real_eager
 
 
@@ -61,7 +61,7 @@ class SitePre(SiteHook):
 
 
 class CacheAdopter:
-    """A pre-hook on the converted model (its root): the caches of a call become MKA caches (``hf_cache``) before any
+    """A pre-hook on the converted model (its root): the caches of a call become MKA caches (``hf.cache``) before any
     site runs, so that the sites find them adopted also in compiled code (where a class cannot change; there the
     adoption is one call outside the graph, only for a cache not adopted yet)."""
 

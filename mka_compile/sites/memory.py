@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mka_compile import hf_cache
 from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
+from mka_compile.hf import cache as hf_cache
 from mka_compile.layers.cache import MKALayerState
 from mka_compile.memory import Router, fused_memory, memory_levels, recall_level, routing_weights
 from mka_compile.report import Site
@@ -152,7 +152,7 @@ class SiteMemory(nn.Module):
 
     def _store(self, cache: Any) -> dict[str, MKALayerState] | weakref.WeakKeyDictionary:
         """Where the states of ``cache`` live: a dict on the cache object itself (the state dies with the cache, follows
-        its beam reorders and crops: :mod:`mka_compile.hf_cache`, and torch.compile sees the same structure for every
+        its beam reorders and crops: :mod:`mka_compile.hf.cache`, and torch.compile sees the same structure for every
         new cache), else (a cache that takes no attributes) this site's weak dictionary keyed by the cache."""
         store = hf_cache.states(cache)
         return self._states if store is None else store
@@ -195,7 +195,7 @@ class SiteMemory(nn.Module):
         call = self._call = _Call(valid=valid, state=state, rope=rope, discarded=cache is None and start is None)
         call.cache = cache
         if self.config.bounded and cache is not None:  # before the site's cache.update: its layer keeps bounded keys
-            from mka_compile import hf_bounded
+            from mka_compile.hf import bounded as hf_bounded
 
             hf_bounded.layer_for(cache, self.layer_idx, self.site_name)
         if cache is not None and self.causal and not state.fixed_slots:  # a cache's crop may rewind this call
@@ -361,8 +361,9 @@ class SiteMemory(nn.Module):
     ) -> torch.Tensor:
         """Bounded memory (:mod:`mka_compile.bounded`): the site's query, keys and values of this call (rotated, as it
         attends to them, ``[B, H|Hkv, T, d]``) -> ``[B, T, H, d]``; the keys are kept in the cache's
-        :class:`~mka_compile.hf_bounded.BoundedLayer` (a fresh store without a cache)."""
-        from mka_compile import bounded, hf_bounded
+        :class:`~mka_compile.hf.bounded.BoundedLayer` (a fresh store without a cache)."""
+        from mka_compile import bounded
+        from mka_compile.hf import bounded as hf_bounded
 
         call = self._call
         cfg = self.config

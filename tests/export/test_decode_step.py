@@ -11,7 +11,7 @@ import zoo
 from converted import MAX_LEN, converted, rel
 
 from mka_compile.export import DOMAIN, OnnxDecoder, export_onnx
-from mka_compile.hf_compat import cache_kwargs, returned_cache
+from mka_compile.hf.compat import cache_kwargs, returned_cache
 
 CASES = [("llama", "fastmka"), ("llama", "mka"), ("gpt2", "fastmka"), ("gpt2", "mka")]
 

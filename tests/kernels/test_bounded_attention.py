@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mka_compile import kernels as K
-from mka_compile.kernels.bounded_attention import BLOCK_T, rotate_by
+from mka_compile.kernels.bounded_attention.reference import BLOCK_T, rotate_by
 
 
 def _rope(x, pos, freqs, interleaved):

@@ -1,4 +1,4 @@
-"""Triton bounded attention (``kernels/bounded_attention_triton.py``) against the pure-torch reference.
+"""Triton bounded attention (``kernels/bounded_attention/triton_kernels.py``) against the pure-torch reference.
 
 The launchers run on CPU tensors through the Triton interpreter (tiny shapes, 4-wide blocks so that T and the
 key lists span several tiles); the tests marked ``gpu`` go through the ``mka::`` dispatcher on CUDA tensors.
@@ -17,8 +17,8 @@ if not torch.cuda.is_available():  # before triton is imported; CPU tensors run 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
-ref = importlib.import_module("mka_compile.kernels.bounded_attention")
-tri = importlib.import_module("mka_compile.kernels.bounded_attention_triton")
+ref = importlib.import_module("mka_compile.kernels.bounded_attention.reference")
+tri = importlib.import_module("mka_compile.kernels.bounded_attention.triton_kernels")
 
 BLOCKS = dict(block_t=4, block_m=4)
 SCALE = 0.3

@@ -8,7 +8,7 @@ import transformers as tf
 import zoo
 
 import mka_compile
-from mka_compile.hf_compat import cache_kwargs, returned_cache
+from mka_compile.hf.compat import cache_kwargs, returned_cache
 
 
 def _check_decoder_sites(report, model, cfg, has_cache: bool) -> None:

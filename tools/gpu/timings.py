@@ -114,7 +114,7 @@ def build_models(dev, dtype, shape: dict, modes=("fastmka", "mka"), mka_config=N
 @torch.no_grad()
 def prefill_decode(model, ids: torch.Tensor, new_tokens: int, sync: Callable[[], None]) -> tuple[float, float]:
     """Seconds of one prefill of ``ids`` ``[B, T]`` and of ``new_tokens`` greedy cached decode steps after it."""
-    from mka_compile.hf_compat import cache_kwargs, returned_cache
+    from mka_compile.hf.compat import cache_kwargs, returned_cache
 
     last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     sync()

@@ -1,6 +1,6 @@
 """Triton kernels for ``mka::bounded_attention`` and ``mka::bounded_attention_backward`` (the CUDA implementations).
 
-Semantics are those of :func:`kernels.bounded_attention.reference_bounded_attention`: query ``t`` of head ``h``
+Semantics are those of :func:`.reference.reference_bounded_attention`: query ``t`` of head ``h``
 (kv head ``g = h // (H / Hkv)``) attends to the keys ``k[b, g, idx[b, g, t, m]]`` (``idx < 0``: left out; a key
 listed twice counts twice; an entry past the pool is left out too, where the reference raises), each rotated by
 the angles ``delta[b, g, t, m] * freqs``::
@@ -45,8 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import for_device, pow2
-from .bounded_attention import (
+from .._triton import for_device, pow2
+from .reference import (
     check_bounded_attention,
     reference_bounded_attention,
     reference_bounded_attention_backward,

@@ -3,10 +3,10 @@
 instead of every key and value.
 
 The model keeps calling ``cache.update(k, v, layer_idx)``: the layer counts the positions and hands the call's own keys
-and values to the attention, which the converted site answers (``mka_compile.hf_attention``) by storing them in the
+and values to the attention, which the converted site answers (``mka_compile.hf.attention``) by storing them in the
 layer's store and attending to the bounded set. The layer tells the mask builder that keys are this call's tokens only
 (``get_mask_sizes``), so no mask grows with the context either. Beam reorders, batch edits, crop and reset act on the
-store; the rest of the MKA state (session EMA, chunk summaries) follows the cache as before (``mka_compile.hf_cache``).
+store; the rest of the MKA state (session EMA, chunk summaries) follows the cache as before (``mka_compile.hf.cache``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class BoundedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.positions += key_states.shape[-2]
-        return key_states, value_states  # the site's attention stores them (mka_compile.hf_attention)
+        return key_states, value_states  # the site's attention stores them (mka_compile.hf.attention)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return query_length, self.positions  # the mask covers this call's keys only

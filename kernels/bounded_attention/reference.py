@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _validate as check
-from ._dtypes import acc_dtype
-from ._grads import new_like
+from .. import _validate as check
+from .._dtypes import acc_dtype
+from .._grads import new_like
 
 BLOCK_T = 128  # queries per block in the reference: bounds its memory to BLOCK_T * M gathered keys per head
 
