@@ -5,6 +5,7 @@
     mka-compile convert tiny:llama --mode fastmka -o out/llama-fastmka.safetensors
     mka-compile export tiny:llama --weights out/llama-fastmka.safetensors -o out/llama.onnx
     mka-compile bench tiny:llama --tokens 512          # converted model (and MKA layer) ratios vs the baseline
+    mka-compile longctx [--quick]                      # long-context benchmark -> docs/long_context.md (a checkout)
 
 Model specs: see :mod:`mka_compile.model_spec`. Converted weights are written by
 :func:`mka_compile.checkpoint.save_converted` (weights + mode + MKAConfig) and read back by ``export`` and
@@ -152,6 +153,28 @@ def cmd_demo(args) -> int:
     return run_demo(quick=args.quick, corpus=args.corpus, out=args.out, seed=args.seed)
 
 
+def cmd_longctx(args) -> int:
+    """The long-context benchmark of ``tools/long_context`` (a source checkout's tool, not installed)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "tools" / "long_context" / "bench.py").is_file():
+        raise FileNotFoundError(
+            f"the long-context benchmark lives in the source checkout (tools/long_context/), not found under {root}; "
+            "run it from a clone with the package installed in editable mode (pip install -e .)"
+        )
+    if str(root) not in sys.path:
+        sys.path.append(str(root))  # appended: the installed mka_compile still comes first
+    from tools.long_context.bench import main as longctx_main
+
+    argv = ["--quick"] if args.quick else []
+    argv += ["--seed", str(args.seed)]
+    if args.doc:
+        argv += ["--doc", args.doc]
+    if args.cache_dir:
+        argv += ["--cache-dir", args.cache_dir]
+    longctx_main(argv)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mka-compile", description="Find attention in PyTorch models; rewrite to MKA.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -191,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="out/demo", help="folder for the ONNX file and results JSON")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser(
+        "longctx",
+        help="long-context benchmark: retrieval, streaming perplexity, resident bytes, decode and prefill time",
+    )
+    s.add_argument("--quick", action="store_true", help="a smoke run on tiny sizes (~2 min)")
+    s.add_argument("--doc", help="page to write (default docs/long_context.md; --quick: out/long_context/)")
+    s.add_argument("--cache-dir", help="where trained weights are cached (default .cache/long_context/)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_longctx)
     return p
 
 
