@@ -171,7 +171,7 @@ def cmd_longctx(args) -> int:
         argv += ["--doc", args.doc]
     if args.cache_dir:
         argv += ["--cache-dir", args.cache_dir]
-    longctx_main(argv)
+    longctx_main(argv, prog="mka-compile longctx")
     return 0
 
 

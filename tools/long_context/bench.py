@@ -51,11 +51,11 @@ class Settings:
     multiples: tuple[int, ...] = (8, 32, 64)  # retrieval lengths in windows (the training length is added first)
     samples: int = 50  # per task and length
     eval_batch: int = 10
-    finetune_steps: int = 40
+    finetune_steps: int = 30
     finetune_seq: int = 1024
     finetune_batch: int = 4
     finetune_lr: float = 1e-2
-    finetune_max_s: float = 240.0  # stop the fine-tune there
+    finetune_max_s: float = 150.0  # stop the fine-tune there
     stream_tokens: int = 65536
     stream_block: int = 512
     stream_full_cap: int = 16384  # full attention streamed this far (quadratic cost)
@@ -212,7 +212,8 @@ def run(s: Settings, log, cache_dir: Path = CACHE_DIR, command: str = "") -> dic
             res = measure.prefill_decode(model, ids[:n], s.decode_steps)
             timing[name].append({"tokens": n, **res})
             log(
-                f"  timing {v.label:>24} @ {n:>5}: prefill {res['prefill_s']:.3f} s, decode {res['decode_ms']:.2f} ms/token"
+                f"  timing {v.label:>24} @ {n:>5}: prefill {res['prefill_s']:.3f} s, "
+                f"decode {res['decode_ms']:.2f} ms/token"
             )
     secs["timing"] = time.perf_counter() - t0
     exps = {
@@ -326,7 +327,8 @@ def goals(r: dict) -> list[dict]:
         out.append(
             {
                 "id": "ppl_vs_sinks",
-                "measured": f"{r['variants'][mka]['label']} {a[-1]['ppl']:.2f} vs {b[-1]['ppl']:.2f} at {a[-1]['tokens']:,} tokens"
+                "measured": f"{r['variants'][mka]['label']} {a[-1]['ppl']:.2f} vs {b[-1]['ppl']:.2f} "
+                f"at {a[-1]['tokens']:,} tokens"
                 + (f"; worse at {', '.join(f'{n:,}' for n in worse)}" if worse else "; never worse"),
                 "met": not worse,
             }
@@ -389,12 +391,7 @@ def goals(r: dict) -> list[dict]:
     return out
 
 
-def _strip(r: dict) -> dict:
-    """The JSON without the per-sample lists of the retrieval (kept: accuracy, n, and per sample correct/predicted)."""
-    return r
-
-
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, prog: str = "python tools/long_context") -> dict:
     p = argparse.ArgumentParser(prog="long_context", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run on tiny sizes (~1-2 min, trains its own model)")
     p.add_argument(
@@ -415,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f} s] {msg}", flush=True)
 
-    command = " ".join(["python tools/long_context", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join([prog, *(argv if argv is not None else sys.argv[1:])])
     r = run(s, log, Path(args.cache_dir), command)
     doc.parent.mkdir(parents=True, exist_ok=True)
     pngs = report.plots(r, doc.parent / doc.stem)
@@ -423,9 +420,8 @@ def main(argv: list[str] | None = None) -> dict:
     doc.write_text(report.markdown(r, doc, pngs))
     log(f"wrote {doc}, {doc.with_suffix('.json')} and {len(pngs)} plots under {doc.parent / doc.stem}/")
     for g in r["goals"]:
-        log(
-            f"  goal: {report.GOALS[g['id']]}: {g['measured']} -> {({True: 'met', False: 'NOT met', None: 'not measured'})[g['met']]}"
-        )
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
+        log(f"  goal: {report.GOALS[g['id']]}: {g['measured']} -> {verdict}")
     return r
 
 

@@ -4,8 +4,8 @@ variants measured (full attention, window + sinks, bounded MKA at init and after
 Training: ``transformers.LlamaForCausalLM`` built from a config, full attention at length ``L``, AdamW with
 warmup and cosine decay, on a mix of plain text windows and retrieval samples of the three tasks
 (:func:`tools.long_context.tasks.training_batches`); the loss is the LM loss plus the mean loss on the answer
-digits. The weights are cached under ``.cache/long_context/<key>.pt``, the key a hash of every training setting, so a rerun
-skips training.
+digits. The weights are cached under ``.cache/long_context/<key>.pt``, the key a hash of every training
+setting, so a rerun skips training.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ class TrainSettings:
     layers: int = 4
     heads: int = 4
     kv_heads: int = 2
-    steps: int = 600
+    steps: int = 1600
     batch: int = 32
     lr: float = 3e-3
     warmup: int = 50
     # stages: (fraction of the steps, sequence length, retrieval share, repeat share); the last stage runs at
     # the training length until the end. A first stage of short rows rich in repeats grows induction heads.
-    stages: tuple[tuple[float, int, float, float], ...] = ((0.3, 128, 0.4, 0.4), (0.7, 256, 0.6, 0.1))
+    stages: tuple[tuple[float, int, float, float], ...] = ((0.35, 128, 0.3, 0.5), (0.65, 256, 0.6, 0.1))
     seed: int = 0
 
     def key(self) -> str:

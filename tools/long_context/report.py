@@ -189,7 +189,7 @@ def _stream_section(r: dict, names: dict, link) -> list[str]:
     lines = [
         "## Streaming perplexity and resident memory",
         "",
-        f"WikiText-2 test bytes fed through the cache in blocks of {s['stream_block']} tokens (`past_key_values`); "
+        f"WikiText-2 test bytes fed through the model's cache in blocks of {s['stream_block']} tokens; "
         "perplexity of the tokens between n/2 and n (of the first 1K for n = 1K); resident and offloaded bytes from "
         "`memory_report(cache)` after n tokens (full attention: its `DynamicCache`, all resident).",
         "",
