@@ -61,6 +61,7 @@ class BoundedStore:
     chunk_v: torch.Tensor
     tail_real: int = 0  # the latest positions (slots) that were real tokens in every row: what crop may remove
     positions: int = 0  # positions stored, padding included
+    keep_chunks: bool = True  # False (recall_chunks=0: window and sinks only): chunks that leave are dropped
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, head_dim: int, ref: torch.Tensor, cfg: MKAConfig) -> BoundedStore:
@@ -76,6 +77,7 @@ class BoundedStore:
             z(batch, kv_heads, 0, head_dim), z(batch, kv_heads, 0, head_dim),
             zi, zi.clone(),
             zh(batch, kv_heads, 0, C, head_dim), zh(batch, kv_heads, 0, C, head_dim),
+            keep_chunks=cfg.exact_recall > 0,
         )  # fmt: skip
 
     # -- where tokens are -------------------------------------------------------------------------------
@@ -122,8 +124,13 @@ class BoundedStore:
         if bool((target == self.base).all()):
             return
         C = self.chunk
+        if not self.keep_chunks and bool((target < self.base).any()):
+            raise RuntimeError(
+                "bounded MKA memory without recall (recall_chunks=0) keeps no chunk that left the window: it cannot "
+                "crop back past the window's start; crop fewer tokens, or start the sequence again"
+            )
         lo, hi = int(torch.minimum(self.base, target).min()), int(torch.maximum(self.base, target).max())
-        if hi > lo and bool((target > self.base).any()):  # chunks leaving recent: copy them whole to the store
+        if self.keep_chunks and hi > lo and bool((target > self.base).any()):  # chunks leaving recent: to the store
             self._ensure_chunks(hi // C)
             real = torch.arange(lo, hi, device=self.base.device).expand(self.base.shape[0], -1)  # (B, hi - lo)
             ks, vs = self._tokens(real, self.base)
@@ -201,7 +208,7 @@ class BoundedStore:
         res = sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.recent_k, self.recent_v))
         res += 2 * self.n.numel() * self.n.element_size()
         per_chunk = self.chunk_k[:, :, :1].numel() // max(self.chunk_k.shape[0], 1) * self.chunk_k.element_size()
-        stored = int((self.base // self.chunk).sum()) if self.chunk_k.shape[2] else 0
+        stored = int((self.base // self.chunk).sum()) if self.chunk_k.shape[2] and self.keep_chunks else 0
         return res, 2 * stored * per_chunk
 
 

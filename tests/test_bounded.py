@@ -99,9 +99,12 @@ def test_attend_equals_its_definition(trained, recall):
     for b in range(B):
         torch.testing.assert_close(got[b][:, valid[b]].double(), want[b][:, : real_of[b]], rtol=2e-5, atol=2e-5)
         assert torch.all(got[b][:, ~valid[b]] == 0)  # padded queries attend to nothing
-    assert store.chunk_k.shape[2] >= 8  # chunks left the window for the host store
     rep = mka_compile.memory_report(type("C", (), {"layers": [type("L", (), {"store": store})()]})())
-    assert rep["tokens"] == N and rep["offloaded_bytes"] > 0
+    assert rep["tokens"] == N
+    if recall:  # chunks left the window for the host store
+        assert store.chunk_k.shape[2] >= 8 and rep["offloaded_bytes"] > 0
+    else:  # nothing can recall them: they are dropped
+        assert rep["offloaded_bytes"] == 0
 
 
 # -- a converted model ---------------------------------------------------------------------------------------------
@@ -341,3 +344,21 @@ def test_models_outside_transformers_are_refused():
     with pytest.raises(mka_compile.ConversionError, match="not a transformers model"):
         mka_compile.convert(model, config=MKAConfig(**CFG), example_inputs=(torch.randn(1, 8, 32),))
     assert not hasattr(model, "mka")
+
+
+def test_window_and_sinks_only_keep_no_chunks():
+    """recall_chunks=0 (StreamingLLM): nothing is offloaded, resident memory is the same at 4x the context, and a
+    crop past the window's start is refused with the reason."""
+    model = _converted(MKAConfig(**{**CFG, "recall_chunks": 0}))
+    with torch.no_grad():
+        reps = []
+        for T in (100, 400):
+            cache = model(torch.randint(0, 64, (1, T)), use_cache=True).past_key_values
+            reps.append(mka_compile.memory_report(cache))
+        assert reps[0]["offloaded_bytes"] == reps[1]["offloaded_bytes"] == 0
+        for _ in range(3):
+            model(torch.randint(0, 64, (1, 1)), past_key_values=cache, use_cache=True)
+        cache.crop(-2)  # within the window: fine
+        with pytest.raises(RuntimeError, match="past the window"):
+            for layer in cache.layers:
+                layer.store.crop(40)

@@ -12,6 +12,7 @@ from mka_compile.config import MKAConfig
 from mka_compile.memory import memory_levels
 
 REWIND_TOKENS = 256  # a cached state can be rewound (``crop``) by at least this many of its latest tokens
+BOUNDED_REWIND_CALL = 32  # bounded memory keeps, for crop, only calls this short (draft tokens, decode steps)
 
 
 @dataclass
@@ -82,8 +83,9 @@ class MKALayerState:
     def record(self, before: tuple, k1: torch.Tensor, v1: torch.Tensor, valid: torch.Tensor) -> None:
         """Keep one call (``before`` = its :meth:`snapshot`) so that its tokens can be rewound; calls older than the
         latest ``REWIND_TOKENS`` tokens are dropped. With bounded memory (``config.window``) a call longer than
-        ``REWIND_TOKENS`` is not kept (the state stays bounded; a crop into it is refused with the reason)."""
-        if self.config is not None and self.config.bounded and valid.shape[1] > REWIND_TOKENS:
+        ``BOUNDED_REWIND_CALL`` is not kept (what stays resident is small next to the bounded store; a crop into
+        such a call is refused with the reason)."""
+        if self.config is not None and self.config.bounded and valid.shape[1] > BOUNDED_REWIND_CALL:
             self.steps = []
             return
         self.steps.append(_Step(before, k1.detach(), v1.detach(), valid))
