@@ -249,10 +249,7 @@ class FastMKAAttention(_MKABase):
         if st.bounded is None or st.bounded.n.shape[0] != B:
             st.bounded = bounded.BoundedStore.empty(B, Hkv, d, kf, cfg)
         q_r = q.view(B, Hkv, H // Hkv, T, d).mean(2).float() if cfg.exact_recall > 0 else None
-        freqs = None
-        if self.rotary is not None:
-            exps = torch.arange(0, d, 2, dtype=torch.float64, device=q.device) / d
-            freqs = (1.0 / self.rotary.base**exps).float()
+        freqs = None if self.rotary is None else self.rotary.frequencies(q.device).float()
         summ = st.summ_k if cfg.uses_longterm else None
         return bounded.attend(
             st.bounded, self._rope(q, pos), self._rope(kf, pos), vf, valid, q_r, summ, cfg, freqs, False,

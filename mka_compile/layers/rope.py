@@ -19,10 +19,14 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.base = float(base)
 
+    def frequencies(self, device=None) -> torch.Tensor:
+        """``[d/2]`` float64: the angle per position of each pair."""
+        exps = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device) / self.head_dim
+        return 1.0 / self.base**exps
+
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         adt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        exps = torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=x.device) / self.head_dim
-        inv_freq = (1.0 / self.base**exps).to(adt)
+        inv_freq = self.frequencies(x.device).to(adt)
         ang = pos.to(adt)[:, None, :, None] * inv_freq  # (B, 1, T, d/2)
         cos = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype)
         sin = torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype)
