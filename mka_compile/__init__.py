@@ -10,7 +10,7 @@ keep a converted model with its mode and config; :class:`Rule` / :class:`PassMan
 from __future__ import annotations
 
 from mka_compile import kernels, layers
-from mka_compile.bounded import memory_report
+from mka_compile.cache_report import memory_report
 from mka_compile.checkpoint import load_converted, save_converted
 from mka_compile.config import MKAConfig
 from mka_compile.conversion import ConversionError, convert, memory_parameters, routing_stats

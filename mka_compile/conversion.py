@@ -38,7 +38,8 @@ from mka_compile.passes.attention import SiteFacts
 from mka_compile.passes.attention.common import provenance
 from mka_compile.report import Site
 from mka_compile.sites import hooks as site_hooks
-from mka_compile.sites.memory import SiteMemory, memory_parameters, routing_stats
+from mka_compile.sites.memory import SiteMemory
+from mka_compile.sites.stats import memory_parameters, routing_stats
 
 __all__ = ["ConversionError", "SiteMemory", "convert", "memory_parameters", "routing_stats"]
 
