@@ -1,5 +1,6 @@
 """What a converted site does at run time: ``SiteMemory`` (its new parameters, per-call context and hooks'
-work) and the session RoPE for MKA mode (``routing_stats`` and ``memory_parameters``: :mod:`.stats`); what it reads off a call is in :mod:`.inputs`."""
+work) and the session RoPE for MKA mode; what it reads off a call is in :mod:`.inputs`, ``routing_stats`` and
+``memory_parameters`` in :mod:`.stats`."""
 
 from __future__ import annotations
 
