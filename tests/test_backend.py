@@ -1,5 +1,5 @@
-"""The ``mka`` torch.compile backend: options, attention lowering, converted models, trained weights on original
-code, decode graph counts, and Inductor training steps equal to eager.
+"""The ``mka`` torch.compile backend: options, attention lowering, converted models, trained weights through the
+converted-checkpoint loader, decode graph counts, and Inductor training steps equal to eager.
 
 Most checks run ``options={"compiler": "aot_eager"}`` (the backend's rewrite and AOTAutograd without Inductor's
 C++ code generation, ~30 s per graph on 2 cores); the ``slow`` tests run Inductor end to end. ``MKA_FULL_ZOO=1``
@@ -21,7 +21,6 @@ import zoo
 import mka_compile
 from mka_compile import MKAConfig
 from mka_compile import backend as B
-from mka_compile.hf.compat import cache_kwargs, returned_cache
 
 CFG = MKAConfig(gate_init=0.0, chunk_size=4, top_r=2)
 AOT = {"compiler": "aot_eager"}
@@ -71,9 +70,10 @@ def _mka_ops() -> set[str]:
         ({"attention": "flash"}, r"options\['attention'\] must be one of \['mka', 'sdpa', 'keep'\]"),
         ({"config": {"chunk": 4}}, r"options\['config'\]"),
         ({"config": 3}, r"must be an MKAConfig or a dict"),
-        ({"weights": {"lm_head.weight": torch.zeros(1)}, "mode": "fastmka"}, r"no '<site>\.mka\.\*' entries"),
-        ({"weights": {"a.mka.gate": torch.zeros(1)}}, r"needs options\['mode'\]"),
-        ({"weights": "/nonexistent/ckpt.pt", "mode": "fastmka"}, r"no checkpoint file at"),
+        ({"config": MKAConfig()}, r"options\['config'\].*does not convert.*mka_compile.convert"),
+        ({"config": {"window": 32}}, r"options\['config'\] asks for bounded memory"),
+        ({"weights": {"a.mka.gate": torch.zeros(1)}, "mode": "fastmka"}, r"options\['weights'\].*load_converted"),
+        ({"weights": "/some/converted.safetensors"}, r"options\['weights'\].*load_converted\(model, path\)"),
         ({"compiler": "eager"}, r"options\['compiler'\] must be one of"),
     ],
 )
@@ -88,20 +88,9 @@ def test_options_reach_the_backend_through_torch_compile() -> None:
         torch.compile(model, backend="mka", options={"typo": 1})(torch.randint(0, 50, (1, 5)))
 
 
-def test_checkpoint_files_are_read(tmp_path) -> None:
-    from safetensors.torch import save_file
-
-    state = {"a.mka.gate": torch.ones(1), "a.mka.router.fc1.weight": torch.ones(2, 2), "a.q.weight": torch.ones(1)}
-    save_file(state, tmp_path / "w.safetensors")
-    torch.save({"state_dict": state, "step": 3}, tmp_path / "ckpt.pt")
-    for path in (tmp_path / "w.safetensors", str(tmp_path / "ckpt.pt")):
-        opts = B.parse_options({"weights": path, "mode": "fastmka"})
-        assert set(opts.weights) == {"a"} and set(opts.weights["a"]) == {"gate", "router.fc1.weight"}
-
-
-def test_mode_without_weights_on_an_original_model_says_what_to_do() -> None:
+def test_mode_on_an_original_model_says_what_to_do() -> None:
     model = zoo.NanoGPT(flash=True, n_layer=1)
-    with pytest.raises(Exception, match=r"needs options\['weights'\].*mka_compile.convert"):
+    with pytest.raises(Exception, match=r"mode'\]='fastmka' but this model is not converted.*mka_compile.convert"):
         torch.compile(model, backend="mka", options={**AOT, "mode": "fastmka"})(torch.randint(0, 50, (1, 5)))
 
 
@@ -217,58 +206,48 @@ def test_padded_rows_differ_only_where_no_key_is_visible() -> None:
     assert _rel(out[real], ref[real]) <= 1e-5
 
 
-# ---------------------------------------------------------------------------- trained weights, original code
+# ------------------------------------------------------------------- trained weights: the checkpoint loader
 
 
 def _trained(family: str, attn: str):
     conv, _ = zoo.causal_lm(family, attn)
     mka_compile.convert(conv, config=CFG)
     zoo.randomize_mka(conv)
+    with torch.no_grad():
+        for name, p in conv.named_parameters():
+            if name.endswith(".mka.gate"):
+                p.fill_(0.7)
     return conv
 
 
-@pytest.mark.parametrize("family, attn, source", [("gpt2", "sdpa", "file")])
-def test_weights_run_original_code_as_the_converted_model(family, attn, source, tmp_path) -> None:
-    """Original model code + a converted model's checkpoint == the converted model (fused QKV for gpt2)."""
-    conv = _trained(family, attn)
-    weights = conv.state_dict()
-    if source == "file":
-        from safetensors.torch import save_file
+def test_converted_checkpoint_compiles_as_the_converted_model(tmp_path) -> None:
+    """Original model code + load_converted (mode and MKAConfig recorded in the file: chunk 4, not the default 64)
+    compiles to the converted model's logits (fused QKV for gpt2); the trained routers act."""
+    from mka_compile.checkpoint import conversion_of
 
-        save_file({k: v.contiguous() for k, v in weights.items() if ".mka." in k}, tmp_path / "mka.safetensors")
-    model, _ = zoo.causal_lm(family, attn)
+    conv = _trained("gpt2", "sdpa")
+    path = mka_compile.save_converted(conv, tmp_path / "conv.safetensors")
+    model, _ = zoo.causal_lm("gpt2", "sdpa")
     ids = torch.randint(0, 90, (2, 13))
     with torch.no_grad():
         ref = conv(ids, use_cache=False).logits
         base = model(ids, use_cache=False).logits
-    w = weights if source == "state_dict" else str(tmp_path / "mka.safetensors")
-    opts = {**AOT, "mode": "fastmka", "config": CFG, "weights": w}
-    with torch.no_grad():
-        out = torch.compile(model, backend="mka", options=opts)(ids, use_cache=False).logits
-    assert _rel(out, ref) <= 1e-4 and _rel(out, base) >= 1e-3  # the trained routers act
-    sites = B.last_report().sites
-    assert {s.memory for s in sites} == {"fastmka (trained weights)"} and len(sites) == LAYERS
-    assert not any(".mka." in k for k in model.state_dict())  # the model itself is untouched
+        mka_compile.load_converted(model, path)
+        assert conversion_of(model) == ("fastmka", CFG)
+        out = torch.compile(model, backend="mka", options=AOT)(ids, use_cache=False).logits
+    assert _rel(out, ref) <= 1e-4 and _rel(out, base) >= 1e-3
+    assert {"mka::route_mix", "mka::session_scan"} <= _mka_ops() and len(_actions()) == 1
 
 
-def test_weights_refuse_cached_decode_and_wrong_config() -> None:
+def test_weights_and_config_options_are_refused_with_the_loader() -> None:
+    """The backend does not convert: ``weights`` / ``config`` name the loader; ``mode`` must match a converted model."""
     conv = _trained("llama", "sdpa")
     model, _ = zoo.causal_lm("llama", "sdpa")
     ids = torch.randint(0, 90, (1, 7))
-    opts = {**AOT, "mode": "fastmka", "config": CFG, "weights": conv.state_dict()}
-    compiled = torch.compile(model, backend="mka", options=opts)
-    with torch.no_grad():
-        out = compiled(ids, use_cache=True)  # prefill: the cache starts empty
-        assert _rel(out.logits, conv(ids, use_cache=False).logits) <= 1e-4
-        with pytest.raises(Exception, match=r"reads a KV cache with earlier tokens.*convert the model first"):
-            compiled(ids[:, :1], use_cache=True, **cache_kwargs(model, returned_cache(out)))
-    torch._dynamo.reset()
-    bad = {**opts, "config": MKAConfig(levels=("local", "session"), chunk_size=4)}
-    with pytest.raises(Exception, match=r"weights for site 'model.layers.0.self_attn' do not fit"):
-        torch.compile(model, backend="mka", options=bad)(ids, use_cache=False)
-    torch._dynamo.reset()
-    with pytest.raises(Exception, match=r"already converted: load the weights with model.load_state_dict"):
-        torch.compile(conv, backend="mka", options=opts)(ids, use_cache=False)
+    with pytest.raises(Exception, match=r"options\['weights'\].*mka_compile.load_converted"):
+        torch.compile(model, backend="mka", options={**AOT, "weights": conv.state_dict()})(ids, use_cache=False)
+    with pytest.raises(Exception, match=r"options\['mode'\]='mka' but the model was converted to 'fastmka'"):
+        torch.compile(conv, backend="mka", options={**AOT, "mode": "mka"})(ids, use_cache=False)
 
 
 # ----------------------------------------------------------------------------------------- decode graphs
@@ -368,28 +347,3 @@ def test_full_zoo_inductor(family: str, variant: str) -> None:
         ref = model(ids, use_cache=False).logits
         out = torch.compile(model, backend="mka", options=INDUCTOR)(ids, use_cache=False).logits
     assert _rel(out, ref) <= 1e-4
-
-
-def test_weights_file_brings_its_mode_and_config(tmp_path) -> None:
-    """A checkpoint written by save_converted records mode and MKAConfig: the backend uses them (chunk 4 here,
-    not the default 64) and refuses options that contradict them."""
-    from mka_compile.checkpoint import save_converted
-
-    conv = _trained("llama", "sdpa")
-    with torch.no_grad():
-        for name, p in conv.named_parameters():
-            if name.endswith(".mka.gate"):
-                p.fill_(0.7)
-    path = save_converted(conv, tmp_path / "conv.safetensors")
-    model, _ = zoo.causal_lm("llama", "sdpa")
-    ids = torch.randint(0, 90, (2, 13))
-    with torch.no_grad():
-        ref = conv(ids, use_cache=False).logits
-        out = torch.compile(model, backend="mka", options={**AOT, "weights": str(path)})(ids, use_cache=False).logits
-    assert _rel(out, ref) <= 1e-5
-    opts = B.parse_options({"weights": str(path), "mode": "fastmka"})
-    assert (opts.mode, opts.config) == ("fastmka", CFG)
-    with pytest.raises(B.BackendError, match=r"options\['config'\].*chunk_size=64.*chunk_size=4"):
-        B.parse_options({"weights": str(path), "config": MKAConfig()})
-    with pytest.raises(B.BackendError, match=r"options\['mode'\]='mka'.*'fastmka'"):
-        B.parse_options({"weights": str(path), "mode": "mka"})

@@ -10,15 +10,17 @@ For every graph dynamo hands over:
   to ``F.scaled_dot_product_attention`` (``"sdpa"``) or left alone (``"keep"``); see
   :mod:`mka_compile.backend.lowering`. The site table and the reasons other softmaxes were not taken are
   logged (logger ``mka_compile.backend``) and kept: :func:`last_report`, :func:`reports`.
-- With ``weights`` (a converted model's checkpoint) and ``mode="fastmka"``, original model code runs with
-  the trained routers (:mod:`mka_compile.backend.weights`).
 - Inductor compiles the rest (``torch._dynamo.lookup_backend("inductor")``, through AOTAutograd, so
   training works).
 
-Options: ``mode`` (None | "fastmka" | "mka"), ``config`` (MKAConfig or dict), ``weights`` (state_dict or a
-path: ``torch.load(weights_only=True)`` or ``.safetensors``), ``attention`` ("mka" | "sdpa" | "keep"),
-``inductor`` (a dict of Inductor config patches), ``compiler`` ("inductor", default, or "aot_eager": AOTAutograd
-without Inductor's code generation, for debugging and fast checks).
+The backend does not convert. A model gets MKA from :func:`mka_compile.convert`, and trained MKA weights reach
+the backend through the converted-checkpoint loader (:func:`mka_compile.load_converted`, or convert +
+``load_state_dict``): the converted model's ``mka::`` ops are what it compiles.
+
+Options: ``mode`` (None | "fastmka" | "mka": the mode the model must have been converted with), ``attention``
+("mka" | "sdpa" | "keep"), ``inductor`` (a dict of Inductor config patches), ``compiler`` ("inductor", default, or
+"aot_eager": AOTAutograd without Inductor's code generation, for debugging and fast checks). ``weights`` and
+``config`` are refused with the advice above.
 """
 
 from __future__ import annotations
@@ -34,9 +36,7 @@ import torch
 from torch import fx, nn
 
 from mka_compile.backend.lowering import SYMBOLIC, Lowered, lower_sites
-from mka_compile.backend.options import OPTION_KEYS, BackendError, BackendOptions, parse_options
-from mka_compile.backend.weights import WeightsError, apply_fastmka
-from mka_compile.config import MKAConfig
+from mka_compile.backend.options import CONVERT_HINT, OPTION_KEYS, BackendError, BackendOptions, parse_options
 from mka_compile.graph import ops
 from mka_compile.graph.capture import Captured
 from mka_compile.passes.attention import RULES, find_sites
@@ -77,10 +77,10 @@ class GraphReport:
             lines.append("  mka:: ops kept: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.mka_ops.items())))
         if self.sites:
             w = max(len(s.name or "<root>") for s in self.sites)
-            lines.append(f"  {'site':<{w}}  {'rule':<26} {'memory':<26} attention")
+            lines.append(f"  {'site':<{w}}  {'rule':<26} attention")
             for s in self.sites:
                 what = s.action + (f" ({s.reason})" if s.reason else "")
-                lines.append(f"  {s.name or '<root>':<{w}}  {s.rule:<26} {s.memory or '-':<26} {what}")
+                lines.append(f"  {s.name or '<root>':<{w}}  {s.rule:<26} {what}")
         for r in self.not_attention:
             lines.append(f"  not attention: {r.node} in {r.module or '<root>'}: {r.reason}")
         return "\n".join(lines)
@@ -121,24 +121,10 @@ def _mka_ops(gm: fx.GraphModule) -> dict[str, int]:
 
 def _check_mode(opts: BackendOptions, mka_ops: dict[str, int], has_sites: bool) -> None:
     converted = "mka" if "mka::mka_attention" in mka_ops else "fastmka" if mka_ops else None
-    if converted and opts.weights is not None:
-        raise BackendError(
-            "options['weights'] was given but this model is already converted: load the weights with "
-            "model.load_state_dict(...) and compile without 'weights'"
-        )
     if converted and opts.mode is not None and opts.mode != converted:
         raise BackendError(f"options['mode']={opts.mode!r} but the model was converted to {converted!r}")
-    if opts.mode is not None and not converted and opts.weights is None and has_sites:
-        raise BackendError(
-            f"options['mode']={opts.mode!r} on a model that is not converted needs options['weights'] (a converted "
-            "model's state_dict or checkpoint); to train MKA, call mka_compile.convert(model) first"
-        )
-    if opts.mode == "mka" and opts.weights is not None:
-        raise BackendError(
-            "options mode='mka' with 'weights' on original model code is not supported by the backend (MKA "
-            "attends to each memory level, which needs the site's RoPE tables and cache): use mode='fastmka' "
-            "weights, or convert the model with mka_compile.convert(model, mode='mka'), load_state_dict, then compile"
-        )
+    if opts.mode is not None and not converted and has_sites:
+        raise BackendError(f"options['mode']={opts.mode!r} but this model is not converted: {CONVERT_HINT}")
 
 
 def _own_copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -188,9 +174,7 @@ def _concrete_meta(gm: fx.GraphModule) -> Iterator[None]:
             n.meta.pop(SYMBOLIC, None)
 
 
-def _rewrite(
-    gm: fx.GraphModule, example_inputs: list[Any], opts: BackendOptions
-) -> tuple[GraphReport, list[torch.Tensor]]:
+def _rewrite(gm: fx.GraphModule, example_inputs: list[Any], opts: BackendOptions) -> GraphReport:
     holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for n, x in zip(holders, example_inputs):
         if isinstance(x, nn.Parameter) or "_parameters_" in n.name or "_buffers_" in n.name:
@@ -205,26 +189,9 @@ def _rewrite(
     if candidates:
         facts, rejected = find_sites(captured, RULES)
     _check_mode(opts, mka_ops, bool(facts))
-    memory: dict[str, str] = {}
-    extra: list[torch.Tensor] = []
-    if opts.weights is not None and not facts and rejected:
-        raise BackendError(
-            "options['weights'] was given but no attention site was found in this graph; the softmaxes were refused: "
-            + "; ".join(f"{r.node} in {r.module or '<root>'}: {r.reason}" for r in rejected)
-        )
-    if opts.weights is not None and facts:
-        config = opts.config or MKAConfig(gate_init=0.0)
-        memory, extra = apply_fastmka(captured, facts, opts.weights, config)
-        if not any(v.startswith("fastmka") for v in memory.values()):
-            raise BackendError(
-                f"options['weights'] holds sites {sorted(opts.weights)} but this graph's attention sites are "
-                f"{[f.name for f in facts]}: none matches (compile the model the checkpoint was saved from)"
-            )
     lowered = lower_sites(facts, captured, opts.attention)
-    for s in lowered:
-        s.memory = memory.get(s.name)
     not_attention = [NotAttention(r.node, r.module, r.closest_rule, r.reason) for r in rejected]
-    return GraphReport(len(_REPORTS), lowered, not_attention, mka_ops, len(example_inputs)), extra
+    return GraphReport(len(_REPORTS), lowered, not_attention, mka_ops, len(example_inputs))
 
 
 def mka_backend(
@@ -233,16 +200,13 @@ def mka_backend(
     """The ``mka`` backend (see the module docstring). ``options``: the ``options=`` of ``torch.compile``;
     ``mode``: torch.compile's ``mode`` (Inductor's modes, e.g. ``"max-autotune"``)."""
     opts = parse_options(options)
-    try:
-        gm = _own_copy(gm)
-        with _concrete_meta(gm):
-            report, extra = _rewrite(gm, example_inputs, opts)
-    except WeightsError as exc:
-        raise BackendError(str(exc)) from exc
+    gm = _own_copy(gm)
+    with _concrete_meta(gm):
+        report = _rewrite(gm, example_inputs, opts)
     _REPORTS.append(report)
     if report.sites or report.mka_ops:
         log.info("%s", report)
-    inputs = list(example_inputs) + extra
+    inputs = list(example_inputs)
     if opts.compiler == "aot_eager":  # AOTAutograd without Inductor's code generation (debugging, fast tests)
         compiled = torch._dynamo.lookup_backend("aot_eager")(gm, inputs)
     else:
@@ -254,16 +218,7 @@ def mka_backend(
         patches.update(opts.inductor)
         inductor = torch._dynamo.lookup_backend("inductor")
         compiled = inductor(gm, inputs, config_patches=patches) if patches else inductor(gm, inputs)
-    return _with_inputs(compiled, extra) if extra else compiled
-
-
-def _with_inputs(compiled, extra: list[torch.Tensor]):
-    """``compiled`` called with the graph inputs the backend added (trained weights) after dynamo's."""
-
-    def call(*args):
-        return compiled(*args, *extra)
-
-    return call
+    return compiled
 
 
 def prepare_decode(model: nn.Module, max_len: int | None = None) -> nn.Module:

@@ -47,7 +47,6 @@ class Lowered:
     rule: str  # the rule that found it
     action: str  # "mka::flash_attention" | "sdpa" | "kept" | "mka::mka_attention"
     reason: str | None = None  # why it was kept as it was
-    memory: str | None = None  # FastMKA with trained weights, or why not (backend option ``weights``)
 
 
 # ------------------------------------------------------------------------------------ run-time functions
