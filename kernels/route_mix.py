@@ -12,11 +12,14 @@ import torch
 
 from . import _validate as check
 from ._dtypes import acc_dtype as _acc_dtype
-from ._grads import contiguous_outputs, new_like, zeros_for_none
+from ._grads import new_like
+from .declare import Backward, declare
 
 
-def reference_route_mix(lam, ks, vs):
-    """Pure-torch definition of ``mka::route_mix``."""
+def reference_route_mix(
+    lam: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch definition of ``mka::route_mix`` (its signature is the op's)."""
     acc = _acc_dtype(ks[0])
     w = lam.to(acc)[..., None]  # (B, G, T, L, 1)
 
@@ -48,20 +51,6 @@ def check_route_mix(lam, ks, vs) -> None:
     check.same_device("ks[0]", ks[0], lam=lam)
 
 
-@torch.library.custom_op("mka::route_mix", mutates_args=())
-def _route_mix_op(
-    lam: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    check_route_mix(lam, ks, vs)
-    return contiguous_outputs(reference_route_mix(lam, ks, vs))
-
-
-@_route_mix_op.register_fake
-def _(lam, ks, vs):
-    check_route_mix(lam, ks, vs)
-    return new_like(ks[0]), new_like(vs[0])
-
-
 def reference_route_mix_backward(grad_kf, grad_vf, lam, ks, vs):
     """``dk_l = lam_l * dkf``; ``dlam_l = sum(dkf * k_l + dvf * v_l)`` over d (and heads when G = 1)."""
     acc = _acc_dtype(ks[0])
@@ -74,33 +63,13 @@ def reference_route_mix_backward(grad_kf, grad_vf, lam, ks, vs):
     return dlam.to(lam.dtype), dks, dvs
 
 
-@torch.library.custom_op("mka::route_mix_backward", mutates_args=())
-def _route_mix_backward_op(
-    grad_kf: torch.Tensor, grad_vf: torch.Tensor, lam: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    return contiguous_outputs(reference_route_mix_backward(grad_kf, grad_vf, lam, ks, vs))
-
-
-@_route_mix_backward_op.register_fake
-def _(grad_kf, grad_vf, lam, ks, vs):
-    return new_like(lam), [new_like(k) for k in ks], [new_like(v) for v in vs]
-
-
-def _setup(ctx, inputs, output):
-    lam, ks, vs = inputs
-    ctx.n = len(ks)
-    ctx.save_for_backward(lam, *ks, *vs)
-
-
-def _backward(ctx, grad_kf, grad_vf):
-    lam, *kv = ctx.saved_tensors
-    ks, vs = kv[: ctx.n], kv[ctx.n :]
-    gk, gv = zeros_for_none([grad_kf, grad_vf], [ks[0], vs[0]])
-    glam, gks, gvs = torch.ops.mka.route_mix_backward(gk, gv, lam, list(ks), list(vs))
-    return glam, list(gks), list(gvs)
-
-
-_route_mix_op.register_autograd(_backward, setup_context=_setup)
+ROUTE_MIX = declare(
+    "mka::route_mix",
+    reference_route_mix,
+    check=check_route_mix,
+    fake=lambda lam, ks, vs: (new_like(ks[0]), new_like(vs[0])),
+    backward=Backward(reference_route_mix_backward, outputs=("kf", "vf"), wrt=("lam", "ks", "vs")),
+)
 
 
 def route_mix(lam: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
