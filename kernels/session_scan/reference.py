@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _validate as check
-from .._grads import contiguous_outputs, new_like, zeros_for_none
+from .._grads import new_like
+from ..declare import Backward, declare
 
 SCAN_CHUNK = 16
 _LOG_ZERO = -1.0e4  # log of a zero decay: exp() of anything that includes it is exactly 0
@@ -146,7 +147,8 @@ def reference_session_scan(
     n_seen: torch.Tensor,
     beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pure-torch definition (differentiable); see the module docstring for shapes."""
+    """Pure-torch definition of ``mka::session_scan`` (differentiable; its signature is the op's); see the module
+    docstring for shapes."""
     d = k.shape[-1]
     if bool(valid.all()) and not bool(n_seen.any()):  # a first call without padding: the cached matrices
         plan = _fresh_plan(k.shape[2], float(beta), SCAN_CHUNK, state_k.dtype, k.device)
@@ -179,26 +181,6 @@ def check_session_scan(k, v, valid, state_k, state_v, n_seen, beta) -> None:
     check.beta(beta)
 
 
-@torch.library.custom_op("mka::session_scan", mutates_args=())
-def _session_scan_op(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    valid: torch.Tensor,
-    state_k: torch.Tensor,
-    state_v: torch.Tensor,
-    n_seen: torch.Tensor,
-    beta: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    check_session_scan(k, v, valid, state_k, state_v, n_seen, beta)
-    return contiguous_outputs(reference_session_scan(k, v, valid, state_k, state_v, n_seen, beta))
-
-
-@_session_scan_op.register_fake
-def _(k, v, valid, state_k, state_v, n_seen, beta):
-    check_session_scan(k, v, valid, state_k, state_v, n_seen, beta)
-    return new_like(k), new_like(v), new_like(state_k), new_like(state_v)
-
-
 def reference_session_scan_backward(
     grad_sk, grad_sv, grad_state_k, grad_state_v, k, v, valid, state_k, state_v, n_seen, beta
 ):
@@ -222,46 +204,17 @@ def reference_session_scan_backward(
     return dx[..., :d].to(k.dtype), dx[..., d:].to(v.dtype), d0[..., :d].clone(), d0[..., d:].clone()
 
 
-@torch.library.custom_op("mka::session_scan_backward", mutates_args=())
-def _session_scan_backward_op(
-    grad_sk: torch.Tensor,
-    grad_sv: torch.Tensor,
-    grad_state_k: torch.Tensor,
-    grad_state_v: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    valid: torch.Tensor,
-    state_k: torch.Tensor,
-    state_v: torch.Tensor,
-    n_seen: torch.Tensor,
-    beta: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return contiguous_outputs(
-        reference_session_scan_backward(
-            grad_sk, grad_sv, grad_state_k, grad_state_v, k, v, valid, state_k, state_v, n_seen, beta
-        )
-    )
-
-
-@_session_scan_backward_op.register_fake
-def _(grad_sk, grad_sv, grad_state_k, grad_state_v, k, v, valid, state_k, state_v, n_seen, beta):
-    return new_like(k), new_like(v), new_like(state_k), new_like(state_v)
-
-
-def _setup_context(ctx, inputs, output):
-    k, v, valid, state_k, state_v, n_seen, beta = inputs
-    ctx.save_for_backward(k, v, valid, state_k, state_v, n_seen)
-    ctx.beta = beta
-
-
-def _backward(ctx, grad_sk, grad_sv, grad_state_k, grad_state_v):
-    k, v, valid, state_k, state_v, n_seen = ctx.saved_tensors
-    grads = zeros_for_none([grad_sk, grad_sv, grad_state_k, grad_state_v], [k, v, state_k, state_v])
-    gk, gv, gsk, gsv = torch.ops.mka.session_scan_backward(*grads, k, v, valid, state_k, state_v, n_seen, ctx.beta)
-    return gk, gv, None, gsk, gsv, None, None
-
-
-_session_scan_op.register_autograd(_backward, setup_context=_setup_context)
+SESSION_SCAN = declare(
+    "mka::session_scan",
+    reference_session_scan,
+    check=check_session_scan,
+    fake=lambda k, v, valid, state_k, state_v, n_seen, beta: tuple(map(new_like, (k, v, state_k, state_v))),
+    backward=Backward(
+        reference_session_scan_backward,
+        outputs=("sk", "sv", "state_k", "state_v"),  # the backward takes grad_sk, grad_sv, grad_state_k, ...
+        wrt=("k", "v", "state_k", "state_v"),
+    ),
+)
 
 
 def session_scan(

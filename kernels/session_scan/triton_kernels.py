@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .._triton import as_bytes, for_device, pow2
-from .reference import check_session_scan
+from .reference import SESSION_SCAN
 
 
 @triton.jit
@@ -313,16 +313,11 @@ def session_scan_bwd(
 # -- CUDA implementations of the ops --------------------------------------------------------------------
 
 
-def _session_scan_cuda(k, v, valid, state_k, state_v, n_seen, beta):
-    check_session_scan(k, v, valid, state_k, state_v, n_seen, beta)
-    return session_scan_fwd(k, v, valid, state_k, state_v, n_seen, beta)
+_session_scan_cuda = SESSION_SCAN.implement_cuda(session_scan_fwd)
 
 
+@SESSION_SCAN.backward.implement_cuda
 def _session_scan_backward_cuda(
     grad_sk, grad_sv, grad_state_k, grad_state_v, k, v, valid, state_k, state_v, n_seen, beta
 ):
     return session_scan_bwd(grad_sk, grad_sv, grad_state_k, grad_state_v, valid, n_seen, beta, k.dtype, state_k.dtype)
-
-
-torch.library.register_kernel("mka::session_scan", "cuda", _session_scan_cuda)
-torch.library.register_kernel("mka::session_scan_backward", "cuda", _session_scan_backward_cuda)
