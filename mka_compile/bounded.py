@@ -41,6 +41,25 @@ def _host_for(device: torch.device) -> tuple[torch.device, bool]:
     return torch.device("cpu"), device.type == "cuda"
 
 
+def unrotate(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor | None, interleaved: bool) -> torch.Tensor:
+    """``x: [B, h, L, d]`` rotated at positions ``pos: [B, L]`` -> un-rotated (as it was before RoPE)."""
+    if freqs is None or not freqs.numel():
+        return x
+    ang = pos.to(torch.float64)[..., None] * freqs.to(torch.float64)  # (B, L, rot/2)
+    cos, sin = torch.cos(ang)[:, None].to(x.dtype), torch.sin(ang)[:, None].to(x.dtype)
+    return rotate_cs(x, cos, -sin, interleaved)
+
+
+def pair_norms(x: torch.Tensor, freqs: torch.Tensor | None, interleaved: bool) -> torch.Tensor:
+    """``[..., d] -> [..., P]``: the norm of each RoPE channel pair (``rot = 2 * len(freqs)`` channels, paired as the
+    model rotates them), then the absolute value of each channel RoPE leaves alone; ``P = rot/2 + d - rot``."""
+    half = 0 if freqs is None else freqs.numel()
+    rot = 2 * half
+    xr, xp = x[..., :rot], x[..., rot:]
+    a, b = (xr[..., 0::2], xr[..., 1::2]) if interleaved else (xr[..., :half], xr[..., half:])
+    return torch.cat([torch.sqrt(a * a + b * b), xp.abs()], -1)
+
+
 @dataclass
 class BoundedStore:
     """One site's bounded keys and values for one sequence batch (a cache layer, or one call without a cache).
@@ -62,6 +81,10 @@ class BoundedStore:
     tail_real: int = 0  # the latest positions (slots) that were real tokens in every row: what crop may remove
     positions: int = 0  # positions stored, padding included
     keep_chunks: bool = True  # False (recall_chunks=0: window and sinks only): chunks that leave are dropped
+    # chunk_keys="bounds", on the device: each completed chunk's centre (mean un-rotated key) and radius per pair
+    key_mid: torch.Tensor | None = None  # (B, G, N, d) float32
+    key_rad: torch.Tensor | None = None  # (B, G, N, P) float32, P = rot/2 + (d - rot) channel pairs (see pair_norms)
+    bounds_done: torch.Tensor | None = None  # (B,) int64: chunks whose bounds are computed
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, head_dim: int, ref: torch.Tensor, cfg: MKAConfig) -> BoundedStore:
@@ -71,7 +94,7 @@ class BoundedStore:
         zh = lambda *shape: torch.zeros(*shape, dtype=dt, device=host, pin_memory=pin)  # noqa: E731
         S, C = cfg.sink_tokens, cfg.chunk_size
         zi = torch.zeros(batch, dtype=torch.int64, device=dev)
-        return cls(
+        store = cls(
             cfg.window, S, C,
             z(batch, kv_heads, S, head_dim), z(batch, kv_heads, S, head_dim),
             z(batch, kv_heads, 0, head_dim), z(batch, kv_heads, 0, head_dim),
@@ -79,6 +102,10 @@ class BoundedStore:
             zh(batch, kv_heads, 0, C, head_dim), zh(batch, kv_heads, 0, C, head_dim),
             keep_chunks=cfg.exact_recall > 0,
         )  # fmt: skip
+        if cfg.exact_recall > 0 and cfg.chunk_keys == "bounds":
+            zb = lambda n: torch.zeros(batch, kv_heads, 0, n, dtype=torch.float32, device=dev)  # noqa: E731
+            store.key_mid, store.key_rad, store.bounds_done = zb(head_dim), zb(0), zi.clone()
+        return store
 
     # -- where tokens are -------------------------------------------------------------------------------
     def window_start(self, t: torch.Tensor) -> torch.Tensor:
@@ -144,6 +171,54 @@ class BoundedStore:
         self.recent_k, self.recent_v = self._tokens(real, self.base)
         self.base = target
 
+    # -- recall keys (chunk_keys="bounds") ------------------------------------------------------------------
+    def update_bounds(self, freqs: torch.Tensor | None, interleaved: bool) -> None:
+        """Compute the bounds of the chunks completed since the last call (all still in ``recent``): the keys are
+        turned back by their real positions, the centre is their mean, and the radius of each channel pair (a RoPE
+        pair; a single channel outside RoPE) is the largest distance of a key's pair from the centre's."""
+        C = self.chunk
+        done = self.n // C  # (B,) completed chunks
+        first = self.bounds_done
+        J = int((done - first).max())
+        if J <= 0:
+            return
+        B, G, _, d = self.recent_k.shape
+        N = int(done.max())
+        if self.key_mid.shape[2] < N:
+            grow = max(N, 2 * self.key_mid.shape[2]) - self.key_mid.shape[2]
+            self.key_mid = torch.nn.functional.pad(self.key_mid, (0, 0, 0, grow))
+            self.key_rad = torch.nn.functional.pad(self.key_rad, (0, 0, 0, grow))
+        j = torch.arange(J, device=done.device)
+        c = first[:, None] + j  # (B, J) chunk ids
+        ok = c < done[:, None]
+        real = (c[..., None] * C + torch.arange(C, device=done.device)).flatten(1)  # (B, J*C)
+        slot = (real - self.base[:, None]).clamp(0, max(self.recent_k.shape[2] - 1, 0))  # completed chunks: recent
+        k = torch.gather(self.recent_k, 2, slot[:, None, :, None].expand(B, G, J * C, d)).float()
+        k = unrotate(k, real, freqs, interleaved).view(B, G, J, C, d)
+        mid = k.mean(3)  # (B, G, J, d)
+        rad = pair_norms(k - mid[:, :, :, None], freqs, interleaved).amax(3)  # (B, G, J, P)
+        if self.key_rad.shape[-1] != rad.shape[-1]:  # P is known once the RoPE frequencies are
+            self.key_rad = self.key_mid.new_zeros(*self.key_mid.shape[:3], rad.shape[-1])
+        N_all = self.key_mid.shape[2]
+        tgt = torch.where(ok, c, N_all + j)[:, None, :, None]  # (B, 1, J, 1); others: spare slots, dropped
+        for name, val in (("key_mid", mid), ("key_rad", rad)):
+            buf = torch.cat([getattr(self, name), torch.zeros_like(val)], 2)
+            setattr(self, name, buf.scatter(2, tgt.expand_as(val), val)[:, :, :N_all])
+        self.bounds_done = torch.maximum(first, done)
+
+    def recall_keys(self, q: torch.Tensor, t: torch.Tensor, freqs, interleaved: bool) -> tuple[torch.Tensor, ...]:
+        """Recall queries and chunk keys whose product bounds, for each chunk, the sum over a kv group's query
+        heads of ``max over the chunk's keys of q . k``: ``sum_h q_h . mid + sum_h sum_pairs |q_h,pair| rad_pair``
+        (a key's pair lies within ``rad`` of the centre's). A rotation common to a row's queries and keys (RoPE
+        positions offset from the real ones, as in a left-padded forward without ``position_ids``) changes neither
+        term. ``q: [B, H, T, d]`` rotated at real positions ``t``. Returns ``(q' [B, G, T, d+P], key' [B, G, N,
+        d+P])``."""
+        B, H, T, d = q.shape
+        G = self.recent_k.shape[1]
+        qu = unrotate(q.float(), t, freqs, interleaved).view(B, G, H // G, T, d)
+        q_r = torch.cat([qu.sum(2), pair_norms(qu, freqs, interleaved).sum(2)], -1)
+        return q_r, torch.cat([self.key_mid, self.key_rad], -1)
+
     # -- a call ---------------------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Store a call's keys and values ``[B, G, T, d]`` (as the site attends to them, rotated) for its real tokens
@@ -187,6 +262,8 @@ class BoundedStore:
                 "every row, earlier ones include padding (crop only tokens decoded after the prompt)"
             )
         self.n = self.n - remove
+        if self.bounds_done is not None:  # a chunk the crop reopens gets its bounds again when it completes
+            self.bounds_done = torch.minimum(self.bounds_done, self.n // self.chunk)
         self.tail_real -= remove
         self.positions -= remove
         self._rebase(torch.minimum(self.base, self.window_start(self.n)))
@@ -207,6 +284,8 @@ class BoundedStore:
         """``(resident, offloaded)`` bytes: sinks and recent tokens on the device; the stored chunks on the host."""
         res = sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.recent_k, self.recent_v))
         res += 2 * self.n.numel() * self.n.element_size()
+        if self.key_mid is not None:
+            res += sum(t.numel() * t.element_size() for t in (self.key_mid, self.key_rad, self.bounds_done))
         per_chunk = self.chunk_k[:, :, :1].numel() // max(self.chunk_k.shape[0], 1) * self.chunk_k.element_size()
         stored = int((self.base // self.chunk).sum()) if self.chunk_k.shape[2] and self.keep_chunks else 0
         return res, 2 * stored * per_chunk
@@ -229,7 +308,8 @@ def attend(
 ) -> torch.Tensor:
     """Bounded attention of one call. ``q: [B, H, T, d]``, ``k, v: [B, G, T, d]`` as the site attends to them
     (rotated at their true positions); ``valid: [B, T]``; ``q_r: [B, G, T, d]`` the recall queries and ``summ_k:
-    [B, G, N, d]`` the chunk summaries (None without recall); ``freqs: [rot/2]`` the RoPE frequencies (None: no
+    [B, G, N, d]`` the chunk summaries (None without recall; unused when the store keeps chunk bounds,
+    ``chunk_keys="bounds"``); ``freqs: [rot/2]`` the RoPE frequencies (None: no
     RoPE); ``trained_length``: from which position keys are moved (0: never). Returns ``[B, H, T, d]``."""
     qpos = store.append(k, v, valid)  # (B, T)
     B, H, T, d = q.shape
@@ -247,6 +327,9 @@ def attend(
     zero = torch.zeros((), dtype=torch.int64, device=dev)
     n_rec = torch.zeros(B, G, T, dtype=torch.int64, device=dev)  # chunks each query recalled
     far = None
+    if R > 0 and store.key_mid is not None:  # chunk_keys="bounds": the store's own chunk bounds
+        store.update_bounds(freqs, interleaved)
+        q_r, summ_k = store.recall_keys(q, t, freqs, interleaved)
     if R > 0 and summ_k is not None and summ_k.shape[2] > 0:
         far, n_rec = _recalled(store, q, ws, real, q_r, summ_k, cfg, remap, freqs, interleaved, scale)
     s_delta = None  # the sinks sit right before the recalled chunks, which sit right before the window

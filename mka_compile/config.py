@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+CHUNK_KEYS = ("bounds", "mean")
 LEVELS = ("local", "session", "longterm")
 
 
@@ -37,7 +38,12 @@ class MKAConfig:
             only those on the device (the chunks go to a host-memory store). ``None``: unbounded (every token).
         sink_tokens: S, the first real tokens every query keeps seeing (at most ``chunk_size``).
         recall_chunks: R, chunks of ``chunk_size`` tokens each query recalls exactly (by its score against the
-            chunk summaries); ``None`` = ``top_r``; 0 = window and sinks only (StreamingLLM).
+            chunk keys); ``None`` = ``top_r``; 0 = window and sinks only (StreamingLLM).
+        chunk_keys: what represents a chunk for recall (bounded memory): ``"bounds"`` (an upper bound of
+            ``q . k`` over the chunk's keys: their mean, plus for each RoPE channel pair the largest distance of a
+            key from it; summed over the query heads of a kv group, as Quest bounds a page by per-channel minima
+            and maxima) or ``"mean"`` (the long-term level's chunk summary, the mean key, against the group's mean
+            query). Both score queries and keys turned back to position 0.
         trained_length: beyond this many tokens the sinks and recalled chunks are moved next to the window, so no
             query-key distance exceeds what the model was trained on; ``None`` = the model's
             ``max_position_embeddings`` when ``convert`` can read it, else never.
@@ -55,6 +61,7 @@ class MKAConfig:
     window: int | None = None
     sink_tokens: int = 4
     recall_chunks: int | None = None
+    chunk_keys: str = "bounds"
     trained_length: int | None = None
 
     def __post_init__(self) -> None:
@@ -107,6 +114,8 @@ class MKAConfig:
             )
         if self.trained_length is not None:
             _positive_int("trained_length", self.trained_length)
+        if self.chunk_keys not in CHUNK_KEYS:
+            raise ValueError(f"chunk_keys must be one of {CHUNK_KEYS}, got {self.chunk_keys!r}")
 
     def initial_gate(self, converting: bool) -> float:
         """The gate's starting value: ``gate_init``, or by use when it is None (0.0 converting, 1.0 from scratch)."""

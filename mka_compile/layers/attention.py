@@ -248,7 +248,7 @@ class FastMKAAttention(_MKABase):
         Hkv = self.num_kv_heads
         if st.bounded is None or st.bounded.n.shape[0] != B:
             st.bounded = bounded.BoundedStore.empty(B, Hkv, d, kf, cfg)
-        q_r = q.view(B, Hkv, H // Hkv, T, d).mean(2).float() if cfg.exact_recall > 0 else None
+        q_r = q.view(B, Hkv, H // Hkv, T, d).mean(2).float() if cfg.exact_recall > 0 and cfg.chunk_keys == "mean" else None
         freqs = None if self.rotary is None else self.rotary.frequencies(q.device).float()
         summ = st.summ_k if cfg.uses_longterm else None
         return bounded.attend(

@@ -382,7 +382,7 @@ class SiteMemory(nn.Module):
             if layer is not None:
                 layer.store = store
         q_r = None
-        if cfg.exact_recall > 0:
+        if cfg.exact_recall > 0 and cfg.chunk_keys == "mean":
             q_r = _group_mean(call.q.view(B, T, Hkv, H // Hkv, d)).transpose(1, 2).float()  # (B, Hkv, T, d)
         out = bounded.attend(
             store, query, key, value, call.valid, q_r, call.state.summ_k if cfg.uses_longterm else None, cfg,
