@@ -69,24 +69,35 @@ class Backward:
 
 
 class Op:
-    """A declared ``mka::`` op: ``name`` (``"mka::<op>"``), its ``reference``, its checks and, when it has one,
-    its ``backward`` op (an :class:`Op` too). Calling it runs the CPU implementation."""
+    """A declared ``mka::`` op: ``name`` (``"mka::<op>"``), its ``reference``, its ``signature`` (the schema's),
+    its checks and, when it has one, its ``backward`` op (an :class:`Op` too). Calling it runs the CPU
+    implementation. Every function the description names (reference, checks, fake, launchers) is called with
+    all of the op's arguments, positionally, defaults filled in (the dispatcher leaves trailing defaults out)."""
 
     def __init__(
         self,
         name: str,
         reference: Callable,
-        check: Callable | None,
-        check_values: Callable | None,
+        signature: inspect.Signature,
+        check: Callable | None = None,
+        check_values: Callable | None = None,
     ) -> None:
         self.name = name
         self.reference = reference
+        self.signature = signature
         self.check = check
         self.check_values = check_values
         self.backward: Op | None = None
 
-    def __call__(self, *args):
+    def bind(self, *args, **kwargs) -> tuple:
+        """The op's arguments as one positional tuple, defaults filled in."""
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return bound.args
+
+    def __call__(self, *args, **kwargs):
         """The CPU implementation: the checks, the reference, contiguous outputs."""
+        args = self.bind(*args, **kwargs)
         self.check_all(*args)
         return contiguous_outputs(self.reference(*args))
 
@@ -112,7 +123,8 @@ class Op:
         Returns the registered function (tests call it on CPU tensors, as the dispatcher would on CUDA ones)."""
 
         def register(launcher: Callable) -> Callable:
-            def cuda(*args):
+            def cuda(*args, **kwargs):
+                args = self.bind(*args, **kwargs)
                 if supported is not None and not supported(*args):
                     return self(*args)
                 if check:
@@ -144,12 +156,13 @@ def declare(
     ``check_values(*args)``: checks that read tensor data, run by the real implementations only.
     """
     plan = _BackwardPlan(name, reference, backward) if backward is not None else None  # raises before registering
-    op = Op(name, reference, check, check_values)
+    op = Op(name, reference, inspect.signature(reference), check, check_values)
     fwd = torch.library.custom_op(
         name, op.__call__, mutates_args=(), schema=torch.library.infer_schema(reference, mutates_args=())
     )
 
-    def fake_impl(*args):
+    def fake_impl(*args, **kwargs):
+        args = op.bind(*args, **kwargs)
         if check is not None:
             check(*args)
         return fake(*args)
@@ -194,20 +207,21 @@ class _BackwardPlan:
         def prototype(*args):  # carries the backward op's signature for infer_schema
             raise NotImplementedError
 
-        prototype.__signature__ = inspect.Signature(
+        self.signature = inspect.Signature(
             [param(p) for p in self.params], return_annotation=tuple[returns] if len(returns) > 1 else returns[0]
         )
+        prototype.__signature__ = self.signature
         self.schema = torch.library.infer_schema(prototype, mutates_args=())
 
     def declare(self, fwd) -> Op:
         """Define ``<op>_backward`` and register the autograd of the forward op ``fwd``."""
         spec, params, names, kinds, saved_outputs = self.spec, self.params, self.inputs, self.kinds, self.saved_outputs
-        bwd_op = Op(self.name, spec.reference, None, None)
+        bwd_op = Op(self.name, spec.reference, self.signature)
         bwd = torch.library.custom_op(self.name, bwd_op.__call__, mutates_args=(), schema=self.schema)
 
         @bwd.register_fake
-        def _(*args):
-            named = dict(zip(params, args))
+        def _(*args, **kwargs):
+            named = dict(zip(params, bwd_op.bind(*args, **kwargs)))
             like = [
                 [new_like(t) for t in named[w]] if isinstance(named[w], list) else new_like(named[w]) for w in spec.wrt
             ]

@@ -43,7 +43,9 @@ AXPY = declare(
 SEEN_GRAD_TOTAL = []
 
 
-def reference_expsum(x: torch.Tensor, mask: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_expsum(
+    x: torch.Tensor, mask: torch.Tensor | None, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``e = exp(scale x)`` (0 where ``mask`` is False), ``total = e.sum(-1)``."""
     e = torch.exp(scale * x)
     e = e if mask is None else e * mask
@@ -79,7 +81,7 @@ def test_schemas_are_inferred_and_derived() -> None:
         " -> (Tensor, Tensor[])"
     )
     assert str(torch.ops.mka_test.expsum_backward.default._schema) == (
-        "mka_test::expsum_backward(Tensor grad_e, Tensor? grad_total, Tensor x, Tensor? mask, Tensor e, float scale)"
+        "mka_test::expsum_backward(Tensor grad_e, Tensor? grad_total, Tensor x, Tensor? mask, Tensor e, float scale=1.)"
         " -> Tensor"
     )
     assert AXPY.backward.name == "mka_test::axpy_backward"
@@ -94,6 +96,8 @@ def test_opcheck_and_gradcheck() -> None:
     opcheck(torch.ops.mka_test.expsum.default, (x, mask, 0.7))
     opcheck(torch.ops.mka_test.expsum.default, (x, None, 0.7))
     torch.autograd.gradcheck(lambda x: torch.ops.mka_test.expsum(x, mask.double(), 0.7), (x,))
+    opcheck(torch.ops.mka_test.expsum.default, (x, mask))  # the default scale: left out by the dispatcher
+    torch.autograd.gradcheck(lambda x: torch.ops.mka_test.expsum(x, None), (x,))
 
 
 def test_unused_outputs() -> None:
