@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as check
-from .._grads import contiguous_outputs, new_like, zeros_for_none
+from .._grads import new_like
+from ..declare import Backward, declare
 
 
 def real_positions(valid: torch.Tensor, n_seen: torch.Tensor) -> torch.Tensor:
@@ -61,8 +62,18 @@ def _take_slots(g: torch.Tensor, rows: torch.Tensor, T: int) -> torch.Tensor:
     return flat.index_select(0, rows).view(B, T, H, d).transpose(1, 2)
 
 
-def reference_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size: int):
-    """Pure-torch definition of ``mka::chunk_update`` (see the module docstring)."""
+def reference_chunk_update(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    valid: torch.Tensor,
+    n_seen: torch.Tensor,
+    part_k: torch.Tensor,
+    part_v: torch.Tensor,
+    summ_k: torch.Tensor,
+    summ_v: torch.Tensor,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pure-torch definition of ``mka::chunk_update`` (its signature is the op's; see the module docstring)."""
     B, H, T, d = k.shape
     N = summ_k.shape[2]
     cdt = part_k.dtype
@@ -128,36 +139,14 @@ def check_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chun
     check.positive_int("chunk_size", chunk_size)
 
 
-def _check_capacity(valid, n_seen, summ_k, chunk_size) -> None:
+def check_chunk_capacity(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size) -> None:
+    """The check of ``mka::chunk_update`` that reads data: the summary buffer holds every completed chunk."""
     need = int(((n_seen + valid.long().sum(-1)) // chunk_size).max().item()) if n_seen.numel() else 0
     if need > summ_k.shape[2]:
         raise ValueError(
             f"summ_k has {summ_k.shape[2]} chunk slots but {need} chunks are complete after this call; "
             "grow the summary buffer (MKACache does this) or preallocate max_len // chunk_size slots"
         )
-
-
-@torch.library.custom_op("mka::chunk_update", mutates_args=())
-def _chunk_update_op(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    valid: torch.Tensor,
-    n_seen: torch.Tensor,
-    part_k: torch.Tensor,
-    part_v: torch.Tensor,
-    summ_k: torch.Tensor,
-    summ_v: torch.Tensor,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    check_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size)
-    _check_capacity(valid, n_seen, summ_k, chunk_size)
-    return contiguous_outputs(reference_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size))
-
-
-@_chunk_update_op.register_fake
-def _(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size):
-    check_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size)
-    return tuple(new_like(t) for t in (part_k, part_v, summ_k, summ_v))
 
 
 def reference_chunk_update_backward(
@@ -194,67 +183,32 @@ def reference_chunk_update_backward(
     return gk, gv, gpk, gpv, gsk, gsv
 
 
-@torch.library.custom_op("mka::chunk_update_backward", mutates_args=())
-def _chunk_update_backward_op(
-    grad_part_k: torch.Tensor,
-    grad_part_v: torch.Tensor,
-    grad_summ_k: torch.Tensor,
-    grad_summ_v: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    valid: torch.Tensor,
-    n_seen: torch.Tensor,
-    part_k: torch.Tensor,
-    part_v: torch.Tensor,
+CHUNK_UPDATE = declare(
+    "mka::chunk_update",
+    reference_chunk_update,
+    check=check_chunk_update,
+    check_values=check_chunk_capacity,
+    fake=lambda k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size: tuple(
+        map(new_like, (part_k, part_v, summ_k, summ_v))
+    ),
+    backward=Backward(
+        reference_chunk_update_backward,
+        outputs=("part_k", "part_v", "summ_k", "summ_v"),  # the new states (the backward takes grad_part_k, ...)
+        wrt=("k", "v", "part_k", "part_v", "summ_k", "summ_v"),
+    ),
+)
+
+
+def reference_recall_select(
+    q_r: torch.Tensor,
     summ_k: torch.Tensor,
-    summ_v: torch.Tensor,
+    pos: torch.Tensor,
     chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return contiguous_outputs(
-        reference_chunk_update_backward(
-            grad_part_k,
-            grad_part_v,
-            grad_summ_k,
-            grad_summ_v,
-            k,
-            v,
-            valid,
-            n_seen,
-            part_k,
-            part_v,
-            summ_k,
-            summ_v,
-            chunk_size,
-        )
-    )
-
-
-@_chunk_update_backward_op.register_fake
-def _(
-    grad_part_k, grad_part_v, grad_summ_k, grad_summ_v, k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size
-):
-    return tuple(new_like(t) for t in (k, v, part_k, part_v, summ_k, summ_v))
-
-
-def _chunk_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:8])
-    ctx.chunk_size = inputs[8]
-
-
-def _chunk_backward(ctx, gpk, gpv, gsk, gsv):
-    k, v, valid, n_seen, part_k, part_v, summ_k, summ_v = ctx.saved_tensors
-    grads = zeros_for_none([gpk, gpv, gsk, gsv], [part_k, part_v, summ_k, summ_v])
-    gk, gv, gpk_, gpv_, gsk_, gsv_ = torch.ops.mka.chunk_update_backward(
-        *grads, k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, ctx.chunk_size
-    )
-    return gk, gv, None, None, gpk_, gpv_, gsk_, gsv_, None
-
-
-_chunk_update_op.register_autograd(_chunk_backward, setup_context=_chunk_setup)
-
-
-def reference_recall_select(q_r, summ_k, pos, chunk_size: int, top_r: int, bank_k=None, bank_valid=None):
-    """Pure-torch definition of ``mka::recall_select`` (see the module docstring)."""
+    top_r: int,
+    bank_k: torch.Tensor | None = None,
+    bank_valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch definition of ``mka::recall_select`` (its signature is the op's; see the module docstring)."""
     B, H, T, d = q_r.shape
     N = summ_k.shape[2]
     cdt = summ_k.dtype
@@ -305,28 +259,17 @@ def check_recall_select(q_r, summ_k, pos, chunk_size, top_r, bank_k, bank_valid)
     check.same_device("q_r", q_r, summ_k=summ_k, pos=pos, bank_k=bank_k, bank_valid=bank_valid)
 
 
-@torch.library.custom_op("mka::recall_select", mutates_args=())
-def _recall_select_op(
-    q_r: torch.Tensor,
-    summ_k: torch.Tensor,
-    pos: torch.Tensor,
-    chunk_size: int,
-    top_r: int,
-    bank_k: torch.Tensor | None = None,
-    bank_valid: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    check_recall_select(q_r, summ_k, pos, chunk_size, top_r, bank_k, bank_valid)
-    return contiguous_outputs(reference_recall_select(q_r, summ_k, pos, chunk_size, top_r, bank_k, bank_valid))
-
-
-@_recall_select_op.register_fake
-def _(q_r, summ_k, pos, chunk_size, top_r, bank_k=None, bank_valid=None):
-    check_recall_select(q_r, summ_k, pos, chunk_size, top_r, bank_k, bank_valid)
+def _recall_select_fake(q_r, summ_k, pos, chunk_size, top_r, bank_k, bank_valid):
     B, H, T, _ = q_r.shape
     return (
         q_r.new_empty(B, H, T, top_r, dtype=torch.int64),
         q_r.new_empty(B, H, T, top_r, dtype=torch.bool),
     )
+
+
+RECALL_SELECT = declare(  # a discrete selection: no backward
+    "mka::recall_select", reference_recall_select, check=check_recall_select, fake=_recall_select_fake
+)
 
 
 def recall_mask(idx: torch.Tensor, found: torch.Tensor, slots: int) -> torch.Tensor:

@@ -36,12 +36,7 @@ import triton.language as tl
 
 from .._triton import as_bytes, for_device, pow2
 from ..session_scan.triton_kernels import _linrec2_combine
-from .reference import (
-    _check_capacity,
-    check_chunk_update,
-    check_recall_select,
-    reference_recall_select,
-)
+from .reference import CHUNK_UPDATE, RECALL_SELECT
 
 MAX_TOP_R = 32
 MAX_HEAD_DIM = 256
@@ -377,18 +372,12 @@ def recall_select_fwd(
 # -- CUDA implementations of the ops --------------------------------------------------------------------
 
 
-def _chunk_update_cuda(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size):
-    check_chunk_update(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size)
-    _check_capacity(valid, n_seen, summ_k, chunk_size)
-    return chunk_update_fwd(k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size)
+_chunk_update_cuda = CHUNK_UPDATE.implement_cuda(chunk_update_fwd)
 
 
-def _recall_select_cuda(q_r, summ_k, pos, chunk_size, top_r, bank_k=None, bank_valid=None):
-    check_recall_select(q_r, summ_k, pos, chunk_size, top_r, bank_k, bank_valid)
-    if top_r > MAX_TOP_R or q_r.shape[-1] > MAX_HEAD_DIM or summ_k.dtype != torch.float32:
-        return reference_recall_select(q_r, summ_k, pos, chunk_size, top_r, bank_k, bank_valid)
-    return recall_select_fwd(q_r, summ_k, pos, chunk_size, top_r, bank_k, bank_valid)
+def _recall_select_supported(q_r, summ_k, pos, chunk_size, top_r, bank_k, bank_valid) -> bool:
+    """The cases the kernel covers; beyond them the CUDA op runs the torch reference."""
+    return top_r <= MAX_TOP_R and q_r.shape[-1] <= MAX_HEAD_DIM and summ_k.dtype == torch.float32
 
 
-torch.library.register_kernel("mka::chunk_update", "cuda", _chunk_update_cuda)
-torch.library.register_kernel("mka::recall_select", "cuda", _recall_select_cuda)
+_recall_select_cuda = RECALL_SELECT.implement_cuda(recall_select_fwd, supported=_recall_select_supported)
