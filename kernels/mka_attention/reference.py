@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from .. import _validate as check
 from .._dtypes import acc_dtype as _acc_dtype
-from .._grads import contiguous_outputs, new_like, zeros_for_none
+from .._grads import new_like
+from ..declare import Backward, declare
 from ..longterm.reference import recall_mask, recall_probs
 
 
@@ -49,8 +50,21 @@ def visibility(kv_valid: torch.Tensor, tq: int, causal: bool) -> torch.Tensor:
     return vis
 
 
-def reference_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale: float, causal: bool):
-    """Pure-torch definition of ``mka::mka_attention`` (see the module docstring)."""
+def reference_mka_attention(
+    q: torch.Tensor,
+    ks: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    lam: torch.Tensor,
+    q3: torch.Tensor,
+    mem_k: torch.Tensor,
+    mem_v: torch.Tensor,
+    idx3: torch.Tensor,
+    found3: torch.Tensor,
+    kv_valid: torch.Tensor,
+    scale: float,
+    causal: bool,
+) -> torch.Tensor:
+    """Pure-torch definition of ``mka::mka_attention`` (its signature is the op's; see the module docstring)."""
     B, H, Tq, d = q.shape
     Hkv, Tk = ks[0].shape[1], ks[0].shape[2]
     rep = H // Hkv
@@ -131,33 +145,6 @@ def check_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid
         raise ValueError(f"scale must be a positive float, got {scale!r}")
 
 
-@torch.library.custom_op("mka::mka_attention", mutates_args=())
-def _mka_attention_op(
-    q: torch.Tensor,
-    ks: list[torch.Tensor],
-    vs: list[torch.Tensor],
-    lam: torch.Tensor,
-    q3: torch.Tensor,
-    mem_k: torch.Tensor,
-    mem_v: torch.Tensor,
-    idx3: torch.Tensor,
-    found3: torch.Tensor,
-    kv_valid: torch.Tensor,
-    scale: float,
-    causal: bool,
-) -> torch.Tensor:
-    check_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal)
-    return contiguous_outputs(
-        reference_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal)
-    )
-
-
-@_mka_attention_op.register_fake
-def _(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal):
-    check_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal)
-    return new_like(q)
-
-
 BWD_Q_BLOCK = 256
 
 
@@ -221,54 +208,17 @@ def reference_mka_attention_backward(grad_out, q, ks, vs, lam, q3, mem_k, mem_v,
     return dq.reshape(B, H, Tq, d).to(q.dtype), dks, dvs, dlam.to(lam.dtype), dq3, dmk, dmv
 
 
-@torch.library.custom_op("mka::mka_attention_backward", mutates_args=())
-def _mka_attention_backward_op(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    ks: list[torch.Tensor],
-    vs: list[torch.Tensor],
-    lam: torch.Tensor,
-    q3: torch.Tensor,
-    mem_k: torch.Tensor,
-    mem_v: torch.Tensor,
-    idx3: torch.Tensor,
-    found3: torch.Tensor,
-    kv_valid: torch.Tensor,
-    scale: float,
-    causal: bool,
-) -> tuple[
-    torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
-]:
-    return contiguous_outputs(
-        reference_mka_attention_backward(
-            grad_out, q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal
-        )
-    )
-
-
-@_mka_attention_backward_op.register_fake
-def _(grad_out, q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal):
-    e = new_like
-    return e(q), [e(k) for k in ks], [e(v) for v in vs], e(lam), e(q3), e(mem_k), e(mem_v)
-
-
-def _setup(ctx, inputs, output):
-    q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal = inputs
-    ctx.n, ctx.scale, ctx.causal = len(ks), scale, causal
-    ctx.save_for_backward(q, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, *ks, *vs)
-
-
-def _backward(ctx, grad_out):
-    q, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, *kv = ctx.saved_tensors
-    ks, vs = list(kv[: ctx.n]), list(kv[ctx.n :])
-    (g,) = zeros_for_none([grad_out], [q])
-    gq, gks, gvs, glam, gq3, gmk, gmv = torch.ops.mka.mka_attention_backward(
-        g, q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, ctx.scale, ctx.causal
-    )
-    return gq, list(gks), list(gvs), glam, gq3, gmk, gmv, None, None, None, None, None
-
-
-_mka_attention_op.register_autograd(_backward, setup_context=_setup)
+MKA_ATTENTION = declare(
+    "mka::mka_attention",
+    reference_mka_attention,
+    check=check_mka_attention,
+    fake=lambda q, *rest: new_like(q),
+    backward=Backward(
+        reference_mka_attention_backward,
+        outputs=("out",),
+        wrt=("q", "ks", "vs", "lam", "q3", "mem_k", "mem_v"),
+    ),
+)
 
 
 def mka_attention(

@@ -47,7 +47,7 @@ kernel: a query's R recalled slots are data-dependent, so a slot-major pass woul
 order of the atomics is not deterministic (float32 rounding differences only).
 
 Launchers: :func:`mka_attention_fwd`, :func:`mka_attention_bwd` (any strides; CPU tensors run the Triton
-interpreter, see :mod:`._triton`). Importing this module registers them for CUDA tensors (:func:`register`).
+interpreter, see :mod:`._triton`). Importing this module registers them for CUDA tensors.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ import torch
 import triton
 
 from .._triton import as_bytes, for_device, pow2
-from .reference import check_mka_attention, reference_mka_attention, reference_mka_attention_backward
+from .reference import MKA_ATTENTION, check_mka_attention
 from .triton_backward import _mka_attention_bwd_dkdv_kernel, _mka_attention_bwd_dq_kernel
 from .triton_kernels import _LOG2E_F, _mka_attention_fwd_kernel
 
@@ -305,37 +305,18 @@ def mka_attention_bwd(
 # ---------------------------------------------------------------------------------------- registration
 
 
-def _triton_ok(q: torch.Tensor, ks: list[torch.Tensor], lam: torch.Tensor, q3: torch.Tensor, mem_k: torch.Tensor):
-    """Cases the kernels cover; anything else (float64, d > 256, more levels) runs the reference."""
+def _triton_ok(q, ks, vs, lam, q3, mem_k, *rest) -> bool:
+    """Cases the kernels cover (the op's arguments); anything else (float64, d > 256, more levels) runs the
+    reference."""
     dtypes = (q.dtype, lam.dtype, q3.dtype, mem_k.dtype)
     return all(t in _SUPPORTED for t in dtypes) and q.shape[-1] <= MAX_HEAD_DIM and len(ks) in (1, 2)
 
 
-def _mka_attention_cuda(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal):
-    if not _triton_ok(q, ks, lam, q3, mem_k):
-        check_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal)
-        return reference_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal)
-    return mka_attention_fwd(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal)[0]
+@MKA_ATTENTION.implement_cuda(supported=_triton_ok, check=False)  # the launchers check their arguments
+def _mka_attention_cuda(*args):
+    return mka_attention_fwd(*args)[0]
 
 
-def _mka_attention_backward_cuda(grad_out, q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal):
-    args = (grad_out, q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal)
-    if not _triton_ok(q, ks, lam, q3, mem_k):
-        return reference_mka_attention_backward(*args)
-    return mka_attention_bwd(*args)
-
-
-_registered = False
-
-
-def register() -> None:
-    """Make the Triton launchers the CUDA kernels of ``mka::mka_attention`` and its backward (idempotent)."""
-    global _registered
-    if _registered:
-        return
-    torch.library.register_kernel("mka::mka_attention", "cuda", _mka_attention_cuda)
-    torch.library.register_kernel("mka::mka_attention_backward", "cuda", _mka_attention_backward_cuda)
-    _registered = True
-
-
-register()
+_mka_attention_backward_cuda = MKA_ATTENTION.backward.implement_cuda(
+    mka_attention_bwd, supported=lambda grad_out, *args: _triton_ok(*args)
+)

@@ -169,9 +169,21 @@ def test_empty_memory_table() -> None:
     assert got[4].abs().sum() == 0 and got[5].shape == (1, 1, 0, 16) and got[3][..., 2].abs().sum() == 0
 
 
-def test_cuda_kernels_registered() -> None:
+def test_cuda_kernels_registered_and_take_op_arguments() -> None:
     for op in ("mka::mka_attention", "mka::mka_attention_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+    args = _inputs(B=1, H=2, Hkv=1, Tq=5, Tk=5, S=4, R=2)  # called as the dispatcher would (on CPU tensors)
+    want = ref.reference_mka_attention(*_cast(args, torch.float64), SCALE, True)
+    _close("out", tri._mka_attention_cuda(*args, SCALE, True), want, torch.float32)
+    go = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(2))
+    got = tri._mka_attention_backward_cuda(go, *args, SCALE, True)
+    want = ref.reference_mka_attention_backward(go.double(), *_cast(args, torch.float64), SCALE, True)
+    for name, g_, w_ in zip(NAMES, got, want):
+        _close(name, g_, w_, torch.float32)
+    out64 = tri._mka_attention_cuda(*_cast(args, torch.float64), SCALE, True)  # float64: the reference answers
+    assert out64.dtype == torch.float64
+    with pytest.raises(ValueError, match="kv_valid"):
+        tri._mka_attention_cuda(*args[:9], args[9][:, :2], SCALE, True)
 
 
 def test_unsupported_arguments_explain() -> None:
