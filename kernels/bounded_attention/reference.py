@@ -26,6 +26,7 @@ import torch
 from .. import _validate as check
 from .._dtypes import acc_dtype
 from .._grads import new_like
+from ..declare import Backward, declare
 
 BLOCK_T = 128  # queries per block in the reference: bounds its memory to BLOCK_T * M gathered keys per head
 
@@ -98,8 +99,19 @@ def _scores(q, k, v, idx, delta, freqs, scale, interleaved, run, t0, t1):
     return qq, kk, vv, s, off, turn
 
 
-def reference_bounded_attention(q, k, v, idx, delta, freqs, scale: float, interleaved: bool, run: int = 1):
-    """Pure-torch definition of ``mka::bounded_attention`` (differentiable in ``q, k, v``), in blocks of queries."""
+def reference_bounded_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    idx: torch.Tensor,
+    delta: torch.Tensor,
+    freqs: torch.Tensor,
+    scale: float,
+    interleaved: bool,
+    run: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch definition of ``mka::bounded_attention`` (differentiable in ``q, k, v``; its signature is the
+    op's), in blocks of queries."""
     B, H, T, d = q.shape
     acc = acc_dtype(q)
     outs, lses = [], []
@@ -145,29 +157,6 @@ def check_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved, run:
         raise ValueError(f"scale must be a positive float, got {scale!r}")
     if not (isinstance(run, int) and run >= 1 and idx.shape[3] % run == 0):
         raise ValueError(f"run must be a positive int dividing the {idx.shape[3]} entries per query, got {run!r}")
-
-
-@torch.library.custom_op("mka::bounded_attention", mutates_args=())
-def _bounded_attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    idx: torch.Tensor,
-    delta: torch.Tensor,
-    freqs: torch.Tensor,
-    scale: float,
-    interleaved: bool,
-    run: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    check_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved, run)
-    out, lse = reference_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved, run)
-    return out.contiguous(), lse.contiguous()
-
-
-@_bounded_attention_op.register_fake
-def _(q, k, v, idx, delta, freqs, scale, interleaved, run=1):
-    check_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved, run)
-    return new_like(q), q.new_empty(q.shape[:3], dtype=acc_dtype(q))
 
 
 def reference_bounded_attention_backward(
@@ -219,48 +208,13 @@ def reference_bounded_attention_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-@torch.library.custom_op("mka::bounded_attention_backward", mutates_args=())
-def _bounded_attention_backward_op(
-    grad_out: torch.Tensor,
-    grad_lse: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    idx: torch.Tensor,
-    delta: torch.Tensor,
-    freqs: torch.Tensor,
-    scale: float,
-    interleaved: bool,
-    run: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = reference_bounded_attention_backward(
-        grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved, run
-    )
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
-
-
-@_bounded_attention_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved, run=1):
-    return new_like(q), new_like(k), new_like(v)
-
-
-def _setup(ctx, inputs, output):
-    q, k, v, idx, delta, freqs, scale, interleaved, run = inputs
-    ctx.save_for_backward(q, k, v, idx, delta, freqs)
-    ctx.scale, ctx.interleaved, ctx.run = scale, interleaved, run
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, idx, delta, freqs = ctx.saved_tensors
-    g = torch.zeros_like(q) if grad_out is None else grad_out.contiguous()
-    gl = q.new_zeros(q.shape[:3], dtype=acc_dtype(q)) if grad_lse is None else grad_lse.contiguous()
-    dq, dk, dv = torch.ops.mka.bounded_attention_backward(
-        g, gl, q, k, v, idx, delta, freqs, ctx.scale, ctx.interleaved, ctx.run
-    )
-    return dq, dk, dv, None, None, None, None, None, None
-
-
-_bounded_attention_op.register_autograd(_backward, setup_context=_setup)
+BOUNDED_ATTENTION = declare(
+    "mka::bounded_attention",
+    reference_bounded_attention,
+    check=check_bounded_attention,
+    fake=lambda q, *rest: (new_like(q), q.new_empty(q.shape[:3], dtype=acc_dtype(q))),
+    backward=Backward(reference_bounded_attention_backward, outputs=("out", "lse"), wrt=("q", "k", "v")),
+)
 
 
 def bounded_attention(

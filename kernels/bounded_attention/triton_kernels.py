@@ -46,11 +46,7 @@ import triton
 import triton.language as tl
 
 from .._triton import for_device, pow2
-from .reference import (
-    check_bounded_attention,
-    reference_bounded_attention,
-    reference_bounded_attention_backward,
-)
+from .reference import BOUNDED_ATTENTION, check_bounded_attention
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -401,26 +397,17 @@ def bounded_attention_bwd(
 # ---------------------------------------------------------------------------------------------- registration
 
 
-def _triton_ok(q: torch.Tensor) -> bool:
+def _triton_ok(q: torch.Tensor, *rest) -> bool:
     """Cases the kernels cover; anything else (float64 for gradcheck, d > 256) runs the reference."""
     return q.dtype in _SUPPORTED and q.shape[-1] <= MAX_HEAD_DIM
 
 
-def _bounded_attention_cuda(q, k, v, idx, delta, freqs, scale, interleaved, run=1):
+@BOUNDED_ATTENTION.implement_cuda(supported=_triton_ok, check=False)  # the launchers check their arguments
+def _bounded_attention_cuda(q, k, v, idx, delta, freqs, scale, interleaved, run):
     """(``run`` only speeds the reference up; the kernels read each entry's own ``delta``.)"""
-    if not _triton_ok(q):
-        check_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved, run)
-        out, lse = reference_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved, run)
-        return out.contiguous(), lse.contiguous()
     return bounded_attention_fwd(q, k, v, idx, delta, freqs, scale, interleaved)
 
 
-def _bounded_attention_backward_cuda(grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved, run=1):
-    args = (grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved)
-    if not _triton_ok(q):
-        return tuple(t.contiguous() for t in reference_bounded_attention_backward(*args, run))
-    return bounded_attention_bwd(*args)
-
-
-torch.library.register_kernel("mka::bounded_attention", "cuda", _bounded_attention_cuda)
-torch.library.register_kernel("mka::bounded_attention_backward", "cuda", _bounded_attention_backward_cuda)
+@BOUNDED_ATTENTION.backward.implement_cuda(supported=lambda grad_out, grad_lse, q, *rest: _triton_ok(q))
+def _bounded_attention_backward_cuda(grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved, run):
+    return bounded_attention_bwd(grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved)
