@@ -42,7 +42,8 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as check
-from .._grads import zeros_for_none
+from .._grads import new_like
+from ..declare import Backward, declare
 from .plumbing import (  # noqa: F401  (re-exported for tools)
     _AS_JIT,
     _CHOSEN,
@@ -137,7 +138,8 @@ def check_triton(q: torch.Tensor) -> None:
         raise ValueError(f"q has B * H = {q.shape[0] * q.shape[1]} > {MAX_GRID_Y} (CUDA grid y limit); split the batch")
 
 
-def _triton_ok(q: torch.Tensor) -> bool:
+def _triton_ok(q: torch.Tensor, *rest) -> bool:
+    """The op arguments the Triton kernels cover (the ops send anything else to the reference)."""
     B, H = q.shape[:2]
     return (
         triton_kernels is not None and q.dtype in TRITON_DTYPES and q.shape[-1] <= MAX_HEAD_DIM and B * H <= MAX_GRID_Y
@@ -289,73 +291,30 @@ def flash_attention_bwd(
 # -------------------------------------------------------------------------------------------------- ops
 
 
-@torch.library.custom_op("mka::flash_attention", mutates_args=())
-def _flash_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    check_flash_attention(q, k, v, mask, scale, causal)
-    return reference_flash_attention(q, k, v, mask, scale, causal)
-
-
-@_flash_attention_op.register_kernel("cuda")
-def _(q, k, v, mask, scale, causal):
-    check_flash_attention(q, k, v, mask, scale, causal)
-    if not _triton_ok(q):
-        return reference_flash_attention(q, k, v, mask, scale, causal)
-    return flash_attention_fwd(q, k, v, mask, scale, causal)
-
-
-@_flash_attention_op.register_fake
-def _(q, k, v, mask, scale, causal):
-    check_flash_attention(q, k, v, mask, scale, causal)
-    B, H, Tq, d = q.shape
-    return q.new_empty(B, H, Tq, d), q.new_empty(B, H, Tq, dtype=_lse_dtype(q))
-
-
-@torch.library.custom_op("mka::flash_attention_backward", mutates_args=())
-def _flash_attention_backward_op(
-    grad_out: torch.Tensor,
-    grad_lse: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    scale: float,
-    causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _reference_backward(grad_out, grad_lse, q, k, v, mask, out, lse, scale, causal):
+    """``mka::flash_attention_backward`` on the CPU: the reference recomputes what it needs of ``out, lse``."""
     return reference_flash_attention_backward(grad_out, grad_lse, q, k, v, mask, scale, causal)
 
 
-@_flash_attention_backward_op.register_kernel("cuda")
-def _(grad_out, grad_lse, q, k, v, mask, out, lse, scale, causal):
-    if not _triton_ok(q):
-        return reference_flash_attention_backward(grad_out, grad_lse, q, k, v, mask, scale, causal)
+FLASH_ATTENTION = declare(
+    "mka::flash_attention",
+    reference_flash_attention,
+    check=check_flash_attention,
+    fake=lambda q, *rest: (new_like(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))),
+    backward=Backward(
+        _reference_backward,
+        outputs=("out", "lse"),
+        wrt=("q", "k", "v"),
+        params=("grad_out", "grad_lse", "q", "k", "v", "mask", "out", "lse", "scale", "causal"),
+        optional_grads=("lse",),  # the backward takes ``Tensor? grad_lse``
+    ),
+)
+_flash_attention_cuda = FLASH_ATTENTION.implement_cuda(flash_attention_fwd, supported=_triton_ok)
+
+
+@FLASH_ATTENTION.backward.implement_cuda(supported=lambda grad_out, grad_lse, q, *rest: _triton_ok(q))
+def _flash_attention_backward_cuda(grad_out, grad_lse, q, k, v, mask, out, lse, scale, causal):
     return flash_attention_bwd(grad_out, q, k, v, out, lse, mask, scale, causal, grad_lse=grad_lse)
-
-
-@_flash_attention_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, mask, out, lse, scale, causal):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup(ctx, inputs, output):
-    q, k, v, mask, scale, causal = inputs
-    out, lse = output
-    ctx.scale, ctx.causal = scale, causal
-    ctx.save_for_backward(q, k, v, mask, out, lse)
-
-
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, mask, out, lse = ctx.saved_tensors
-    (g,) = zeros_for_none([grad_out], [out])
-    gl = None if grad_lse is None else grad_lse.contiguous()
-    dq, dk, dv = torch.ops.mka.flash_attention_backward(g, gl, q, k, v, mask, out, lse, ctx.scale, ctx.causal)
-    return dq, dk, dv, None, None, None
-
-
-_flash_attention_op.register_autograd(_backward, setup_context=_setup)
 
 
 def flash_attention(

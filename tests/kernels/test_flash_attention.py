@@ -237,6 +237,28 @@ def test_opcheck(mask) -> None:
         opcheck(torch.ops.mka.flash_attention_backward.default, args)
 
 
+def test_cuda_implementations_take_op_arguments() -> None:
+    """The registered CUDA implementations, called on CPU tensors as the dispatcher would call them on CUDA ones:
+    Triton (interpreted) for float32, the reference for float64, the op's checks first."""
+    fa = importlib.import_module("mka_compile.kernels.flash_attention")
+    for op in ("mka::flash_attention", "mka::flash_attention_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+    q, k, v, m = _inputs(1, 2, 1, 5, 7, 16, "bool", device="cpu")
+    out, lse = fa._flash_attention_cuda(q, k, v, m, 0.5, True)
+    want_out, want_lse = reference_flash_attention(q, k, v, m, 0.5, True)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    go, gl = torch.randn_like(out), torch.randn_like(lse)
+    got = fa._flash_attention_backward_cuda(go, gl, q, k, v, m, out, lse, 0.5, True)
+    want = fa.reference_flash_attention_backward(go, gl, q, k, v, m, 0.5, True)
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_, w_, rtol=1e-4, atol=1e-4)
+    out64, _ = fa._flash_attention_cuda(q.double(), k.double(), v.double(), m, 0.5, True)
+    assert out64.dtype == torch.float64
+    with pytest.raises(ValueError, match="scale"):
+        fa._flash_attention_cuda(q, k, v, m, -1.0, True)
+
+
 def _bad(name: str):
     q, k, v, m = _inputs(2, 4, 2, 5, 7, 8, device="cpu")
     cases = {
