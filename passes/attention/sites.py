@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-import torch
 from torch import fx
 
 from mka_compile.graph import ops
@@ -15,6 +13,7 @@ from mka_compile.graph.pattern import Match
 from mka_compile.graph.rules import Rule
 
 from .common import provenance, same_sequence
+from .scores import keep_masks, mask_facts, score_transforms
 
 
 @dataclass
@@ -73,180 +72,6 @@ def _consumers(node: fx.Node, gm) -> list[fx.Node]:
     return out
 
 
-def _very_negative(x: Any) -> bool:
-    v = ops.scalar(x)
-    return v is not None and v <= -1e4
-
-
-def _keep_masks(m: Match, captured: Captured) -> tuple[list[torch.Tensor], bool]:
-    """Boolean "may attend" masks of a match (True = keep) and whether ``is_causal`` was set."""
-    gm = m.gm
-    out = m.captures["out"]
-    wanted: list[tuple[str, fx.Node]] = []
-    is_causal = False
-    if ops.kind(out, gm) == "mka_attention":  # a converted MKA site: mka::mka_attention(..., kv_valid, scale, causal)
-        is_causal = bool(out.args[11])
-        wanted.append(("kv_valid", out.args[9]))
-    elif ops.kind(out, gm) == "sdpa":
-        is_causal = bool(ops.arg(out, 5, "is_causal", False))
-        mask = ops.arg(out, 3, "attn_mask")
-        if isinstance(mask, fx.Node):
-            wanted.append(("sdpa", mask))
-    else:
-        for name, node, operand in m.facts.get("transforms", ()):
-            if name == "add":
-                wanted.append(("add", operand))
-            elif name == "fill":
-                value = ops.arg(node, 2, "value")
-                if _very_negative(value) or (isinstance(value, fx.Node) and _const_like_negative(value, captured)):
-                    wanted.append(("fill", operand))
-            elif name in ("where", "where_inv"):
-                other = node.args[2] if name == "where" else node.args[1]
-                if _very_negative(other) or (isinstance(other, fx.Node) and _const_like_negative(other, captured)):
-                    wanted.append((name, operand))
-        bias = m.captures.get("bias")
-        if bias is not None and float(ops.arg(m.captures["scores"], 3, "beta", 1) or 0) != 0:
-            wanted.append(("add", bias))
-    values = captured.evaluate([n for _, n in wanted]) if wanted else {}
-    keeps = []
-    for how, node in wanted:
-        val = values.get(node)
-        if not isinstance(val, torch.Tensor):
-            continue
-        if how in ("fill", "where_inv"):
-            keeps.append(~val.bool())
-        elif how == "kv_valid":
-            keeps.append(val.bool()[:, None, None, :])  # (B, 1, 1, Tk)
-        elif how == "where" or (how == "sdpa" and val.dtype == torch.bool):
-            keeps.append(val.bool())
-        else:
-            keeps.append(val > _HIDDEN if val.is_floating_point() else val.bool())
-    return keeps, is_causal
-
-
-_HIDDEN = -1e4  # an additive mask value at or below this hides a key
-
-
-def _transforms(m: Match, captured: Captured) -> tuple[tuple[str, ...], float | None]:
-    """Named score transforms of an eager match and the scale factor of its scale layers (None: a tensor scale)."""
-    layers = m.facts.get("transforms", ())
-    out: list[str] = []
-    scale: float | None = 1.0
-    consts = [n for name, _, n in layers if name == "scale" and isinstance(n, fx.Node)]
-    values = captured.evaluate(consts) if consts else {}
-    for i, (name, node, operand) in enumerate(layers):
-        if name == "scale":
-            c = next((ops.scalar(a) for a in node.args if ops.scalar(a) is not None), None)
-            if c is None:
-                val = values.get(operand)
-                c = float(val) if isinstance(val, torch.Tensor) and val.numel() == 1 else None
-            if c is None or scale is None:
-                scale = None
-            else:
-                scale = scale * c if ops.kind(node, m.gm) == "mul" else scale / c
-        elif name == "scale_tensor":
-            scale = None
-        elif name == "softcap":
-            nxt = layers[i + 1] if i + 1 < len(layers) else None
-            cap = next((ops.scalar(a) for a in nxt[1].args if ops.scalar(a) is not None), None) if nxt else None
-            out.append(f"softcap={cap:g}" if cap is not None and nxt[0] == "scale" else "softcap")
-        elif name == "sinks":
-            out.append("sinks")
-        elif name == "clamp":
-            lo = ops.arg(node, 1, "min")
-            if not _very_negative(lo) or ops.arg(node, 2, "max") is not None:
-                out.append("clamp")
-    adds = [operand for name, _, operand in layers if name == "add"]
-    bias = m.captures.get("bias")
-    if bias is not None and float(ops.arg(m.captures["scores"], 3, "beta", 1) or 0) != 0:
-        adds.append(bias)
-    vals = captured.evaluate(adds) if adds else {}
-    for a in adds:
-        v = vals.get(a)
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            finite = v[v > _HIDDEN]
-            if finite.numel() and bool((finite != 0).any()):
-                out.append("bias")
-                break
-    if scale is None:
-        out.append("score_scale")
-    return tuple(dict.fromkeys(out)), scale
-
-
-def _const_like_negative(node: fx.Node, captured: Captured) -> bool:
-    val = captured.evaluate([node]).get(node)
-    return isinstance(val, torch.Tensor) and val.numel() > 0 and bool((val <= -1e4).all())
-
-
-def _is_causal(keep: torch.Tensor) -> bool:
-    """Every query row sees a prefix of the keys, one key longer than the row before (``[N, Tq, Tk]``).
-
-    This holds for bottom-right aligned causal masks and for static caches (unfilled slots masked)."""
-    if keep.shape[-2] < 2:
-        return False
-    prefix = bool((keep[..., 1:] <= keep[..., :-1]).all())  # True-then-False along the keys
-    lengths = keep.sum(-1)
-    return prefix and bool((lengths[..., 1:] - lengths[..., :-1] == 1).all())
-
-
-def _local(keep: torch.Tensor) -> tuple[str, int] | None:
-    """A causal mask restricted to recent keys (``[N, Tq, Tk]``, bottom-right aligned): every row sees a contiguous
-    run of keys ending at its own position. ``("sliding_window", W)`` when the run is ``min(W, position + 1)`` long
-    everywhere, ``("chunked", 0)`` for other local masks (chunked attention), None otherwise."""
-    tq, tk = keep.shape[-2:]
-    if tq < 2:
-        return None
-    pos = torch.arange(tq)[:, None] + (tk - tq)  # (Tq, 1): each query's own key index
-    j = torch.arange(tk)[None, :]
-    if bool((keep & (j > pos)).any()) or not bool(keep.gather(-1, pos.expand(keep.shape[0], tq, 1)).all()):
-        return None
-    width = keep.sum(-1)  # (N, Tq)
-    first = torch.where(keep, j.expand_as(keep), tk).amin(-1)  # (N, Tq)
-    if not bool((pos[:, 0] - first + 1 == width).all()):
-        return None  # not contiguous
-    w = int(width.max())
-    if bool((width == torch.clamp(pos[:, 0] + 1, max=w)).all()):
-        return "sliding_window", w
-    return "chunked", 0
-
-
-def _mask_facts(keeps: list[torch.Tensor], is_causal: bool, tq: int, tk: int) -> tuple[bool, str, int | None]:
-    """``(causal, mask kind, window)`` from the "may attend" masks of a site, evaluated on the example inputs."""
-    causal, kind = _mask_kind(keeps, is_causal, tq, tk)
-    if kind != "custom":
-        return causal, kind, None
-    keep = torch.ones(tq, tk, dtype=torch.bool)
-    for k in keeps:
-        keep = keep & k.to("cpu")
-    if is_causal:
-        keep = keep & (torch.arange(tk)[None, :] <= torch.arange(tq)[:, None] + (tk - tq))
-    local = _local(keep.reshape(-1, tq, tk))
-    if local is None:
-        return causal, kind, None
-    return True, local[0], local[1] or None
-
-
-def _mask_kind(keeps: list[torch.Tensor], is_causal: bool, tq: int, tk: int) -> tuple[bool, str]:
-    keep = torch.ones(tq, tk, dtype=torch.bool)
-    for k in keeps:
-        keep = keep & k.to("cpu")
-    if is_causal:
-        keep = keep & (torch.arange(tk)[None, :] <= torch.arange(tq)[:, None] + (tk - tq))
-    keep = keep.reshape(-1, tq, tk)
-    if bool(keep.all()):
-        return False, "none"
-    if _is_causal(keep):
-        return True, "causal"
-    seen = keep.any(-2, keepdim=True)  # (N, 1, Tk): keys some query may attend (others are padding)
-    live = keep.any(-1)  # (N, Tq): queries that see anything
-    filled = keep | ~seen
-    rows_ok = [int(lv.sum()) > 1 and _is_causal(f[lv][None]) for f, lv in zip(filled, live)]
-    if all(rows_ok):
-        return True, "causal+padding"
-    same = (keep == keep[..., -1:, :]) | ~live[..., None]
-    return False, "padding" if bool(same.all()) else "custom"
-
-
 def _heads(node: fx.Node, batch: int | None, head_letter_index: int | None = None) -> int | None:
     s = ops.shape(node)
     if s is None:
@@ -284,7 +109,7 @@ def _facts(rule: Rule, m: Match, captured: Captured) -> SiteFacts:
         scale *= float(s) if ops.scalar(s) is not None else d**-0.5
     transforms: tuple[str, ...] = ()
     if not is_sdpa:
-        transforms, layer_scale = _transforms(m, captured)
+        transforms, layer_scale = score_transforms(m, captured)
         scale *= layer_scale if layer_scale is not None else 1.0
         if "bias" in m.captures:
             scale *= float(ops.arg(m.captures["scores"], 4, "alpha", 1.0))
@@ -296,8 +121,8 @@ def _facts(rule: Rule, m: Match, captured: Captured) -> SiteFacts:
         key_axis = m.facts.get("key_axis", len(sc) - 1)
         tk = sc[key_axis]
         tq = sc[key_axis - 1] if key_axis >= 1 else 0
-    keeps, is_causal = _keep_masks(m, captured)
-    causal, mask, window = _mask_facts(keeps, is_causal, tq, tk)
+    keeps, is_causal = keep_masks(m, captured)
+    causal, mask, window = mask_facts(keeps, is_causal, tq, tk)
     for p in (pq, pk, pv):
         transforms += tuple(t for t in p.transforms if t not in transforms)
     norm = pq.norm_shape or pk.norm_shape
