@@ -1,8 +1,8 @@
 """``mka::bounded_attention`` (+ ``_backward``): each query attends to its own list of keys, gathered from a pool.
 
 :mod:`.reference` holds the math, the torch reference, the RoPE moves, the argument checks and the op
-registration (CPU = reference, fake, autograd); :mod:`.triton_kernels` the Triton kernels and launchers,
-registered as the CUDA implementation when triton is installed.
+registration (CPU = reference, fake, autograd); :mod:`.triton_kernels` the forward Triton kernel and launcher,
+:mod:`.triton_backward` the backward's, registered as the CUDA implementations when triton is installed.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from .reference import bounded_attention, reference_bounded_attention, rotate_by, rotate_cs
 
 try:  # triton is optional (Linux-only); without it CUDA runs the reference
-    from . import triton_kernels  # noqa: F401  (registers the CUDA kernels)
+    from . import triton_backward, triton_kernels  # noqa: F401  (register the CUDA kernels)
 except ModuleNotFoundError as _err:  # pragma: no cover - exercised only where triton is missing
     if _err.name != "triton":
         raise

@@ -32,9 +32,11 @@ float32 cos/sin of a reduced angle are accurate. The reference takes float64 ang
 to float32, so the two agree to float32 rounding for any ``|delta|`` the reference itself computes
 exactly (``|delta| < 2**29``).
 
-Launchers: :func:`bounded_attention_fwd`, :func:`bounded_attention_bwd` (any strides; CPU tensors run the
-Triton interpreter, see :mod:`._triton`). Importing this module registers them for CUDA tensors; float64
-inputs and head sizes over 256 run the reference there.
+This module holds the helpers, the forward kernel (also the backward's preprocess, ``BWD_PREP``) and its
+launcher :func:`bounded_attention_fwd`; :mod:`.triton_backward` the backward kernel and its launcher
+:func:`bounded_attention_bwd` (any strides; CPU tensors run the Triton interpreter, see :mod:`._triton`).
+Importing each registers its launcher for CUDA tensors; float64 inputs and head sizes over 256 run the
+reference there.
 """
 
 from __future__ import annotations
@@ -189,94 +191,6 @@ def _bounded_attention_fwd_kernel(
         tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=td)
 
 
-# ---------------------------------------------------------------------------------------------- backward
-
-
-@triton.jit
-def _bounded_attention_bwd_kernel(
-    Q, K, V, IDX, DELTA, STEPS, GO, LSE, DOT, DQ, DK, DV,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kp, stride_kd,
-    stride_vb, stride_vh, stride_vp, stride_vd,
-    stride_ib, stride_ih, stride_it, stride_im,
-    stride_db, stride_dh, stride_dt, stride_dm,
-    stride_gb, stride_gh, stride_gt, stride_gd,
-    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-    H, REP, T, M, P, D, HALF, NT, scale, qk_scale,
-    INTERLEAVED: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """Grid ``(NT * B * H,)``: ``DQ`` of ``BLOCK_T`` queries, float32 atomic adds into the contiguous
-    ``DK, DV [B, Hkv, P, d]`` at the gathered pool rows."""
-    pid = tl.program_id(0).to(tl.int64)
-    pid_bh = pid // NT
-    b = pid_bh // H
-    h = pid_bh % H
-    g = h // REP
-    offs_t = (pid % NT) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    t_mask = offs_t < T
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    d_mask = offs_d < D
-    off1, off2, offp, h_mask, p_mask = _features(HALF, D, INTERLEAVED, BLOCK_H, BLOCK_P)
-
-    q_row = Q + b * stride_qb + h * stride_qh + offs_t * stride_qt
-    th = t_mask[:, None] & h_mask[None, :]
-    tp = t_mask[:, None] & p_mask[None, :]
-    q1 = tl.load(q_row[:, None] + off1[None, :] * stride_qd, mask=th, other=0.0).to(tl.float32)
-    q2 = tl.load(q_row[:, None] + off2[None, :] * stride_qd, mask=th, other=0.0).to(tl.float32)
-    qp = tl.load(q_row[:, None] + offp[None, :] * stride_qd, mask=tp, other=0.0).to(tl.float32)
-    go = tl.load(GO + b * stride_gb + h * stride_gh + offs_t[:, None] * stride_gt + offs_d[None, :] * stride_gd,
-                 mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # fmt: skip
-    lse = tl.load(LSE + pid_bh * T + offs_t, mask=t_mask, other=0.0)
-    lse = tl.where(lse > float("-inf"), lse * _LOG2E, 0.0)  # queries with no entry: every p is 0 anyway
-    dot = tl.load(DOT + pid_bh * T + offs_t, mask=t_mask, other=0.0)
-    steps = tl.load(STEPS + tl.arange(0, BLOCK_H), mask=h_mask, other=0)
-    idx_row = IDX + b * stride_ib + g * stride_ih + offs_t * stride_it
-    delta_row = DELTA + b * stride_db + g * stride_dh + offs_t * stride_dt
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
-    pool = (b * (H // REP) + g) * P * D  # DK, DV are contiguous
-
-    dq1 = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
-    dq2 = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
-    dqp = tl.zeros([BLOCK_T, BLOCK_P], tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        ix, ok = _entries(idx_row, offs_m, t_mask, M, P, stride_im)
-        y1, y2, kp, c, s_ = _rotated_keys(
-            k_base + ix[:, :, None] * stride_kp, delta_row, offs_m, ok, steps,
-            off1, off2, offp, h_mask, p_mask, stride_dm, stride_kd,
-        )  # fmt: skip
-        s = tl.sum(q1[:, None, :] * y1, 2) + tl.sum(q2[:, None, :] * y2, 2) + tl.sum(qp[:, None, :] * kp, 2)
-        p = tl.where(ok, tl.exp2(s * qk_scale - lse[:, None]), 0.0)  # (BT, BM)
-        vmask = ok[:, :, None] & d_mask[None, None, :]
-        v = tl.load(v_base + ix[:, :, None] * stride_vp + offs_d[None, None, :] * stride_vd, mask=vmask, other=0.0)
-        dp = tl.sum(go[:, None, :] * v.to(tl.float32), 2)
-        ds = p * (dp - dot[:, None])  # dL/ds, (BT, BM)
-        dq1 += tl.sum(ds[:, :, None] * y1, 1)
-        dq2 += tl.sum(ds[:, :, None] * y2, 1)
-        dqp += tl.sum(ds[:, :, None] * kp, 1)
-        dsc = (ds * scale)[:, :, None]
-        dy1 = dsc * q1[:, None, :]  # gradient of the rotated key, (BT, BM, BH)
-        dy2 = dsc * q2[:, None, :]
-        rows = pool + ix[:, :, None] * D  # (BT, BM, 1)
-        mh = ok[:, :, None] & h_mask[None, None, :]
-        tl.atomic_add(DK + rows + off1[None, None, :], dy1 * c + dy2 * s_, mask=mh, sem="relaxed")  # rotate back
-        tl.atomic_add(DK + rows + off2[None, None, :], dy2 * c - dy1 * s_, mask=mh, sem="relaxed")
-        mp = ok[:, :, None] & p_mask[None, None, :]
-        tl.atomic_add(DK + rows + offp[None, None, :], dsc * qp[:, None, :], mask=mp, sem="relaxed")
-        tl.atomic_add(DV + rows + offs_d[None, None, :], p[:, :, None] * go[:, None, :], mask=vmask, sem="relaxed")
-
-    dq_row = DQ + b * stride_dqb + h * stride_dqh + offs_t * stride_dqt
-    tl.store(dq_row[:, None] + off1[None, :] * stride_dqd, (dq1 * scale).to(DQ.dtype.element_ty), mask=th)
-    tl.store(dq_row[:, None] + off2[None, :] * stride_dqd, (dq2 * scale).to(DQ.dtype.element_ty), mask=th)
-    tl.store(dq_row[:, None] + offp[None, :] * stride_dqd, (dqp * scale).to(DQ.dtype.element_ty), mask=tp)
-
-
 # --------------------------------------------------------------------------------------------- launchers
 
 
@@ -358,42 +272,6 @@ def bounded_attention_fwd(
     return out, lse
 
 
-def bounded_attention_bwd(
-    grad_out: torch.Tensor,
-    grad_lse: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    idx: torch.Tensor,
-    delta: torch.Tensor,
-    freqs: torch.Tensor,
-    scale: float,
-    interleaved: bool,
-    *,
-    block_t: int | None = None,
-    block_m: int | None = None,
-    num_warps: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of ``mka::bounded_attention``: ``(dq, dk, dv)`` like ``q, k, v`` (contiguous). One forward pass
-    (``BWD_PREP``) recomputes ``lse`` and ``dO . out``, then one pass computes dq and adds up dk, dv."""
-    cfg = _prepare(q, k, v, idx, delta, freqs, scale, interleaved, (block_t, block_m, num_warps), budget=2048)
-    if grad_out.shape != q.shape or grad_out.device != q.device:
-        raise ValueError(f"grad_out must be like q {tuple(q.shape)} on {q.device}, got {tuple(grad_out.shape)}")
-    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # (B, H, T, d)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)  # (B, Hkv, P, d)
-    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    if q.numel() > 0 and k.numel() > 0:
-        _, lse, dot = _run_fwd(cfg, q, scale, grad_out)
-        dot = dot - grad_lse.to(dot.dtype)  # d lse / d s = p: the lse gradient enters as D_t - dlse_t
-        for_device(_bounded_attention_bwd_kernel, q.device)[cfg["grid"]](
-            *cfg["tensors"], grad_out, lse, dot, dq, dk, dv,
-            *cfg["strides"], *grad_out.stride(), *dq.stride(),
-            *cfg["dims"], float(scale), float(scale) * _LOG2E_F,
-            **cfg["meta"],
-        )  # fmt: skip
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
-
-
 # ---------------------------------------------------------------------------------------------- registration
 
 
@@ -406,8 +284,3 @@ def _triton_ok(q: torch.Tensor, *rest) -> bool:
 def _bounded_attention_cuda(q, k, v, idx, delta, freqs, scale, interleaved, run):
     """(``run`` only speeds the reference up; the kernels read each entry's own ``delta``.)"""
     return bounded_attention_fwd(q, k, v, idx, delta, freqs, scale, interleaved)
-
-
-@BOUNDED_ATTENTION.backward.implement_cuda(supported=lambda grad_out, grad_lse, q, *rest: _triton_ok(q))
-def _bounded_attention_backward_cuda(grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved, run):
-    return bounded_attention_bwd(grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved)

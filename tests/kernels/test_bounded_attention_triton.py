@@ -1,4 +1,5 @@
-"""Triton bounded attention (``kernels/bounded_attention/triton_kernels.py``) against the pure-torch reference.
+"""Triton bounded attention (``kernels/bounded_attention/triton_kernels.py``, ``triton_backward.py``) against the
+pure-torch reference.
 
 The launchers run on CPU tensors through the Triton interpreter (tiny shapes, 4-wide blocks so that T and the
 key lists span several tiles); the tests marked ``gpu`` go through the ``mka::`` dispatcher on CUDA tensors.
@@ -19,6 +20,7 @@ if not torch.cuda.is_available():  # before triton is imported; CPU tensors run 
 pytest.importorskip("triton")
 ref = importlib.import_module("mka_compile.kernels.bounded_attention.reference")
 tri = importlib.import_module("mka_compile.kernels.bounded_attention.triton_kernels")
+trib = importlib.import_module("mka_compile.kernels.bounded_attention.triton_backward")
 
 BLOCKS = dict(block_t=4, block_m=4)
 SCALE = 0.3
@@ -72,7 +74,7 @@ def _check_fwd_bwd(args, interleaved, dtype, blocks=BLOCKS, tol=2e-5):
     torch.testing.assert_close(lse, want_lse.float(), rtol=tol, atol=tol)  # -inf where the reference has -inf
     go = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     gl = torch.randn(args[0].shape[:3], generator=torch.Generator().manual_seed(2))  # the lse's gradient too
-    got = tri.bounded_attention_bwd(go, gl, *args, SCALE, interleaved, **blocks)
+    got = trib.bounded_attention_bwd(go, gl, *args, SCALE, interleaved, **blocks)
     want = ref.reference_bounded_attention_backward(go.double(), gl.double(), *_f64(args), SCALE, interleaved)
     for name, g_, w_ in zip(NAMES, got, want):
         assert g_.is_contiguous(), name
@@ -127,7 +129,9 @@ def test_queries_without_entries_and_empty_lists() -> None:
     args[3], args[4] = args[3][..., :0], args[4][..., :0]  # M = 0: nobody sees anything
     out, lse = tri.bounded_attention_fwd(*args, SCALE, False, **BLOCKS)
     assert torch.all(out == 0) and torch.isneginf(lse).all()
-    dq, dk, dv = tri.bounded_attention_bwd(torch.ones_like(out), lse.new_ones(lse.shape), *args, SCALE, False, **BLOCKS)
+    dq, dk, dv = trib.bounded_attention_bwd(
+        torch.ones_like(out), lse.new_ones(lse.shape), *args, SCALE, False, **BLOCKS
+    )
     assert dq.abs().sum() == 0 and dk.abs().sum() == 0 and dv.abs().sum() == 0
 
 
@@ -144,7 +148,7 @@ def test_cuda_kernels_registered_and_take_op_arguments() -> None:
     want = ref.reference_bounded_attention(*_f64(args), SCALE, True)
     _close("out", out, want[0], torch.float32)
     go, gl = torch.randn_like(out), torch.randn_like(lse)
-    got = tri._bounded_attention_backward_cuda(go, gl, *args, SCALE, True)
+    got = trib._bounded_attention_backward_cuda(go, gl, *args, SCALE, True)
     want = ref.reference_bounded_attention_backward(go.double(), gl.double(), *_f64(args), SCALE, True)
     for name, g_, w_ in zip(NAMES, got, want):
         _close(name, g_, w_, torch.float32)
