@@ -86,16 +86,10 @@ def reference_flash_attention(
 
 
 def reference_flash_attention_backward(
-    grad_out: torch.Tensor,
-    grad_lse: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
-    causal: bool,
+    grad_out, grad_lse, q, k, v, mask, scale: float, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Adjoint of :func:`reference_flash_attention`: ``(dq, dk, dv)``, recomputing P per query block."""
+    """Adjoint of :func:`reference_flash_attention` (its arguments, after ``grad_out`` like ``out`` and ``grad_lse``
+    like ``lse`` or None): ``(dq, dk, dv)``, recomputing P per query block."""
     B, H, Tq, d = q.shape
     Hkv = k.shape[1]
     rep = H // Hkv
