@@ -45,6 +45,15 @@ def _block_scores(
     return s
 
 
+def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q`` as ``[B, Hkv, rep, Tq, d]`` (the query heads sharing a kv head side by side), ``k`` and ``v``, all in
+    the accumulation dtype."""
+    B, H, Tq, d = q.shape
+    Hkv = k.shape[1]
+    acc = _acc_dtype(q)
+    return q.to(acc).reshape(B, Hkv, H // Hkv, Tq, d), k.to(acc), v.to(acc)
+
+
 def _softmax_parts(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``exp(s - m)``, its row sum ``l`` and the row max ``m`` (0 for a row with no visible key, so the
     exponentials stay finite and such a row gets ``l = 0``). ``m`` is detached: the results do not
@@ -67,13 +76,9 @@ def reference_flash_attention(
 
     Differentiable by autograd (the tests compare the kernels' gradients with it)."""
     B, H, Tq, d = q.shape
-    Hkv = k.shape[1]
-    rep = H // Hkv
-    acc = _acc_dtype(q)
-    qg = q.to(acc).reshape(B, Hkv, rep, Tq, d)
-    kk, vv = k.to(acc), v.to(acc)
-    out = q.new_empty(B, Hkv, rep, Tq, d)
-    lse = q.new_empty(B, Hkv, rep, Tq, dtype=_lse_dtype(q))
+    qg, kk, vv = _grouped(q, k, v)  # (B, Hkv, rep, Tq, d), k, v
+    out = q.new_empty(qg.shape)
+    lse = q.new_empty(qg.shape[:-1], dtype=_lse_dtype(q))
     for t0 in range(0, Tq, Q_BLOCK):
         rows = slice(t0, min(Tq, t0 + Q_BLOCK))
         s = _block_scores(qg[:, :, :, rows], kk, mask, rows, Tq, scale, causal)  # (B, Hkv, rep, tb, Tk)
@@ -91,14 +96,11 @@ def reference_flash_attention_backward(
     """Adjoint of :func:`reference_flash_attention` (its arguments, after ``grad_out`` like ``out`` and ``grad_lse``
     like ``lse`` or None): ``(dq, dk, dv)``, recomputing P per query block."""
     B, H, Tq, d = q.shape
-    Hkv = k.shape[1]
-    rep = H // Hkv
-    acc = _acc_dtype(q)
-    qg = q.to(acc).reshape(B, Hkv, rep, Tq, d)
-    kk, vv = k.to(acc), v.to(acc)
-    go = grad_out.to(acc).reshape(B, Hkv, rep, Tq, d)
-    gl = None if grad_lse is None else grad_lse.to(acc).reshape(B, Hkv, rep, Tq, 1)
-    dq = torch.empty(B, Hkv, rep, Tq, d, dtype=acc, device=q.device)
+    qg, kk, vv = _grouped(q, k, v)  # (B, Hkv, rep, Tq, d), k, v
+    acc = qg.dtype
+    go = grad_out.to(acc).reshape(qg.shape)
+    gl = None if grad_lse is None else grad_lse.to(acc).reshape(*qg.shape[:-1], 1)
+    dq = torch.empty(qg.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)  # (B, Hkv, Tk, d)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     for t0 in range(0, Tq, Q_BLOCK):
