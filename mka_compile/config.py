@@ -107,15 +107,16 @@ class MKAConfig:
             )
         if self.recall_chunks is not None:
             _nonnegative_int("recall_chunks", self.recall_chunks)
-        if self.bounded and self.exact_recall > 0 and not self.uses_longterm:
-            raise ValueError(
-                "bounded memory recalls chunks by their summaries, which the 'longterm' level keeps: add 'longterm' "
-                "to levels, or set recall_chunks=0 (window and sinks only)"
-            )
         if self.trained_length is not None:
             _positive_int("trained_length", self.trained_length)
         if self.chunk_keys not in CHUNK_KEYS:
             raise ValueError(f"chunk_keys must be one of {CHUNK_KEYS}, got {self.chunk_keys!r}")
+        if self.bounded and self.exact_recall > 0 and self.chunk_keys == "mean" and not self.uses_longterm:
+            raise ValueError(
+                "bounded memory with chunk_keys='mean' recalls chunks by their summaries, which the 'longterm' level "
+                "keeps: add 'longterm' to levels, use chunk_keys='bounds', or set recall_chunks=0 (window and sinks "
+                "only)"
+            )
 
     def initial_gate(self, converting: bool) -> float:
         """The gate's starting value: ``gate_init``, or by use when it is None (0.0 converting, 1.0 from scratch)."""

@@ -374,3 +374,24 @@ def test_window_and_sinks_only_keep_no_chunks():
         with pytest.raises(RuntimeError, match="past the window"):
             for layer in cache.layers:
                 layer.store.crop(40)
+
+
+def test_bounds_recall_without_the_longterm_level():
+    """chunk_keys='bounds' keeps its own chunk keys, so bounded recall works with levels=('local', 'session');
+    'mean' needs the long-term summaries and says so."""
+    cfg = MKAConfig(**CFG, levels=("local", "session"))
+    assert cfg.chunk_keys == "bounds"
+    with pytest.raises(ValueError, match="chunk_keys='mean' recalls chunks by their summaries"):
+        MKAConfig(**CFG, levels=("local", "session"), chunk_keys="mean")
+    model = _converted(cfg)
+    ids = torch.randint(0, 64, (2, 70))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :40], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for t in range(40, 70):
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+    stores = [layer.store for layer in cache.layers if getattr(layer, "store", None) is not None]
+    assert stores and all(s.chunk_k.shape[2] > 0 and s.key_mid.shape[2] >= 70 // 8 for s in stores)

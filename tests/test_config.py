@@ -75,5 +75,8 @@ def test_bounded_settings_are_checked_only_when_bounded():
     with pytest.raises(ValueError, match="causal"):
         MKAConfig(window=8, causal=False)
     with pytest.raises(ValueError, match="longterm"):
-        MKAConfig(window=8, levels=("local", "session"))
+        MKAConfig(window=8, levels=("local", "session"), chunk_keys="mean")
+    MKAConfig(window=8, levels=("local", "session"))  # the bounds recall keeps its own chunk keys
+    with pytest.raises(ValueError, match="chunk_keys"):
+        MKAConfig(chunk_keys="max")
     assert MKAConfig(window=8, levels=("local", "session"), recall_chunks=0).exact_recall == 0
