@@ -150,28 +150,33 @@ def _own_copy(gm: fx.GraphModule) -> fx.GraphModule:
 @contextmanager
 def _concrete_meta(gm: fx.GraphModule) -> Iterator[None]:
     """Node values with the example's sizes instead of symbolic ones while the rules read shapes: reading a
-    symbolic size as an int would add a guard and specialize the graph (a recompilation per decode step)."""
-    saved = []
+    symbolic size as an int would add a guard and specialize the graph (a recompilation per decode step).
+    A node that replaces one (its metadata copied by the rewrite) gets the symbolic value back too."""
     for n in gm.graph.nodes:
         for key in ("val", "example_value"):
             v = n.meta.get(key)
             if isinstance(v, torch.SymInt) and v.node.hint is not None:
-                saved.append((n, key, v))
                 n.meta[key], n.meta[SYMBOLIC] = int(v.node.hint), v
+                n.meta[_SYMBOLIC_KEYS] = (*n.meta.get(_SYMBOLIC_KEYS, ()), key)
             elif isinstance(v, torch.Tensor) and any(isinstance(x, torch.SymInt) for x in v.shape):
                 hints = [x.node.hint if isinstance(x, torch.SymInt) else x for x in v.shape]
                 if any(h is None for h in hints) or not hasattr(v, "fake_mode"):
                     continue
-                saved.append((n, key, v))
                 n.meta[SYMBOLIC] = v
+                n.meta[_SYMBOLIC_KEYS] = (*n.meta.get(_SYMBOLIC_KEYS, ()), key)
                 with v.fake_mode:
                     n.meta[key] = torch.empty(hints, dtype=v.dtype, device=v.device)
     try:
         yield
     finally:
-        for n, key, v in saved:
-            n.meta[key] = v
-            n.meta.pop(SYMBOLIC, None)
+        for n in gm.graph.nodes:
+            if SYMBOLIC in n.meta:
+                v = n.meta.pop(SYMBOLIC)
+                for key in n.meta.pop(_SYMBOLIC_KEYS):
+                    n.meta[key] = v
+
+
+_SYMBOLIC_KEYS = "mka_symbolic_keys"  # which of "val" / "example_value" hold a concrete value in its place
 
 
 def _rewrite(gm: fx.GraphModule, example_inputs: list[Any], opts: BackendOptions) -> GraphReport:

@@ -193,6 +193,16 @@ def value(node: Any) -> Any:
     return node.meta.get("tensor_meta")
 
 
+SYMBOLIC = "mka_symbolic"  # node.meta key: the symbolic value while the rules see concrete sizes (the mka backend)
+
+
+def symbolic_value(node: Any) -> Any:
+    """A node's value with its symbolic sizes, where the concrete one stands in for it (else :func:`value`)."""
+    if isinstance(node, fx.Node) and SYMBOLIC in node.meta:
+        return node.meta[SYMBOLIC]
+    return value(node)
+
+
 def shape(node: Any) -> tuple[int, ...] | None:
     v = value(node)
     s = getattr(v, "shape", None)

@@ -63,13 +63,15 @@ def any_(name: str | None = None, check: Check | None = None) -> Pat:
 
 @dataclass
 class Match:
-    """Captures of a (partial) match, how many pattern nodes matched, and the first failure."""
+    """Captures of a (partial) match, how many pattern nodes matched, and the first failure. ``bound``: values a
+    rule's filters give its replacement besides the captures (constants such as a scale, or nodes)."""
 
     gm: fx.GraphModule | None
     captures: dict[str, fx.Node] = field(default_factory=dict)
     progress: int = 0
     reason: str | None = None
     facts: dict[str, Any] = field(default_factory=dict)
+    bound: dict[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> fx.Node:
         return self.captures[name]

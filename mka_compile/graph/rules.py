@@ -2,9 +2,10 @@
 
 A :class:`Rule` has a dotted name, a :class:`~mka_compile.graph.pattern.Pat`, filters that return
 ``None`` (ok) or a reason, and optionally a replacement: a Python function whose parameter names are
-capture names. :class:`PassManager` runs passes (rules or plain graph functions) and verifies the
-graph after every one: lint, shapes/dtypes re-propagated and unchanged at the outputs, allowed ops
-only. A failure names the pass.
+capture names, or names a filter bound on the match (``m.bound["scale"] = 0.125``: constants or nodes);
+parameters with defaults may be left out. :class:`PassManager` runs passes (rules or plain graph
+functions) and verifies the graph after every one: lint, shapes/dtypes re-propagated and unchanged at
+the outputs, only allowed ops among the nodes the pass inserted. A failure names the pass.
 
 A user rule in a few lines::
 
@@ -80,27 +81,42 @@ class Rule:
         return out
 
     def apply(self, gm: fx.GraphModule) -> int:
-        """Replace every match with a call of ``replacement``; returns the number of rewrites."""
+        """Replace every match with a call of ``replacement``; returns the number of rewrites. The nodes the
+        rewrite leaves unused (the matched ops) are erased; the rest of the graph is not touched."""
         if self.replacement is None:
             raise ValueError(f"rule {self.name!r} has no replacement; use find() to only match")
-        params = list(pyinspect.signature(self.replacement).parameters)
+        params = pyinspect.signature(self.replacement).parameters
         n = 0
         for m in self.find(gm):
             anchor: fx.Node = m.facts["anchor"]
-            missing = [p for p in params if p not in m.captures]
+            given = {**m.captures, **m.bound}
+            missing = [p for p, x in params.items() if p not in given and x.default is x.empty]
             if missing:
                 raise ValueError(
-                    f"rule {self.name!r}: replacement parameters {missing} are not captures of the pattern"
+                    f"rule {self.name!r}: replacement parameters {missing} are neither captures of the pattern nor "
+                    "bound by its filters"
                 )
             with gm.graph.inserting_before(anchor):
-                new = gm.graph.call_function(self.replacement, kwargs={p: m.captures[p] for p in params})
+                new = gm.graph.call_function(self.replacement, kwargs={p: given[p] for p in params if p in given})
             new.meta.update({k: v for k, v in anchor.meta.items() if k != "val"})
             anchor.replace_all_uses_with(new)
+            _erase_unused(anchor)
             n += 1
         if n:
-            gm.graph.eliminate_dead_code()
             gm.recompile()
         return n
+
+
+def _erase_unused(node: fx.Node) -> None:
+    """Erase ``node`` if nothing uses it, then the inputs that leaves unused (placeholders and impure ops stay)."""
+    graph, todo = node.graph, [node]
+    while todo:
+        n = todo.pop()
+        if n.users or n.op in ("placeholder", "output") or n.is_impure():
+            continue
+        inputs = n.all_input_nodes
+        graph.erase_node(n)
+        todo.extend(i for i in inputs if i not in todo)
 
 
 class PassError(RuntimeError):
@@ -134,12 +150,19 @@ class PassManager:
 
     ``passes``: :class:`Rule` objects (their replacement is applied) or functions ``f(gm) -> int``
     (number of changes). Verification needs example inputs, or placeholders with ``val`` metadata
-    (graphs from torch.export / dynamo have them).
+    (graphs from torch.export / dynamo have them). ``keep_meta``: verification leaves the nodes' ``val``
+    metadata as it was (for graphs whose metadata belongs to their producer, e.g. a dynamo graph).
     """
 
-    def __init__(self, passes: Sequence[Rule | Callable[[fx.GraphModule], int]], verify: bool = True) -> None:
+    def __init__(
+        self,
+        passes: Sequence[Rule | Callable[[fx.GraphModule], int]],
+        verify: bool = True,
+        keep_meta: bool = False,
+    ) -> None:
         self.passes = list(passes)
         self.verify = verify
+        self.keep_meta = keep_meta
 
     def _fake_inputs(self, gm: fx.GraphModule, example_inputs: Sequence[Any] | None, mode) -> list[Any]:
         holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -152,20 +175,36 @@ class PassManager:
             raise ValueError("the graph's inputs carry no 'val' metadata; pass example_inputs to PassManager.run")
         return [mode.from_tensor(v) for v in vals]
 
-    def _propagate(self, gm: fx.GraphModule, example_inputs: Sequence[Any] | None) -> None:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        FakeTensorProp(gm, mode).propagate(*self._fake_inputs(gm, example_inputs, mode))
+    def _propagate(self, gm: fx.GraphModule, example_inputs: Sequence[Any] | None, mode) -> list:
+        """Re-propagate shapes/dtypes; returns the outputs' signature."""
+        saved = (
+            {n: tuple(n.meta.get(k, _ABSENT) for k in _PROPAGATED) for n in gm.graph.nodes} if self.keep_meta else {}
+        )
+        try:
+            FakeTensorProp(gm, mode).propagate(*self._fake_inputs(gm, example_inputs, mode))
+            return _signature(gm)
+        finally:
+            if self.keep_meta:
+                for n in gm.graph.nodes:
+                    for k, v in zip(_PROPAGATED, saved.get(n, (_ABSENT,) * len(_PROPAGATED))):
+                        if v is _ABSENT:
+                            n.meta.pop(k, None)
+                        else:
+                            n.meta[k] = v
 
     def run(self, gm: fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> PassResult:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        # one fake mode for every propagation of this run; its shape env lets a graph call .item(); static input shapes
+        mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv(), static_shapes=True)
         result = PassResult(gm)
         if self.verify:
-            self._propagate(gm, example_inputs)
-            before = _signature(gm)
+            before = self._propagate(gm, example_inputs, mode)
         extra: set[Any] = set()
         for p in self.passes:
             name = p.name if isinstance(p, Rule) else getattr(p, "__name__", repr(p))
+            old = set(gm.graph.nodes)
             if isinstance(p, Rule):
                 extra.add(p.replacement)
                 changes = p.apply(gm)
@@ -173,21 +212,24 @@ class PassManager:
                 changes = int(p(gm) or 0)
             result.changes[name] = changes
             if self.verify:
-                self._check(gm, name, before, example_inputs, extra)
+                self._check(gm, name, before, example_inputs, extra, old, mode)
         return result
 
-    def _check(self, gm, name, before, example_inputs, extra) -> None:
+    def _check(self, gm, name, before, example_inputs, extra, old, mode) -> None:
         try:
             gm.graph.lint()
         except Exception as exc:  # noqa: BLE001
             raise PassError(f"pass {name!r} left an invalid graph: {exc}") from exc
         for n in gm.graph.nodes:
-            if n.op == "call_function" and not _allowed(n.target, extra):
+            if n not in old and n.op == "call_function" and not _allowed(n.target, extra):
                 raise PassError(f"pass {name!r} inserted {n.name} calling {n.target!r}, which is not an allowed op")
         try:
-            self._propagate(gm, example_inputs)
+            after = self._propagate(gm, example_inputs, mode)
         except Exception as exc:  # noqa: BLE001
             raise PassError(f"pass {name!r}: shapes/dtypes no longer propagate: {type(exc).__name__}: {exc}") from exc
-        after = _signature(gm)
         if after != before:
             raise PassError(f"pass {name!r} changed the graph's output shapes/dtypes from {before} to {after}")
+
+
+_ABSENT = object()
+_PROPAGATED = ("val", "tensor_meta")  # what FakeTensorProp writes

@@ -7,6 +7,7 @@ a rewrite, the graph values the scores are scaled and masked with (:class:`Score
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,9 +20,89 @@ from mka_compile.graph.pattern import Match
 HIDDEN = -1e4  # an additive mask value at or below this hides a key
 
 
+@dataclass(frozen=True)
+class Scores:
+    """How a site turns ``q @ k^T`` into its softmax input, as graph values for a rewrite (read once, not evaluated):
+    ``softmax(scale * (q @ kt) [* or / factor] + bias_scale * bias + additive)`` with the keys hidden where ``hide``
+    is True and kept only where ``keep`` is True; SDPA: ``additive`` is its ``attn_mask``, ``causal`` its
+    ``is_causal``. ``refused``: why the site's score layers do not fit this form (None when they do)."""
+
+    scale: float = 1.0
+    factor: Any = None  # a graph value (a tensor, or a symbolic number) that multiplies / divides the scores
+    divide: bool = False
+    additive: fx.Node | None = None
+    hide: fx.Node | None = None
+    keep: fx.Node | None = None
+    bias: fx.Node | None = None  # baddbmm's input
+    bias_scale: float = 1.0
+    causal: Any = False
+    default_scale: bool = False  # SDPA without scale=: 1/sqrt(head size) of the example (one head size)
+    refused: str | None = None
+
+
+def score_facts(m: Match, captured: Captured) -> Scores:
+    """:class:`Scores` of an eager or SDPA match (the classic captures of ``attention.eager.*``: one scale layer
+    innermost, at most one each of an additive mask, a masked_fill and a where)."""
+    gm, c = m.gm, m.captures
+    out = c["out"]
+    if ops.kind(out, gm) == "sdpa":
+        scale, causal = ops.arg(out, 6, "scale"), ops.arg(out, 5, "is_causal", False)
+        if scale is not None and ops.scalar(scale) is None:
+            return Scores(refused=f"SDPA at {out.name} has a non-constant scale")
+        if not isinstance(causal, bool):
+            return Scores(refused=f"SDPA at {out.name} has a non-constant is_causal")
+        d = (ops.shape(c["q"]) or (0,))[-1]
+        if scale is None and not d:
+            return Scores(refused=f"SDPA at {out.name}: the head size of q is unknown (no default scale)")
+        value = float(scale) if scale is not None else float(d) ** -0.5
+        return Scores(value, additive=ops.arg(out, 3, "attn_mask"), causal=causal, default_scale=scale is None)
+    if m.facts.get("not_lowered"):
+        return Scores(refused=m.facts["not_lowered"])
+    scale, factor, divide = 1.0, None, False
+    if "scale_op" in c:
+        so = c["scale_op"]
+        const = next((ops.scalar(a) for a in so.args if ops.scalar(a) is not None), None)
+        if const is not None:
+            scale = const if ops.kind(so, gm) == "mul" else 1.0 / const
+        else:
+            operand = next((x for name, node, x in m.facts["transforms"] if node is so), None)
+            path = [i for i in ops.tensor_inputs(so) if i is not operand]
+            others = [a for a in so.args if a not in path]
+            if len(path) != 1 or len(others) != 1 or (ops.kind(so, gm) == "div" and so.args[1] is not others[0]):
+                return Scores(refused=f"cannot read the scale at {so.name}")
+            factor, divide = others[0], ops.kind(so, gm) == "div"
+    bias, bias_scale = None, 1.0
+    scores = c["scores"]
+    if ops.kind(scores, gm) == "baddbmm":
+        beta, alpha = ops.arg(scores, 3, "beta", 1), ops.arg(scores, 4, "alpha", 1)
+        if ops.scalar(beta) is None or ops.scalar(alpha) is None or factor is not None:
+            return Scores(refused=f"baddbmm at {scores.name} has a non-constant alpha/beta or scale")
+        if float(beta) != 0:
+            bias, bias_scale = c["bias"], float(beta) * scale
+        scale *= float(alpha)
+    hide = keep = None
+    if "mask_fill" in c:
+        value = ops.arg(c["mask_fill_op"], 2, "value")
+        if not _mask_value(value, captured):
+            return Scores(refused=f"masked_fill at {c['mask_fill_op'].name} writes {value!r}, not a mask value "
+                          f"(<= {HIDDEN:g})")  # fmt: skip
+        hide = c["mask_fill"]
+    if "mask_where" in c:
+        w = c["mask_where_op"]
+        if not _mask_value(w.args[2] if len(w.args) > 2 else None, captured):
+            return Scores(refused=f"where at {w.name} does not fill hidden scores with a mask value (<= {HIDDEN:g})")
+        keep = c["mask_where"]
+    return Scores(scale, factor, divide, c.get("mask_add"), hide, keep, bias, bias_scale)
+
+
+def _mask_value(x: Any, captured: Captured) -> bool:
+    """A fill value that hides a key: a number, or a graph value that is, everywhere, at or below :data:`HIDDEN`."""
+    return _very_negative(x) or (isinstance(x, fx.Node) and _const_like_negative(x, captured))
+
+
 def _very_negative(x: Any) -> bool:
     v = ops.scalar(x)
-    return v is not None and v <= -1e4
+    return v is not None and v <= HIDDEN
 
 
 def keep_masks(m: Match, captured: Captured) -> tuple[list[torch.Tensor], bool]:
@@ -44,11 +125,11 @@ def keep_masks(m: Match, captured: Captured) -> tuple[list[torch.Tensor], bool]:
                 wanted.append(("add", operand))
             elif name == "fill":
                 value = ops.arg(node, 2, "value")
-                if _very_negative(value) or (isinstance(value, fx.Node) and _const_like_negative(value, captured)):
+                if _mask_value(value, captured):
                     wanted.append(("fill", operand))
             elif name in ("where", "where_inv"):
                 other = node.args[2] if name == "where" else node.args[1]
-                if _very_negative(other) or (isinstance(other, fx.Node) and _const_like_negative(other, captured)):
+                if _mask_value(other, captured):
                     wanted.append((name, operand))
         bias = m.captures.get("bias")
         if bias is not None and float(ops.arg(m.captures["scores"], 3, "beta", 1) or 0) != 0:
@@ -118,7 +199,7 @@ def score_transforms(m: Match, captured: Captured) -> tuple[tuple[str, ...], flo
 
 def _const_like_negative(node: fx.Node, captured: Captured) -> bool:
     val = captured.evaluate([node]).get(node)
-    return isinstance(val, torch.Tensor) and val.numel() > 0 and bool((val <= -1e4).all())
+    return isinstance(val, torch.Tensor) and val.numel() > 0 and bool((val <= HIDDEN).all())
 
 
 def _is_causal(keep: torch.Tensor) -> bool:

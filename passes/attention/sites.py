@@ -13,7 +13,7 @@ from mka_compile.graph.pattern import Match
 from mka_compile.graph.rules import Rule
 
 from .common import provenance, same_sequence
-from .scores import keep_masks, mask_facts, score_transforms
+from .scores import Scores, keep_masks, mask_facts, score_facts, score_transforms
 
 
 @dataclass
@@ -44,6 +44,7 @@ class SiteFacts:
     transforms: tuple[str, ...] = ()
     maps: int = 1  # attention maps per site (2: differential attention)
     window: int | None = None  # sliding-window width (mask "sliding_window")
+    scores: Scores | None = field(default=None, repr=False)  # scale and masks as graph values, for rewrites
 
 
 @dataclass
@@ -158,6 +159,7 @@ def _facts(rule: Rule, m: Match, captured: Captured) -> SiteFacts:
         match=m,
         transforms=transforms,
         window=window,
+        scores=None if ops.kind(out, gm) == "mka_attention" else score_facts(m, captured),
     )
 
 

@@ -87,3 +87,27 @@ def test_pass_breaking_shapes_is_named() -> None:
 
     with pytest.raises(PassError, match="'bad_view': shapes/dtypes no longer propagate"):
         PassManager([bad_view]).run(c.gm)
+
+
+def test_replacement_takes_values_bound_by_filters_and_defaults() -> None:
+    """A filter binds a constant (and a node) for the replacement; a parameter with a default may be left out;
+    ``keep_meta`` leaves the nodes' ``val`` metadata as it was."""
+    model, x = _Tiny().eval(), torch.randn(3, 4)
+    c = mka_compile.capture(model, (x,))
+
+    def bind(m):
+        m.bound.update(factor=3.0, y=m.captures["x"])
+        return None
+
+    def scaled(w, factor, y, unused=None):
+        return factor * (y @ w.T)
+
+    rule = Rule("scaled_linear", op("linear", any_("x"), any_("w")), (bind,), scaled)
+    vals = {n: n.meta.get("val") for n in c.gm.graph.nodes}
+    res = PassManager([rule], keep_meta=True).run(c.gm)
+    assert res.changes == {"scaled_linear": 1}
+    torch.testing.assert_close(c.gm(*c.inputs)[0], torch.relu(3.0 * (x @ model.lin.weight.T)) * 2.0)
+    assert all(n.meta.get("val") is vals[n] for n in c.gm.graph.nodes if n in vals)
+    c = mka_compile.capture(model, (x,))
+    with pytest.raises(ValueError, match=r"\['z'\] are neither captures of the pattern nor bound"):
+        Rule("missing", op("linear", any_("x"), any_("w")), replacement=lambda x, z: x).apply(c.gm)
