@@ -91,12 +91,14 @@ class Op:
 
     def bind(self, *args, **kwargs) -> tuple:
         """The op's arguments as one positional tuple, defaults filled in."""
+        if not kwargs and len(args) == len(self.signature.parameters):  # the common case, without inspect
+            return args
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
         return bound.args
 
     def __call__(self, *args, **kwargs):
-        """The CPU implementation: the checks, the reference, contiguous outputs."""
+        """The CPU implementation (the default of every device): the checks, the reference, contiguous outputs."""
         args = self.bind(*args, **kwargs)
         self.check_all(*args)
         return contiguous_outputs(self.reference(*args))
@@ -157,9 +159,8 @@ def declare(
     """
     plan = _BackwardPlan(name, reference, backward) if backward is not None else None  # raises before registering
     op = Op(name, reference, inspect.signature(reference), check, check_values)
-    fwd = torch.library.custom_op(
-        name, op.__call__, mutates_args=(), schema=torch.library.infer_schema(reference, mutates_args=())
-    )
+    schema = torch.library.infer_schema(reference, mutates_args=())
+    fwd = torch.library.custom_op(name, _named(op), mutates_args=(), schema=schema)
 
     def fake_impl(*args, **kwargs):
         args = op.bind(*args, **kwargs)
@@ -217,7 +218,7 @@ class _BackwardPlan:
         """Define ``<op>_backward`` and register the autograd of the forward op ``fwd``."""
         spec, params, names, kinds, saved_outputs = self.spec, self.params, self.inputs, self.kinds, self.saved_outputs
         bwd_op = Op(self.name, spec.reference, self.signature)
-        bwd = torch.library.custom_op(self.name, bwd_op.__call__, mutates_args=(), schema=self.schema)
+        bwd = torch.library.custom_op(self.name, _named(bwd_op), mutates_args=(), schema=self.schema)
 
         @bwd.register_fake
         def _(*args, **kwargs):
@@ -268,6 +269,17 @@ class _BackwardPlan:
 
         fwd.register_autograd(backward, setup_context=setup_context)
         return bwd_op
+
+
+def _named(op: Op) -> Callable:
+    """``op``'s CPU implementation as a function named after the op (torch names it in its messages)."""
+
+    def impl(*args, **kwargs):
+        return op(*args, **kwargs)
+
+    impl.__name__ = impl.__qualname__ = op.name.split("::")[-1]
+    impl.__doc__ = op.reference.__doc__
+    return impl
 
 
 def _kind(annotation) -> str:
