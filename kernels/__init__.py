@@ -8,7 +8,9 @@ Importing this package registers every op with ``torch.library``:
 - ``mka::mka_attention`` (+ ``_backward``): MKA's multi-level attention;
 - ``mka::flash_attention`` (+ ``_backward``): plain attention sites (GQA, causal, masks).
 
-With triton installed, each family's Triton module registers its kernels as the CUDA implementations.
+Each family declares its ops with :func:`.declare.declare` (the op, its fake, its backward op and the autograd,
+from the typed reference); with triton installed, each family's Triton module registers its launchers as the CUDA
+implementations (:meth:`.declare.Op.implement_cuda`).
 """
 
 from __future__ import annotations
