@@ -83,7 +83,7 @@ _names("layer_norm", "layer_norm", "native_layer_norm")
 _names("rms_norm", "rms_norm")
 _names("embedding", "embedding")
 _names("mka_attention", "mka_attention")  # a converted MKA site
-_names("mka_mix", "route_mix")  # our FastMKA op: a converted site's keys/values
+_names("mka_mix", "route_mix", "memory_mix")  # our FastMKA ops: a converted site's keys/values
 _names("tanh", "tanh")
 _names("clamp", "clamp", "clamp_min", "clamp_max", "clip", "maximum", "minimum")
 _names("max", "amax", "max", "logsumexp")

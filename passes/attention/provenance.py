@@ -211,9 +211,16 @@ def walk(node: fx.Node, gm: fx.GraphModule | None, role: str, limit: int = 400) 
             p.cache, p.select, n = p.cache or "slice_assign", None, ops.tensor_inputs(n)[1]
             continue
         if k == "getitem" and isinstance(n.args[0], fx.Node) and ops.kind(n.args[0], gm) == "mka_mix":
-            mix = n.args[0]  # a converted site: (kf, vf) = route_mix(lam, ks, vs); continue from the local level
-            levels = mix.args[1] if n.args[1] == 0 else mix.args[2]
-            n = levels[0] if mix.target.__name__.startswith("route_mix") else mix.args[1 + n.args[1]]
+            mix, i = n.args[0], n.args[1]  # a converted site's routed keys / values: continue from its own (local)
+            if mix.target.__name__.startswith("route_mix"):  # (kf, vf) = route_mix(lam, ks, vs)
+                n = (mix.args[1] if i == 0 else mix.args[2])[0]
+                continue
+            op = getattr(mix.target, "default", mix.target)  # an OpOverloadPacket (dynamo) or its overload
+            names = [a.name for a in getattr(getattr(op, "_schema", None), "arguments", ())]
+            own = {0: "k1", 1: "v1"}.get(i)  # (kf, vf, ...) = memory_mix(k1, v1, ...): one call's memory step
+            if own not in names:
+                return _stop(p, n, f"the {role} path reads output {i} of {mix.name}, not its keys or values")
+            n = ops.arg(mix, names.index(own), own)
             continue
         if k == "getitem":
             src = n.args[0]
