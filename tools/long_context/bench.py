@@ -98,7 +98,8 @@ def variants(s: Settings, bounded: bool) -> list[Variant]:
         return [full]
     L = s.train.length
     common = {"sink_tokens": s.sinks, "chunk_size": s.chunk, "trained_length": L}
-    mka = {"window": s.window, "recall_chunks": s.recall, **common}
+    mka = {"window": s.window, "recall_chunks": s.recall, **common, "chunk_keys": "bounds"}
+    mean = {**mka, "chunk_keys": "mean"}
     return [
         full,
         Variant(
@@ -108,6 +109,12 @@ def variants(s: Settings, bounded: bool) -> list[Variant]:
             what=f"`MKAConfig(window={s.budget - s.sinks}, sink_tokens={s.sinks}, recall_chunks=0)` (StreamingLLM)",
         ),
         Variant("mka", "bounded MKA at init", mka, what=f"`MKAConfig({_kw(mka)})`, converted, no training"),
+        Variant(
+            "mka_mean",
+            "bounded MKA at init, mean keys",
+            mean,
+            what="the same with chunks recalled by their mean key (`chunk_keys='mean'`) instead of the bound",
+        ),
         Variant(
             "mka_ft",
             "bounded MKA fine-tuned",
