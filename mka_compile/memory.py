@@ -1,8 +1,9 @@
 """The MKA memory step, written once: the router, the gated routing weights, and the memory levels of one call (the
 session EMA, the chunk summaries and the long-term recall) composed from the ``mka::`` ops. The layers built from
 scratch (:mod:`mka_compile.layers.attention`), converted sites (:mod:`mka_compile.sites.memory`) and the cache's
-rewind (:mod:`mka_compile.layers.cache`) are adapters over it; :func:`fused_memory` is the same step through the
-fused CPU pass (``kernels/fastmka_memory_cpu``)."""
+rewind (:mod:`mka_compile.layers.cache`) are adapters over it; :func:`fused_memory` is the same step as one op
+(``mka::memory_mix`` / ``mka::memory_levels``, ``kernels/fastmka_memory_cpu``: a fused C++ pass on the CPU), chosen
+by :func:`fused_step`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
+from mka_compile.kernels.fastmka_memory_cpu import effective_gate  # noqa: F401  (part of this module's API)
 
 
 def session_both_ways(k1: torch.Tensor, v1: torch.Tensor, beta: float, valid: torch.Tensor):
@@ -135,30 +137,35 @@ def routing_weights(
     ``sign(gate)`` (``+1`` at exactly 0, so a zero gate trains; straight through the clip at 1), so a gate the
     optimizer pushes below 0 bounces back instead of giving the memory levels negative weights.
     L3 (the last level) is masked out where nothing is recalled (``has_recall: [B, T]``), so those positions
-    route over the other levels."""
-    B, T, _ = q_flat.shape
-    L = num_levels
+    route over the other levels. The math is ``mka::memory_mix``'s (:func:`~mka_compile.kernels.fastmka_memory_cpu.
+    gated_routing`), written once."""
     rdt = torch.float64 if q_flat.dtype == torch.float64 else torch.float32
-    logits = router(q_flat).to(rdt).view(B, T, groups, L).transpose(1, 2)  # (B, G, T, L)
-    if has_recall is not None:
-        off = torch.zeros_like(logits, dtype=torch.bool)
-        off[..., L - 1] = ~has_recall[:, None, :]
-        logits = logits.masked_fill(off, -torch.inf)
-    p = torch.softmax(logits, -1)
-    onehot = torch.zeros(L, dtype=p.dtype, device=p.device)
-    onehot[0] = 1.0
-    return onehot + effective_gate(gate.to(rdt)) * (p - onehot)
+    logits = router(q_flat).to(rdt)  # (B, T, G * L)
+    if logits.shape[-1] != groups * num_levels:
+        raise ValueError(f"the router gives {logits.shape[-1]} logits per token; expected {groups} x {num_levels}")
+    return K.fastmka_memory_cpu.gated_routing(logits, gate, has_recall, num_levels)
 
 
-def fused_memory(
-    mode: str, cfg: MKAConfig, st: Any, k1, v1, q_flat, logits, gate, valid, scale: float, overwrite: bool = True
-):
-    """One call's memory levels through the fused CPU pass (``kernels/fastmka_memory_cpu``), shared by the layers
-    here and converted sites; ``st``'s EMA and chunk state are replaced (``n_seen`` is the caller's).
+def fused_step(mode: str, cfg: MKAConfig, st: Any, causal: bool, fresh_and_discarded: bool, *tensors) -> bool:
+    """Whether a call's memory step runs as one op (``mka::memory_mix`` / ``mka::memory_levels``, whose CPU kernel
+    is the fused C++ pass) rather than as the composed ops. The same answer in eager and compiled runs: causal
+    sites, float32 CPU tensors (``tensors``) with the extension built; under autograd only FastMKA on a fresh state
+    that nothing keeps (``fresh_and_discarded``: the op gives the incoming state, ``lam`` and the new state no
+    gradient), MKA mode only without autograd. ``torch.export`` (ONNX, ``inspect``) and fixed summary slots
+    (export, the ``mka`` backend) see the composed ops, which their translations and rules read."""
+    if not causal or st.fixed_slots or torch.compiler.is_exporting():
+        return False
+    if torch.is_grad_enabled() and (mode == "mka" or not fresh_and_discarded):
+        return False
+    return K.fastmka_memory_cpu.supports(*tensors)
 
-    FastMKA: returns ``(kf, vf, lam, None)``, the mix possibly written over ``k1, v1`` (the caller's own
-    projections) when nothing is differentiated and ``overwrite`` (False: the caller keeps ``k1, v1``). MKA mode
-    (no autograd): ``(s_k, s_v, lam, (idx, found))``, the
+
+def fused_memory(mode: str, cfg: MKAConfig, st: Any, k1, v1, q_flat, logits, gate, valid, scale: float):
+    """One call's memory step as one op (``mka::memory_mix`` for FastMKA, ``mka::memory_levels`` for MKA mode),
+    shared by the layers here and converted sites; ``st``'s EMA and chunk state are replaced (``n_seen`` is the
+    caller's). ``k1, v1: [B, Hkv, T, d]``, ``q_flat: [B, T, H*d]``, ``logits: [B, T, G*L]`` (the router's output).
+
+    FastMKA: returns ``(kf, vf, lam, None)``; MKA mode (no autograd): ``(s_k, s_v, lam, (idx, found))``, the
     session levels (None without them) and the recalled slots (None without the long-term level)."""
     if cfg.uses_longterm:
         st.reserve(k1.shape[2], cfg.chunk_size)
@@ -167,19 +174,12 @@ def fused_memory(
         session=cfg.uses_session, longterm=cfg.uses_longterm, beta=cfg.ema_beta, chunk=cfg.chunk_size,
         top_r=cfg.top_r, scale=scale,
     )  # fmt: skip
-    fused = K.fastmka_memory_cpu
+    ops = K.fastmka_memory_cpu
     if mode == "mka":
-        sk, sv, idx, found, lam, new = fused.levels(k1, v1, q_flat, logits, gate, valid, state, **opts)
+        sk, sv, idx, found, lam, new = ops.memory_levels(k1, v1, q_flat, logits, gate, valid, state, **opts)
         out = (sk, sv, lam, (idx, found))
     else:
-        kf, vf, lam, new = fused.memory(k1, v1, q_flat, logits, gate, valid, state, **opts, overwrite=overwrite)
+        kf, vf, lam, new = ops.memory_mix(k1, v1, q_flat, logits, gate, valid, state, **opts)
         out = (kf, vf, lam, None)
     st.ema_k, st.ema_v, st.part_k, st.part_v, st.summ_k, st.summ_v = new
     return out
-
-
-def effective_gate(gate: torch.Tensor) -> torch.Tensor:
-    """``min(|gate|, 1)`` with gradient ``sign(gate)`` (``+1`` at 0), straight through the clip at 1."""
-    sign = torch.where(gate < 0, -1.0, 1.0).to(gate.dtype).detach()
-    g = gate * sign
-    return g + (g.clamp(max=1.0) - g).detach()

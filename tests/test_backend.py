@@ -125,7 +125,7 @@ def test_zoo_forward_equals_eager(family: str, attn: str, variant: str) -> None:
     else:
         assert _actions() == {"mka::flash_attention"}, [s.reason for s in sites]
     if variant == "fastmka":
-        assert {"mka::route_mix", "mka::session_scan", "mka::chunk_update"} <= _mka_ops()
+        assert "mka::memory_mix" in _mka_ops()  # the memory step: one op
 
 
 # ------------------------------------------------------------------------------ report, logging, targets
@@ -236,7 +236,7 @@ def test_converted_checkpoint_compiles_as_the_converted_model(tmp_path) -> None:
         assert conversion_of(model) == ("fastmka", CFG)
         out = torch.compile(model, backend="mka", options=AOT)(ids, use_cache=False).logits
     assert _rel(out, ref) <= 1e-4 and _rel(out, base) >= 1e-3
-    assert {"mka::route_mix", "mka::session_scan"} <= _mka_ops() and len(_actions()) == 1
+    assert "mka::memory_mix" in _mka_ops() and len(_actions()) == 1
 
 
 def test_weights_and_config_options_are_refused_with_the_loader() -> None:
@@ -303,7 +303,7 @@ def test_inductor_training_step_equals_eager() -> None:
     ids = torch.randint(0, 90, (2, 13))
     assert _grads_equal_eager(model, ids) <= 1e-4
     assert _actions() == {"mka::flash_attention"}
-    assert {"mka::route_mix", "mka::session_scan", "mka::chunk_update", "mka::recall_select"} <= _mka_ops()
+    assert "mka::memory_mix" in _mka_ops()
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from mka_compile import kernels as K
 from mka_compile.hf.compat import cache_kwargs, returned_cache
 from mka_compile.sites.memory import SiteMemory
 
-pytestmark = pytest.mark.skipif(K.fastmka_memory_cpu.extension() is None, reason="the fused extension did not build")
+pytestmark = pytest.mark.skipif(not K.fastmka_memory_cpu.built(), reason="the fused extension did not build")
 
 CFG = MKAConfig(chunk_size=4, top_r=2)
 
@@ -27,7 +27,7 @@ def _model(mode: str):
 def _run(model, fused: bool, monkeypatch, fn):
     with monkeypatch.context() as mp:
         if not fused:
-            mp.setattr(K.fastmka_memory_cpu, "usable", lambda *a: False)
+            mp.setattr(K.fastmka_memory_cpu, "supports", lambda *a: False)
         return fn(model)
 
 
@@ -84,3 +84,43 @@ def test_shared_zero_states_stay_zero():
             for st in m._zeros.values():
                 for t in (st.n_seen, st.ema_k, st.ema_v, st.part_k, st.part_v, st.summ_k, st.summ_v):
                     assert not t.any()
+
+
+@pytest.mark.parametrize("mode", ["fastmka", "mka"])
+def test_eager_and_compiled_run_the_same_op(mode, monkeypatch):
+    """A converted model's memory step is one op in eager runs and under torch.compile (no run-time switch on
+    tracing): the op is called, and aot_eager gives the eager logits (and, FastMKA without a cache, gradients)."""
+    model = _model(mode)
+    ids = torch.randint(1, 90, (2, 13))
+    name = "memory_levels" if mode == "mka" else "memory_mix"
+    calls = []
+    real = getattr(K.fastmka_memory_cpu, name)
+    monkeypatch.setattr(K.fastmka_memory_cpu, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        eager = model(ids, use_cache=False).logits
+    assert len(calls) == model.config.num_hidden_layers
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            compiled = torch.compile(model, backend=backend)(ids, use_cache=False).logits
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+        assert any(f"mka.{name}" in s for s in seen), seen
+        torch.testing.assert_close(
+            torch.compile(model, backend="aot_eager")(ids, use_cache=False).logits, eager, rtol=1e-5, atol=1e-5
+        )
+        if mode == "fastmka":
+            grads = []
+            for m in (model, torch.compile(model, backend="aot_eager")):
+                model.zero_grad()
+                m(ids, labels=ids, use_cache=False).loss.backward()
+                grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+            for a, b in zip(*grads):
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    finally:
+        torch._dynamo.reset()

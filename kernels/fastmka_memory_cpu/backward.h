@@ -3,11 +3,12 @@
 
 #include "common.h"
 
-// Gradients of the token inputs (the incoming state gets none: the fused path runs under autograd only for a
-// fresh state that nothing keeps). qr: the forward's recall queries; HQ: the query projection's width. Returns
-// gk1, gv1 ([B, T, Hkv, d]), gq [B, T, H*d], glogits [B, T, G*L] and the gate's gradient through the effective
-// gate (a one-element tensor).
-std::vector<Tensor> backward(Tensor gkf, Tensor gvf, Tensor k1, Tensor v1, Tensor qr, int64_t HQ, double gate,
+// Gradients of the token inputs from those of kf, vf and (glam_in, [B, G, T, L], empty when there is none) lam;
+// the incoming state gets none (the engine differentiates through this pass only for a fresh state that nothing
+// keeps). qr: the forward's recall queries; HQ: the query projection's width. Returns gk1, gv1 ([B, T, Hkv, d]),
+// gq [B, T, H*d], glogits [B, T, G*L] and the gate's gradient through the effective gate (a one-element tensor).
+std::vector<Tensor> backward(Tensor gkf, Tensor gvf, Tensor glam_in, Tensor k1, Tensor v1, Tensor qr, int64_t HQ,
+                             double gate,
                              Tensor valid, Tensor n_seen, Tensor lam, Tensor rp, Tensor summ_k, Tensor summ_v, Tensor s_k,
                              Tensor s_v, Tensor kv3, Tensor slots, Tensor weights, bool session,
                              bool longterm, double beta_d, int64_t C, int64_t R, double scale_d) {
@@ -116,6 +117,7 @@ std::vector<Tensor> backward(Tensor gkf, Tensor gvf, Tensor k1, Tensor v1, Tenso
 
   // routing backward: lam = onehot + g (p - onehot), p = softmax(logits) over the live levels
   Tensor glam = G == 1 ? glam_h.sum(1, true) : glam_h;  // [B, G, T, L]
+  if (glam_in.numel()) glam = glam + glam_in;
   glam = glam.contiguous();
   Tensor glogits = torch::empty({B, T, G * L}, f32), ggate_rows = torch::empty({B * G * T}, f32);
   const float *glp = glam.data_ptr<float>(), *pp = rp.data_ptr<float>();

@@ -1,9 +1,10 @@
 // FastMKA's memory path on the CPU in one pass per (batch row, kv head): the routing weights, the session
 // EMA, the chunk summaries, the causal top-R recall and the routed mix, forward and backward.
 //
-// The semantics are those of the mka:: reference ops composed as SiteMemory.mix_levels composes them
-// (kernels/session_scan/, kernels/longterm/, kernels/route_mix.py, layers/attention.routing_weights);
-// tests/kernels/test_fastmka_memory_cpu.py checks these files against that composition. float32 only.
+// The CPU kernel of mka::memory_mix and mka::memory_levels (reference.py declares them): their definition is the
+// composition of the mka:: ops in reference.py (reference_memory_mix: session_scan, chunk_update, recall_select,
+// recall_mix, route_mix, gated_routing); tests/kernels/test_fastmka_memory_cpu.py checks these files against
+// that composition. float32 only.
 //
 // Layouts: k1, v1 [B, Hkv, T, d] (any strides, last one 1); q [B, T, H*d] (last stride 1); logits
 // [B, T, G*L] contiguous; valid [B, T] bool; n_seen [B] int64; states float32 contiguous:

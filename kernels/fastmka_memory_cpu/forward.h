@@ -3,14 +3,15 @@
 
 #include "common.h"
 
-// With inplace (no backward), kf and vf may be written over k1 and v1. Returns kf, vf (empty when !mix: MKA
-// mode attends over the levels instead), lam, router_p, ema_k, ema_v, part_k, part_v, summ_k, summ_v, then (when save or !mix) the session levels s_k, s_v, [k3|v3] [B, Hkv, T, 2d]
-// (when save; else undefined), the recalled slots [B, Hkv, T, R] int32 (-1 = none), their weights and the
-// recall queries [B, Hkv, T, d] (empty without the long-term level).
+// Returns kf, vf [B, T, Hkv, d] (empty when !mix: MKA mode attends over the levels instead), lam, router_p,
+// ema_k, ema_v, part_k, part_v, summ_k, summ_v (fresh tensors: the state is copied, never written in place), then
+// (when save or !mix) the session levels s_k, s_v [B, T, Hkv, d], [k3|v3] [B, Hkv, T, 2d] (when save; else
+// undefined), the recalled slots [B, Hkv, T, R] int32 (-1 = none), their weights and the recall queries
+// [B, Hkv, T, d] (empty without the long-term level).
 std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, double gate, Tensor valid,
                             Tensor n_seen, Tensor ema_k, Tensor ema_v, Tensor part_k, Tensor part_v,
                             Tensor summ_k, Tensor summ_v, bool session, bool longterm, double beta_d,
-                            int64_t C, int64_t R, double scale_d, bool save, bool mix, bool inplace) {
+                            int64_t C, int64_t R, double scale_d, bool save, bool mix) {
   k1 = last_contiguous(k1);
   v1 = last_contiguous(v1);
   q = last_contiguous(q);
@@ -48,14 +49,7 @@ std::vector<Tensor> forward(Tensor k1, Tensor v1, Tensor q, Tensor logits, doubl
 
   const bool keep = save || !mix;  // the levels themselves are outputs: for the backward, or for MKA mode
   const int64_t Tm = mix ? T : 0;
-  // inplace: kf and vf overwrite k1 and v1 when those are head views of [B, T, Hkv*d] buffers (each token's keys
-  // are read before its kf is written; nothing later reads k1)
-  auto token_major = [&](const Tensor& x) {
-    return x.stride(3) == 1 && x.stride(1) == d && x.stride(2) == Hkv * d && (B == 1 || x.stride(0) == T * Hkv * d);
-  };
-  const bool over = inplace && mix && !keep && token_major(k1) && token_major(v1);
-  Tensor kf = over ? k1.transpose(1, 2) : torch::empty({B, Tm, Hkv, d}, f32);
-  Tensor vf = over ? v1.transpose(1, 2) : torch::empty({B, Tm, Hkv, d}, f32);
+  Tensor kf = torch::empty({B, Tm, Hkv, d}, f32), vf = torch::empty({B, Tm, Hkv, d}, f32);
   const auto dense = at::MemoryFormat::Contiguous;  // the loops index the states as dense row-major buffers
   Tensor ek = ema_k.clone(dense), ev = ema_v.clone(dense), pk = part_k.clone(dense), pv = part_v.clone(dense);
   Tensor sk_out = summ_k.clone(dense), sv_out = summ_v.clone(dense);

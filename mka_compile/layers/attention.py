@@ -26,6 +26,7 @@ from mka_compile.memory import (  # noqa: F401  (Router, routing_weights, effect
     Router,
     effective_gate,
     fused_memory,
+    fused_step,
     memory_levels,
     recall_level,
     routing_weights,
@@ -173,24 +174,23 @@ class _MKABase(nn.Module):
         B, T, _ = x.shape
         st = self._state(cache, B, x)
         bank = self._bank(memory_bank, B, x)
-        if bank[0] is None and self._fused_cpu(x, cache):
+        if bank[0] is None and self._fused(x, st, cache):
             q, ks, vs, recall, lam, pos = self._memory_fused(x, valid, st)
         else:
             q, ks, vs, recall, lam, pos = self._memory(x, valid, st, bank)
         out = self._attend(q, ks, vs, recall, lam, pos, valid, st)  # (B, H, T, d)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def _fused_cpu(self, x: torch.Tensor, cache: MKACache | None) -> bool:
-        """Whether the levels come from the fused CPU pass (``kernels/fastmka_memory_cpu``): causal, eager float32
-        on the CPU, no memory bank; FastMKA under autograd only without a cache, MKA mode only without autograd
-        (as for converted sites, see ``SiteMemory._fused_cpu``)."""
-        if not self.config.causal or (torch.is_grad_enabled() and (self.mode == "mka" or cache is not None)):
-            return False
-        return K.fastmka_memory_cpu.usable(x)  # x has the weights' dtype and device (_check_inputs)
+    def _fused(self, x: torch.Tensor, st: MKALayerState, cache: MKACache | None) -> bool:
+        """Whether the memory step is one op (``mka::memory_mix`` / ``mka::memory_levels``: the fused C++ pass on
+        the CPU): see :func:`mka_compile.memory.fused_step` (as for converted sites); ``x`` has the weights' dtype
+        and device (``_check_inputs``)."""
+        return fused_step(self.mode, self.config, st, self.config.causal, cache is None, x)
 
     def _memory_fused(self, x, valid, st: MKALayerState):
-        """:meth:`_memory` through the fused CPU pass. FastMKA: ``ks, vs`` hold the routed ``kf, vf`` alone and
-        ``lam`` is None (already mixed); MKA mode: the levels and recall as :meth:`_memory` gives them."""
+        """:meth:`_memory` as one op (:func:`~mka_compile.memory.fused_memory`). FastMKA: ``ks, vs`` hold the routed
+        ``kf, vf`` alone and ``lam`` is None (already mixed); MKA mode: the levels and recall as :meth:`_memory`
+        gives them."""
         cfg = self.config
         q_flat, q, k1, v1 = self._project(x)
         pos = K.real_positions(valid, st.n_seen)
@@ -226,7 +226,7 @@ class FastMKAAttention(_MKABase):
     mode = "fastmka"
 
     def _attend(self, q, ks, vs, recall, lam, pos, valid, st: MKALayerState) -> torch.Tensor:
-        if lam is None:  # mixed already (the fused CPU pass)
+        if lam is None:  # mixed already (mka::memory_mix)
             (kf,), (vf,) = ks, vs
         else:
             if recall is not None:

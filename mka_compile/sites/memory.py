@@ -18,7 +18,7 @@ from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
 from mka_compile.hf import cache as hf_cache
 from mka_compile.layers.cache import MKALayerState
-from mka_compile.memory import Router, fused_memory, memory_levels, recall_level, routing_weights
+from mka_compile.memory import Router, fused_memory, fused_step, memory_levels, recall_level, routing_weights
 from mka_compile.report import Site
 from mka_compile.rope_tables import calibrate as calibrate_rope
 from mka_compile.rope_tables import derive as derive_rope
@@ -262,13 +262,12 @@ class SiteMemory(nn.Module):
         levels recorded in the call for MKA mode's attention."""
         call = self._call
         cfg, st = self.config, call.state
-        fused = self._fused_cpu(k1, v1, call)
-        keep = call.before is not None  # keep this call's keys for a rewind (the fused path must not write over them)
-        if keep:
+        fused = self._fused(k1, v1, call)
+        if call.before is not None:  # keep this call's keys for a rewind
             st.record(call.before, k1, v1, call.valid)
             call.before = None
         if fused:
-            return self._mix_fused_cpu(k1, v1, overwrite=not keep)
+            return self._mix_fused(k1, v1)
         B, _, T, d = k1.shape
         Hkv, H = self.num_kv_heads, self.num_heads
         q_r = _group_mean(call.q.view(B, T, Hkv, H // Hkv, d)).transpose(1, 2) if cfg.uses_longterm else None
@@ -295,24 +294,16 @@ class SiteMemory(nn.Module):
             w = call.valid[:, None, :, None].to(call.lam.dtype)  # (B, 1, T, 1): real tokens only
             self._stats.append(((call.lam.detach() * w).sum((0, 1, 2)), float(w.sum()) * call.lam.shape[1]))
 
-    def _fused_cpu(self, k1: torch.Tensor, v1: torch.Tensor, call: _Call) -> bool:
-        """Whether this call runs the fused CPU memory path (``kernels/fastmka_memory_cpu``): causal, eager float32 on
-        the CPU; FastMKA under autograd only when the state is fresh and discarded (the path gives the incoming state
-        no gradient, and its new state none either), MKA mode only without autograd."""
-        if not self.causal or call.state.fixed_slots:
-            return False
-        if torch.is_grad_enabled() and (self.mode == "mka" or not call.discarded):
-            return False  # MKA mode's levels are fused for inference only
-        return K.fastmka_memory_cpu.usable(k1, v1, call.q)
+    def _fused(self, k1: torch.Tensor, v1: torch.Tensor, call: _Call) -> bool:
+        """Whether this call's memory step is one op (``mka::memory_mix`` / ``mka::memory_levels``: the fused C++
+        pass on the CPU), see :func:`mka_compile.memory.fused_step`; the same answer in eager and compiled runs."""
+        return fused_step(self.mode, self.config, call.state, self.causal, call.discarded, k1, v1, call.q)
 
-    def _mix_fused_cpu(
-        self, k1: torch.Tensor, v1: torch.Tensor, overwrite: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mix_fused(self, k1: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         call = self._call
-        logits = self.router(call.q)  # k1, v1 are this call's own projections: FastMKA's mix may overwrite them
         a, b, call.lam, recalled = fused_memory(
-            self.mode, self.config, call.state, k1, v1, call.q, logits, self.gate, call.valid, self.recall_scale,
-            overwrite,
+            self.mode, self.config, call.state, k1, v1, call.q, self.router(call.q), self.gate, call.valid,
+            self.recall_scale,
         )  # fmt: skip
         self._record(call)
         if self.mode == "fastmka":

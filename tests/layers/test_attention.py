@@ -226,7 +226,7 @@ def test_fused_cpu_path_equals_reference_ops(cls, cfg, monkeypatch) -> None:
     and (FastMKA, no cache) the same gradients as the mka:: reference ops."""
     from mka_compile import kernels as K
 
-    if K.fastmka_memory_cpu.extension() is None:
+    if not K.fastmka_memory_cpu.built():
         pytest.skip("the fused extension did not build here")
     layer, x = _layer(cls, **cfg), _x()
     mask = torch.ones(2, 29, dtype=torch.bool)
@@ -243,7 +243,7 @@ def test_fused_cpu_path_equals_reference_ops(cls, cfg, monkeypatch) -> None:
         return full, torch.cat(steps, 1), [p.grad.clone() for p in layer.parameters()]
 
     fused = run()
-    monkeypatch.setattr(K.fastmka_memory_cpu, "usable", lambda *a: False)
+    monkeypatch.setattr(K.fastmka_memory_cpu, "supports", lambda *a: False)
     ref = run()
     torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused[1], ref[1], rtol=1e-5, atol=1e-6)
