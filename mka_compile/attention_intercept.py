@@ -7,11 +7,14 @@ in their own forward, as one ``F.scaled_dot_product_attention`` call or spelled 
 intercepting torch functions), active only while the site module runs, answers that attention with the site's MKA
 attention (:meth:`mka_compile.sites.memory.SiteMemory.attend`):
 
-- SDPA: the call is answered directly;
-- spelled out: the scores product records ``q`` and ``k``; the softmax's input gives the scale applied between them
-  (learned on the first call) and the mask (checked every call); the product of the probabilities with ``v`` is
-  answered with MKA's output. Once the scale is known, the scores product returns zeros (the site's own scaling,
-  masking and softmax still run on them, and the mask is still checked; their result is discarded).
+- SDPA: the call is answered directly, with the call's own ``scale``;
+- spelled out: the scores product records ``q`` and ``k``; the scale between them is the site's, from its facts
+  (``Site.scale``, read by the attention rules; ``SiteMemory.score_scale``); the product of the probabilities with
+  ``v`` is answered with MKA's output. The scores product returns zeros (the site's own scaling, masking and softmax
+  still run on them and their result is discarded), except on the site's first eager call: there it returns the
+  real scores, and the softmax's input checks that the site applies exactly that scale to them (a site that scales
+  ``q`` or ``k`` before the product, whose facts fold that scale in, is refused there rather than answered with the
+  wrong one). The softmax's input also checks the mask, on every eager call.
 
 Keys repeated to the query heads (GQA written as ``expand`` + ``reshape`` or ``repeat_interleave``) are read back
 at the site's key heads; masks must be the causal mask, possibly with padded keys (the tokens the site's attention
@@ -78,45 +81,48 @@ class AttentionToMKA(TorchFunctionMode):
         T = self.mem._call.valid.shape[1]  # this call's tokens: the scores product is [B, H, T, d] @ [B, h, d, S]
         if call.qk is None and a.shape[1:] == (self.mem.num_heads, T, d) and b.shape[-2] == d and b.shape[-1] >= T:
             call.qk = (a, b.transpose(-2, -1))
-            if self.mem.score_scale is not None:  # the site's code still runs on the scores (scale, mask, softmax)
+            self._scale()  # known, or a clear error before the site runs on
+            if self.mem.scale_checked or torch.compiler.is_compiling():  # the site's code still runs on the scores
                 shape = (*torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]), a.shape[-2], b.shape[-1])  # MKA answers
                 return torch.zeros(shape, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
-            out = func(a, b)
-            if not torch.compiler.is_compiling():  # the first call learns the scale from the softmax input
-                call.diag = _diagonal(out).detach().clone()
+            out = func(a, b)  # the first eager call: the real scores, to check the scale on the softmax input
+            call.diag = _diagonal(out).detach().clone()
             return out
         if call.qk is not None and b.shape[-1] == d and a.shape[-1] == b.shape[-2] == call.qk[1].shape[-2]:
-            if self.mem.score_scale is None:
+            if call.diag is not None:
                 raise RuntimeError(
-                    "MKA mode: this site's attention has no softmax between its two products; cannot read its scale "
+                    f"MKA mode at site {self.mem.site_name!r}: its attention has no softmax between its two products "
                     "(use FastMKA)"
                 )
             q, k = call.qk
-            out = self._answer(q, k, b, self.mem.score_scale)
+            out = self._answer(q, k, b, self._scale())
             return out.to(torch.promote_types(a.dtype, b.dtype))
         return func(a, b)
 
+    def _scale(self) -> float:
+        """The scale between the scores product's ``q`` and ``k``: the site's, from its facts."""
+        scale = self.mem.score_scale
+        if scale is None:
+            raise RuntimeError(
+                f"MKA mode at site {self.mem.site_name!r}: the site's attention scale is unknown (its facts hold no "
+                "constant scale for q.k: a tensor scale, or none the attention rules could read); MKA mode computes "
+                "the attention itself and needs it: convert this site with mode='fastmka', which keeps the site's "
+                "own attention"
+            )
+        return scale
+
     def _softmax_input(self, x: torch.Tensor) -> None:
-        """The scores as the softmax sees them: learn the scale (first call) and check the mask (every call)."""
+        """The scores as the softmax sees them: check the mask (every eager call) and, on the site's first eager
+        call, the scale (:func:`_check_scale`)."""
         call = self.mem._call
         call.softmax_seen = True
         T, S = x.shape[-2], x.shape[-1]
-        if torch.compiler.is_compiling():  # the mask is checked and the scale learned in eager runs
+        if torch.compiler.is_compiling():  # the mask and the scale are checked in eager runs
             return
         _check_keep(self.mem, x > torch.finfo(x.dtype).min / 2, T, S)
-        if self.mem.score_scale is None:
-            raw, seen = call.diag.double(), _diagonal(x.detach()).double()
-            call.diag = None
-            rows = self.mem._call.valid[:, None, :].expand_as(raw) & torch.isfinite(seen)
-            raw, seen = raw[rows], seen[rows]
-            den = float((raw * raw).sum())
-            scale = float((raw * seen).sum()) / den if den > 0 else float("nan")
-            if not (scale > 0 and torch.allclose(raw * scale, seen, rtol=1e-3, atol=1e-5 * float(seen.abs().max()))):
-                raise RuntimeError(
-                    "MKA mode: cannot read this site's attention scale (the softmax input is not the scores times "
-                    "one constant plus a mask: a position bias?); use FastMKA"
-                )
-            self.mem.score_scale = scale
+        if call.diag is not None:
+            raw, call.diag = call.diag, None
+            _check_scale(self.mem, raw, _diagonal(x.detach()))
 
     # -- shared ------------------------------------------------------------------------------------------
     def _answer(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -188,6 +194,26 @@ def _check_keep(mem, keep: torch.Tensor, T: int, S: int) -> None:
             "MKA mode: this site's attention mask is not the causal mask (with padding): a sliding window or "
             "another pattern? MKA mode supports causal self-attention only (use FastMKA)"
         )
+
+
+def _check_scale(mem, raw: torch.Tensor, seen: torch.Tensor) -> None:
+    """``seen`` (the softmax input at each query's own key, ``[B, H, T]``) must be ``raw`` (the scores product
+    there) times the site's scale: the scale the facts give applies between the operands the interceptor records.
+    Sets ``mem.scale_checked`` once a call had real tokens to check it on."""
+    raw, seen = raw.double(), seen.double()
+    rows = mem._call.valid[:, None, :].expand_as(raw) & torch.isfinite(seen)
+    raw, seen = raw[rows], seen[rows]
+    if raw.numel() == 0:  # nothing to check on (all padding): the next call checks
+        return
+    scale = mem.score_scale
+    if not torch.allclose(raw * scale, seen, rtol=1e-3, atol=1e-5 * float(seen.abs().max())):
+        raise RuntimeError(
+            f"MKA mode at site {mem.site_name!r}: the site's softmax input is not its scores q.k times the scale "
+            f"{scale:g} its facts give (it scales q or k before the product, or adds a position bias); MKA mode "
+            "cannot answer this attention: convert this site with mode='fastmka', which keeps the site's own "
+            "attention"
+        )
+    mem.scale_checked = True
 
 
 def _dropout_active(args: tuple, kwargs: dict) -> bool:

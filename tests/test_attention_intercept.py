@@ -209,3 +209,65 @@ def test_unsupported_inline_sites_are_refused_and_left_alone(make, reason: str) 
     assert not any(hasattr(m, "mka") or m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model(x), before)
+
+
+class _Spelled(torch.nn.Module):
+    """Causal attention spelled out with its own scale, applied to the scores (``post``) or to q before the product."""
+
+    def __init__(self, scale: float = 0.3, pre_scaled_q: bool = False, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.h, self.d, self.scale, self.pre = heads, d // heads, scale, pre_scaled_q
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        heads = lambda t: t.view(B, T, self.h, self.d).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        s = (q * self.scale) @ k.transpose(-2, -1) if self.pre else (q @ k.transpose(-2, -1)) * self.scale
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        return self.o((s.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D))
+
+
+def test_spelled_out_scale_comes_from_the_site_facts() -> None:
+    """The scale between q and k is the one the attention rules read (not learned from the softmax input): MKA's
+    answer with live memory equals MKA attention computed with that scale, and a changed scale changes it."""
+    torch.manual_seed(0)
+    model = _Spelled(scale=0.3).eval()
+    x = torch.randn(2, 12, 32)
+    facts = mka_compile.inspect(model, (x,)).sites[0]
+    assert facts.scale == pytest.approx(0.3)
+    with torch.no_grad():
+        base = model(x)
+    mka_compile.convert(model, mode="mka", config=CFG, example_inputs=(x,))
+    assert model.mka.score_scale == pytest.approx(0.3) and model.mka.scale_checked  # checked by convert's forward
+    with torch.no_grad():
+        assert _rel(model(x), base) <= 1e-5
+    zoo.randomize_mka(model)
+    with torch.no_grad():
+        live = model(x)
+        model.mka.score_scale = 0.3 * 2  # MKA answers with the scale it holds, whatever the site's code runs
+        assert _rel(model(x), live) >= 1e-3
+        model.mka.score_scale = 0.3
+        assert _rel(model(x), live) <= 1e-6
+
+
+def test_unknown_or_unchecked_scale_is_refused_with_the_site_named() -> None:
+    """No guessing: a site whose facts hold no scale, or whose softmax input is not q.k times its scale (q scaled
+    before the product), fails with an error naming the site and FastMKA."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 32)
+    model = _Spelled(scale=0.3, pre_scaled_q=True).eval()
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(ConversionError, match=r"softmax input is not its scores q\.k times the scale 0\.3.*fastmka"):
+        mka_compile.convert(model, mode="mka", config=CFG, example_inputs=(x,))
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    model = _Spelled(scale=0.3).eval()
+    mka_compile.convert(model, mode="mka", config=CFG, example_inputs=(x,))
+    model.mka.score_scale = None
+    with (
+        torch.no_grad(),
+        pytest.raises(RuntimeError, match=r"MKA mode at site '': the site's attention scale is unknown"),
+    ):
+        model(x)

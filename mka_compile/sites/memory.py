@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -51,9 +52,9 @@ class _Call:
     recall: tuple[torch.Tensor, torch.Tensor] | None = None  # (idx, found): (B, Hkv, T, R) recalled summary slots
     attended: bool = False  # MKA mode (or bounded memory) answered the site's attention
     cache: Any = None  # the cache the call was given (bounded memory keeps its keys in that cache's layer)
-    # MKA mode, attention spelled out (attention_intercept): the scores product and the scale's evidence
+    # MKA mode, attention spelled out (attention_intercept): the scores product, and what checks the site's scale
     qk: tuple[torch.Tensor, torch.Tensor] | None = None  # (q, k) of the scores product
-    diag: torch.Tensor | None = None  # (B, H, T) raw scores of each query's own key, first call
+    diag: torch.Tensor | None = None  # (B, H, T) raw scores of each query's own key, until the scale is checked
     softmax_seen: bool = False
 
 
@@ -80,7 +81,10 @@ class SiteMemory(nn.Module):
         self._stats: list[tuple[torch.Tensor, float]] | None = None  # set while routing_stats() records
         self.intercept = None  # MKA mode for attention computed inline: an AttentionToMKA mode (sites.hooks)
         self.kv_layout: str | None = None  # how the inline attention repeats its kv heads (attention_intercept)
-        self.score_scale: float | None = None  # MKA mode, attention spelled out: its scale (attention_intercept)
+        # MKA mode, attention spelled out (attention_intercept): the scale of q.k, from the site facts (None: unknown),
+        # checked against the site's softmax input on its first eager call
+        self.score_scale: float | None = _known_scale(site)
+        self.scale_checked = False
         self.position_arg: str | None = None  # a site with its own KV cache: the forward argument giving its position
         self._held: MKALayerState | None = None  # that site's memory (see held_state)
         self.fixed_slots = 0  # > 0: states made here preallocate that many summary slots (set by export)
@@ -386,6 +390,15 @@ class SiteMemory(nn.Module):
         from mka_compile.sites import hooks as site_hooks
 
         site_hooks.remove(self)
+
+
+def _known_scale(site: Site) -> float | None:
+    """The constant that scales the site's scores ``q . k``, as its facts read it (the rules fold scale layers and
+    scales on q or k), or None: a tensor scale (``score_scale`` transform) or no positive finite value."""
+    scale = float(site.scale)
+    if "score_scale" in site.transforms or not math.isfinite(scale) or scale <= 0:
+        return None
+    return scale
 
 
 def _group_mean(q: torch.Tensor) -> torch.Tensor:
