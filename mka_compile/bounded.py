@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from mka_compile import kernels as K
+from mka_compile import bounded_recall as recall
 from mka_compile.config import MKAConfig
 from mka_compile.kernels.bounded_attention import rotate_cs
 
@@ -39,25 +39,6 @@ from mka_compile.kernels.bounded_attention import rotate_cs
 def _host_for(device: torch.device) -> tuple[torch.device, bool]:
     """Where the chunk store lives: host memory (pinned when the model is on CUDA)."""
     return torch.device("cpu"), device.type == "cuda"
-
-
-def unrotate(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor | None, interleaved: bool) -> torch.Tensor:
-    """``x: [B, h, L, d]`` rotated at positions ``pos: [B, L]`` -> un-rotated (as it was before RoPE)."""
-    if freqs is None or not freqs.numel():
-        return x
-    ang = pos.to(torch.float64)[..., None] * freqs.to(torch.float64)  # (B, L, rot/2)
-    cos, sin = torch.cos(ang)[:, None].to(x.dtype), torch.sin(ang)[:, None].to(x.dtype)
-    return rotate_cs(x, cos, -sin, interleaved)
-
-
-def pair_norms(x: torch.Tensor, freqs: torch.Tensor | None, interleaved: bool) -> torch.Tensor:
-    """``[..., d] -> [..., P]``: the norm of each RoPE channel pair (``rot = 2 * len(freqs)`` channels, paired as the
-    model rotates them), then the absolute value of each channel RoPE leaves alone; ``P = rot/2 + d - rot``."""
-    half = 0 if freqs is None else freqs.numel()
-    rot = 2 * half
-    xr, xp = x[..., :rot], x[..., rot:]
-    a, b = (xr[..., 0::2], xr[..., 1::2]) if interleaved else (xr[..., :half], xr[..., half:])
-    return torch.cat([torch.sqrt(a * a + b * b), xp.abs()], -1)
 
 
 @dataclass
@@ -171,54 +152,6 @@ class BoundedStore:
         self.recent_k, self.recent_v = self._tokens(real, self.base)
         self.base = target
 
-    # -- recall keys (chunk_keys="bounds") ------------------------------------------------------------------
-    def update_bounds(self, freqs: torch.Tensor | None, interleaved: bool) -> None:
-        """Compute the bounds of the chunks completed since the last call (all still in ``recent``): the keys are
-        turned back by their real positions, the centre is their mean, and the radius of each channel pair (a RoPE
-        pair; a single channel outside RoPE) is the largest distance of a key's pair from the centre's."""
-        C = self.chunk
-        done = self.n // C  # (B,) completed chunks
-        first = self.bounds_done
-        J = int((done - first).max())
-        if J <= 0:
-            return
-        B, G, _, d = self.recent_k.shape
-        N = int(done.max())
-        if self.key_mid.shape[2] < N:
-            grow = max(N, 2 * self.key_mid.shape[2]) - self.key_mid.shape[2]
-            self.key_mid = torch.nn.functional.pad(self.key_mid, (0, 0, 0, grow))
-            self.key_rad = torch.nn.functional.pad(self.key_rad, (0, 0, 0, grow))
-        j = torch.arange(J, device=done.device)
-        c = first[:, None] + j  # (B, J) chunk ids
-        ok = c < done[:, None]
-        real = (c[..., None] * C + torch.arange(C, device=done.device)).flatten(1)  # (B, J*C)
-        slot = (real - self.base[:, None]).clamp(0, max(self.recent_k.shape[2] - 1, 0))  # completed chunks: recent
-        k = torch.gather(self.recent_k, 2, slot[:, None, :, None].expand(B, G, J * C, d)).float()
-        k = unrotate(k, real, freqs, interleaved).view(B, G, J, C, d)
-        mid = k.mean(3)  # (B, G, J, d)
-        rad = pair_norms(k - mid[:, :, :, None], freqs, interleaved).amax(3)  # (B, G, J, P)
-        if self.key_rad.shape[-1] != rad.shape[-1]:  # P is known once the RoPE frequencies are
-            self.key_rad = self.key_mid.new_zeros(*self.key_mid.shape[:3], rad.shape[-1])
-        N_all = self.key_mid.shape[2]
-        tgt = torch.where(ok, c, N_all + j)[:, None, :, None]  # (B, 1, J, 1); others: spare slots, dropped
-        for name, val in (("key_mid", mid), ("key_rad", rad)):
-            buf = torch.cat([getattr(self, name), torch.zeros_like(val)], 2)
-            setattr(self, name, buf.scatter(2, tgt.expand_as(val), val)[:, :, :N_all])
-        self.bounds_done = torch.maximum(first, done)
-
-    def recall_keys(self, q: torch.Tensor, t: torch.Tensor, freqs, interleaved: bool) -> tuple[torch.Tensor, ...]:
-        """Recall queries and chunk keys whose product bounds, for each chunk, the sum over a kv group's query
-        heads of ``max over the chunk's keys of q . k``: ``sum_h q_h . mid + sum_h sum_pairs |q_h,pair| rad_pair``
-        (a key's pair lies within ``rad`` of the centre's). A rotation common to a row's queries and keys (RoPE
-        positions offset from the real ones, as in a left-padded forward without ``position_ids``) changes neither
-        term. ``q: [B, H, T, d]`` rotated at real positions ``t``. Returns ``(q' [B, G, T, d+P], key' [B, G, N,
-        d+P])``."""
-        B, H, T, d = q.shape
-        G = self.recent_k.shape[1]
-        qu = unrotate(q.float(), t, freqs, interleaved).view(B, G, H // G, T, d)
-        q_r = torch.cat([qu.sum(2), pair_norms(qu, freqs, interleaved).sum(2)], -1)
-        return q_r, torch.cat([self.key_mid, self.key_rad], -1)
-
     # -- a call ---------------------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Store a call's keys and values ``[B, G, T, d]`` (as the site attends to them, rotated) for its real tokens
@@ -328,10 +261,10 @@ def attend(
     n_rec = torch.zeros(B, G, T, dtype=torch.int64, device=dev)  # chunks each query recalled
     far = None
     if R > 0 and store.key_mid is not None:  # chunk_keys="bounds": the store's own chunk bounds
-        store.update_bounds(freqs, interleaved)
-        q_r, summ_k = store.recall_keys(q, t, freqs, interleaved)
+        recall.update_bounds(store, freqs, interleaved)
+        q_r, summ_k = recall.recall_keys(store, q, t, freqs, interleaved)
     if R > 0 and summ_k is not None and summ_k.shape[2] > 0:
-        far, n_rec = _recalled(store, q, ws, real, q_r, summ_k, cfg, remap, freqs, interleaved, scale)
+        far, n_rec = recall.recalled(store, q, ws, real, q_r, summ_k, cfg, remap, freqs, interleaved, scale)
     s_delta = None  # the sinks sit right before the recalled chunks, which sit right before the window
     if remap is not None:
         s_delta = torch.where(remap[:, None], ws[:, None] - n_rec * C - S, zero)  # (B, G, T)
@@ -339,53 +272,6 @@ def attend(
     store.settle()
     out = near[0] if far is None else _merge(*near, *far)
     return out.to(q.dtype)
-
-
-def _recalled(store: BoundedStore, q, ws, real, q_r, summ_k, cfg: MKAConfig, remap, freqs, interleaved, scale):
-    """Each query's R recalled chunks (``mka::recall_select`` among the chunks before its window), their tokens
-    attended exactly (``mka::bounded_attention``, one move per chunk): ``((out, lse), n_rec [B, G, T])``."""
-    B, H, T, d = q.shape
-    G = store.recent_k.shape[1]
-    S, C, R = cfg.sink_tokens, cfg.chunk_size, cfg.exact_recall
-    dev = q.device
-    base = store.base
-    at = torch.where(real, ws, 0)  # recall among the chunks c < ws(t) / C
-    sel, found = torch.ops.mka.recall_select(q_r, summ_k, at, C, R, None, None)  # (B, G, T, R)
-    stored = base // C  # (B,) chunks in the host store
-    in_store = found & (sel < stored[:, None, None, None])
-    o = torch.arange(C, device=dev)
-    ci = sel[..., None] * C + o  # (B, G, T, R, C) real positions
-    ok = found[..., None] & (ci >= S)  # a sink is attended as a sink
-    slot = ci - base[:, None, None, None, None]  # in recent (the pool starts with recent)
-    parts_k, parts_v = [store.recent_k], [store.recent_v]
-    n_st = int(stored.max())
-    if n_st > 0 and bool(in_store.any()):  # fetch the stored chunks some query recalled, once each
-        present = torch.zeros(B, G, n_st + 1, dtype=torch.bool, device=dev)
-        present.scatter_(2, torch.where(in_store, sel, n_st).flatten(2), True)
-        present = present[..., :n_st]
-        U = int(present.sum(-1).max())
-        order = torch.argsort((~present).to(torch.int8), dim=-1, stable=True)[..., :U]  # (B, G, U) chunk ids
-        rank = present.long().cumsum(-1) - 1  # (B, G, n_st): a present chunk's place among the fetched
-        u = rank.gather(-1, sel.clamp(max=n_st - 1).flatten(2)).view_as(sel)
-        h = order.to(store.chunk_k.device)[..., None, None].expand(B, G, U, C, d)
-        fk = torch.gather(store.chunk_k, 2, h).to(dev, non_blocking=True)  # (B, G, U, C, d)
-        fv = torch.gather(store.chunk_v, 2, h).to(dev, non_blocking=True)
-        parts_k.append(fk.flatten(2, 3).to(store.recent_k.dtype))
-        parts_v.append(fv.flatten(2, 3).to(store.recent_v.dtype))
-        slot = torch.where(in_store[..., None], store.recent_k.shape[2] + u[..., None] * C + o, slot)
-    idx = torch.where(ok, slot, -1).flatten(3)  # (B, G, T, R*C)
-    n_rec = found.sum(-1)  # (B, G, T)
-    delta = torch.zeros_like(idx)
-    if remap is not None:  # the recalled chunks, in chunk order, right before the window
-        before = (found[..., None, :] & (sel[..., None, :] < sel[..., :, None])).sum(-1)  # (B, G, T, R)
-        cd = ws[:, None, :, None] - (n_rec[..., None] - before) * C - sel * C  # (B, G, T, R)
-        zero = torch.zeros((), dtype=torch.int64, device=dev)
-        delta = torch.where(remap[:, None, :, None], cd, zero)[..., None].expand(B, G, T, R, C).flatten(3)
-    pool_k = torch.cat(parts_k, 2).to(q.dtype)
-    pool_v = torch.cat(parts_v, 2).to(q.dtype)
-    fr = freqs if remap is not None else None
-    out = K.bounded_attention(q, pool_k, pool_v, idx.contiguous(), delta.contiguous(), fr, scale, interleaved, run=C)
-    return out, n_rec
 
 
 WINDOW_BLOCK = 256  # queries per block of the dense window attention

@@ -1,0 +1,136 @@
+"""Recall in bounded memory (:mod:`mka_compile.bounded`): which chunks a query recalls and their exact attention.
+
+- **Chunk keys** (``chunk_keys="bounds"``): when a chunk completes, its keys (turned back by their real positions)
+  give a centre (their mean) and, per channel pair (a RoPE pair; a channel outside RoPE alone), a radius (the
+  largest distance of one of its keys from the centre). With the query turned back the same way, a chunk's recall
+  score ``q . mid + sum_pairs |q_pair| rad_pair`` bounds ``max over its keys of q . k`` (summed over a kv group's
+  query heads), as Quest bounds a page by per-channel minima and maxima; a rotation common to a row (positions
+  offset from the real ones) changes neither term. ``chunk_keys="mean"`` scores the long-term level's summaries.
+- **Recalled attention**: each query's R best chunks among those before its window (``mka::recall_select``), their
+  tokens fetched once per call from the host store and attended exactly (``mka::bounded_attention``, one RoPE move
+  per chunk when positions are moved).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mka_compile import kernels as K
+from mka_compile.config import MKAConfig
+from mka_compile.kernels.bounded_attention import rotate_cs
+
+
+def unrotate(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor | None, interleaved: bool) -> torch.Tensor:
+    """``x: [B, h, L, d]`` rotated at positions ``pos: [B, L]`` -> un-rotated (as it was before RoPE)."""
+    if freqs is None or not freqs.numel():
+        return x
+    ang = pos.to(torch.float64)[..., None] * freqs.to(torch.float64)  # (B, L, rot/2)
+    cos, sin = torch.cos(ang)[:, None].to(x.dtype), torch.sin(ang)[:, None].to(x.dtype)
+    return rotate_cs(x, cos, -sin, interleaved)
+
+
+def pair_norms(x: torch.Tensor, freqs: torch.Tensor | None, interleaved: bool) -> torch.Tensor:
+    """``[..., d] -> [..., P]``: the norm of each RoPE channel pair (``rot = 2 * len(freqs)`` channels, paired as the
+    model rotates them), then the absolute value of each channel RoPE leaves alone; ``P = rot/2 + d - rot``."""
+    half = 0 if freqs is None else freqs.numel()
+    rot = 2 * half
+    xr, xp = x[..., :rot], x[..., rot:]
+    a, b = (xr[..., 0::2], xr[..., 1::2]) if interleaved else (xr[..., :half], xr[..., half:])
+    return torch.cat([torch.sqrt(a * a + b * b), xp.abs()], -1)
+
+
+def update_bounds(store, freqs: torch.Tensor | None, interleaved: bool) -> None:
+    """Compute the bounds of the chunks of ``store`` (a :class:`~mka_compile.bounded.BoundedStore`) completed since
+    the last call (all still in ``recent``): the keys are
+    turned back by their real positions, the centre is their mean, and the radius of each channel pair (a RoPE
+    pair; a single channel outside RoPE) is the largest distance of a key's pair from the centre's."""
+    C = store.chunk
+    done = store.n // C  # (B,) completed chunks
+    first = store.bounds_done
+    J = int((done - first).max())
+    if J <= 0:
+        return
+    B, G, _, d = store.recent_k.shape
+    N = int(done.max())
+    if store.key_mid.shape[2] < N:
+        grow = max(N, 2 * store.key_mid.shape[2]) - store.key_mid.shape[2]
+        store.key_mid = torch.nn.functional.pad(store.key_mid, (0, 0, 0, grow))
+        store.key_rad = torch.nn.functional.pad(store.key_rad, (0, 0, 0, grow))
+    j = torch.arange(J, device=done.device)
+    c = first[:, None] + j  # (B, J) chunk ids
+    ok = c < done[:, None]
+    real = (c[..., None] * C + torch.arange(C, device=done.device)).flatten(1)  # (B, J*C)
+    slot = (real - store.base[:, None]).clamp(0, max(store.recent_k.shape[2] - 1, 0))  # completed chunks: recent
+    k = torch.gather(store.recent_k, 2, slot[:, None, :, None].expand(B, G, J * C, d)).float()
+    k = unrotate(k, real, freqs, interleaved).view(B, G, J, C, d)
+    mid = k.mean(3)  # (B, G, J, d)
+    rad = pair_norms(k - mid[:, :, :, None], freqs, interleaved).amax(3)  # (B, G, J, P)
+    if store.key_rad.shape[-1] != rad.shape[-1]:  # P is known once the RoPE frequencies are
+        store.key_rad = store.key_mid.new_zeros(*store.key_mid.shape[:3], rad.shape[-1])
+    N_all = store.key_mid.shape[2]
+    tgt = torch.where(ok, c, N_all + j)[:, None, :, None]  # (B, 1, J, 1); others: spare slots, dropped
+    for name, val in (("key_mid", mid), ("key_rad", rad)):
+        buf = torch.cat([getattr(store, name), torch.zeros_like(val)], 2)
+        setattr(store, name, buf.scatter(2, tgt.expand_as(val), val)[:, :, :N_all])
+    store.bounds_done = torch.maximum(first, done)
+
+
+def recall_keys(store, q: torch.Tensor, t: torch.Tensor, freqs, interleaved: bool) -> tuple[torch.Tensor, ...]:
+    """Recall queries and chunk keys whose product bounds, for each chunk, the sum over a kv group's query
+    heads of ``max over the chunk's keys of q . k``: ``sum_h q_h . mid + sum_h sum_pairs |q_h,pair| rad_pair``
+    (a key's pair lies within ``rad`` of the centre's). A rotation common to a row's queries and keys (RoPE
+    positions offset from the real ones, as in a left-padded forward without ``position_ids``) changes neither
+    term. ``q: [B, H, T, d]`` rotated at real positions ``t``. Returns ``(q' [B, G, T, d+P], key' [B, G, N,
+    d+P])``."""
+    B, H, T, d = q.shape
+    G = store.recent_k.shape[1]
+    qu = unrotate(q.float(), t, freqs, interleaved).view(B, G, H // G, T, d)
+    q_r = torch.cat([qu.sum(2), pair_norms(qu, freqs, interleaved).sum(2)], -1)
+    return q_r, torch.cat([store.key_mid, store.key_rad], -1)
+
+
+def recalled(store, q, ws, real, q_r, summ_k, cfg: MKAConfig, remap, freqs, interleaved, scale):
+    """Each query's R recalled chunks (``mka::recall_select`` among the chunks before its window), their tokens
+    attended exactly (``mka::bounded_attention``, one move per chunk): ``((out, lse), n_rec [B, G, T])``."""
+    B, H, T, d = q.shape
+    G = store.recent_k.shape[1]
+    S, C, R = cfg.sink_tokens, cfg.chunk_size, cfg.exact_recall
+    dev = q.device
+    base = store.base
+    at = torch.where(real, ws, 0)  # recall among the chunks c < ws(t) / C
+    sel, found = torch.ops.mka.recall_select(q_r, summ_k, at, C, R, None, None)  # (B, G, T, R)
+    stored = base // C  # (B,) chunks in the host store
+    in_store = found & (sel < stored[:, None, None, None])
+    o = torch.arange(C, device=dev)
+    ci = sel[..., None] * C + o  # (B, G, T, R, C) real positions
+    ok = found[..., None] & (ci >= S)  # a sink is attended as a sink
+    slot = ci - base[:, None, None, None, None]  # in recent (the pool starts with recent)
+    parts_k, parts_v = [store.recent_k], [store.recent_v]
+    n_st = int(stored.max())
+    if n_st > 0 and bool(in_store.any()):  # fetch the stored chunks some query recalled, once each
+        present = torch.zeros(B, G, n_st + 1, dtype=torch.bool, device=dev)
+        present.scatter_(2, torch.where(in_store, sel, n_st).flatten(2), True)
+        present = present[..., :n_st]
+        U = int(present.sum(-1).max())
+        order = torch.argsort((~present).to(torch.int8), dim=-1, stable=True)[..., :U]  # (B, G, U) chunk ids
+        rank = present.long().cumsum(-1) - 1  # (B, G, n_st): a present chunk's place among the fetched
+        u = rank.gather(-1, sel.clamp(max=n_st - 1).flatten(2)).view_as(sel)
+        h = order.to(store.chunk_k.device)[..., None, None].expand(B, G, U, C, d)
+        fk = torch.gather(store.chunk_k, 2, h).to(dev, non_blocking=True)  # (B, G, U, C, d)
+        fv = torch.gather(store.chunk_v, 2, h).to(dev, non_blocking=True)
+        parts_k.append(fk.flatten(2, 3).to(store.recent_k.dtype))
+        parts_v.append(fv.flatten(2, 3).to(store.recent_v.dtype))
+        slot = torch.where(in_store[..., None], store.recent_k.shape[2] + u[..., None] * C + o, slot)
+    idx = torch.where(ok, slot, -1).flatten(3)  # (B, G, T, R*C)
+    n_rec = found.sum(-1)  # (B, G, T)
+    delta = torch.zeros_like(idx)
+    if remap is not None:  # the recalled chunks, in chunk order, right before the window
+        before = (found[..., None, :] & (sel[..., None, :] < sel[..., :, None])).sum(-1)  # (B, G, T, R)
+        cd = ws[:, None, :, None] - (n_rec[..., None] - before) * C - sel * C  # (B, G, T, R)
+        zero = torch.zeros((), dtype=torch.int64, device=dev)
+        delta = torch.where(remap[:, None, :, None], cd, zero)[..., None].expand(B, G, T, R, C).flatten(3)
+    pool_k = torch.cat(parts_k, 2).to(q.dtype)
+    pool_v = torch.cat(parts_v, 2).to(q.dtype)
+    fr = freqs if remap is not None else None
+    out = K.bounded_attention(q, pool_k, pool_v, idx.contiguous(), delta.contiguous(), fr, scale, interleaved, run=C)
+    return out, n_rec
