@@ -8,10 +8,10 @@ import threading
 
 import pytest
 import torch
+from test_bounded import CFG, _converted
 
 import mka_compile
 from mka_compile import MKAConfig
-from test_bounded import CFG, _converted
 
 
 def test_two_threads_on_one_bounded_model_equal_one_at_a_time() -> None:

@@ -239,7 +239,6 @@ class FastMKAAttention(_MKABase):
         (kc, vc), kv_valid = st.append([self._rope(kf, pos), vf], valid)
         return attend(self._rope(q, pos), kc, vc, kv_valid, self.scale, self.config.causal)  # (B, H, T, d)
 
-
     def _attend_bounded(self, q, kf, vf, pos, valid, st: MKALayerState) -> torch.Tensor:
         """Bounded memory (:mod:`mka_compile.bounded`): the store rides in the layer's state (a fresh one without a
         cache); keys move from ``config.trained_length`` on (None: never)."""
@@ -248,7 +247,9 @@ class FastMKAAttention(_MKABase):
         Hkv = self.num_kv_heads
         if st.bounded is None or st.bounded.n.shape[0] != B:
             st.bounded = bounded.BoundedStore.empty(B, Hkv, d, kf, cfg)
-        q_r = q.view(B, Hkv, H // Hkv, T, d).mean(2).float() if cfg.exact_recall > 0 and cfg.chunk_keys == "mean" else None
+        q_r = None  # the recall query of chunk_keys="mean"; the bounds recall turns the queries back itself
+        if cfg.exact_recall > 0 and cfg.chunk_keys == "mean":
+            q_r = q.view(B, Hkv, H // Hkv, T, d).mean(2).float()
         freqs = None if self.rotary is None else self.rotary.frequencies(q.device).float()
         summ = st.summ_k if cfg.uses_longterm else None
         return bounded.attend(
