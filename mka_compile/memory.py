@@ -183,3 +183,13 @@ def fused_memory(mode: str, cfg: MKAConfig, st: Any, k1, v1, q_flat, logits, gat
         out = (kf, vf, lam, None)
     st.ema_k, st.ema_v, st.part_k, st.part_v, st.summ_k, st.summ_v = new
     return out
+
+
+def group_mean(q: torch.Tensor) -> torch.Tensor:
+    """``[B, T, Hkv, rep, d] -> [B, T, Hkv, d]``, the mean over the query heads of each kv group (the recall
+    query): a few adds of strided views, cheaper than a reduction over that short middle axis."""
+    rep = q.shape[3]
+    out = q[:, :, :, 0]
+    for i in range(1, rep):
+        out = out + q[:, :, :, i]
+    return out / rep if rep > 1 else out

@@ -8,6 +8,7 @@ the spelling: ``aten.bmm.default``, ``torch.matmul``, ``operator.matmul``, ``x.m
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -246,3 +247,27 @@ def skip_transparent(node: Any, gm: fx.GraphModule | None = None) -> Any:
     while isinstance(node, fx.Node) and kind(node, gm) in TRANSPARENT and node.args:
         node = node.args[0]
     return node
+
+
+def reaches_back(
+    start: Any,
+    gm: fx.GraphModule | None,
+    found: Callable[[fx.Node, str], bool],
+    through: Collection[str],
+    limit: int = 24,
+) -> bool:
+    """Does ``start`` reach, back through nodes whose kind is in ``through`` (transparent ones skipped, at most
+    ``limit`` steps), a node for which ``found(node, kind)`` holds?"""
+    todo, seen = [(start, 0)], set()
+    while todo:
+        x, d = todo.pop()
+        x = skip_transparent(x, gm)
+        if not isinstance(x, fx.Node) or x in seen or d > limit:
+            continue
+        seen.add(x)
+        k = kind(x, gm)
+        if found(x, k):
+            return True
+        if k in through:
+            todo.extend((i, d + 1) for i in tensor_inputs(x))
+    return False

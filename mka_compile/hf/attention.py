@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mka_compile.attention_intercept import DROPOUT_REFUSED, check_mask
+from mka_compile.hf import bounded as hf_bounded
 from mka_compile.rope_tables import DERIVABLE
 
 NAME = "mka_compile"
@@ -148,7 +149,7 @@ def attention(module: nn.Module, query, key, value, attention_mask, scaling=None
         check_mask(mem, attention_mask, query.shape[-2], key.shape[-2])
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if mem.config.bounded:
-        return mem.attend_bounded(query, key, value, scale), None
+        return hf_bounded.site_attention(mem, query, key, value, scale), None
     return mem.attend(query, key, value, scale), None
 
 

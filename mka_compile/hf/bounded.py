@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
-from mka_compile.bounded import BoundedStore
+from mka_compile.bounded import BoundedStore, attend
+from mka_compile.memory import group_mean
 
 
 class BoundedLayer(CacheLayerMixin):
@@ -117,3 +118,36 @@ def layer_for(cache: Any, layer_idx: int | None, site: str) -> BoundedLayer:
         )
     layers[layer_idx] = BoundedLayer()
     return layers[layer_idx]
+
+
+def site_attention(
+    mem: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Bounded memory (:mod:`mka_compile.bounded`) answering a converted site's attention (``mem``: its
+    :class:`~mka_compile.sites.memory.SiteMemory`, with a call open): the site's query, keys and values of this call
+    (rotated, as it attends to them, ``[B, H|Hkv, T, d]``) -> ``[B, T, H, d]``; the keys are kept in the cache's
+    :class:`BoundedLayer` (a fresh store without a cache)."""
+    call = mem._call
+    cfg = mem.config
+    B, H, T, d = query.shape
+    Hkv = key.shape[1]
+    if key.shape[2] != T:
+        raise RuntimeError(
+            f"bounded MKA memory at {mem.site_name!r}: the site attends over {key.shape[2]} keys for {T} queries; "
+            "its cache is not the bounded one (pass a transformers DynamicCache, or none)"
+        )
+    layer = None if call.cache is None else layer_for(call.cache, mem.layer_idx, mem.site_name)
+    store = None if layer is None else layer.store
+    if store is None or store.n.shape[0] != B:
+        store = BoundedStore.empty(B, Hkv, d, key, cfg)
+        if layer is not None:
+            layer.store = store
+    q_r = None  # the recall query of chunk_keys="mean"; the bounds recall turns the queries back itself
+    if cfg.exact_recall > 0 and cfg.chunk_keys == "mean":
+        q_r = group_mean(call.q.view(B, T, Hkv, H // Hkv, d)).transpose(1, 2).float()  # (B, Hkv, T, d)
+    out = attend(
+        store, query, key, value, call.valid, q_r, call.state.summ_k if cfg.uses_longterm else None, cfg,
+        mem.rope_freqs, mem.rope_interleaved, mem.trained_length, float(scaling),
+    )  # fmt: skip
+    call.attended = True
+    return out.transpose(1, 2).contiguous()

@@ -19,7 +19,15 @@ from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
 from mka_compile.hf import cache as hf_cache
 from mka_compile.layers.cache import MKALayerState
-from mka_compile.memory import Router, fused_memory, fused_step, memory_levels, recall_level, routing_weights
+from mka_compile.memory import (
+    Router,
+    fused_memory,
+    fused_step,
+    group_mean,
+    memory_levels,
+    recall_level,
+    routing_weights,
+)
 from mka_compile.report import Site
 from mka_compile.rope_tables import calibrate as calibrate_rope
 from mka_compile.rope_tables import derive as derive_rope
@@ -274,7 +282,7 @@ class SiteMemory(nn.Module):
             return self._mix_fused(k1, v1)
         B, _, T, d = k1.shape
         Hkv, H = self.num_kv_heads, self.num_heads
-        q_r = _group_mean(call.q.view(B, T, Hkv, H // Hkv, d)).transpose(1, 2) if cfg.uses_longterm else None
+        q_r = group_mean(call.q.view(B, T, Hkv, H // Hkv, d)).transpose(1, 2) if cfg.uses_longterm else None
         ks, vs, rec = memory_levels(cfg, st, k1, v1, call.valid, q_r, self.causal)  # (B, Hkv, T, d) levels
         if cfg.uses_session:
             call.ema_k, call.ema_v = ks[1], vs[1]
@@ -352,40 +360,6 @@ class SiteMemory(nn.Module):
         call.attended = True
         return out.transpose(1, 2).contiguous()  # (B, T, H, d)
 
-    def attend_bounded(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
-    ) -> torch.Tensor:
-        """Bounded memory (:mod:`mka_compile.bounded`): the site's query, keys and values of this call (rotated, as it
-        attends to them, ``[B, H|Hkv, T, d]``) -> ``[B, T, H, d]``; the keys are kept in the cache's
-        :class:`~mka_compile.hf.bounded.BoundedLayer` (a fresh store without a cache)."""
-        from mka_compile import bounded
-        from mka_compile.hf import bounded as hf_bounded
-
-        call = self._call
-        cfg = self.config
-        B, H, T, d = query.shape
-        Hkv = key.shape[1]
-        if key.shape[2] != T:
-            raise RuntimeError(
-                f"bounded MKA memory at {self.site_name!r}: the site attends over {key.shape[2]} keys for {T} queries; "
-                "its cache is not the bounded one (pass a transformers DynamicCache, or none)"
-            )
-        layer = None if call.cache is None else hf_bounded.layer_for(call.cache, self.layer_idx, self.site_name)
-        store = None if layer is None else layer.store
-        if store is None or store.n.shape[0] != B:
-            store = bounded.BoundedStore.empty(B, Hkv, d, key, cfg)
-            if layer is not None:
-                layer.store = store
-        q_r = None
-        if cfg.exact_recall > 0 and cfg.chunk_keys == "mean":
-            q_r = _group_mean(call.q.view(B, T, Hkv, H // Hkv, d)).transpose(1, 2).float()  # (B, Hkv, T, d)
-        out = bounded.attend(
-            store, query, key, value, call.valid, q_r, call.state.summ_k if cfg.uses_longterm else None, cfg,
-            self.rope_freqs, self.rope_interleaved, self.trained_length, float(scaling),
-        )  # fmt: skip
-        call.attended = True
-        return out.transpose(1, 2).contiguous()
-
     def remove_hooks(self) -> None:
         from mka_compile.sites import hooks as site_hooks
 
@@ -399,13 +373,3 @@ def _known_scale(site: Site) -> float | None:
     if "score_scale" in site.transforms or not math.isfinite(scale) or scale <= 0:
         return None
     return scale
-
-
-def _group_mean(q: torch.Tensor) -> torch.Tensor:
-    """``[B, T, Hkv, rep, d] -> [B, T, Hkv, d]``, the mean over the query heads of each kv group (the recall
-    query): a few adds of strided views, cheaper than a reduction over that short middle axis."""
-    rep = q.shape[3]
-    out = q[:, :, :, 0]
-    for i in range(1, rep):
-        out = out + q[:, :, :, i]
-    return out / rep if rep > 1 else out

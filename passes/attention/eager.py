@@ -54,19 +54,7 @@ _VIEWS = frozenset({"view", "unsqueeze", "squeeze"})  # reshapes of the scores (
 
 def _on_path(n: fx.Node, gm, limit: int = 24) -> bool:
     """Does ``n`` reach a score product back through score layers (is it the scores, not a mask)?"""
-    todo, seen = [(n, 0)], set()
-    while todo:
-        x, d = todo.pop()
-        x = ops.skip_transparent(x, gm)
-        if not isinstance(x, fx.Node) or x in seen or d > limit:
-            continue
-        seen.add(x)
-        k = ops.kind(x, gm)
-        if k in _PRODUCT_KINDS:
-            return True
-        if k in _LAYER_KINDS or k in _VIEWS:
-            todo.extend((i, d + 1) for i in ops.tensor_inputs(x))
-    return False
+    return ops.reaches_back(n, gm, lambda _, k: k in _PRODUCT_KINDS, _LAYER_KINDS | _VIEWS, limit)
 
 
 def _layer(n: fx.Node, m: Match) -> tuple[str, fx.Node, fx.Node | None, fx.Node] | str:

@@ -213,21 +213,12 @@ def _scores_of_activations(node: fx.Node, gm, limit: int = 24) -> bool:
     if ops.kind(node, gm) == "sdpa":
         return True
     layers = {"mul", "div", "add", "sub", "masked_fill", "where", "tanh", "cat", "clamp", "view", "unsqueeze"}
-    todo, seen = [(node.args[0], 0)], set()
-    while todo:
-        x, d = todo.pop()
-        x = ops.skip_transparent(x, gm)
-        if not isinstance(x, fx.Node) or x in seen or d > limit:
-            continue
-        seen.add(x)
-        k = ops.kind(x, gm)
-        if k in ("matmul", "einsum", "baddbmm"):
-            ins = ops.tensor_inputs(x)[-2:]
-            if len(ins) == 2 and not any(ops.is_parameter(i, gm) for i in ins):
-                return True
-        elif k in layers:
-            todo.extend((i, d + 1) for i in ops.tensor_inputs(x))
-    return False
+
+    def product_of_activations(x: fx.Node, k: str) -> bool:
+        ins = ops.tensor_inputs(x)[-2:]
+        return k in ("matmul", "einsum", "baddbmm") and len(ins) == 2 and not any(ops.is_parameter(i, gm) for i in ins)
+
+    return ops.reaches_back(node.args[0], gm, product_of_activations, layers, limit)
 
 
 def _merge_maps(sites: list[SiteFacts]) -> list[SiteFacts]:
