@@ -78,8 +78,9 @@ def _install(model: nn.Module, plan: _Plan, config: MKAConfig, mode: str) -> Non
     if config.bounded:
         mem.layer_idx = site_hooks._layer_index(owner)
         mem.trained_length = _trained_length(model, config) if site.rope is not None else 0
-        if mem.trained_length:
-            mem.rope_freqs = hf_attention.rope_frequencies(model, site.head_dim).to(device=mem.gate.device)
+        freqs = hf_attention.rope_frequencies(model, site.head_dim) if site.rope is not None else None
+        if freqs is not None:  # moves keys past the trained length; turns keys back for the bounds recall
+            mem.rope_freqs = freqs.to(device=mem.gate.device)
 
     if hf_attention.hf_config(model) is None:  # outside transformers
         if mode == "mka":
@@ -237,6 +238,13 @@ def _bounded_problem(model: nn.Module, plan: _Plan, config: MKAConfig) -> str | 
     them, and whether the bounded set fits in the trained length."""
     site = plan.site
     length = _trained_length(model, config)
+    bounds = config.exact_recall > 0 and config.chunk_keys == "bounds"
+    if site.rope is not None and bounds and hf_attention.rope_frequencies(model, site.head_dim) is None:
+        return (
+            "bounded memory's recall by bounds (chunk_keys='bounds') turns keys back to position 0, which needs the "
+            "RoPE frequencies (a rotary module's inv_freq buffer); none (or several different ones) found: use "
+            "chunk_keys='mean'"
+        )
     if site.rope is None or not length:
         return None
     if hf_attention.rope_frequencies(model, site.head_dim) is None:

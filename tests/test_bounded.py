@@ -395,3 +395,15 @@ def test_bounds_recall_without_the_longterm_level():
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
     stores = [layer.store for layer in cache.layers if getattr(layer, "store", None) is not None]
     assert stores and all(s.chunk_k.shape[2] > 0 and s.key_mid.shape[2] >= 70 // 8 for s in stores)
+
+
+def test_bounds_recall_without_rope_frequencies_is_refused(monkeypatch):
+    """The bounds turn keys back to position 0 with the model's RoPE frequencies; without them convert refuses (and
+    leaves the model as it was) rather than scoring rotated keys."""
+    from mka_compile import conversion
+
+    model = _llama()
+    monkeypatch.setattr(conversion.hf_attention, "rope_frequencies", lambda *a: None)
+    with pytest.raises(mka_compile.ConversionError, match="chunk_keys='mean'"):
+        mka_compile.convert(model, config=MKAConfig(**CFG))
+    assert not mka_compile.memory_parameters(model)
