@@ -62,9 +62,9 @@ class BoundedStore:
     tail_real: int = 0  # the latest positions (slots) that were real tokens in every row: what crop may remove
     positions: int = 0  # positions stored, padding included
     keep_chunks: bool = True  # False (recall_chunks=0: window and sinks only): chunks that leave are dropped
-    # chunk_keys="bounds", on the device: each completed chunk's centre (mean un-rotated key) and radius per pair
-    key_mid: torch.Tensor | None = None  # (B, G, N, d) float32
-    key_rad: torch.Tensor | None = None  # (B, G, N, P) float32, P = rot/2 + (d - rot) channel pairs (see pair_norms)
+    # chunk_keys="bounds", on the device, (B, G, N, d + P) float32: each completed chunk's recall key, its centre (the
+    # mean un-rotated key) then its radius per channel pair (P = rot/2 + d - rot pairs; mka_compile.bounded_recall)
+    chunk_bounds: torch.Tensor | None = None
     bounds_done: torch.Tensor | None = None  # (B,) int64: chunks whose bounds are computed
 
     @classmethod
@@ -84,8 +84,8 @@ class BoundedStore:
             keep_chunks=cfg.exact_recall > 0,
         )  # fmt: skip
         if cfg.exact_recall > 0 and cfg.chunk_keys == "bounds":
-            zb = lambda n: torch.zeros(batch, kv_heads, 0, n, dtype=torch.float32, device=dev)  # noqa: E731
-            store.key_mid, store.key_rad, store.bounds_done = zb(head_dim), zb(0), zi.clone()
+            store.chunk_bounds = torch.zeros(batch, kv_heads, 0, 0, dtype=torch.float32, device=dev)
+            store.bounds_done = zi.clone()
         return store
 
     # -- where tokens are -------------------------------------------------------------------------------
@@ -217,8 +217,8 @@ class BoundedStore:
         """``(resident, offloaded)`` bytes: sinks and recent tokens on the device; the stored chunks on the host."""
         res = sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.recent_k, self.recent_v))
         res += 2 * self.n.numel() * self.n.element_size()
-        if self.key_mid is not None:
-            res += sum(t.numel() * t.element_size() for t in (self.key_mid, self.key_rad, self.bounds_done))
+        if self.chunk_bounds is not None:
+            res += sum(t.numel() * t.element_size() for t in (self.chunk_bounds, self.bounds_done))
         per_chunk = self.chunk_k[:, :, :1].numel() // max(self.chunk_k.shape[0], 1) * self.chunk_k.element_size()
         stored = int((self.base // self.chunk).sum()) if self.chunk_k.shape[2] and self.keep_chunks else 0
         return res, 2 * stored * per_chunk
@@ -260,7 +260,7 @@ def attend(
     zero = torch.zeros((), dtype=torch.int64, device=dev)
     n_rec = torch.zeros(B, G, T, dtype=torch.int64, device=dev)  # chunks each query recalled
     far = None
-    if R > 0 and store.key_mid is not None:  # chunk_keys="bounds": the store's own chunk bounds
+    if R > 0 and store.chunk_bounds is not None:  # chunk_keys="bounds": the store's own chunk bounds
         recall.update_bounds(store, freqs, interleaved)
         q_r, summ_k = recall.recall_keys(store, q, t, freqs, interleaved)
     if R > 0 and summ_k is not None and summ_k.shape[2] > 0:

@@ -17,16 +17,14 @@ import torch
 
 from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
-from mka_compile.kernels.bounded_attention import rotate_cs
+from mka_compile.kernels.bounded_attention import rotate_by
 
 
 def unrotate(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor | None, interleaved: bool) -> torch.Tensor:
     """``x: [B, h, L, d]`` rotated at positions ``pos: [B, L]`` -> un-rotated (as it was before RoPE)."""
     if freqs is None or not freqs.numel():
         return x
-    ang = pos.to(torch.float64)[..., None] * freqs.to(torch.float64)  # (B, L, rot/2)
-    cos, sin = torch.cos(ang)[:, None].to(x.dtype), torch.sin(ang)[:, None].to(x.dtype)
-    return rotate_cs(x, cos, -sin, interleaved)
+    return rotate_by(x, -(pos.to(torch.float64)[:, None, :, None] * freqs.to(torch.float64)), interleaved)
 
 
 def pair_norms(x: torch.Tensor, freqs: torch.Tensor | None, interleaved: bool) -> torch.Tensor:
@@ -52,10 +50,9 @@ def update_bounds(store, freqs: torch.Tensor | None, interleaved: bool) -> None:
         return
     B, G, _, d = store.recent_k.shape
     N = int(done.max())
-    if store.key_mid.shape[2] < N:
-        grow = max(N, 2 * store.key_mid.shape[2]) - store.key_mid.shape[2]
-        store.key_mid = torch.nn.functional.pad(store.key_mid, (0, 0, 0, grow))
-        store.key_rad = torch.nn.functional.pad(store.key_rad, (0, 0, 0, grow))
+    have = store.chunk_bounds.shape[2]
+    if have < N:
+        store.chunk_bounds = torch.nn.functional.pad(store.chunk_bounds, (0, 0, 0, max(N, 2 * have) - have))
     j = torch.arange(J, device=done.device)
     c = first[:, None] + j  # (B, J) chunk ids
     ok = c < done[:, None]
@@ -65,13 +62,13 @@ def update_bounds(store, freqs: torch.Tensor | None, interleaved: bool) -> None:
     k = unrotate(k, real, freqs, interleaved).view(B, G, J, C, d)
     mid = k.mean(3)  # (B, G, J, d)
     rad = pair_norms(k - mid[:, :, :, None], freqs, interleaved).amax(3)  # (B, G, J, P)
-    if store.key_rad.shape[-1] != rad.shape[-1]:  # P is known once the RoPE frequencies are
-        store.key_rad = store.key_mid.new_zeros(*store.key_mid.shape[:3], rad.shape[-1])
-    N_all = store.key_mid.shape[2]
-    tgt = torch.where(ok, c, N_all + j)[:, None, :, None]  # (B, 1, J, 1); others: spare slots, dropped
-    for name, val in (("key_mid", mid), ("key_rad", rad)):
-        buf = torch.cat([getattr(store, name), torch.zeros_like(val)], 2)
-        setattr(store, name, buf.scatter(2, tgt.expand_as(val), val)[:, :, :N_all])
+    val = torch.cat([mid, rad], -1)  # (B, G, J, d + P): the chunks' recall keys
+    bounds = store.chunk_bounds
+    if bounds.shape[-1] != val.shape[-1]:  # the width is known once the RoPE frequencies are (first chunks)
+        bounds = bounds.new_zeros(*bounds.shape[:3], val.shape[-1])
+    N_all = bounds.shape[2]
+    tgt = torch.where(ok, c, N_all + j)[:, None, :, None].expand_as(val)  # others: spare slots, dropped
+    store.chunk_bounds = torch.cat([bounds, torch.zeros_like(val)], 2).scatter(2, tgt, val)[:, :, :N_all]
     store.bounds_done = torch.maximum(first, done)
 
 
@@ -86,7 +83,7 @@ def recall_keys(store, q: torch.Tensor, t: torch.Tensor, freqs, interleaved: boo
     G = store.recent_k.shape[1]
     qu = unrotate(q.float(), t, freqs, interleaved).view(B, G, H // G, T, d)
     q_r = torch.cat([qu.sum(2), pair_norms(qu, freqs, interleaved).sum(2)], -1)
-    return q_r, torch.cat([store.key_mid, store.key_rad], -1)
+    return q_r, store.chunk_bounds
 
 
 def recalled(store, q, ws, real, q_r, summ_k, cfg: MKAConfig, remap, freqs, interleaved, scale):
