@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from test_bounded import CFG, _converted
+from bounded_models import CFG, _converted
 
 import mka_compile
 from mka_compile import MKAConfig
