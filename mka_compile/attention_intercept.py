@@ -209,7 +209,7 @@ def _check_scale(mem, raw: torch.Tensor, seen: torch.Tensor) -> None:
     if not torch.allclose(raw * scale, seen, rtol=1e-3, atol=1e-5 * float(seen.abs().max())):
         raise RuntimeError(
             f"MKA mode at site {mem.site_name!r}: the site's softmax input is not its scores q.k times the scale "
-            f"{scale:g} its facts give (a position bias, or a scale the rules did not read); MKA mode "
+            f"{scale:g} its facts give (it scales q or k before the product, or adds a position bias); MKA mode "
             "cannot answer this attention: convert this site with mode='fastmka', which keeps the site's own "
             "attention"
         )

@@ -62,7 +62,6 @@ class _Plan:
     site: Site
     mods: tuple[nn.Module, ...]  # (q, k, v) projections, or (fused,)
     maps: dict[str, torch.Tensor] | None = None  # fused: output features of q, k, v, each [heads, d]
-    operand_scale: float | None = None  # the scale between the scores product's own operands (q or k pre-scaled)
 
 
 def _install(model: nn.Module, plan: _Plan, config: MKAConfig, mode: str) -> None:
@@ -72,8 +71,6 @@ def _install(model: nn.Module, plan: _Plan, config: MKAConfig, mode: str) -> Non
     mem = SiteMemory(site, site.num_heads * site.head_dim, config, mode)
     if ref is not None:
         mem.to(device=ref.device, dtype=ref.dtype)
-    if plan.operand_scale is not None:  # MKA mode scores the product's operands: a pre-scaled q is already scaled
-        mem.score_scale = plan.operand_scale
     owner.add_module("mka", mem)
     if config.bounded:
         mem.layer_idx = site_hooks._layer_index(owner)
@@ -180,17 +177,6 @@ def adapters_off(model: nn.Module):
     finally:
         for m, on in zip(layers, was):
             m.enable_adapters(on)
-
-
-def _operand_scale(facts: SiteFacts) -> float | None:
-    """The constant between the scores product's operands and the softmax input (``Scores.scale``), when the rules
-    read one (no tensor factor, no refusal); it differs from ``Site.scale`` when q or k is scaled before the
-    product."""
-    sc = facts.scores
-    if sc is None or sc.refused is not None or sc.factor is not None or sc.default_scale:
-        return None
-    scale = float(sc.scale)
-    return scale if math.isfinite(scale) and scale > 0 else None
 
 
 def _plan(model: nn.Module, site: Site, facts: SiteFacts) -> _Plan | str:
@@ -334,8 +320,6 @@ def convert(
         if not site.convertible and not (site.kind == "self" and not site.causal and not config.causal):
             continue  # cross-attention, and bidirectional sites unless MKAConfig(causal=False)
         plan = _plan(model, site, fact)
-        if not isinstance(plan, str):
-            plan.operand_scale = _operand_scale(fact)
         if (mode == "mka" or config.bounded) and not isinstance(plan, str):
             plan = hf_attention.mka_mode_problem(model, plan, bounded=config.bounded) or plan
         if config.bounded and not isinstance(plan, str):
