@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .._triton import as_bytes, for_device, pow2
-from ..session_scan.triton_kernels import _linrec2_combine
+from ..session_scan.triton_kernels import _batch_head, _feature_block, _linrec2_combine
 from .reference import CHUNK_UPDATE, RECALL_SELECT
 
 MAX_TOP_R = 32
@@ -77,14 +77,8 @@ def _chunk_update_fwd_kernel(
 ):
     """Grid ``(B * H, cdiv(D, BLOCK_D))``; part/summ buffers (in and out) are contiguous ``[B, H, D]`` /
     ``[B, H, N, D]``."""
-    pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets for large tensors
-    pid_d = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_bh, b, h, cols, cmask, st_off = _feature_block(H, D, BLOCK_D)
     cdt = part_k_ptr.dtype.element_ty
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    st_off = pid_bh * D + cols
     acc_k = tl.load(part_k_ptr + st_off, mask=cmask, other=0.0).to(cdt)  # (BLOCK_D,) sum of the open chunk
     acc_v = tl.load(part_v_ptr + st_off, mask=cmask, other=0.0).to(cdt)
     n_seen = tl.load(n_seen_ptr + b)
@@ -249,10 +243,8 @@ def _recall_select_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Grid ``(B * H, cdiv(T, BLOCK_Q))``; ``idx`` (int64) and ``found`` (bytes) are contiguous ``[B, H, T, R]``."""
-    pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets for large tensors
+    pid_bh, b, h = _batch_head(H)
     pid_q = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
     cdt = summ_ptr.dtype.element_ty
     rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     rmask = rows < T

@@ -37,6 +37,22 @@ def _linrec2_combine(c1, x1, y1, c2, x2, y2):
 
 
 @triton.jit
+def _batch_head(H):
+    """Program axis 0 is ``b * H + h``: ``(pid_bh, b, h)``, int64 so that offsets built on them are 64-bit."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    return pid_bh, pid_bh // H, pid_bh % H
+
+
+@triton.jit
+def _feature_block(H, D, BLOCK_D: tl.constexpr):
+    """Grid ``(B * H, cdiv(D, BLOCK_D))``: ``(pid_bh, b, h)`` of :func:`_batch_head`, this program's feature
+    columns and their mask, and the columns' offsets in a contiguous ``[B, H, D]`` state."""
+    pid_bh, b, h = _batch_head(H)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return pid_bh, b, h, cols, cols < D, pid_bh * D + cols
+
+
+@triton.jit
 def _session_scan_fwd_kernel(
     k_ptr,
     v_ptr,
@@ -70,14 +86,8 @@ def _session_scan_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Grid ``(B * H, cdiv(D, BLOCK_D))``; states are contiguous ``[B, H, D]``; ``sk``/``sv`` share strides."""
-    pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets for large tensors
-    pid_d = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_bh, b, h, cols, cmask, st_off = _feature_block(H, D, BLOCK_D)
     cdt = state_k_ptr.dtype.element_ty
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    st_off = pid_bh * D + cols
     carry_k = tl.load(state_k_ptr + st_off, mask=cmask, other=0.0).to(cdt)  # (BLOCK_D,)
     carry_v = tl.load(state_v_ptr + st_off, mask=cmask, other=0.0).to(cdt)
     seen = tl.load(n_seen_ptr + b)  # real tokens before the current tile
@@ -108,8 +118,41 @@ def _session_scan_fwd_kernel(
     tl.store(out_state_v_ptr + st_off, carry_v, mask=cmask)
 
 
-def _blocks(T: int, D: int, block_t: int | None, block_d: int | None) -> tuple[int, int]:
-    return block_t or pow2(T, 16, 64), block_d or pow2(D, 1, 16)
+def _scan(kernel, xk, xv, valid, n_seen, state_k, state_v, beta, out_dtype, state_dtype, block_t, block_d, num_warps):
+    """Launch one of the two scan kernels (same arguments in the same order): ``xk, xv: [B, H, T, d]`` (any
+    strides) and the carried-in states ``[B, H, d]`` -> new contiguous ``(yk, yv)`` in ``out_dtype`` and the
+    carried-out states in ``state_dtype``."""
+    B, H, T, D = xk.shape
+    yk = torch.empty(B, H, T, D, dtype=out_dtype, device=xk.device)  # (B, H, T, d)
+    yv = torch.empty_like(yk)
+    st_k = torch.empty(B, H, D, dtype=state_dtype, device=xk.device)  # (B, H, d)
+    st_v = torch.empty_like(st_k)
+    valid = as_bytes(valid)
+    bt, bd = block_t or pow2(T, 16, 64), block_d or pow2(D, 1, 16)
+    for_device(kernel, xk.device)[(B * H, triton.cdiv(D, bd))](
+        xk,
+        xv,
+        valid,
+        n_seen.contiguous(),
+        state_k.contiguous(),
+        state_v.contiguous(),
+        yk,
+        yv,
+        st_k,
+        st_v,
+        float(beta),
+        T,
+        D,
+        H,
+        *xk.stride(),
+        *xv.stride(),
+        *valid.stride(),
+        *yk.stride(),
+        BLOCK_T=bt,
+        BLOCK_D=bd,
+        num_warps=num_warps,
+    )
+    return yk, yv, st_k, st_v
 
 
 def session_scan_fwd(
@@ -132,50 +175,32 @@ def session_scan_fwd(
     ``s_k, s_v`` are new contiguous ``[B, H, T, d]`` tensors in ``out_dtype`` (default: ``k.dtype``); the
     states keep the state dtype. No argument checks (the op does them).
     """
-    B, H, T, D = k.shape
-    sdt = state_k.dtype
     out_dtype = out_dtype or k.dtype
-    sk = torch.empty(B, H, T, D, dtype=out_dtype, device=k.device)  # (B, H, T, d)
-    sv = torch.empty_like(sk)
-    st_k = torch.empty(B, H, D, dtype=sdt, device=k.device)  # (B, H, d)
-    st_v = torch.empty_like(st_k)
-    valid = as_bytes(valid)
-    bt, bd = _blocks(T, D, BLOCK_T, BLOCK_D)
-    grid = (B * H, triton.cdiv(D, bd))
-    for_device(_session_scan_fwd_kernel, k.device)[grid](
+    return _scan(
+        _session_scan_fwd_kernel,
         k,
         v,
         valid,
-        n_seen.contiguous(),
-        state_k.contiguous(),
-        state_v.contiguous(),
-        sk,
-        sv,
-        st_k,
-        st_v,
-        float(beta),
-        T,
-        D,
-        H,
-        *k.stride(),
-        *v.stride(),
-        *valid.stride(),
-        *sk.stride(),
-        BLOCK_T=bt,
-        BLOCK_D=bd,
-        num_warps=num_warps,
+        n_seen,
+        state_k,
+        state_v,
+        beta,
+        out_dtype,
+        state_k.dtype,
+        BLOCK_T,
+        BLOCK_D,
+        num_warps,
     )
-    return sk, sv, st_k, st_v
 
 
 @triton.jit
 def _session_scan_bwd_kernel(
     gk_ptr,
     gv_ptr,
-    gstate_k_ptr,
-    gstate_v_ptr,
     valid_ptr,
     n_seen_ptr,
+    gstate_k_ptr,
+    gstate_v_ptr,
     dk_ptr,
     dv_ptr,
     dstate_k_ptr,
@@ -202,14 +227,8 @@ def _session_scan_bwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Grid ``(B * H, cdiv(D, BLOCK_D))``; the reverse scan, walking tiles from the end of T."""
-    pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets for large tensors
-    pid_d = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_bh, b, h, cols, cmask, st_off = _feature_block(H, D, BLOCK_D)
     cdt = dstate_k_ptr.dtype.element_ty
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    st_off = pid_bh * D + cols
     n_seen = tl.load(n_seen_ptr + b)
     # the first real token of the row (only it has a_t = 0, and only when n_seen == 0)
     first = T
@@ -275,39 +294,22 @@ def session_scan_bwd(
     ``dk, dv`` are contiguous in ``out_dtype`` (default ``grad_sk.dtype``); ``dstate_*`` and the arithmetic
     are in ``state_dtype`` (default ``grad_state_k.dtype``).
     """
-    B, H, T, D = grad_sk.shape
-    sdt = state_dtype or grad_state_k.dtype
-    dk = torch.empty(B, H, T, D, dtype=out_dtype or grad_sk.dtype, device=grad_sk.device)  # (B, H, T, d)
-    dv = torch.empty_like(dk)
-    d0k = torch.empty(B, H, D, dtype=sdt, device=grad_sk.device)  # (B, H, d)
-    d0v = torch.empty_like(d0k)
-    valid = as_bytes(valid)
-    bt, bd = _blocks(T, D, BLOCK_T, BLOCK_D)
-    grid = (B * H, triton.cdiv(D, bd))
-    for_device(_session_scan_bwd_kernel, grad_sk.device)[grid](
+    out_dtype, state_dtype = out_dtype or grad_sk.dtype, state_dtype or grad_state_k.dtype
+    return _scan(
+        _session_scan_bwd_kernel,
         grad_sk,
         grad_sv,
-        grad_state_k.contiguous(),
-        grad_state_v.contiguous(),
         valid,
-        n_seen.contiguous(),
-        dk,
-        dv,
-        d0k,
-        d0v,
-        float(beta),
-        T,
-        D,
-        H,
-        *grad_sk.stride(),
-        *grad_sv.stride(),
-        *valid.stride(),
-        *dk.stride(),
-        BLOCK_T=bt,
-        BLOCK_D=bd,
-        num_warps=num_warps,
+        n_seen,
+        grad_state_k,
+        grad_state_v,
+        beta,
+        out_dtype,
+        state_dtype,
+        BLOCK_T,
+        BLOCK_D,
+        num_warps,
     )
-    return dk, dv, d0k, d0v
 
 
 # -- CUDA implementations of the ops --------------------------------------------------------------------
