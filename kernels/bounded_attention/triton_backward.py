@@ -12,7 +12,17 @@ import triton.language as tl
 
 from .._triton import for_device
 from .reference import BOUNDED_ATTENTION
-from .triton_kernels import _LOG2E, _LOG2E_F, _entries, _features, _prepare, _rotated_keys, _run_fwd, _triton_ok
+from .triton_kernels import (
+    _LOG2E,
+    _LOG2E_F,
+    _entries,
+    _features,
+    _prepare,
+    _query_block,
+    _rotated_keys,
+    _run_fwd,
+    _triton_ok,
+)
 
 
 @triton.jit
@@ -35,15 +45,7 @@ def _bounded_attention_bwd_kernel(
 ):  # fmt: skip
     """Grid ``(NT * B * H,)``: ``DQ`` of ``BLOCK_T`` queries, float32 atomic adds into the contiguous
     ``DK, DV [B, Hkv, P, d]`` at the gathered pool rows."""
-    pid = tl.program_id(0).to(tl.int64)
-    pid_bh = pid // NT
-    b = pid_bh // H
-    h = pid_bh % H
-    g = h // REP
-    offs_t = (pid % NT) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    t_mask = offs_t < T
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    d_mask = offs_d < D
+    pid_bh, b, h, g, offs_t, t_mask, offs_d, d_mask = _query_block(NT, H, REP, T, D, BLOCK_T, BLOCK_D)
     off1, off2, offp, h_mask, p_mask = _features(HALF, D, INTERLEAVED, BLOCK_H, BLOCK_P)
 
     q_row = Q + b * stride_qb + h * stride_qh + offs_t * stride_qt

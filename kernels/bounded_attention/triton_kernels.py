@@ -96,6 +96,18 @@ def _rotated_keys(K_ROWS, DELTA_ROW, offs_m, ok, steps, off1, off2, offp, h_mask
 
 
 @triton.jit
+def _query_block(NT, H, REP, T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Grid ``(NT * B * H,)``, program ``(b * H + h) * NT + query block``: ``(pid_bh, b, h, g)`` (int64; ``g`` the kv
+    head), the block's queries ``offs_t`` with their mask, and the feature offsets with theirs."""
+    pid = tl.program_id(0).to(tl.int64)
+    pid_bh = pid // NT
+    h = pid_bh % H
+    offs_t = (pid % NT) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    return pid_bh, pid_bh // H, h, h // REP, offs_t, offs_t < T, offs_d, offs_d < D
+
+
+@triton.jit
 def _features(HALF, D, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
     """Feature offsets of the pair halves and of the pass-through tail, with their masks."""
     i = tl.arange(0, BLOCK_H).to(tl.int64)
@@ -133,15 +145,7 @@ def _bounded_attention_fwd_kernel(
 ):  # fmt: skip
     """Grid ``(NT * B * H,)``, ``NT = cdiv(T, BLOCK_T)``. Writes ``OUT [B, H, T, d]`` and ``LSE [B, H, T]``
     (contiguous, natural log); ``BWD_PREP`` writes ``DOT [B, H, T] = GO . out`` instead of ``OUT``."""
-    pid = tl.program_id(0).to(tl.int64)
-    pid_bh = pid // NT
-    b = pid_bh // H
-    h = pid_bh % H
-    g = h // REP
-    offs_t = (pid % NT) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    t_mask = offs_t < T
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    d_mask = offs_d < D
+    pid_bh, b, h, g, offs_t, t_mask, offs_d, d_mask = _query_block(NT, H, REP, T, D, BLOCK_T, BLOCK_D)
     off1, off2, offp, h_mask, p_mask = _features(HALF, D, INTERLEAVED, BLOCK_H, BLOCK_P)
 
     q_row = Q + b * stride_qb + h * stride_qh + offs_t * stride_qt  # (BT,) pointers

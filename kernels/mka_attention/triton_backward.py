@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _LOG2E, _mm, _recalled_slot
+from .triton_kernels import _LOG2E, _mm, _program, _recalled_slot, _tile_rows
 
 
 @triton.jit
@@ -53,16 +53,8 @@ def _mka_attention_bwd_dq_kernel(
 ):  # fmt: skip
     """Grid ``(cdiv(Tq, BLOCK_M), B * H)``: ``DQ`` over the key blocks of every level, then ``DQ3`` and
     float32 atomic adds into ``DMEM_K, DMEM_V [B, Hkv, S, d]`` over the recalled slots."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // REP
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    m_mask = offs_m < TQ
-    d_mask = offs_d < D
-    md_mask = m_mask[:, None] & d_mask[None, :]
+    pid_m, pid_bh, b, h, hk = _program(H, REP)
+    offs_m, m_mask, offs_d, d_mask, md_mask = _tile_rows(pid_m * BLOCK_M, TQ, D, BLOCK_M, BLOCK_D)
     off = TK - TQ
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
@@ -170,11 +162,7 @@ def _mka_attention_bwd_dkdv_kernel(
     b = pid_bh // HKV
     hk = pid_bh % HKV
     start_n = pid_n * BLOCK_N
-    offs_n = (start_n + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    n_mask = offs_n < TK
-    d_mask = offs_d < D
-    nd_mask = n_mask[:, None] & d_mask[None, :]
+    offs_n, n_mask, offs_d, d_mask, nd_mask = _tile_rows(start_n, TK, D, BLOCK_N, BLOCK_D)
     off = TK - TQ
 
     k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,

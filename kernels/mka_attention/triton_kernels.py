@@ -41,6 +41,25 @@ def _attend_block(q, k, v, vis, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.const
 
 
 @triton.jit
+def _program(H, REP):
+    """Grid ``(query blocks, B * H)``: ``(pid_m, pid_bh, b, h, hk)``, ``pid_bh`` int64 (64-bit offsets) and ``hk`` the
+    kv head of query head ``h``."""
+    pid_bh = tl.program_id(1).to(tl.int64)
+    h = pid_bh % H
+    return tl.program_id(0), pid_bh, pid_bh // H, h, h // REP
+
+
+@triton.jit
+def _tile_rows(start, T, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``start + [0, BLOCK)`` of a ``[T, D]`` tensor, int64: ``(offs, mask, offs_d, d_mask, tile mask)``."""
+    offs = (start + tl.arange(0, BLOCK)).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    mask = offs < T
+    d_mask = offs_d < D
+    return offs, mask, offs_d, d_mask, mask[:, None] & d_mask[None, :]
+
+
+@triton.jit
 def _recalled_slot(IDX_ROW, FOUND_ROW, r, stride_ir, stride_fr, row_mask, S):
     """Slot of recalled entry ``r`` of each row (``IDX_ROW, FOUND_ROW: [M]`` row pointers) and whether it
     counts: found, in range, and not a repeat of an earlier found entry of the same row."""
@@ -90,16 +109,8 @@ def _mka_attention_fwd_kernel(
     """Grid ``(cdiv(Tq, BLOCK_M), B * H)``. Writes ``OUT [B, H, Tq, d]`` and ``LSE [B, H, NLVL, Tq]``;
     ``STORE_LEVELS`` also writes ``LVL [B, H, NLVL, Tq, d]`` (float32, each level's own output);
     ``BWD_PREP`` writes ``DOT [B, H, NLVL, Tq] = GO . O_l`` instead of ``OUT``."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // REP
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    m_mask = offs_m < TQ
-    d_mask = offs_d < D
-    md_mask = m_mask[:, None] & d_mask[None, :]
+    pid_m, pid_bh, b, h, hk = _program(H, REP)
+    offs_m, m_mask, offs_d, d_mask, md_mask = _tile_rows(pid_m * BLOCK_M, TQ, D, BLOCK_M, BLOCK_D)
     off = TK - TQ  # bottom-right alignment: query i is key position i + off
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
