@@ -236,39 +236,18 @@ def _fused(args) -> bool:
 
 
 def reference_memory_mix_backward(
-    grad_kf: Tensor,
-    grad_vf: Tensor,
-    grad_lam: Tensor | None,
-    k1: Tensor,
-    v1: Tensor,
-    q: Tensor,
-    logits: Tensor,
-    gate: Tensor,
-    valid: Tensor,
-    n_seen: Tensor,
-    ema_k: Tensor,
-    ema_v: Tensor,
-    part_k: Tensor,
-    part_v: Tensor,
-    summ_k: Tensor,
-    summ_v: Tensor,
-    session: bool,
-    longterm: bool,
-    beta: float,
-    chunk: int,
-    top_r: int,
-    scale: float,
+    grad_kf: Tensor, grad_vf: Tensor, grad_lam: Tensor | None, *args
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``k1, v1, q, logits, gate`` from those of ``kf, vf`` and ``lam`` (None: none): the fused
-    backward (CPU float32). The new state's gradients are not taken (see the module docstring)."""
-    args = (k1, v1, q, logits, gate, valid, n_seen, ema_k, ema_v, part_k, part_v, summ_k, summ_v)
+    backward (CPU float32). ``args``: the arguments of ``mka::memory_mix`` (the backward op's schema is derived from
+    the forward's, see ``MEMORY_MIX``). The new state's gradients are not taken (see the module docstring)."""
     if not _fused(args):
         raise NotImplementedError(
             "mka::memory_mix is differentiable through the fused CPU pass only (float32 CPU tensors, the C++ "
             "extension built); elsewhere differentiate the composed ops (reference_memory_mix), as mka_compile's "
             "layers and converted sites do"
         )
-    return cpu.backward(grad_kf, grad_vf, grad_lam, *args, session, longterm, beta, chunk, top_r, scale)
+    return cpu.backward(grad_kf, grad_vf, grad_lam, *args)
 
 
 MEMORY_MIX = declare(
@@ -287,20 +266,21 @@ MEMORY_MIX = declare(
 MEMORY_LEVELS = declare("mka::memory_levels", reference_memory_levels, check=check_memory_step, fake=_fake_levels)
 
 
-@torch.library.register_kernel("mka::memory_mix", "cpu")
-def _memory_mix_cpu(*args):
-    if not _fused(args):
-        return MEMORY_MIX(*args)
-    MEMORY_MIX.check_all(*args)
-    return cpu.forward(*args, mix=True)
+def _register_cpu(op, mix: bool) -> None:
+    """``op``'s CPU kernel: the fused C++ pass where it runs (:func:`supports`), otherwise the composed ops."""
+
+    def impl(*args):
+        if not _fused(args):
+            return op(*args)
+        op.check_all(*args)
+        return cpu.forward(*args, mix=mix)
+
+    impl.__name__ = impl.__qualname__ = f"_{op.name.split('::')[-1]}_cpu"
+    torch.library.register_kernel(op.name, "cpu", impl)
 
 
-@torch.library.register_kernel("mka::memory_levels", "cpu")
-def _memory_levels_cpu(*args):
-    if not _fused(args):
-        return MEMORY_LEVELS(*args)
-    MEMORY_LEVELS.check_all(*args)
-    return cpu.forward(*args, mix=False)
+_register_cpu(MEMORY_MIX, mix=True)
+_register_cpu(MEMORY_LEVELS, mix=False)
 
 
 def memory_mix(k1, v1, q, logits, gate, valid, state, *, session, longterm, beta, chunk, top_r, scale):
