@@ -87,9 +87,10 @@ def _lam_strides(lam: torch.Tensor) -> tuple[int, int, int, int]:
     return sb, (sg if lam.shape[1] > 1 else 0), st, sl
 
 
-def _common(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal, tiles):
-    """Argument checks and preparation shared by the forward and the backward launchers."""
-    check_mka_attention(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal)
+def _common(args: tuple, tiles):
+    """Argument checks and preparation shared by the forward and the backward launchers (``args``: the op's)."""
+    check_mka_attention(*args)
+    q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal = args
     B, H, Tq, d = q.shape
     Hkv, Tk = ks[0].shape[1], ks[0].shape[2]
     nf, R, S = len(ks), idx3.shape[3], mem_k.shape[2]
@@ -144,8 +145,10 @@ def _dot_meta(q: torch.Tensor, allow_tf32: bool) -> dict:
     )
 
 
-def _run_fwd(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal, go, store_levels, cfg):
-    """Launch the forward kernel (``go`` given: ``BWD_PREP`` mode). Returns ``(out, lse, levels, dot)``."""
+def _run_fwd(args: tuple, go, store_levels, cfg):
+    """Launch the forward kernel on the op's ``args`` (``go`` given: ``BWD_PREP`` mode). Returns ``(out, lse,
+    levels, dot)``."""
+    q, _, _, lam, q3, *_, scale, causal = args
     B, H, Tq, d, Hkv, Tk, nf, R, S = cfg["dims"]
     k1, v1, k2, v2, mk, mv, idx, found, valid = cfg["tensors"]
     nlvl = nf + (R > 0)
@@ -168,19 +171,7 @@ def _run_fwd(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, ca
 
 
 def mka_attention_fwd(
-    q: torch.Tensor,
-    ks: list[torch.Tensor],
-    vs: list[torch.Tensor],
-    lam: torch.Tensor,
-    q3: torch.Tensor,
-    mem_k: torch.Tensor,
-    mem_v: torch.Tensor,
-    idx3: torch.Tensor,
-    found3: torch.Tensor,
-    kv_valid: torch.Tensor,
-    scale: float,
-    causal: bool,
-    *,
+    *args,
     store_levels: bool = False,
     block_m: int | None = None,
     block_n: int | None = None,
@@ -188,42 +179,29 @@ def mka_attention_fwd(
     num_stages: int | None = None,
     allow_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Forward of ``mka::mka_attention`` in one Triton pass (arguments as the op; any strides).
+    """Forward of ``mka::mka_attention`` in one Triton pass: ``args`` are the op's (``q, ks, vs, lam, q3, mem_k,
+    mem_v, idx3, found3, kv_valid, scale, causal``, typed by :func:`reference_mka_attention`; any strides).
 
     Returns ``out: [B, H, Tq, d]`` (dtype of q), ``lse: [B, H, L, Tq]`` float32 (natural log, per level, -inf
     where a level has nothing to attend) and, with ``store_levels``, ``levels: [B, H, L, Tq, d]`` float32 (each
     level's own output, for :func:`mka_attention_bwd` to skip its recompute), else None.
     ``L = len(ks) + (R > 0)``.
     """
-    tiles = (block_m, block_n, num_warps, num_stages)
-    cfg = _common(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal, tiles)
+    cfg = _common(args, (block_m, block_n, num_warps, num_stages))
+    q = args[0]
     cfg["meta"].update(_dot_meta(q, allow_tf32))
     B, H, Tq, d, Hkv, Tk, nf, R, S = cfg["dims"]
     if q.numel() == 0:
         nlvl = nf + (R > 0)
         lse = q.new_full((B, H, nlvl, Tq), float("-inf"), dtype=torch.float32)
         return torch.empty_like(q), lse, (q.new_zeros(B, H, nlvl, Tq, d, dtype=torch.float32) if store_levels else None)
-    out, lse, levels, _ = _run_fwd(
-        q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal, None, store_levels, cfg
-    )
+    out, lse, levels, _ = _run_fwd(args, None, store_levels, cfg)
     return out, lse, levels
 
 
 def mka_attention_bwd(
     grad_out: torch.Tensor,
-    q: torch.Tensor,
-    ks: list[torch.Tensor],
-    vs: list[torch.Tensor],
-    lam: torch.Tensor,
-    q3: torch.Tensor,
-    mem_k: torch.Tensor,
-    mem_v: torch.Tensor,
-    idx3: torch.Tensor,
-    found3: torch.Tensor,
-    kv_valid: torch.Tensor,
-    scale: float,
-    causal: bool,
-    *,
+    *args,
     lse: torch.Tensor | None = None,
     levels: torch.Tensor | None = None,
     block_m: int | None = None,
@@ -234,15 +212,15 @@ def mka_attention_bwd(
 ) -> tuple[
     torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
-    """Backward of ``mka::mka_attention`` (``grad_out: [B, H, Tq, d]``); returns what
+    """Backward of ``mka::mka_attention`` (``grad_out: [B, H, Tq, d]``, then the op's ``args``); returns what
     :func:`reference_mka_attention_backward` returns: ``dq, dks, dvs, dlam, dq3, dmem_k, dmem_v``.
 
     With ``lse`` and ``levels`` from ``mka_attention_fwd(..., store_levels=True)`` the per-level dots come
     from the stored outputs; without them one forward-like pass (``BWD_PREP``) recomputes ``lse`` and the
     dots. Then one dq kernel (+ L3 gradients) and one dk/dv kernel per full-length level run.
     """
-    tiles = (block_m, block_n, num_warps, num_stages)
-    cfg = _common(q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal, tiles)
+    cfg = _common(args, (block_m, block_n, num_warps, num_stages))
+    q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal = args
     cfg["meta"].update(_dot_meta(q, allow_tf32))
     if grad_out.shape != q.shape or grad_out.device != q.device:
         raise ValueError(f"grad_out must be like q {tuple(q.shape)} on {q.device}, got {tuple(grad_out.shape)}")
@@ -257,9 +235,7 @@ def mka_attention_bwd(
     if q.numel() == 0:
         return dq, dks, dvs, dlam, dq3, torch.zeros_like(mem_k), torch.zeros_like(mem_v)
     if levels is None:
-        _, lse, _, dot = _run_fwd(
-            q, ks, vs, lam, q3, mem_k, mem_v, idx3, found3, kv_valid, scale, causal, grad_out, False, cfg
-        )
+        _, lse, _, dot = _run_fwd(args, grad_out, False, cfg)
     else:
         if lse is None:
             raise ValueError("pass lse together with levels (both come from mka_attention_fwd(store_levels=True))")
