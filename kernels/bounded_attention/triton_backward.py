@@ -108,22 +108,16 @@ def _bounded_attention_bwd_kernel(
 def bounded_attention_bwd(
     grad_out: torch.Tensor,
     grad_lse: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    idx: torch.Tensor,
-    delta: torch.Tensor,
-    freqs: torch.Tensor,
-    scale: float,
-    interleaved: bool,
-    *,
+    *args,
     block_t: int | None = None,
     block_m: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of ``mka::bounded_attention``: ``(dq, dk, dv)`` like ``q, k, v`` (contiguous). One forward pass
-    (``BWD_PREP``) recomputes ``lse`` and ``dO . out``, then one pass computes dq and adds up dk, dv."""
-    cfg = _prepare(q, k, v, idx, delta, freqs, scale, interleaved, (block_t, block_m, num_warps), budget=2048)
+    """Backward of ``mka::bounded_attention`` (``args``: the op's, as :func:`.triton_kernels.bounded_attention_fwd`
+    takes them): ``(dq, dk, dv)`` like ``q, k, v`` (contiguous). One forward pass (``BWD_PREP``) recomputes ``lse``
+    and ``dO . out``, then one pass computes dq and adds up dk, dv."""
+    cfg = _prepare(args, (block_t, block_m, num_warps), budget=2048)
+    q, k, v, scale = args[0], args[1], args[2], args[6]
     if grad_out.shape != q.shape or grad_out.device != q.device:
         raise ValueError(f"grad_out must be like q {tuple(q.shape)} on {q.device}, got {tuple(grad_out.shape)}")
     dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # (B, H, T, d)
@@ -144,6 +138,6 @@ def bounded_attention_bwd(
 # ---------------------------------------------------------------------------------------------- registration
 
 
-@BOUNDED_ATTENTION.backward.implement_cuda(supported=lambda grad_out, grad_lse, q, *rest: _triton_ok(q))
-def _bounded_attention_backward_cuda(grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved, run):
-    return bounded_attention_bwd(grad_out, grad_lse, q, k, v, idx, delta, freqs, scale, interleaved)
+_bounded_attention_backward_cuda = BOUNDED_ATTENTION.backward.implement_cuda(
+    bounded_attention_bwd, supported=lambda grad_out, grad_lse, q, *rest: _triton_ok(q)
+)

@@ -207,9 +207,10 @@ def _config(T: int, M: int, d: int, block_t, block_m, num_warps, budget: int) ->
     return bt, bm, num_warps or 4
 
 
-def _prepare(q, k, v, idx, delta, freqs, scale, interleaved, tiles, budget=4096):
-    """Argument checks and the launch arguments shared by the forward and the backward."""
-    check_bounded_attention(q, k, v, idx, delta, freqs, scale, interleaved)
+def _prepare(args: tuple, tiles, budget=4096):
+    """Argument checks and the launch arguments shared by the forward and the backward (``args``: the op's)."""
+    check_bounded_attention(*args)
+    q, k, v, idx, delta, freqs, scale, interleaved = args[:8]
     B, H, T, d = q.shape
     G, P, M = k.shape[1], k.shape[2], idx.shape[3]
     if d > MAX_HEAD_DIM:
@@ -254,22 +255,14 @@ def _run_fwd(cfg, q, scale, go=None):
 
 
 def bounded_attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    idx: torch.Tensor,
-    delta: torch.Tensor,
-    freqs: torch.Tensor,
-    scale: float,
-    interleaved: bool,
-    *,
-    block_t: int | None = None,
-    block_m: int | None = None,
-    num_warps: int | None = None,
+    *args, block_t: int | None = None, block_m: int | None = None, num_warps: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward of ``mka::bounded_attention`` (arguments as the op; any strides): ``out: [B, H, T, d]`` (q's
-    dtype, contiguous) and ``lse: [B, H, T]`` float32."""
-    cfg = _prepare(q, k, v, idx, delta, freqs, scale, interleaved, (block_t, block_m, num_warps))
+    """Forward of ``mka::bounded_attention``: ``args`` are the op's (``q, k, v, idx, delta, freqs, scale,
+    interleaved[, run]``, typed by :func:`.reference.reference_bounded_attention`; any strides; ``run`` only speeds
+    the reference up, the kernels read each entry's own ``delta``). Returns ``out: [B, H, T, d]`` (q's dtype,
+    contiguous) and ``lse: [B, H, T]`` float32."""
+    cfg = _prepare(args, (block_t, block_m, num_warps))
+    q, scale = args[0], args[6]
     if q.numel() == 0:
         return torch.zeros(q.shape, dtype=q.dtype, device=q.device), q.new_full(q.shape[:3], -math.inf).float()
     out, lse, _ = _run_fwd(cfg, q, scale)
@@ -284,7 +277,8 @@ def _triton_ok(q: torch.Tensor, *rest) -> bool:
     return q.dtype in _SUPPORTED and q.shape[-1] <= MAX_HEAD_DIM
 
 
-@BOUNDED_ATTENTION.implement_cuda(supported=_triton_ok, check=False)  # the launchers check their arguments
-def _bounded_attention_cuda(q, k, v, idx, delta, freqs, scale, interleaved, run):
-    """(``run`` only speeds the reference up; the kernels read each entry's own ``delta``.)"""
-    return bounded_attention_fwd(q, k, v, idx, delta, freqs, scale, interleaved)
+_bounded_attention_cuda = BOUNDED_ATTENTION.implement_cuda(
+    bounded_attention_fwd,
+    supported=_triton_ok,
+    check=False,  # the launchers check their arguments
+)
