@@ -126,26 +126,16 @@ def _chunk_update_fwd_kernel(
 
 
 def chunk_update_fwd(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    valid: torch.Tensor,
-    n_seen: torch.Tensor,
-    part_k: torch.Tensor,
-    part_v: torch.Tensor,
-    summ_k: torch.Tensor,
-    summ_v: torch.Tensor,
-    chunk_size: int,
-    *,
-    BLOCK_T: int | None = None,
-    BLOCK_D: int | None = None,
-    BLOCK_N: int = 16,
-    num_warps: int = 4,
+    *args, BLOCK_T: int | None = None, BLOCK_D: int | None = None, BLOCK_N: int = 16, num_warps: int = 4
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``k, v: [B, H, T, d]`` (any strides), ``valid: [B, T]``, ``n_seen: [B]``, ``part_*: [B, H, d]``,
-    ``summ_*: [B, H, N, d]`` -> new ``(part_k, part_v, summ_k, summ_v)`` (contiguous, state dtype).
+    """``mka::chunk_update`` on the op's ``args`` (``k, v, valid, n_seen, part_k, part_v, summ_k, summ_v,
+    chunk_size``, typed by :func:`.reference.reference_chunk_update`): ``k, v: [B, H, T, d]`` (any strides),
+    ``valid: [B, T]``, ``n_seen: [B]``, ``part_*: [B, H, d]``, ``summ_*: [B, H, N, d]`` -> new ``(part_k, part_v,
+    summ_k, summ_v)`` (contiguous, state dtype).
 
     No argument or capacity checks (the op does them); chunks past slot N - 1 are dropped.
     """
+    k, v, valid, n_seen, part_k, part_v, summ_k, summ_v, chunk_size = args
     B, H, T, D = k.shape
     N = summ_k.shape[2]
     summ_k, summ_v = summ_k.contiguous(), summ_v.contiguous()
@@ -303,23 +293,16 @@ def _recall_select_fwd_kernel(
 
 
 def recall_select_fwd(
-    q_r: torch.Tensor,
-    summ_k: torch.Tensor,
-    pos: torch.Tensor,
-    chunk_size: int,
-    top_r: int,
-    bank_k: torch.Tensor | None = None,
-    bank_valid: torch.Tensor | None = None,
-    *,
-    BLOCK_Q: int = 16,
-    BLOCK_N: int = 32,
-    num_warps: int = 4,
+    *args, BLOCK_Q: int = 16, BLOCK_N: int = 32, num_warps: int = 4
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q_r: [B, H, T, d]``, ``summ_k: [B, H, N, d]``, ``pos: [B, T]``, ``bank_k?: [B, H, M, d]``,
-    ``bank_valid?: [B, M]`` (any strides) -> ``idx: [B, H, T, R]`` int64, ``found: [B, H, T, R]`` bool.
+    """``mka::recall_select`` on the op's ``args`` (``q_r, summ_k, pos, chunk_size, top_r[, bank_k, bank_valid]``,
+    typed by :func:`.reference.reference_recall_select`): ``q_r: [B, H, T, d]``, ``summ_k: [B, H, N, d]``,
+    ``pos: [B, T]``, ``bank_k?: [B, H, M, d]``, ``bank_valid?: [B, M]`` (any strides) -> ``idx: [B, H, T, R]``
+    int64, ``found: [B, H, T, R]`` bool.
 
     Needs ``top_r <= MAX_TOP_R`` and ``d <= MAX_HEAD_DIM``; scores in the dtype of ``summ_k``.
     """
+    q_r, summ_k, pos, chunk_size, top_r, bank_k, bank_valid = (*args, None, None)[:7]  # the bank is optional
     B, H, T, D = q_r.shape
     N = summ_k.shape[2]
     if top_r > MAX_TOP_R or D > MAX_HEAD_DIM:

@@ -156,25 +156,20 @@ def _scan(kernel, xk, xv, valid, n_seen, state_k, state_v, beta, out_dtype, stat
 
 
 def session_scan_fwd(
-    k: torch.Tensor,
-    v: torch.Tensor,
-    valid: torch.Tensor,
-    state_k: torch.Tensor,
-    state_v: torch.Tensor,
-    n_seen: torch.Tensor,
-    beta: float,
+    *args,
     out_dtype: torch.dtype | None = None,
-    *,
     BLOCK_T: int | None = None,
     BLOCK_D: int | None = None,
     num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward scan: ``k, v: [B, H, T, d]`` (any strides), ``valid: [B, T]`` bool, ``state_k, state_v: [B, H, d]``
-    (float32/float64), ``n_seen: [B]`` int64 -> ``(s_k, s_v, state_k, state_v)``.
+    """Forward scan on the op's ``args`` (``k, v, valid, state_k, state_v, n_seen, beta``, typed by
+    :func:`.reference.reference_session_scan`): ``k, v: [B, H, T, d]`` (any strides), ``valid: [B, T]`` bool,
+    ``state_k, state_v: [B, H, d]`` (float32/float64), ``n_seen: [B]`` int64 -> ``(s_k, s_v, state_k, state_v)``.
 
     ``s_k, s_v`` are new contiguous ``[B, H, T, d]`` tensors in ``out_dtype`` (default: ``k.dtype``); the
     states keep the state dtype. No argument checks (the op does them).
     """
+    k, v, valid, state_k, state_v, n_seen, beta = args
     out_dtype = out_dtype or k.dtype
     return _scan(
         _session_scan_fwd_kernel,
