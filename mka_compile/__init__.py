@@ -10,6 +10,7 @@ keep a converted model with its mode and config; :class:`Rule` / :class:`PassMan
 from __future__ import annotations
 
 from mka_compile import kernels, layers
+from mka_compile.bounded_bank import MemoryBank
 from mka_compile.cache_report import memory_report
 from mka_compile.checkpoint import load_converted, save_converted
 from mka_compile.config import MKAConfig
@@ -18,6 +19,7 @@ from mka_compile.export import export_onnx
 from mka_compile.graph.capture import Captured, CaptureError, capture
 from mka_compile.graph.pattern import any_, op, opt
 from mka_compile.graph.rules import PassError, PassManager, Rule
+from mka_compile.hf.bounded import bounded_cache, memory_bank
 from mka_compile.inspection import inspect
 from mka_compile.layers import FastMKAAttention, MKAAttention, MKACache
 from mka_compile.pretrained import from_pretrained, save_pretrained
@@ -33,6 +35,7 @@ __all__ = [
     "MKAAttention",
     "MKACache",
     "MKAConfig",
+    "MemoryBank",
     "PassError",
     "PassManager",
     "Report",
@@ -40,6 +43,7 @@ __all__ = [
     "Site",
     "__version__",
     "any_",
+    "bounded_cache",
     "capture",
     "convert",
     "export_onnx",
@@ -47,6 +51,7 @@ __all__ = [
     "inspect",
     "kernels",
     "layers",
+    "memory_bank",
     "memory_parameters",
     "memory_report",
     "load_converted",

@@ -32,6 +32,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from mka_compile import bounded_recall as recall
+from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
 from mka_compile.kernels.bounded_attention import rotate_cs
 
@@ -94,7 +95,7 @@ class BoundedStore:
         C = self.chunk
         return C * ((t - self.window + 1).clamp_min(0) // C)
 
-    def _tokens(self, real: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokens_at(self, real: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values of real positions ``real: [B, L]`` (>= 0; before ``base`` from the chunk store, from
         ``base`` on from ``recent``) -> ``[B, G, L, d]`` each on the model's device."""
         B, G, _, d = self.recent_k.shape
@@ -141,7 +142,7 @@ class BoundedStore:
         if self.keep_chunks and hi > lo and bool((target > self.base).any()):  # chunks leaving recent: to the store
             self._ensure_chunks(hi // C)
             real = torch.arange(lo, hi, device=self.base.device).expand(self.base.shape[0], -1)  # (B, hi - lo)
-            ks, vs = self._tokens(real, self.base)
+            ks, vs = self.tokens_at(real, self.base)
             leave = (real >= self.base[:, None]) & (real < target[:, None])  # (B, hi - lo)
             for store, new in ((self.chunk_k, ks), (self.chunk_v, vs)):
                 region = store[:, :, lo // C : hi // C].flatten(2, 3)  # (B, G, hi - lo, d) view
@@ -149,7 +150,7 @@ class BoundedStore:
                 region.copy_(torch.where(m, new.to(region.device), region))
         keep = int((self.n - target).clamp_min(0).max())
         real = target[:, None] + torch.arange(keep, device=target.device)  # (B, keep)
-        self.recent_k, self.recent_v = self._tokens(real, self.base)
+        self.recent_k, self.recent_v = self.tokens_at(real, self.base)
         self.base = target
 
     # -- a call ---------------------------------------------------------------------------------------
@@ -224,6 +225,15 @@ class BoundedStore:
         return res, 2 * stored * per_chunk
 
 
+def level_stores(levels: int, kv_heads: int, head_dim: int, ref: torch.Tensor, cfg: MKAConfig) -> list[BoundedStore]:
+    """Fresh stores for ``levels`` full-length levels of a batch of ``ref.shape[0]`` rows: the local level's recalls
+    chunks; the others (MKA mode's session level) keep sinks and window only."""
+    B = ref.shape[0]
+    return [
+        BoundedStore.empty(B, kv_heads, head_dim, ref, cfg if i == 0 else cfg.without_recall()) for i in range(levels)
+    ]
+
+
 # -- the attention of one call ------------------------------------------------------------------------------
 def attend(
     store: BoundedStore,
@@ -238,12 +248,18 @@ def attend(
     interleaved: bool,
     trained_length: int,
     scale: float,
+    bank=None,
+    rot_pos: torch.Tensor | None = None,
+    site: str = "",
 ) -> torch.Tensor:
     """Bounded attention of one call. ``q: [B, H, T, d]``, ``k, v: [B, G, T, d]`` as the site attends to them
     (rotated at their true positions); ``valid: [B, T]``; ``q_r: [B, G, T, d]`` the recall queries and ``summ_k:
     [B, G, N, d]`` the chunk summaries (None without recall; unused when the store keeps chunk bounds,
     ``chunk_keys="bounds"``); ``freqs: [rot/2]`` the RoPE frequencies (None: no
-    RoPE); ``trained_length``: from which position keys are moved (0: never). Returns ``[B, H, T, d]``."""
+    RoPE); ``trained_length``: from which position keys are moved (0: never); ``bank``: a
+    :class:`~mka_compile.bounded_bank.BankLayer` whose chunks the queries may recall too, placed in the positions
+    ``rot_pos: [B, T]`` the model rotated the call at (None: the real positions; ``site`` names it in errors).
+    Returns ``[B, H, T, d]``."""
     qpos = store.append(k, v, valid)  # (B, T)
     B, H, T, d = q.shape
     G = k.shape[1]
@@ -263,8 +279,21 @@ def attend(
     if R > 0 and store.chunk_bounds is not None:  # chunk_keys="bounds": the store's own chunk bounds
         recall.update_bounds(store, freqs, interleaved)
         q_r, summ_k = recall.recall_keys(store, q, t, freqs, interleaved)
-    if R > 0 and summ_k is not None and summ_k.shape[2] > 0:
-        far, n_rec = recall.recalled(store, q, ws, real, q_r, summ_k, cfg, remap, freqs, interleaved, scale)
+    if bank is not None and bank.chunks == 0:
+        bank = None
+    if bank is not None:
+        from mka_compile.bounded_bank import check_bank
+
+        check_bank(bank, store, q_r.shape[-1], site)
+    if R > 0 and summ_k is not None and (summ_k.shape[2] > 0 or bank is not None):
+        offset = None  # the row's rotation positions minus its real ones (a bank chunk is placed in the row's frame)
+        if bank is not None and rot_pos is not None:
+            big = torch.iinfo(torch.int64).max
+            offset = torch.where(real, rot_pos.to(dev) - t, big).amin(-1)
+            offset = torch.where(offset == big, 0, offset)  # (B,)
+        far, n_rec = recall.recalled(
+            store, q, ws, real, q_r, summ_k, cfg, remap, freqs, interleaved, scale, bank, offset
+        )
     s_delta = None  # the sinks sit right before the recalled chunks, which sit right before the window
     if remap is not None:
         s_delta = torch.where(remap[:, None], ws[:, None] - n_rec * C - S, zero)  # (B, G, T)
@@ -272,6 +301,70 @@ def attend(
     store.settle()
     out = near[0] if far is None else _merge(*near, *far)
     return out.to(q.dtype)
+
+
+def attend_levels(
+    stores: list[BoundedStore],
+    q: torch.Tensor,
+    ks: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    valid: torch.Tensor,
+    lam: torch.Tensor,
+    q_r: torch.Tensor | None,
+    summ_k: torch.Tensor | None,
+    l3: tuple[torch.Tensor, ...] | None,
+    cfg: MKAConfig,
+    freqs: torch.Tensor | None,
+    interleaved: bool,
+    trained_length: int,
+    scale: float,
+    **recall_from,
+) -> torch.Tensor:
+    """MKA mode with bounded memory: ``sum_l lam_l Attn_l(q)``, each level over a bounded set.
+
+    - local (``ks[0], vs[0]`` into ``stores[0]``): the sinks, the window and the recalled chunks, as :func:`attend`;
+    - session (``ks[1], vs[1]``, the EMA keys rotated at their positions, into ``stores[1]``): its sinks and window
+      (no recall: the level is a running summary already);
+    - long-term (``l3 = (q3, mem_k, mem_v, idx, found)``): the R chunk summaries each query recalled, as unbounded
+      MKA mode attends to them.
+
+    ``lam: [B, G, T, L]`` the routing weights; ``recall_from``: the local level's memory bank (:func:`attend`).
+    With a window longer than the sequence this is unbounded MKA mode."""
+    B, H, T, d = q.shape
+    Hkv = ks[0].shape[1]
+    outs = [
+        attend(
+            stores[0],
+            q,
+            ks[0],
+            vs[0],
+            valid,
+            q_r,
+            summ_k,
+            cfg,
+            freqs,
+            interleaved,
+            trained_length,
+            scale,
+            **recall_from,
+        )
+    ]
+    if len(ks) > 1:
+        plain = cfg.without_recall()
+        outs.append(
+            attend(stores[1], q, ks[1], vs[1], valid, None, None, plain, freqs, interleaved, trained_length, scale)
+        )  # noqa: E501
+    if l3 is not None:
+        q3, mem_k, mem_v, idx, found = l3
+        acc = mem_k.dtype
+        sel = torch.where(found, idx, -1)
+        o3, _ = K.bounded_attention(q3.to(acc), mem_k, mem_v.to(acc), sel, torch.zeros_like(sel), None, scale, False)
+        outs.append(o3)
+    w = lam.view(B, lam.shape[1], 1, T, lam.shape[-1])  # (B, G, 1, T, L): broadcasts over a group's query heads
+    out = torch.zeros(B, Hkv, H // Hkv, T, d, dtype=w.dtype, device=q.device)
+    for i, o in enumerate(outs):
+        out = out + w[..., i, None] * o.view(B, Hkv, H // Hkv, T, d).to(w.dtype)
+    return out.reshape(B, H, T, d).to(q.dtype)
 
 
 WINDOW_BLOCK = 256  # queries per block of the dense window attention

@@ -86,48 +86,104 @@ def recall_keys(store, q: torch.Tensor, t: torch.Tensor, freqs, interleaved: boo
     return q_r, store.chunk_bounds
 
 
-def recalled(store, q, ws, real, q_r, summ_k, cfg: MKAConfig, remap, freqs, interleaved, scale):
-    """Each query's R recalled chunks (``mka::recall_select`` among the chunks before its window), their tokens
-    attended exactly (``mka::bounded_attention``, one move per chunk): ``((out, lse), n_rec [B, G, T])``."""
+def recalled(store, q, ws, real, q_r, summ_k, cfg: MKAConfig, remap, freqs, interleaved, scale, bank=None, offset=None):
+    """Each query's R recalled chunks (``mka::recall_select`` among its own chunks before its window and, with a
+    ``bank`` (:class:`~mka_compile.bounded_bank.BankLayer`), the bank's chunks), their tokens attended exactly
+    (``mka::bounded_attention``, one move per chunk): ``((out, lse), n_rec [B, G, T])``. A recalled bank chunk is
+    placed right before the window, before the query's own recalled chunks; ``offset: [B]`` the row's rotation
+    positions minus its real ones (None: 0)."""
     B, H, T, d = q.shape
     G = store.recent_k.shape[1]
     S, C, R = cfg.sink_tokens, cfg.chunk_size, cfg.exact_recall
     dev = q.device
     base = store.base
+    N = summ_k.shape[2]
+    bank_k = None
+    if bank is not None:
+        bank_k = bank.bounds.to(dev)[None].expand(B, -1, -1, -1)  # (B, G, M, d + P)
+        if offset is not None and freqs is not None and freqs.numel():  # centres into the row's frame, as its own
+            mid = unrotate(bank_k[..., :d], -offset[:, None].expand(B, bank_k.shape[2]), freqs, interleaved)
+            bank_k = torch.cat([mid, bank_k[..., d:]], -1)
+        if summ_k.shape[-1] != bank_k.shape[-1]:  # no chunk of its own has bounds yet
+            summ_k = summ_k.new_zeros(B, G, N, bank_k.shape[-1])
     at = torch.where(real, ws, 0)  # recall among the chunks c < ws(t) / C
-    sel, found = torch.ops.mka.recall_select(q_r, summ_k, at, C, R, None, None)  # (B, G, T, R)
+    sel, found = torch.ops.mka.recall_select(q_r, summ_k, at, C, R, bank_k, None)  # (B, G, T, R)
+    is_bank = found & (sel >= N)  # slots N .. N + M - 1: the bank's chunks
+    own = found & ~is_bank
     stored = base // C  # (B,) chunks in the host store
-    in_store = found & (sel < stored[:, None, None, None])
+    in_store = own & (sel < stored[:, None, None, None])
     o = torch.arange(C, device=dev)
-    ci = sel[..., None] * C + o  # (B, G, T, R, C) real positions
-    ok = found[..., None] & (ci >= S)  # a sink is attended as a sink
+    ci = sel[..., None] * C + o  # (B, G, T, R, C) real positions (own chunks)
+    ok = (own[..., None] & (ci >= S)) | is_bank[..., None]  # a sink is attended as a sink
     slot = ci - base[:, None, None, None, None]  # in recent (the pool starts with recent)
     parts_k, parts_v = [store.recent_k], [store.recent_v]
-    n_st = int(stored.max())
-    if n_st > 0 and bool(in_store.any()):  # fetch the stored chunks some query recalled, once each
-        present = torch.zeros(B, G, n_st + 1, dtype=torch.bool, device=dev)
-        present.scatter_(2, torch.where(in_store, sel, n_st).flatten(2), True)
-        present = present[..., :n_st]
-        U = int(present.sum(-1).max())
-        order = torch.argsort((~present).to(torch.int8), dim=-1, stable=True)[..., :U]  # (B, G, U) chunk ids
-        rank = present.long().cumsum(-1) - 1  # (B, G, n_st): a present chunk's place among the fetched
-        u = rank.gather(-1, sel.clamp(max=n_st - 1).flatten(2)).view_as(sel)
-        h = order.to(store.chunk_k.device)[..., None, None].expand(B, G, U, C, d)
-        fk = torch.gather(store.chunk_k, 2, h).to(dev, non_blocking=True)  # (B, G, U, C, d)
-        fv = torch.gather(store.chunk_v, 2, h).to(dev, non_blocking=True)
-        parts_k.append(fk.flatten(2, 3).to(store.recent_k.dtype))
-        parts_v.append(fv.flatten(2, 3).to(store.recent_v.dtype))
-        slot = torch.where(in_store[..., None], store.recent_k.shape[2] + u[..., None] * C + o, slot)
+    pooled = store.recent_k.shape[2]
+    for chosen, ids, keys, values in (
+        (in_store, sel, store.chunk_k, store.chunk_v),
+        *([(is_bank, sel - N, bank.keys[None], bank.values[None])] if bank is not None else []),
+    ):
+        got = _fetch(chosen, ids, keys, values, dev)
+        if got is None:
+            continue
+        fk, fv, u = got  # (B, G, U*C, d) each; u: each entry's place among the fetched chunks
+        parts_k.append(fk.to(store.recent_k.dtype))
+        parts_v.append(fv.to(store.recent_v.dtype))
+        slot = torch.where(chosen[..., None], pooled + u[..., None] * C + o, slot)
+        pooled += fk.shape[2]
     idx = torch.where(ok, slot, -1).flatten(3)  # (B, G, T, R*C)
     n_rec = found.sum(-1)  # (B, G, T)
-    delta = torch.zeros_like(idx)
-    if remap is not None:  # the recalled chunks, in chunk order, right before the window
-        before = (found[..., None, :] & (sel[..., None, :] < sel[..., :, None])).sum(-1)  # (B, G, T, R)
-        cd = ws[:, None, :, None] - (n_rec[..., None] - before) * C - sel * C  # (B, G, T, R)
-        zero = torch.zeros((), dtype=torch.int64, device=dev)
-        delta = torch.where(remap[:, None, :, None], cd, zero)[..., None].expand(B, G, T, R, C).flatten(3)
+    delta = None
+    if remap is not None or bank is not None:
+        delta = _moves(sel, found, is_bank, ws, n_rec, remap, bank, N, offset, C).flatten(3)
     pool_k = torch.cat(parts_k, 2).to(q.dtype)
     pool_v = torch.cat(parts_v, 2).to(q.dtype)
-    fr = freqs if remap is not None else None
+    fr = freqs if delta is not None else None
+    delta = torch.zeros_like(idx) if delta is None else delta
     out = K.bounded_attention(q, pool_k, pool_v, idx.contiguous(), delta.contiguous(), fr, scale, interleaved, run=C)
     return out, n_rec
+
+
+def _fetch(chosen, ids, keys, values, dev):
+    """The chunks ``ids[chosen]`` (``[B, G, T, R]``) of ``keys, values: [B|1, G, N, C, d]`` (host memory), each
+    fetched once: ``(k, v [B, G, U*C, d] on dev, u [B, G, T, R] each entry's place among them)``, or None."""
+    n = keys.shape[2]
+    if n == 0 or not bool(chosen.any()):
+        return None
+    B, G, _, R = ids.shape
+    C, d = keys.shape[3], keys.shape[4]
+    present = torch.zeros(B, G, n + 1, dtype=torch.bool, device=ids.device)
+    present.scatter_(2, torch.where(chosen, ids, n).clamp(0, n).flatten(2), True)
+    present = present[..., :n]
+    U = int(present.sum(-1).max())
+    order = torch.argsort((~present).to(torch.int8), dim=-1, stable=True)[..., :U]  # (B, G, U) chunk ids
+    rank = present.long().cumsum(-1) - 1  # (B, G, n): a present chunk's place among the fetched
+    u = rank.gather(-1, ids.clamp(0, n - 1).flatten(2)).view_as(ids)
+    h = order.to(keys.device)[..., None, None].expand(B, G, U, C, d)
+    fk = torch.gather(keys.expand(B, -1, -1, -1, -1), 2, h).to(dev, non_blocking=True)  # (B, G, U, C, d)
+    fv = torch.gather(values.expand(B, -1, -1, -1, -1), 2, h).to(dev, non_blocking=True)
+    return fk.flatten(2, 3), fv.flatten(2, 3), u
+
+
+def _moves(sel, found, is_bank, ws, n_rec, remap, bank, N, offset, C):
+    """Each recalled entry's position move ``[B, G, T, R, C]``. Moved queries (``remap``) lay out, right before their
+    window, the bank chunks (bank order) then their own (chunk order); other queries keep their own chunks at their
+    true positions and lay out only the bank chunks before the window. A bank chunk's keys are rotated at its
+    position in the source; it moves into the row's frame (``offset``)."""
+    B, G, T, R = sel.shape
+    M = 0 if bank is None else bank.chunks
+    okey = torch.where(is_bank, sel - N - M, sel)  # bank chunks first
+    earlier = okey[..., None, :] < okey[..., :, None]  # (B, G, T, R, R): entry j comes before entry i
+    w = ws[:, None, :, None]
+    target = w - (n_rec[..., None] - (found[..., None, :] & earlier).sum(-1)) * C  # moved: everything laid out
+    orig = sel * C
+    if bank is not None:
+        bank_target = w - (is_bank.sum(-1, keepdim=True) - (is_bank[..., None, :] & earlier).sum(-1)) * C
+        start = bank.starts.to(sel.device)[(sel - N).clamp(0, max(M - 1, 0))]
+        off = torch.zeros_like(sel) if offset is None else offset[:, None, None, None].expand_as(sel)
+        orig = torch.where(is_bank, start - off, orig)
+        stay = torch.where(is_bank, bank_target, orig)
+    else:
+        stay = orig
+    moved = torch.zeros_like(found) if remap is None else remap[:, None, :, None].expand_as(found)
+    cd = torch.where(moved, target, stay) - orig
+    return torch.where(found, cd, 0)[..., None].expand(B, G, T, R, C)

@@ -29,8 +29,9 @@ def _bytes(obj, seen: set[int]) -> int:
 
 def memory_report(cache) -> dict[str, int]:
     """What ``cache`` (a transformers ``Cache``, converted or not) holds: ``resident_bytes`` on the model's device
-    (bounded layers: sinks and recent tokens; other layers: every key and value; the MKA state: session EMA, chunk
-    summaries, the crop history), ``offloaded_bytes`` (bounded layers' chunk stores, in host memory) and ``tokens``
+    (bounded layers: sinks and recent tokens, a memory bank's recall keys; other layers: every key and value; the MKA
+    state: session EMA, chunk summaries, the crop history), ``offloaded_bytes`` (bounded layers' chunk stores and
+    memory bank tokens, in host memory) and ``tokens``
     (the most real tokens a layer holds)."""
     from mka_compile.hf import cache as hf_cache
 
@@ -40,12 +41,17 @@ def memory_report(cache) -> dict[str, int]:
     resident = offloaded = tokens = 0
     seen: set[int] = set()
     for layer in layers:
-        store = getattr(layer, "store", None)
-        if isinstance(store, BoundedStore):
+        stores = [s for s in getattr(layer, "stores", ()) if isinstance(s, BoundedStore)]
+        for store in stores:  # one per full-length level (MKA mode: local and session)
             r, o = store.nbytes()
             resident, offloaded = resident + r, offloaded + o
             tokens = max(tokens, int(store.n.max()) if store.n.numel() else 0)
-        else:
+        bank = getattr(layer, "bank", None)
+        if bank is not None and id(bank) not in seen:  # an external memory bank the layer recalls from
+            seen.add(id(bank))
+            r, o = bank.nbytes()
+            resident, offloaded = resident + r, offloaded + o
+        if not stores:
             resident += _bytes([getattr(layer, "keys", None), getattr(layer, "values", None)], seen)
             tokens = max(tokens, int(layer.get_seq_length()) if hasattr(layer, "get_seq_length") else 0)
     resident += _bytes(getattr(cache, hf_cache.STATES_ATTR, None) or {}, seen)

@@ -145,6 +145,11 @@ class MKAConfig:
         """R: chunks each query attends to exactly in bounded mode."""
         return self.top_r if self.recall_chunks is None else self.recall_chunks
 
+    def without_recall(self) -> MKAConfig:
+        """This config with ``recall_chunks=0``: the bounded set of a level that recalls nothing (sinks and window;
+        MKA mode's session level)."""
+        return dataclasses.replace(self, recall_chunks=0)
+
     def bounded_span(self) -> int:
         """The largest query-key distance bounded memory creates once positions are moved (``trained_length``):
         sinks, the recalled chunks, then a window of up to ``window + chunk_size - 1`` tokens."""

@@ -302,11 +302,6 @@ def convert(
     config = MKAConfig() if config is None else config
     if not isinstance(config, MKAConfig):
         raise ValueError(f"config must be an MKAConfig, got {type(config).__name__}")
-    if config.bounded and mode != "fastmka":
-        raise ValueError(
-            "bounded memory (MKAConfig(window=...)) is built on FastMKA: convert with mode='fastmka' (MKA mode keeps "
-            "a session key cache per level that is not bounded yet)"
-        )
     with adapters_off(model):  # LoRA-style wrappers: find the sites through the wrapped projections
         report, facts = inspect_with_facts(model, example_inputs)
     plans, problems = [], []
@@ -352,10 +347,10 @@ def convert(
         for plan in plans:
             _install(model, plan, config, mode)
             done.append(plan.site)
-        if mode == "mka":
-            _check_mka_dispatch(model, [p.site.name for p in plans], example_inputs)
-        elif config.bounded:
+        if config.bounded:
             _check_bounded_dispatch(model, [p.site.name for p in plans], example_inputs)
+        elif mode == "mka":
+            _check_mka_dispatch(model, [p.site.name for p in plans], example_inputs)
         site_hooks.install_root(model)
     except Exception:
         unconvert(model, [model.get_submodule(s.name) if s.name else model for s in done])  # as it was

@@ -36,9 +36,9 @@ def _copy_memory(src, dst):
 CFG = dict(window=16, sink_tokens=4, chunk_size=8, top_r=2, recall_chunks=2)
 
 
-def _converted(config, seed=0, max_pos=256, trained=True):
+def _converted(config, seed=0, max_pos=256, trained=True, mode="fastmka"):
     model = _llama(max_pos, seed)
-    mka_compile.convert(model, config=config)
+    mka_compile.convert(model, mode=mode, config=config)
     if trained:
         _train_memory(model)
     return model

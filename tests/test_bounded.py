@@ -19,9 +19,13 @@ from mka_compile import MKAConfig
 transformers.logging.set_verbosity_error()
 
 
-def test_identity_at_init_up_to_sinks_plus_window():
+MODES = ["fastmka", "mka"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_identity_at_init_up_to_sinks_plus_window(mode):
     original = _llama()
-    model = _converted(MKAConfig(**CFG), trained=False)
+    model = _converted(MKAConfig(**CFG), trained=False, mode=mode)
     ids = torch.randint(0, 64, (2, 80))
     with torch.no_grad():
         a, b = original(ids).logits, model(ids).logits
@@ -39,12 +43,13 @@ def test_recall_covering_the_past_equals_the_original():
         torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_trained_memory_with_a_covering_window_equals_unbounded_fastmka():
-    """With trained gates and routers, a window longer than the sequence is the unbounded conversion: logits and
-    gradients (of the router and gate) agree."""
+@pytest.mark.parametrize("mode", MODES)
+def test_trained_memory_with_a_covering_window_equals_the_unbounded_conversion(mode):
+    """With trained gates and routers, a window longer than the sequence is the unbounded conversion (FastMKA, or MKA
+    mode with every level: local, session, long-term): logits and gradients (of the router and gate) agree."""
     ids = torch.randint(0, 64, (2, 40))
-    unbounded = _converted(MKAConfig(chunk_size=8, top_r=2))
-    bounded_m = _converted(MKAConfig(**{**CFG, "window": 64}))
+    unbounded = _converted(MKAConfig(chunk_size=8, top_r=2), mode=mode)
+    bounded_m = _converted(MKAConfig(**{**CFG, "window": 64}), mode=mode)
     _copy_memory(unbounded, bounded_m)
     a, b = unbounded(ids).logits, bounded_m(ids).logits
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
@@ -54,10 +59,13 @@ def test_trained_memory_with_a_covering_window_equals_unbounded_fastmka():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("trained_length,keys", [(None, "bounds"), (48, "bounds"), (48, "mean")])  # 48: moved on
-def test_decode_equals_prefill_with_padding(trained_length, keys):
+@pytest.mark.parametrize(
+    "trained_length,keys,mode",
+    [(None, "bounds", "fastmka"), (48, "bounds", "fastmka"), (48, "mean", "fastmka"), (48, "bounds", "mka")],
+)  # 48: moved on
+def test_decode_equals_prefill_with_padding(trained_length, keys, mode):
     cfg = MKAConfig(**CFG, trained_length=trained_length, chunk_keys=keys)
-    model = _converted(cfg)
+    model = _converted(cfg, mode=mode)
     T = 90
     ids = torch.randint(0, 64, (2, T))
     mask = torch.ones(2, T, dtype=torch.long)
@@ -90,9 +98,10 @@ def test_positions_beyond_the_trained_length_are_moved():
     assert (a[:, 60:] - b[:, 60:]).abs().max() > 1e-4
 
 
-def test_generate_with_cache_equals_without():
+@pytest.mark.parametrize("mode", MODES)
+def test_generate_with_cache_equals_without(mode):
     """Greedy, beam search and assisted decoding (crop) with the bounded cache equal recomputing every step."""
-    model = _converted(MKAConfig(**CFG))
+    model = _converted(MKAConfig(**CFG), mode=mode)
     ids = torch.randint(0, 64, (2, 40))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
@@ -108,8 +117,9 @@ def test_generate_with_cache_equals_without():
     assert torch.equal(assisted, greedy[1:])
 
 
-def test_resident_memory_is_bounded():
-    model = _converted(MKAConfig(**CFG))
+@pytest.mark.parametrize("mode", MODES)
+def test_resident_memory_is_bounded(mode):
+    model = _converted(MKAConfig(**CFG), mode=mode)
     full = _llama()
     reps = {}
     with torch.no_grad():
@@ -133,8 +143,6 @@ def test_resident_memory_is_bounded():
 
 def test_bad_uses_are_refused_with_the_reason():
     model = _llama()
-    with pytest.raises(ValueError, match="mode='fastmka'"):
-        mka_compile.convert(model, mode="mka", config=MKAConfig(**CFG))
     with pytest.raises(mka_compile.ConversionError, match="trained length"):
         mka_compile.convert(model, config=MKAConfig(**{**CFG, "window": 300}))
     assert not any(n.endswith(".mka") for n, _ in model.named_modules())  # untouched
@@ -159,10 +167,11 @@ def test_crop_refuses_padded_positions_and_rewinds_decoded_ones():
     assert math.isfinite(float(again.sum()))
 
 
-def test_compiled_and_saved_models_equal_eager(tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_and_saved_models_equal_eager(tmp_path, mode):
     """torch.compile (the mka backend) and save_pretrained / from_pretrained give the eager bounded model's logits;
     ONNX export and the backend's own rewrite refuse bounded memory with the reason."""
-    model = _converted(MKAConfig(**CFG, trained_length=48))
+    model = _converted(MKAConfig(**CFG, trained_length=48), mode=mode)
     ids = torch.randint(0, 64, (1, 70))
     with torch.no_grad():
         eager = model(ids).logits
@@ -179,31 +188,36 @@ def test_compiled_and_saved_models_equal_eager(tmp_path):
         torch.compile(_llama(), backend="mka", options={"config": MKAConfig(**CFG)})(ids)
 
 
-def test_layers_built_from_scratch():
-    """FastMKAAttention with a window: equal to the unbounded layer (gate 1) up to S + W, decode == prefill with
-    moved positions, gradients flow; MKAAttention refuses a window."""
-    from mka_compile import FastMKAAttention, MKAAttention, MKACache
+@pytest.mark.parametrize("kind", ["FastMKAAttention", "MKAAttention"])
+def test_layers_built_from_scratch(kind):
+    """A layer with a window: equal to the unbounded layer (gate 1, every level) up to S + W and everywhere when the
+    window covers the sequence, decode == prefill with moved positions, gradients flow."""
+    from mka_compile import MKACache
 
+    Layer = getattr(mka_compile, kind)
     torch.manual_seed(0)
     cfg = MKAConfig(**CFG, trained_length=40)
-    layer = FastMKAAttention(64, 4, 2, config=cfg)
-    wide = FastMKAAttention(64, 4, 2, config=MKAConfig(chunk_size=8, top_r=2))
+    layer = Layer(64, 4, 2, config=cfg)
+    wide = Layer(64, 4, 2, config=MKAConfig(chunk_size=8, top_r=2))
+    covering = Layer(64, 4, 2, config=MKAConfig(**{**CFG, "window": 128}))
     wide.load_state_dict(layer.state_dict())
+    covering.load_state_dict(layer.state_dict())
     x = torch.randn(2, 90, 64)
     full = layer(x)
     full.square().mean().backward()
     assert layer.gate.grad is not None and layer.router.fc1.weight.grad.abs().sum() > 0
     with torch.no_grad():
         n = CFG["window"] + CFG["sink_tokens"]
-        torch.testing.assert_close(full[:, :n], wide(x)[:, :n], rtol=1e-5, atol=1e-5)
+        unbounded = wide(x)
+        torch.testing.assert_close(full[:, :n], unbounded[:, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(covering(x), unbounded, rtol=1e-5, atol=1e-5)
+        assert (full[:, n + 8 :] - unbounded[:, n + 8 :]).abs().max() > 1e-3
         cache = MKACache()
         outs = [layer(x[:, :30], cache=cache)]
         for t in range(30, 90):
             outs.append(layer(x[:, t : t + 1], cache=cache))
     torch.testing.assert_close(torch.cat(outs, 1), full.detach(), rtol=1e-4, atol=1e-4)
     assert cache.get_seq_length(0) == 90
-    with pytest.raises(ValueError, match="FastMKA"):
-        MKAAttention(64, 4, 2, config=cfg)
 
 
 def test_models_outside_transformers_are_refused():

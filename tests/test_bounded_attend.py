@@ -17,10 +17,11 @@ def _rot(x, pos, freqs, interleaved=False):
     return rotate_by(x, torch.as_tensor(pos, dtype=torch.float64)[..., None] * freqs.double(), interleaved)
 
 
-def _naive(q_raw, k_raw, v, q_r, summ_k, slot_of, real_of, cfg, freqs, trained, scale):
+def _naive(q_raw, k_raw, v, q_r, summ_k, slot_of, real_of, cfg, freqs, trained, scale, bank=None):
     """Per query (b, h, real position t): its tokens and their positions from the definition, then one softmax.
     ``q_raw: [B, H, N, d]`` etc. indexed by real position; ``slot_of[b]``: real position -> the position the model
-    rotates at (real position + the row's padding)."""
+    rotates at (real position + the row's padding). ``bank``: ``(keys [G, M, C, d] un-rotated, values)``, chunks
+    every query may recall too, laid out right before its window (before its own recalled chunks)."""
     B, H, N, d = q_raw.shape
     G = k_raw.shape[1]
     S, W, C, R = cfg.sink_tokens, cfg.window, cfg.chunk_size, cfg.exact_recall
@@ -32,31 +33,42 @@ def _naive(q_raw, k_raw, v, q_r, summ_k, slot_of, real_of, cfg, freqs, trained, 
                 ws = C * (max(0, t - W + 1) // C)
                 entries = [(i, i) for i in range(ws, t + 1)]
                 avail = ws // C
+                M = 0 if bank is None else bank[0].shape[1]
                 chosen = []
                 if R and avail and cfg.chunk_keys == "mean":
                     scores = summ_k[b, g, :avail].double() @ q_r[b, g, t].double()
-                elif R and avail:  # the bound: centre . q plus each RoPE pair's radius times |q's pair|
+                elif R and avail + M:  # the bound: centre . q plus each RoPE pair's radius times |q's pair|
                     kb = k_raw[b, g, : avail * C].double().view(avail, C, d)
+                    if M:  # candidates: own chunks 0 .. avail - 1, then the bank's
+                        kb = torch.cat([kb, bank[0][g].double()])
                     qh = q_raw[b, g * (H // G) : (g + 1) * (H // G), t].double()  # (rep, d)
                     mid = kb.mean(1)
                     dev = kb - mid[:, None]
                     rad = torch.sqrt(dev[..., : d // 2] ** 2 + dev[..., d // 2 :] ** 2).amax(1)  # (avail, d/2)
                     qn = torch.sqrt(qh[:, : d // 2] ** 2 + qh[:, d // 2 :] ** 2)  # (rep, d/2)
                     scores = mid @ qh.sum(0) + rad @ qn.sum(0)
-                if R and avail:
-                    chosen = sorted(scores.topk(min(R, avail)).indices.tolist())
+                if R and avail + M:
+                    top = scores.topk(min(R, len(scores))).indices.tolist()
+                    chosen = sorted(top, key=lambda c: (c < avail, c))  # the bank's first, then own in order
                 move = trained and t >= trained
+                n_bank = sum(c >= avail for c in chosen)
                 for r, c in enumerate(chosen):
                     for o in range(C):
+                        if c >= avail:  # a bank chunk: before the window, with the other bank chunks
+                            at = ws - (len(chosen) - r) * C + o if move else ws - (n_bank - r) * C + o
+                            entries.append((("bank", c - avail, o), at))
+                            continue
                         i = c * C + o
                         if i >= S:
                             entries.append((i, ws - (len(chosen) - r) * C + o if move else i))
                 for s in range(min(S, ws)):
                     entries.append((s, ws - len(chosen) * C - S + s if move else s))
                 qv = _rot(q_raw[b, h, t].double(), slot_of[b](t), freqs)
-                ks = torch.stack([_rot(k_raw[b, g, i].double(), slot_of[b](p), freqs) for i, p in entries])
+                kk = [bank[0][g, i[1], i[2]] if isinstance(i, tuple) else k_raw[b, g, i] for i, _ in entries]
+                vv = [bank[1][g, i[1], i[2]] if isinstance(i, tuple) else v[b, g, i] for i, _ in entries]
+                ks = torch.stack([_rot(k.double(), slot_of[b](p), freqs) for k, (_, p) in zip(kk, entries)])
                 p = torch.softmax(ks @ qv * scale, 0)
-                out[b, h, t] = p @ torch.stack([v[b, g, i].double() for i, _ in entries])
+                out[b, h, t] = p @ torch.stack(vv).double()
     return out
 
 
@@ -98,9 +110,54 @@ def test_attend_equals_its_definition(trained, recall, keys):
     for b in range(B):
         torch.testing.assert_close(got[b][:, valid[b]].double(), want[b][:, : real_of[b]], rtol=2e-5, atol=2e-5)
         assert torch.all(got[b][:, ~valid[b]] == 0)  # padded queries attend to nothing
-    rep = mka_compile.memory_report(type("C", (), {"layers": [type("L", (), {"store": store})()]})())
+    rep = mka_compile.memory_report(type("C", (), {"layers": [type("L", (), {"stores": [store]})()]})())
     assert rep["tokens"] == N
     if recall:  # chunks left the window for the host store
         assert store.chunk_k.shape[2] >= 8 and rep["offloaded_bytes"] > 0
     else:  # nothing can recall them: they are dropped
         assert rep["offloaded_bytes"] == 0
+
+
+@pytest.mark.parametrize("trained", [0, 40])
+def test_attend_with_a_memory_bank_equals_its_definition(trained):
+    """A bank's chunks compete with the query's own by the same bound and are laid out right before the window, in
+    the row's frame (row 1 is padded and rotated at slot positions)."""
+    from mka_compile.bounded_bank import BankLayer
+
+    torch.manual_seed(1)
+    cfg = MKAConfig(window=10, sink_tokens=3, chunk_size=4, top_r=2, recall_chunks=2)
+    B, H, G, d, N, M, C = 2, 4, 2, 8, 45, 5, 4
+    pads = [0, 5]
+    real_of = [N, N - 5]
+    freqs = 1.0 / (50.0 ** (torch.arange(d // 2, dtype=torch.float32) * 2 / d))
+    q_raw, k_raw, v = torch.randn(B, H, N, d), torch.randn(B, G, N, d), torch.randn(B, G, N, d)
+    bk, bv = torch.randn(G, M, C, d) * 1.5, torch.randn(G, M, C, d)  # larger keys: some bank chunks win
+    want = _naive(
+        q_raw, k_raw, v, None, None, [lambda t, p=p: t + p for p in pads], real_of, cfg, freqs, trained, 0.4, (bk, bv)
+    )
+
+    starts = torch.arange(M) * C + 7  # the source's positions (any)
+    src_pos = starts[:, None] + torch.arange(C)  # (M, C)
+    mid = bk.mean(2)
+    dev = bk - mid[:, :, None]
+    rad = torch.sqrt(dev[..., : d // 2] ** 2 + dev[..., d // 2 :] ** 2).amax(2)
+    bank = BankLayer(_rot(bk, src_pos, freqs).float(), bv, starts, torch.cat([mid, rad], -1).float())
+
+    valid = torch.ones(B, N, dtype=torch.bool)
+    valid[1, : pads[1]] = False
+    real_idx = (valid.long().cumsum(-1) - 1).clamp_min(0)
+    slots = torch.arange(N)
+
+    def at_slots(x):
+        return torch.stack([x[b][:, real_idx[b]] for b in range(B)])
+
+    qs, ks, vs = _rot(at_slots(q_raw), slots, freqs).float(), _rot(at_slots(k_raw), slots, freqs).float(), at_slots(v)
+    store = bounded.BoundedStore.empty(B, G, d, ks, cfg)
+    got = torch.zeros(B, H, N, d)
+    for lo, hi in ((0, 20), (20, 21), (21, 30), (30, N)):
+        got[:, :, lo:hi] = bounded.attend(
+            store, qs[:, :, lo:hi], ks[:, :, lo:hi], vs[:, :, lo:hi], valid[:, lo:hi], None, None, cfg, freqs, False,
+            trained, 0.4, bank=bank, rot_pos=slots[lo:hi].expand(B, -1),
+        )  # fmt: skip
+    for b in range(B):
+        torch.testing.assert_close(got[b][:, valid[b]].double(), want[b][:, : real_of[b]], rtol=2e-5, atol=2e-5)

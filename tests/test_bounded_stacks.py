@@ -14,8 +14,9 @@ import mka_compile
 from mka_compile import MKAConfig
 
 
-def test_two_threads_on_one_bounded_model_equal_one_at_a_time() -> None:
-    model = _converted(MKAConfig(**CFG))
+@pytest.mark.parametrize("mode", ["fastmka", "mka"])
+def test_two_threads_on_one_bounded_model_equal_one_at_a_time(mode) -> None:
+    model = _converted(MKAConfig(**CFG), mode=mode)
     prompts = [torch.randint(0, 64, (1, 50), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     kw = dict(max_new_tokens=30, do_sample=False, pad_token_id=0)
     with torch.no_grad():
@@ -42,10 +43,11 @@ def test_two_threads_on_one_bounded_model_equal_one_at_a_time() -> None:
         assert torch.equal(got[i], alone[i])
 
 
-def test_lora_on_a_bounded_model_merged_equals_unmerged() -> None:
+@pytest.mark.parametrize("mode", ["fastmka", "mka"])
+def test_lora_on_a_bounded_model_merged_equals_unmerged(mode) -> None:
     peft = pytest.importorskip("peft")
     lora = peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False)
-    model = peft.get_peft_model(_converted(MKAConfig(**CFG)), lora)
+    model = peft.get_peft_model(_converted(MKAConfig(**CFG), mode=mode), lora)
     ids = torch.randint(0, 64, (2, 70))  # beyond S + W: recall and the window both matter
     model.train()
     model(ids, labels=ids).loss.backward()

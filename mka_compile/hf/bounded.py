@@ -14,9 +14,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
-from mka_compile.bounded import BoundedStore, attend
+from mka_compile import bounded_recall as recall
+from mka_compile.bounded import BoundedStore, attend, attend_levels, level_stores
+from mka_compile.bounded_bank import BankLayer, MemoryBank
+from mka_compile.config import MKAConfig
 from mka_compile.memory import group_mean
 
 
@@ -27,9 +31,10 @@ class BoundedLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, bank: BankLayer | None = None, **kwargs: Any) -> None:
         super().__init__()
-        self.store: BoundedStore | None = None
+        self.stores: list[BoundedStore] = []  # one per full-length level (MKA mode: local, session)
+        self.bank = bank  # an external memory bank's chunks for this layer (mka_compile.bounded_bank), never written
         self.positions = 0  # positions passed, padding included (what get_seq_length reports)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -64,15 +69,20 @@ class BoundedLayer(CacheLayerMixin):
     def prefetch(self) -> None:
         pass
 
+    @property
+    def store(self) -> BoundedStore | None:
+        """The local level's store (the one that recalls chunks)."""
+        return self.stores[0] if self.stores else None
+
     def reset(self) -> None:
-        self.store = None
+        self.stores = []
         self.positions = 0
         self.keys = self.values = None
         self.is_initialized = False
 
     def _batch(self, fn) -> None:
-        if self.store is not None:
-            self.store.map_batch(fn)
+        for store in self.stores:
+            store.map_batch(fn)
         if self.is_initialized:
             self._placeholder(fn(self.keys).shape[0], self.keys.shape[1], self.keys.shape[-1])
 
@@ -90,8 +100,8 @@ class BoundedLayer(CacheLayerMixin):
         remove = -tokens_to_remove if tokens_to_remove <= 0 else max(0, self.positions - tokens_to_remove)
         if remove == 0:
             return
-        if self.store is not None:
-            self.store.crop(remove)
+        for store in self.stores:
+            store.crop(remove)
         self.positions -= remove
 
 
@@ -125,8 +135,10 @@ def site_attention(
 ) -> torch.Tensor:
     """Bounded memory (:mod:`mka_compile.bounded`) answering a converted site's attention (``mem``: its
     :class:`~mka_compile.sites.memory.SiteMemory`, with a call open): the site's query, keys and values of this call
-    (rotated, as it attends to them, ``[B, H|Hkv, T, d]``) -> ``[B, T, H, d]``; the keys are kept in the cache's
-    :class:`BoundedLayer` (a fresh store without a cache)."""
+    (rotated, as it attends to them, ``[B, H|Hkv, T, d]``) -> ``[B, T, H, d]``. FastMKA attends to the routed keys
+    (:func:`~mka_compile.bounded.attend`); MKA mode mixes its levels' bounded attentions
+    (:func:`~mka_compile.bounded.attend_levels`). The keys are kept in the cache's :class:`BoundedLayer` (fresh
+    stores without a cache)."""
     call = mem._call
     cfg = mem.config
     B, H, T, d = query.shape
@@ -136,18 +148,94 @@ def site_attention(
             f"bounded MKA memory at {mem.site_name!r}: the site attends over {key.shape[2]} keys for {T} queries; "
             "its cache is not the bounded one (pass a transformers DynamicCache, or none)"
         )
+    ks, vs = [key], [value]
+    if mem.mode == "mka" and cfg.uses_session:
+        k2, v2 = mem.session_keys(key, value)
+        ks.append(k2)
+        vs.append(v2)
     layer = None if call.cache is None else layer_for(call.cache, mem.layer_idx, mem.site_name)
-    store = None if layer is None else layer.store
-    if store is None or store.n.shape[0] != B:
-        store = BoundedStore.empty(B, Hkv, d, key, cfg)
+    stores = [] if layer is None else layer.stores
+    if len(stores) != len(ks) or stores[0].n.shape[0] != B:
+        stores = level_stores(len(ks), Hkv, d, key, cfg)
         if layer is not None:
-            layer.store = store
+            layer.stores = stores
     q_r = None  # the recall query of chunk_keys="mean"; the bounds recall turns the queries back itself
     if cfg.exact_recall > 0 and cfg.chunk_keys == "mean":
         q_r = group_mean(call.q.view(B, T, Hkv, H // Hkv, d)).transpose(1, 2).float()  # (B, Hkv, T, d)
-    out = attend(
-        store, query, key, value, call.valid, q_r, call.state.summ_k if cfg.uses_longterm else None, cfg,
-        mem.rope_freqs, mem.rope_interleaved, mem.trained_length, float(scaling),
-    )  # fmt: skip
+    summ = call.state.summ_k if cfg.uses_longterm else None
+    bank = None if layer is None else layer.bank
+    if bank is not None and (cfg.exact_recall == 0 or cfg.chunk_keys != "bounds"):
+        raise ValueError(
+            f"a memory bank at {mem.site_name!r} is recalled by chunk bounds: convert with recall_chunks > 0 and "
+            "chunk_keys='bounds'"
+        )
+    args = (cfg, mem.rope_freqs, mem.rope_interleaved, mem.trained_length, float(scaling))
+    extra = dict(bank=bank, rot_pos=call.positions, site=mem.site_name)
+    if mem.mode == "mka":
+        l3 = None
+        if cfg.uses_longterm:
+            idx, found = call.recall
+            q3 = call.q.view(B, T, H, d).transpose(1, 2)  # (B, H, T, d) un-rotated: summaries carry no position
+            l3 = (q3, call.state.summ_k, call.state.summ_v, idx, found)
+        out = attend_levels(stores, query, ks, vs, call.valid, call.lam, q_r, summ, l3, *args, **extra)
+    else:
+        out = attend(stores[0], query, key, value, call.valid, q_r, summ, *args, **extra)
     call.attended = True
     return out.transpose(1, 2).contiguous()
+
+
+@torch.no_grad()
+def memory_bank(model: torch.nn.Module, input_ids: torch.Tensor, block_size: int = 1024) -> MemoryBank:
+    """Run the converted ``model`` (bounded memory, ``chunk_keys="bounds"``, ``recall_chunks > 0``) over
+    ``input_ids: [1, N]`` (one sequence, no padding) in blocks of ``block_size`` tokens, and keep every completed
+    chunk of every converted layer as a :class:`MemoryBank` (the last ``N % chunk_size`` tokens are left out)."""
+    # the converted sites' memories (mka_compile.sites.memory.SiteMemory, not imported: it imports this module)
+    sites = [
+        m for m in model.modules() if isinstance(getattr(m, "config", None), MKAConfig) and hasattr(m, "rope_freqs")
+    ]
+    cfg = sites[0].config if sites else None
+    if cfg is None or not cfg.bounded or cfg.exact_recall == 0 or cfg.chunk_keys != "bounds":
+        raise ValueError(
+            "memory_bank needs a model converted with bounded memory that recalls chunks by their bounds: "
+            "convert(model, config=MKAConfig(window=..., recall_chunks=R > 0, chunk_keys='bounds'))"
+        )
+    ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+    if ids.shape[0] != 1:
+        raise ValueError(f"memory_bank takes one sequence, input_ids [1, N]; got batch {ids.shape[0]}")
+    if ids.shape[1] < cfg.chunk_size:
+        raise ValueError(f"memory_bank needs at least chunk_size={cfg.chunk_size} tokens; got {ids.shape[1]}")
+    was = model.training
+    model.eval()
+    cache = DynamicCache()
+    try:
+        for a in range(0, ids.shape[1], block_size):
+            model(input_ids=ids[:, a : a + block_size], past_key_values=cache, use_cache=True)
+    finally:
+        model.train(was)
+    C = cfg.chunk_size
+    layers = {}
+    for mem in sites:
+        store = getattr(cache.layers[mem.layer_idx], "store", None)
+        if store is None:
+            raise RuntimeError(f"memory_bank: the site {mem.site_name!r} kept no bounded store in the cache")
+        recall.update_bounds(store, mem.rope_freqs, mem.rope_interleaved)
+        M = int(store.n[0]) // C
+        real = torch.arange(M * C, device=store.n.device)[None]
+        k, v = store.tokens_at(real, store.base)  # (1, G, M*C, d)
+        shape = (k.shape[1], M, C, k.shape[3])  # (G, M, C, d)
+        starts = torch.arange(M, device=store.n.device) * C
+        bounds = store.chunk_bounds[0, :, :M].clone()
+        layers[mem.layer_idx] = BankLayer(k[0].reshape(shape).cpu(), v[0].reshape(shape).cpu(), starts, bounds)
+    return MemoryBank(C, layers)
+
+
+def bounded_cache(bank: MemoryBank | None = None) -> DynamicCache:
+    """A transformers ``DynamicCache`` for a bounded model whose converted layers also recall from ``bank``
+    (:mod:`mka_compile.bounded_bank`)."""
+    cache = DynamicCache()
+    if bank is not None:
+        top = max(bank.layers, default=-1)
+        cache.layers = [
+            BoundedLayer(bank=bank.layers[i]) if i in bank.layers else DynamicLayer() for i in range(top + 1)
+        ]
+    return cache

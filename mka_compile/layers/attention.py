@@ -55,11 +55,6 @@ class _MKABase(nn.Module):
         self.config = config if config is not None else MKAConfig()
         if not isinstance(self.config, MKAConfig):
             raise ValueError(f"config must be an MKAConfig, got {type(self.config).__name__}")
-        if self.config.bounded and self.mode != "fastmka":
-            raise ValueError(
-                "bounded memory (MKAConfig(window=...)) is built on FastMKA: use FastMKAAttention (MKA mode keeps a "
-                "session key cache per level that is not bounded yet)"
-            )
         for name, val in (("hidden_size", hidden_size), ("num_heads", num_heads)):
             check.positive_int(name, val)
         self.num_heads = num_heads
@@ -209,6 +204,21 @@ class _MKABase(nn.Module):
         """The mode's attention over the memory levels: ``[B, H, T, d]``."""
         raise NotImplementedError
 
+    def _bounded_inputs(self, q, k, st: MKALayerState, levels: int):
+        """Bounded memory's stores (one per full-length level, in the state: fresh ones without a cache), the recall
+        query of ``chunk_keys="mean"`` (None otherwise: the bounds recall turns the queries back itself), the chunk
+        summaries it scores, and the RoPE frequencies."""
+        cfg = self.config
+        B, H, T, d = q.shape
+        Hkv = self.num_kv_heads
+        if st.bounded is None or len(st.bounded) != levels or st.bounded[0].n.shape[0] != B:
+            st.bounded = bounded.level_stores(levels, Hkv, d, k, cfg)
+        q_r = None
+        if cfg.exact_recall > 0 and cfg.chunk_keys == "mean":
+            q_r = q.view(B, Hkv, H // Hkv, T, d).mean(2).float()
+        freqs = None if self.rotary is None else self.rotary.frequencies(q.device).float()
+        return st.bounded, q_r, st.summ_k if cfg.uses_longterm else None, freqs
+
     def level_weights(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Routing weights this layer would use for ``x`` (no cache): ``[B, G, T, L]``, for statistics."""
         with torch.no_grad():
@@ -242,19 +252,10 @@ class FastMKAAttention(_MKABase):
     def _attend_bounded(self, q, kf, vf, pos, valid, st: MKALayerState) -> torch.Tensor:
         """Bounded memory (:mod:`mka_compile.bounded`): the store rides in the layer's state (a fresh one without a
         cache); keys move from ``config.trained_length`` on (None: never)."""
-        cfg = self.config
-        B, H, T, d = q.shape
-        Hkv = self.num_kv_heads
-        if st.bounded is None or st.bounded.n.shape[0] != B:
-            st.bounded = bounded.BoundedStore.empty(B, Hkv, d, kf, cfg)
-        q_r = None  # the recall query of chunk_keys="mean"; the bounds recall turns the queries back itself
-        if cfg.exact_recall > 0 and cfg.chunk_keys == "mean":
-            q_r = q.view(B, Hkv, H // Hkv, T, d).mean(2).float()
-        freqs = None if self.rotary is None else self.rotary.frequencies(q.device).float()
-        summ = st.summ_k if cfg.uses_longterm else None
+        stores, q_r, summ, freqs = self._bounded_inputs(q, kf, st, 1)
         return bounded.attend(
-            st.bounded, self._rope(q, pos), self._rope(kf, pos), vf, valid, q_r, summ, cfg, freqs, False,
-            cfg.trained_length or 0, self.scale,
+            stores[0], self._rope(q, pos), self._rope(kf, pos), vf, valid, q_r, summ, self.config, freqs, False,
+            self.config.trained_length or 0, self.scale,
         )  # fmt: skip
 
 
@@ -267,6 +268,13 @@ class MKAAttention(_MKABase):
     mode = "mka"
 
     def _attend(self, q, ks, vs, recall, lam, pos, valid, st: MKALayerState) -> torch.Tensor:
+        if self.config.bounded:
+            stores, q_r, summ, freqs = self._bounded_inputs(q, ks[0], st, len(ks))
+            l3 = None if recall is None else (q, *recall[1:])
+            return bounded.attend_levels(
+                stores, self._rope(q, pos), [self._rope(k, pos) for k in ks], vs, valid, lam, q_r, summ, l3,
+                self.config, freqs, False, self.config.trained_length or 0, self.scale,
+            )  # fmt: skip
         stored = [t for pair in zip([self._rope(k, pos) for k in ks], vs) for t in pair]
         full, kv_valid = st.append(stored, valid)
         kw = {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -48,7 +47,8 @@ class MKALayerState:
     fixed_slots: bool = False  # a preallocated summary buffer (export: static shapes); reserve() leaves it
     steps: list[_Step] = field(default_factory=list)  # the latest calls, for rewind (crop)
     config: MKAConfig | None = None  # the memory's settings, for rewind (set by the site that keeps the state)
-    bounded: Any = None  # bounded memory of a layer built from scratch: its BoundedStore (mka_compile.bounded)
+    # bounded memory of a layer built from scratch: its BoundedStores (mka_compile.bounded), one per full-length level
+    bounded: list | None = None
 
     @classmethod
     def empty(
@@ -132,8 +132,8 @@ class MKALayerState:
             setattr(self, name, fn(getattr(self, name)))
         self.kv = [fn(t) for t in self.kv]
         self.kv_valid = None if self.kv_valid is None else fn(self.kv_valid)
-        if self.bounded is not None:
-            self.bounded.map_batch(fn)
+        for store in self.bounded or ():
+            store.map_batch(fn)
         for st in self.steps:
             b = st.before
             st.before = (*(fn(t) for t in b[:5]), *b[5:])
@@ -208,6 +208,6 @@ class MKACache:
     def get_seq_length(self, idx: int = 0) -> int:
         """Positions cached for layer ``idx`` (padding included)."""
         st = self.layers.get(idx)
-        if st is not None and st.bounded is not None:
-            return st.bounded.positions
+        if st is not None and st.bounded:
+            return st.bounded[0].positions
         return 0 if st is None or st.kv_valid is None else int(st.kv_valid.shape[1])

@@ -55,7 +55,10 @@ class SitePre(SiteHook):
         start = None
         if cache is None and self.mem.position_arg is not None:
             start = _argument(module, self.mem.position_arg, args, kwargs)
-        self.mem.begin(hidden, kwargs.get("attention_mask"), cache, position, kwargs.get("position_embeddings"), start)
+        self.mem.begin(
+            hidden, kwargs.get("attention_mask"), cache, position, kwargs.get("position_embeddings"), start,
+            kwargs.get("position_ids"),
+        )  # fmt: skip
         if self.mem.intercept is not None:
             self.mem.intercept.__enter__()
 

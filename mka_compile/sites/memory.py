@@ -60,6 +60,7 @@ class _Call:
     recall: tuple[torch.Tensor, torch.Tensor] | None = None  # (idx, found): (B, Hkv, T, R) recalled summary slots
     attended: bool = False  # MKA mode (or bounded memory) answered the site's attention
     cache: Any = None  # the cache the call was given (bounded memory keeps its keys in that cache's layer)
+    positions: torch.Tensor | None = None  # (B, T) or (1, T) the positions the model rotates the call at, when known
     # MKA mode, attention spelled out (attention_intercept): the scores product, and what checks the site's scale
     qk: tuple[torch.Tensor, torch.Tensor] | None = None  # (q, k) of the scores product
     diag: torch.Tensor | None = None  # (B, H, T) raw scores of each query's own key, until the scale is checked
@@ -199,14 +200,26 @@ class SiteMemory(nn.Module):
         return st
 
     def begin(
-        self, hidden: torch.Tensor, mask: Any, cache: Any, cache_position: Any, rope: Any = None, start: Any = None
+        self,
+        hidden: torch.Tensor,
+        mask: Any,
+        cache: Any,
+        cache_position: Any,
+        rope: Any = None,
+        start: Any = None,
+        position_ids: Any = None,
     ) -> None:
-        """Open a call. ``start``: the position a site with its own KV cache writes at (None: ``cache`` decides)."""
+        """Open a call. ``start``: the position a site with its own KV cache writes at (None: ``cache`` decides);
+        ``position_ids``: the positions the model passes the site (None: ``cache_position``, as transformers
+        defaults)."""
         B, T = hidden.shape[0], hidden.shape[1]
         state = self.state_for(cache, B, hidden) if start is None else self.held_state(start, B, hidden)
         valid = valid_tokens(mask, B, T, cache_position, hidden.device)
         call = self._call = _Call(valid=valid, state=state, rope=rope, discarded=cache is None and start is None)
         call.cache = cache
+        pos = position_ids if isinstance(position_ids, torch.Tensor) else cache_position
+        if isinstance(pos, torch.Tensor) and pos.shape[-1] == T:
+            call.positions = pos.reshape(-1, T)
         if self.config.bounded and cache is not None:  # before the site's cache.update: its layer keeps bounded keys
             from mka_compile.hf import bounded as hf_bounded
 
@@ -334,13 +347,7 @@ class SiteMemory(nn.Module):
         valid = call.valid
         st.kv_valid = valid if st.kv_valid is None else torch.cat([st.kv_valid, valid], 1)
         if cfg.uses_session:
-            tables, convention = call.rope, self.rope_tables
-            if self.rope is not None and tables is None:  # a site that rotates inside: read the rotation off its keys
-                tables, convention = derive_rope(call.k1, key[:, :, -T:], self.rope), "cos_sin"
-            elif self.rope is not None and convention is None:  # first call: learn how the tables are given
-                convention = self.rope_tables = calibrate_rope(call.k1, key[:, :, -T:], tables, self.rope)
-            k2 = rotate_rope(call.ema_k, tables, self.rope, convention).to(key.dtype)  # (B, Hkv, T, d)
-            v2 = call.ema_v.to(value.dtype)
+            k2, v2 = self.session_keys(key[:, :, -T:], value)
             st.kv = [torch.cat([a, b], 2) for a, b in zip(st.kv, (k2, v2))] if st.kv else [k2, v2]
             ks.append(st.kv[0])
             vs.append(st.kv[1])
@@ -359,6 +366,18 @@ class SiteMemory(nn.Module):
         )
         call.attended = True
         return out.transpose(1, 2).contiguous()  # (B, T, H, d)
+
+    def session_keys(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MKA mode's session level for this call: the EMA keys rotated at the call's positions as the site rotates
+        its own keys (``key: [B, Hkv, T, d]``, this call's), and the EMA values."""
+        call = self._call
+        tables, convention = call.rope, self.rope_tables
+        if self.rope is not None and tables is None:  # a site that rotates inside: read the rotation off its keys
+            tables, convention = derive_rope(call.k1, key, self.rope), "cos_sin"
+        elif self.rope is not None and convention is None:  # first call: learn how the tables are given
+            convention = self.rope_tables = calibrate_rope(call.k1, key, tables, self.rope)
+        k2 = rotate_rope(call.ema_k, tables, self.rope, convention).to(key.dtype)  # (B, Hkv, T, d)
+        return k2, call.ema_v.to(value.dtype)
 
     def remove_hooks(self) -> None:
         from mka_compile.sites import hooks as site_hooks
