@@ -33,6 +33,7 @@ def test_writes_json_doc_and_plots(run) -> None:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"](long_context/{png}.png)" in doc
     assert "## GPU" in doc and "Not run" in doc
+    assert "## Retrieval from a memory bank" in doc or not r["bank"]
     assert r["model"]["train"]["cached"] is False  # a fresh cache folder: the quick run trained its own model
 
 
@@ -54,6 +55,11 @@ def test_rows_for_every_variant_task_and_length(run) -> None:
         assert r["stream"][v]["checkpoints"] and r["timing"][v]
     if not bounded_api_available():
         assert any("not in this checkout" in n for n in r["notes"])
+    else:  # the memory bank rows: the documents' samples, asked with and without the bank
+        n = str(r["settings"]["bank_multiples"][0] * r["settings"]["window"])
+        for t in ("passkey", "multikey"):
+            d = r["bank"][t][n]
+            assert d["n"] == r["settings"]["bank_samples"] and 0 <= d["bank"] <= 1 and 0 <= d["alone"] <= 1
 
 
 def test_in_length_retrieval_is_computed(run) -> None:

@@ -62,6 +62,8 @@ class Settings:
     stream_full_cap: int = 16384  # full attention streamed this far (quadratic cost)
     timing_multiples: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # decode / prefill lengths in windows
     decode_steps: int = 8
+    bank_multiples: tuple[int, ...] = (32, 64)  # lengths (in windows) of the documents put in a memory bank
+    bank_samples: int = 20  # per task and length (passkey, multikey)
     budget_s: float = 1800.0  # optional parts (the fine-tune) are skipped when the run would exceed it
     seed: int = 0
     answer_digits: int = field(default=tasks.ANSWER_DIGITS)
@@ -80,6 +82,8 @@ QUICK = Settings(  # tiny sizes for the smoke run; L stays 256 so that every tas
     multiples=(16,),
     samples=6,
     eval_batch=6,
+    bank_multiples=(16,),
+    bank_samples=3,
     finetune_steps=2,
     finetune_seq=512,
     finetune_batch=2,
@@ -195,6 +199,23 @@ def run(s: Settings, log, cache_dir: Path = CACHE_DIR, command: str = "") -> dic
                 )
     secs["retrieval"] = time.perf_counter() - t0
 
+    # Retrieval with the document in a memory bank and the question asked alone (bounded MKA at init).
+    t0 = time.perf_counter()
+    bank = {}
+    left = s.budget_s - (time.perf_counter() - t_start)
+    if "mka" in models and s.bank_samples and left < 0.4 * s.budget_s:
+        notes.append(f"Retrieval from a memory bank: skipped, {left:.0f} s of the {s.budget_s:.0f} s budget were left.")
+    elif "mka" in models and s.bank_samples:
+        model = models["mka"][1]
+        for t in ("passkey", "multikey"):
+            bank[t] = {}
+            for m in (m for m in s.bank_multiples if m in s.multiples):  # lengths with samples
+                n = m * W
+                res = measure.bank_retrieval(model, samples[(t, n)][: s.bank_samples], s.chunk)
+                bank[t][str(n)] = res
+                log(f"  bank {t:>8} @ {n:>5}: {100 * res['bank']:5.1f} % (alone {100 * res['alone']:.1f} %)")
+    secs["bank"] = time.perf_counter() - t0
+
     # Streaming perplexity and resident bytes.
     t0 = time.perf_counter()
     ids = torch.cat([torch.tensor([tasks.BOS]), text[: s.stream_tokens - 1]])
@@ -254,6 +275,7 @@ def run(s: Settings, log, cache_dir: Path = CACHE_DIR, command: str = "") -> dic
         "finetune": {k: {kk: vv for kk, vv in rec.items()} for k, (_, _, rec) in models.items() if rec},
         "retrieval_lengths": lengths,
         "retrieval": retrieval,
+        "bank": bank,
         "stream": stream,
         "timing": timing,
         "prefill_exponent": exps,

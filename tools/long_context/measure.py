@@ -72,6 +72,25 @@ def retrieval(model, samples: list[tasks.Sample], batch: int) -> dict:
 
 
 @torch.no_grad()
+def bank_retrieval(model, samples: list[tasks.Sample], chunk: int) -> dict:
+    """Retrieval with the context in a memory bank: each sample's document (its tokens before the question, cut at
+    a chunk boundary) goes into ``mka_compile.memory_bank``; the question (BOS, the cut's remainder, the question)
+    is asked alone, with ``bounded_cache(bank)`` and without. Teacher-forced accuracy of both."""
+    from mka_compile import bounded_cache, memory_bank
+
+    k = tasks.ANSWER_DIGITS
+    hits = {"bank": [], "alone": []}
+    for smp in samples:
+        cut = (len(smp.ids) - smp.question) // chunk * chunk
+        q = torch.cat([torch.tensor([tasks.BOS]), smp.ids[cut:]])[None]
+        bank = memory_bank(model, smp.ids[None, :cut], block_size=1024)
+        for name, kw in (("bank", {_cache_kw(model): bounded_cache(bank)}), ("alone", {})):
+            pred = model(q, logits_to_keep=k + 1, **kw).logits[:, :-1].argmax(-1)
+            hits[name].append(bool((pred[0] == q[0, -k:]).all()))
+    return {name: sum(h) / len(h) for name, h in hits.items()} | {"n": len(samples)}
+
+
+@torch.no_grad()
 def stream(
     model, ids: torch.Tensor, block: int, checkpoints: list[int], log: Callable[[str], None], label: str
 ) -> dict:

@@ -123,6 +123,7 @@ def markdown(r: dict, doc: Path, pngs: dict[str, str]) -> str:
     ]
     lines += _goals_section(r)
     lines += _retrieval_section(r, names, link if "retrieval" in pngs else None)
+    lines += _bank_section(r)
     lines += _stream_section(r, names, link if "stream" in pngs else None)
     lines += _timing_section(r, names, link if "timing" in pngs else None)
     lines += [
@@ -178,6 +179,31 @@ def _retrieval_section(r: dict, names: dict, link) -> list[str]:
     if link:
         lines += [f"![retrieval accuracy]({link('retrieval')})", ""]
     return lines
+
+
+def _bank_section(r: dict) -> list[str]:
+    bank = r.get("bank") or {}
+    if not bank:
+        return []
+    W = r["settings"]["window"]
+    lengths = sorted({int(n) for by_n in bank.values() for n in by_n})
+    head = " | ".join(f"{_tok(n)} ({n // W}W)" for n in lengths)
+    lines = [
+        "## Retrieval from a memory bank",
+        "",
+        f"The same samples, split: the document (every token before the question, cut at a chunk boundary) goes into "
+        f"a memory bank (`mka_compile.memory_bank`), and the question (BOS, the cut's remainder, the question) is "
+        f'asked alone in a fresh `bounded_cache(bank)`, with {r["variants"]["mka"]["label"]}; "alone" asks it '
+        f"without the bank. {r['settings']['bank_samples']} samples per task and length.",
+        "",
+        f"| task | | {head} |",
+        "|---|---|" + "---|" * len(lengths),
+    ]
+    for task, by_n in bank.items():
+        for key, label in (("bank", "with the bank"), ("alone", "alone")):
+            cells = [_pct(by_n.get(str(n), {}).get(key)) for n in lengths]
+            lines.append(f"| {task} | {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _stream_section(r: dict, names: dict, link) -> list[str]:

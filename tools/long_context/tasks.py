@@ -56,6 +56,7 @@ class Sample:
     ids: torch.Tensor  # (n,) int64, BOS first, the answer last
     answer: str  # the digits the model must produce
     depth: float  # where the asked needle starts, as a fraction of the context
+    question: int = 0  # the last tokens that ask (and answer): the rest is the document
 
 
 def _enc(s: str) -> list[int]:
@@ -94,7 +95,7 @@ def passkey(n: int, depth: float, text: torch.Tensor, rng: random.Random) -> Sam
     tail = _enc(" What is the pass key? The pass key is " + key)
     body = n - 1 - len(needle) - len(tail)
     ids = _assemble([BOS], _filler(text, body, rng), _place(body, [(needle, depth)]), tail)
-    return Sample(torch.tensor(ids), key, depth)
+    return Sample(torch.tensor(ids), key, depth, len(tail))
 
 
 def multikey(n: int, depth: float, text: torch.Tensor, rng: random.Random, needles: int = 4) -> Sample:
@@ -105,7 +106,7 @@ def multikey(n: int, depth: float, text: torch.Tensor, rng: random.Random, needl
     body = n - 1 - sum(len(t) for t in toks) - len(tail)
     depths = [depth] + [rng.random() for _ in names[1:]]
     ids = _assemble([BOS], _filler(text, body, rng), _place(body, list(zip(toks, depths))), tail)
-    return Sample(torch.tensor(ids), keys[0], depth)
+    return Sample(torch.tensor(ids), keys[0], depth, len(tail))
 
 
 def kv(n: int, depth: float, text: torch.Tensor, rng: random.Random) -> Sample:
