@@ -35,10 +35,25 @@ class BankLayer:
     values: torch.Tensor  # (G, M, C, d)
     starts: torch.Tensor  # (M,) int64 on the model's device: each chunk's first position in the source
     bounds: torch.Tensor  # (G, M, d + P) float32 on the model's device: the chunks' recall keys
+    index: list | None = None  # optional: one FAISS inner-product index per kv head over ``bounds`` (with_index)
 
     @property
     def chunks(self) -> int:
         return self.keys.shape[1]
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` best bank chunks of each query by its FAISS index: ``queries: [G, Q, d + P]`` -> ``(scores
+        [G, Q, k] float32, ids [G, Q, k] int64; -1 where the index found fewer)`` on the queries' device."""
+        import numpy as np
+
+        k = min(k, self.chunks)
+        scores, ids = [], []
+        for g, index in enumerate(self.index):
+            s, i = index.search(np.ascontiguousarray(queries[g].detach().float().cpu().numpy()), k)
+            scores.append(torch.from_numpy(s))
+            ids.append(torch.from_numpy(i))
+        dev = queries.device
+        return torch.stack(scores).to(dev), torch.stack(ids).to(dev)
 
     def nbytes(self) -> tuple[int, int]:
         """``(resident, offloaded)`` bytes: the recall keys and starts on the device, the tokens in host memory."""
@@ -71,6 +86,38 @@ class MemoryBank:
             )
             for i, b in self.layers.items()
         }
+        return MemoryBank(self.chunk_size, layers)
+
+    def with_index(self, kind: str = "flat", nlist: int | None = None, nprobe: int = 8, hnsw_m: int = 32):
+        """This bank with a FAISS index per layer and kv head over the chunks' recall keys (needs ``faiss-cpu``),
+        for banks too large to score every chunk for every query: a query then scores its own chunks as before and
+        takes the bank's best by the index. ``kind``: ``"flat"`` (exact: the same chunks as without an index),
+        ``"ivf"`` (``nlist`` clusters, ``nprobe`` searched: approximate unless ``nprobe >= nlist``) or ``"hnsw"``
+        (``hnsw_m`` links: approximate). The index is not saved with the bank: build it again after ``load``."""
+        try:
+            import faiss
+        except ImportError:
+            raise ImportError("MemoryBank.with_index needs FAISS: pip install faiss-cpu") from None
+        if kind not in ("flat", "ivf", "hnsw"):
+            raise ValueError(f"kind must be 'flat', 'ivf' or 'hnsw', got {kind!r}")
+        layers = {}
+        for i, b in self.layers.items():
+            indexes = []
+            for g in range(b.bounds.shape[0]):
+                x = b.bounds[g].detach().float().cpu().contiguous().numpy()  # (M, d + P)
+                width = x.shape[1]
+                if kind == "flat":
+                    index = faiss.IndexFlatIP(width)
+                elif kind == "hnsw":
+                    index = faiss.IndexHNSWFlat(width, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+                else:
+                    lists = nlist or max(1, int(len(x) ** 0.5))
+                    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(width), width, lists, faiss.METRIC_INNER_PRODUCT)
+                    index.train(x)
+                    index.nprobe = nprobe
+                index.add(x)
+                indexes.append(index)
+            layers[i] = BankLayer(b.keys, b.values, b.starts, b.bounds, indexes)
         return MemoryBank(self.chunk_size, layers)
 
     def save(self, path: str | Path) -> None:

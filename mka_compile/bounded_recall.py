@@ -98,16 +98,19 @@ def recalled(store, q, ws, real, q_r, summ_k, cfg: MKAConfig, remap, freqs, inte
     dev = q.device
     base = store.base
     N = summ_k.shape[2]
-    bank_k = None
-    if bank is not None:
-        bank_k = bank.bounds.to(dev)[None].expand(B, -1, -1, -1)  # (B, G, M, d + P)
-        if offset is not None and freqs is not None and freqs.numel():  # centres into the row's frame, as its own
-            mid = unrotate(bank_k[..., :d], -offset[:, None].expand(B, bank_k.shape[2]), freqs, interleaved)
-            bank_k = torch.cat([mid, bank_k[..., d:]], -1)
-        if summ_k.shape[-1] != bank_k.shape[-1]:  # no chunk of its own has bounds yet
-            summ_k = summ_k.new_zeros(B, G, N, bank_k.shape[-1])
+    if bank is not None and summ_k.shape[-1] != bank.bounds.shape[-1]:  # no chunk of its own has bounds yet
+        summ_k = summ_k.new_zeros(B, G, N, bank.bounds.shape[-1])
     at = torch.where(real, ws, 0)  # recall among the chunks c < ws(t) / C
-    sel, found = torch.ops.mka.recall_select(q_r, summ_k, at, C, R, bank_k, None)  # (B, G, T, R)
+    if bank is not None and bank.index is not None:  # the bank's best by its FAISS index, merged with its own
+        sel, found = _select_with_index(q_r, summ_k, at, C, R, bank, offset, freqs, interleaved, d)
+    else:
+        bank_k = None
+        if bank is not None:
+            bank_k = bank.bounds.to(dev)[None].expand(B, -1, -1, -1)  # (B, G, M, d + P)
+            if offset is not None and freqs is not None and freqs.numel():  # centres into the row's frame
+                mid = unrotate(bank_k[..., :d], -offset[:, None].expand(B, bank_k.shape[2]), freqs, interleaved)
+                bank_k = torch.cat([mid, bank_k[..., d:]], -1)
+        sel, found = torch.ops.mka.recall_select(q_r, summ_k, at, C, R, bank_k, None)  # (B, G, T, R)
     is_bank = found & (sel >= N)  # slots N .. N + M - 1: the bank's chunks
     own = found & ~is_bank
     stored = base // C  # (B,) chunks in the host store
@@ -187,3 +190,30 @@ def _moves(sel, found, is_bank, ws, n_rec, remap, bank, N, offset, C):
     moved = torch.zeros_like(found) if remap is None else remap[:, None, :, None].expand_as(found)
     cd = torch.where(moved, target, stay) - orig
     return torch.where(found, cd, 0)[..., None].expand(B, G, T, R, C)
+
+
+def _select_with_index(q_r, summ_k, at, C: int, R: int, bank, offset, freqs, interleaved: bool, d: int):
+    """``mka::recall_select`` over the query's own chunks and a FAISS search of the bank (:meth:`~mka_compile.
+    bounded_bank.MemoryBank.with_index`), merged by score: the R best of both, as ``recall_select`` over both
+    would choose with an exact (flat) index. The index holds the bank's recall keys at offset 0; a row's queries
+    have their centre part (the first ``d``, the head size) turned back by the row's offset instead (the radius part
+    does not turn)."""
+    B, G, T, w = q_r.shape
+    N = summ_k.shape[2]
+    own, own_ok = torch.ops.mka.recall_select(q_r, summ_k, at, C, R, None, None)  # (B, G, T, R)
+    own_s = q_r.new_full((B, G, T, R), -torch.inf, dtype=torch.float32)
+    if N:
+        keys = torch.gather(summ_k.float(), 2, own.clamp(0, N - 1).flatten(2)[..., None].expand(B, G, T * R, w))
+        own_s = torch.where(own_ok, (keys.view(B, G, T, R, w) * q_r.float()[..., None, :]).sum(-1), own_s)
+    q = q_r.float()
+    if offset is not None and freqs is not None and freqs.numel():
+        centre = unrotate(q[..., :d], offset[:, None].expand(B, T), freqs, interleaved)
+        q = torch.cat([centre, q[..., d:]], -1)
+    bs, bi = bank.search(q.transpose(0, 1).reshape(G, B * T, w), R)  # (G, B*T, k)
+    bs = bs.view(G, B, T, -1).transpose(0, 1)
+    bi = bi.view(G, B, T, -1).transpose(0, 1)
+    scores = torch.cat([own_s, torch.where(bi >= 0, bs, -torch.inf)], -1)
+    ids = torch.cat([own, N + bi.clamp_min(0)], -1)
+    top_s, top = scores.topk(R, -1)
+    found = torch.isfinite(top_s)
+    return torch.where(found, ids.gather(-1, top), 0), found

@@ -83,3 +83,26 @@ def test_bad_banks_are_refused_with_the_reason():
         mka_compile.memory_bank(mean, torch.randint(0, 64, (1, 40)))
     with pytest.raises(ValueError, match="chunk_keys='bounds'"):
         mean(torch.randint(0, 64, (1, 40)), past_key_values=mka_compile.bounded_cache(_bank(model)))
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_a_faiss_index_recalls_what_scoring_every_chunk_recalls(kind):
+    """A flat index, and an IVF index that probes every list, choose the chunks that scoring every bank chunk
+    chooses: the same logits, with a padded row (its own frame) and decode steps."""
+    pytest.importorskip("faiss")
+    model = _converted(MKAConfig(**BANK_CFG))
+    bank = _bank(model, n=160)
+    indexed = bank.with_index(kind, nlist=4, nprobe=4)
+    ids = torch.randint(0, 64, (2, 60))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, past_key_values=mka_compile.bounded_cache(bank)).logits
+        got = model(ids, attention_mask=mask, past_key_values=mka_compile.bounded_cache(indexed)).logits
+        cache = mka_compile.bounded_cache(indexed)
+        steps = [model(ids[:, :50], attention_mask=mask[:, :50], past_key_values=cache, use_cache=True).logits]
+        for t in range(50, 60):
+            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat(steps, 1), want, rtol=1e-4, atol=1e-4)
