@@ -15,6 +15,7 @@ import threading
 
 import torch
 import triton
+import triton.language as tl
 
 _INTERPRETED: dict[int, _Interpreted] = {}
 _LOCK = threading.RLock()
@@ -77,3 +78,16 @@ def pow2(n: int, lo: int = 1, hi: int | None = None) -> int:
 def as_bytes(mask: torch.Tensor) -> torch.Tensor:
     """A bool tensor viewed as uint8 (same storage), so kernels read/write it as 0/1 bytes."""
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+@triton.jit
+def load_tile(base, rows, stride_r, cols, stride_c, mask):
+    """The ``[rows, cols]`` tile of the 2-D slice at ``base`` with strides ``(stride_r, stride_c)`` (``rows``,
+    ``cols``: 1-D offsets, int64 where the tensor may pass 2**31 elements), 0 where ``mask`` is False."""
+    return tl.load(base + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_tile(base, rows, stride_r, cols, stride_c, x, mask):
+    """Store ``x`` (cast to the element type of ``base``) into the tile :func:`load_tile` reads."""
+    tl.store(base + rows[:, None] * stride_r + cols[None, :] * stride_c, x.to(base.dtype.element_ty), mask=mask)

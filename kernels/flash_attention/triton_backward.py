@@ -9,7 +9,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import LOG2E, _bias_log2, _key_range, _mask_scores
+from .._triton import load_tile, store_tile
+from .triton_kernels import LOG2E, _key_range, _mask_scores, _rows, _user_mask
+
+
+@triton.jit
+def _lse2(LSE_ROWS, row_ok):
+    """The rows' log-sum-exp in log2 units (``LSE_ROWS``: their pointers); ``inf`` for a row that sees no key, so
+    that its ``P = exp2(S - lse2)`` is 0."""
+    lse = tl.load(LSE_ROWS, mask=row_ok, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
 
 
 @triton.jit
@@ -38,21 +47,10 @@ def _flash_attention_bwd_preprocess(
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_m64 = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < seq_q
-    tile_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(
-        Out + b * stride_ob + h * stride_oh + offs_m64[:, None] * stride_om + offs_d[None, :] * stride_od,
-        mask=tile_ok,
-        other=0.0,
-    )
-    do = tl.load(
-        DOut + b * stride_gb + h * stride_gh + offs_m64[:, None] * stride_gm + offs_d[None, :] * stride_gd,
-        mask=tile_ok,
-        other=0.0,
-    )
+    _, offs_m64, row_ok, tile_ok = _rows(start_m, seq_q, offs_d < HEAD_DIM, BLOCK_M)
+    o = load_tile(Out + b * stride_ob + h * stride_oh, offs_m64, stride_om, offs_d, stride_od, tile_ok)
+    do = load_tile(DOut + b * stride_gb + h * stride_gh, offs_m64, stride_gm, offs_d, stride_gd, tile_ok)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
     if HAS_DLSE:
         delta = delta - tl.load(DLse + pid_bh * seq_q + offs_m64, mask=row_ok, other=0.0)
@@ -124,22 +122,13 @@ def _flash_attention_bwd_dkdv_kernel(
     num_heads = num_kv_heads * group
     offset = seq_k - seq_q
 
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_n64 = offs_n.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    col_ok = offs_n < seq_k
     d_ok = offs_d < HEAD_DIM
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(
-        K + b * stride_kb + hk * stride_kh + offs_n64[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-        mask=kv_mask,
-        other=0.0,
+    offs_n, offs_n64, col_ok, kv_mask = _rows(start_n, seq_k, d_ok, BLOCK_N)
+    k = load_tile(
+        K + b * stride_kb + hk * stride_kh, offs_n64, stride_kn, offs_d, stride_kd, kv_mask
     )  # (BLOCK_N, BLOCK_D)
-    v = tl.load(
-        V + b * stride_vb + hk * stride_vh + offs_n64[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-        mask=kv_mask,
-        other=0.0,
-    )
+    v = load_tile(V + b * stride_vb + hk * stride_vh, offs_n64, stride_vn, offs_d, stride_vd, kv_mask)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -157,44 +146,25 @@ def _flash_attention_bwd_dkdv_kernel(
         mask_base = Mask + b * stride_mb + h * stride_mh
         row_base = (b * num_heads + h) * seq_q  # Lse / Delta are contiguous [B, H, Tq]
         for start_m in range(lo, seq_q, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            offs_m64 = offs_m.to(tl.int64)
-            row_ok = offs_m < seq_q
-            qd_mask = row_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-            lse = tl.load(Lse + row_base + offs_m64, mask=row_ok, other=float("inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # a row with no key: P = 0
+            offs_m, offs_m64, row_ok, qd_mask = _rows(start_m, seq_q, d_ok, BLOCK_M)
+            q = load_tile(q_base, offs_m64, stride_qm, offs_d, stride_qd, qd_mask)
+            lse2 = _lse2(Lse + row_base + offs_m64, row_ok)
             s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
             if MASK_KIND != 0:
                 tile = mask_base + offs_m64[None, :] * stride_mm + offs_n64[:, None] * stride_mn
-                tile_ok = col_ok[:, None] & row_ok[None, :]
-                if MASK_KIND == 1:
-                    keep = tl.load(tile, mask=tile_ok, other=0)
-                    s_t = tl.where(keep != 0, s_t, float("-inf"))
-                else:
-                    bias = tl.load(tile, mask=tile_ok, other=0.0)
-                    s_t = s_t + _bias_log2(bias)
+                s_t = _user_mask(s_t, tile, col_ok[:, None] & row_ok[None, :], MASK_KIND)
             if CAUSAL:
                 if start_m < full_lo:
                     s_t = tl.where(offs_n[:, None] <= offs_m[None, :] + offset, s_t, float("-inf"))
             p_t = tl.exp2(s_t - lse2[None, :])  # (BLOCK_N, BLOCK_M)
-            do = tl.load(g_base + offs_m64[:, None] * stride_gm + offs_d[None, :] * stride_gd, mask=qd_mask, other=0.0)
+            do = load_tile(g_base, offs_m64, stride_gm, offs_d, stride_gd, qd_mask)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
             delta = tl.load(Delta + row_base + offs_m64, mask=row_ok, other=0.0)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-    dk = dk * sm_scale
-    tl.store(
-        DK + b * stride_dkb + hk * stride_dkh + offs_n64[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-        dk.to(DK.dtype.element_ty),
-        mask=kv_mask,
-    )
-    tl.store(
-        DV + b * stride_dvb + hk * stride_dvh + offs_n64[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-        dv.to(DV.dtype.element_ty),
-        mask=kv_mask,
-    )
+    store_tile(DK + b * stride_dkb + hk * stride_dkh, offs_n64, stride_dkn, offs_d, stride_dkd, dk * sm_scale, kv_mask)
+    store_tile(DV + b * stride_dvb + hk * stride_dvh, offs_n64, stride_dvn, offs_d, stride_dvd, dv, kv_mask)
 
 
 @triton.jit
@@ -256,62 +226,30 @@ def _flash_attention_bwd_dq_kernel(
     hk = h // group
     offset = seq_k - seq_q
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_m64 = offs_m.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < seq_q
     d_ok = offs_d < HEAD_DIM
-    qd_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=qd_mask,
-        other=0.0,
-    )  # (BLOCK_M, BLOCK_D)
-    do = tl.load(
-        DOut + b * stride_gb + h * stride_gh + offs_m64[:, None] * stride_gm + offs_d[None, :] * stride_gd,
-        mask=qd_mask,
-        other=0.0,
-    )
-    lse = tl.load(Lse + pid_bh * seq_q + offs_m64, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    offs_m, offs_m64, row_ok, qd_mask = _rows(start_m, seq_q, d_ok, BLOCK_M)
+    pos_m = offs_m + offset
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m64, stride_qm, offs_d, stride_qd, qd_mask)
+    do = load_tile(DOut + b * stride_gb + h * stride_gh, offs_m64, stride_gm, offs_d, stride_gd, qd_mask)
+    lse2 = _lse2(Lse + pid_bh * seq_q + offs_m64, row_ok)
     delta = tl.load(Delta + pid_bh * seq_q + offs_m64, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    mask_base = Mask + b * stride_mb + h * stride_mh
+    mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m64[:, None] * stride_mm
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     hi, full_hi = _key_range(seq_k, start_m, offset, BLOCK_M=BLOCK_M, CAUSAL=CAUSAL)
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_n64 = offs_n.to(tl.int64)
-        col_ok = offs_n < seq_k
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n64[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n64[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        offs_n, offs_n64, col_ok, kv_mask = _rows(start_n, seq_k, d_ok, BLOCK_N)
+        k = load_tile(k_base, offs_n64, stride_kn, offs_d, stride_kd, kv_mask)
+        v = load_tile(v_base, offs_n64, stride_vn, offs_d, stride_vd, kv_mask)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         s = _mask_scores(
-            s,
-            mask_base,
-            stride_mm,
-            stride_mn,
-            offs_m,
-            offs_n,
-            row_ok,
-            col_ok,
-            offset,
-            start_n,
-            full_hi,
-            BLOCK_N=BLOCK_N,
-            CAUSAL=CAUSAL,
-            MASK_KIND=MASK_KIND,
+            s, mask_rows, stride_mn, pos_m, offs_n, row_ok, col_ok, start_n, full_hi, BLOCK_N, CAUSAL, MASK_KIND
         )
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    dq = dq * sm_scale
-    tl.store(
-        DQ + b * stride_dqb + h * stride_dqh + offs_m64[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-        dq.to(DQ.dtype.element_ty),
-        mask=qd_mask,
-    )
+    store_tile(DQ + b * stride_dqb + h * stride_dqh, offs_m64, stride_dqm, offs_d, stride_dqd, dq * sm_scale, qd_mask)

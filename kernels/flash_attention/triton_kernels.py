@@ -24,6 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._triton import load_tile, store_tile
+
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 HIDDEN_BIAS: tl.constexpr = tl.constexpr(-1.0e4)  # additive-mask values at or below it act as -inf
@@ -49,37 +51,52 @@ def _key_range(seq_k, start_m, offset, BLOCK_M: tl.constexpr, CAUSAL: tl.constex
 
 
 @triton.jit
+def _rows(start, n, d_ok, BLOCK: tl.constexpr):
+    """Rows ``start + [0, BLOCK)`` of a ``[n, HEAD_DIM]`` tensor: ``(offs, offs as int64, row mask, tile mask)``
+    (``d_ok``: the head-dim mask)."""
+    offs = start + tl.arange(0, BLOCK)
+    ok = offs < n
+    return offs, offs.to(tl.int64), ok, ok[:, None] & d_ok[None, :]
+
+
+@triton.jit
+def _user_mask(s, tile, tile_ok, MASK_KIND: tl.constexpr):
+    """Apply the user mask (1: bool keep, 2: additive; not 0) to log2-scaled scores ``s``, in either orientation:
+    ``tile`` points at the mask entry of each score, ``tile_ok`` where it exists."""
+    if MASK_KIND == 1:
+        keep = tl.load(tile, mask=tile_ok, other=0)
+        s = tl.where(keep != 0, s, float("-inf"))
+    else:
+        bias = tl.load(tile, mask=tile_ok, other=0.0)
+        s = s + _bias_log2(bias)
+    return s
+
+
+@triton.jit
 def _mask_scores(
     s,
-    mask_base,
-    stride_mm,
+    mask_rows,
     stride_mn,
-    offs_m,
+    pos_m,
     offs_n,
     row_ok,
     col_ok,
-    offset,
     start_n,
     full_hi,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     MASK_KIND: tl.constexpr,
 ):
-    """Apply the user mask (1: bool keep, 2: additive) and, past ``full_hi``, the causal/bounds mask to a
-    ``(BLOCK_M, BLOCK_N)`` tile of log2-scaled scores."""
+    """Apply the user mask (``mask_rows``: ``(BLOCK_M, 1)`` pointers to the block's mask rows) and, past
+    ``full_hi``, the causal/bounds mask to a ``(BLOCK_M, BLOCK_N)`` tile of log2-scaled scores (``pos_m``: the
+    key position of each query row)."""
     if MASK_KIND != 0:
-        tile = mask_base + offs_m.to(tl.int64)[:, None] * stride_mm + offs_n.to(tl.int64)[None, :] * stride_mn
-        tile_ok = row_ok[:, None] & col_ok[None, :]
-        if MASK_KIND == 1:
-            keep = tl.load(tile, mask=tile_ok, other=0)
-            s = tl.where(keep != 0, s, float("-inf"))
-        else:
-            bias = tl.load(tile, mask=tile_ok, other=0.0)
-            s = s + _bias_log2(bias)
+        tile = mask_rows + offs_n.to(tl.int64)[None, :] * stride_mn
+        s = _user_mask(s, tile, row_ok[:, None] & col_ok[None, :], MASK_KIND)
     if start_n + BLOCK_N > full_hi:
         ok = col_ok[None, :] & row_ok[:, None]
         if CAUSAL:
-            ok = ok & (offs_n[None, :] <= offs_m[:, None] + offset)
+            ok = ok & (offs_n[None, :] <= pos_m[:, None])
         s = tl.where(ok, s, float("-inf"))
     return s
 
@@ -135,17 +152,14 @@ def _flash_attention_fwd_kernel(
     hk = h // group
     offset = seq_k - seq_q  # query row i sits at key position i + offset
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_m64 = offs_m.to(tl.int64)
-    row_ok = offs_m < seq_q
     d_ok = offs_d < HEAD_DIM
-
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m64[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    offs_m, offs_m64, row_ok, qd_mask = _rows(start_m, seq_q, d_ok, BLOCK_M)
+    pos_m = offs_m + offset
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m64, stride_qm, offs_d, stride_qd, qd_mask)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    mask_base = Mask + b * stride_mb + h * stride_mh
+    mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m64[:, None] * stride_mm
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -153,34 +167,18 @@ def _flash_attention_fwd_kernel(
 
     hi, full_hi = _key_range(seq_k, start_m, offset, BLOCK_M=BLOCK_M, CAUSAL=CAUSAL)
     for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_n64 = offs_n.to(tl.int64)
-        col_ok = offs_n < seq_k
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n64[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        offs_n, offs_n64, col_ok, kv_mask = _rows(start_n, seq_k, d_ok, BLOCK_N)
+        k = load_tile(k_base, offs_n64, stride_kn, offs_d, stride_kd, kv_mask)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         s = _mask_scores(
-            s,
-            mask_base,
-            stride_mm,
-            stride_mn,
-            offs_m,
-            offs_n,
-            row_ok,
-            col_ok,
-            offset,
-            start_n,
-            full_hi,
-            BLOCK_N=BLOCK_N,
-            CAUSAL=CAUSAL,
-            MASK_KIND=MASK_KIND,
+            s, mask_rows, stride_mn, pos_m, offs_n, row_ok, col_ok, start_n, full_hi, BLOCK_N, CAUSAL, MASK_KIND
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key so far: keep exp2 finite
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n64[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        v = load_tile(v_base, offs_n64, stride_vn, offs_d, stride_vd, kv_mask)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -188,6 +186,5 @@ def _flash_attention_fwd_kernel(
     l_use = tl.where(empty, 1.0, l_i)
     out = acc / l_use[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_use)) * LN2)
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m64[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    store_tile(Out + b * stride_ob + h * stride_oh, offs_m64, stride_om, offs_d, stride_od, out, qd_mask)
     tl.store(Lse + pid_bh * seq_q + offs_m64, lse, mask=row_ok)
