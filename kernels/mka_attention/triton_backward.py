@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import _LOG2E, _mm, _program, _recalled_slot, _tile_rows
+from .triton_kernels import _LOG2E, _key_block, _key_end, _level_kv, _mm, _program, _recalled_slot, _tile_rows
 
 
 @triton.jit
@@ -79,28 +79,15 @@ def _mka_attention_bwd_dq_kernel(
         w2 = tl.load(lam_row + stride_laml, mask=m_mask, other=0.0).to(tl.float32)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if CAUSAL:
-        hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + off)
-    else:
-        hi = TK
-    k1_base = K1 + b * stride_k1b + hk * stride_k1h
-    v1_base = V1 + b * stride_v1b + hk * stride_v1h
-    k2_base = K2 + b * stride_k2b + hk * stride_k2h
-    v2_base = V2 + b * stride_v2b + hk * stride_v2h
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = (start_n + tl.arange(0, BLOCK_N)).to(tl.int64)
-        n_mask = offs_n < TK
-        valid = tl.load(KV_VALID + b * stride_vb + offs_n * stride_vt, mask=n_mask, other=0) != 0
-        vis = valid[None, :] & m_mask[:, None]
-        if CAUSAL:
-            vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
-        nd_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k1_base + offs_n[:, None] * stride_k1t + offs_d[None, :] * stride_k1d, mask=nd_mask, other=0.0)
-        v = tl.load(v1_base + offs_n[:, None] * stride_v1t + offs_d[None, :] * stride_v1d, mask=nd_mask, other=0.0)
+    for start_n in range(0, _key_end(pid_m, TK, off, BLOCK_M, CAUSAL), BLOCK_N):
+        offs_n, nd_mask, vis = _key_block(start_n, KV_VALID + b * stride_vb, stride_vt, offs_m, m_mask, TK, D, off,
+                                          CAUSAL, BLOCK_N, BLOCK_D)  # fmt: skip
+        k, v = _level_kv(K1, V1, b, hk, offs_n, offs_d, nd_mask, stride_k1b, stride_k1h, stride_k1t, stride_k1d,
+                         stride_v1b, stride_v1h, stride_v1t, stride_v1d)  # fmt: skip
         dq = _dq_block(q, go_kv, k, v, vis, lse1, dot1, w1, dq, qk_scale, DOT_PRECISION, DOT_UPCAST)
         if NUM_LEVELS == 2:
-            k = tl.load(k2_base + offs_n[:, None] * stride_k2t + offs_d[None, :] * stride_k2d, mask=nd_mask, other=0.0)
-            v = tl.load(v2_base + offs_n[:, None] * stride_v2t + offs_d[None, :] * stride_v2d, mask=nd_mask, other=0.0)
+            k, v = _level_kv(K2, V2, b, hk, offs_n, offs_d, nd_mask, stride_k2b, stride_k2h, stride_k2t, stride_k2d,
+                             stride_v2b, stride_v2h, stride_v2t, stride_v2d)  # fmt: skip
             dq = _dq_block(q, go_kv, k, v, vis, lse2, dot2, w2, dq, qk_scale, DOT_PRECISION, DOT_UPCAST)
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
@@ -115,15 +102,13 @@ def _mka_attention_bwd_dq_kernel(
         w3 = tl.load(lam_row + NUM_LEVELS * stride_laml, mask=m_mask, other=0.0).to(tl.float32)
         idx_row = IDX + b * stride_ib + hk * stride_ih + offs_m * stride_it
         found_row = FOUND + b * stride_fb + hk * stride_fh + offs_m * stride_ft
-        mk_base = MEM_K + b * stride_mkb + hk * stride_mkh
-        mv_base = MEM_V + b * stride_mvb + hk * stride_mvh
         dm_base = b * stride_dmb + hk * stride_dmh
         dq3 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for r in range(0, R):
             slot, keep = _recalled_slot(idx_row, found_row, r, stride_ir, stride_fr, m_mask, S)
             ld = keep[:, None] & d_mask[None, :]
-            mk = tl.load(mk_base + slot[:, None] * stride_mks + offs_d[None, :] * stride_mkd, mask=ld, other=0.0)
-            mv = tl.load(mv_base + slot[:, None] * stride_mvs + offs_d[None, :] * stride_mvd, mask=ld, other=0.0)
+            mk, mv = _level_kv(MEM_K, MEM_V, b, hk, slot, offs_d, ld, stride_mkb, stride_mkh, stride_mks, stride_mkd,
+                               stride_mvb, stride_mvh, stride_mvs, stride_mvd)  # fmt: skip
             mk = mk.to(tl.float32)
             s = tl.sum(q3 * mk, 1) * qk_scale  # (M,)
             p = tl.where(keep, tl.exp2(s - lse3), 0.0)
@@ -165,10 +150,8 @@ def _mka_attention_bwd_dkdv_kernel(
     offs_n, n_mask, offs_d, d_mask, nd_mask = _tile_rows(start_n, TK, D, BLOCK_N, BLOCK_D)
     off = TK - TQ
 
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                mask=nd_mask, other=0.0)  # fmt: skip
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                mask=nd_mask, other=0.0)  # fmt: skip
+    k, v = _level_kv(K, V, b, hk, offs_n, offs_d, nd_mask, stride_kb, stride_kh, stride_kt, stride_kd,
+                     stride_vb, stride_vh, stride_vt, stride_vd)  # fmt: skip
     valid = tl.load(KV_VALID + b * stride_kvb + offs_n * stride_kvt, mask=n_mask, other=0) != 0
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)

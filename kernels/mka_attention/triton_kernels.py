@@ -7,6 +7,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._triton import load_tile
+
 _LOG2E_F = 1.4426950408889634
 _LOG2E: tl.constexpr = tl.constexpr(_LOG2E_F)
 _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -57,6 +59,38 @@ def _tile_rows(start, T, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     mask = offs < T
     d_mask = offs_d < D
     return offs, mask, offs_d, d_mask, mask[:, None] & d_mask[None, :]
+
+
+@triton.jit
+def _key_end(pid_m, TK, off, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """End of the keys query block ``pid_m`` reads (causal: past its last query's key position)."""
+    if CAUSAL:
+        hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + off)
+    else:
+        hi = TK
+    return hi
+
+
+@triton.jit
+def _key_block(start_n, VALID_ROW, stride_vt, offs_m, m_mask, TK, D, off, CAUSAL: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """Keys ``start_n + [0, BLOCK_N)`` of query rows ``offs_m``: ``(offs_n, nd_mask, vis)``, ``vis: [M, N]`` (valid,
+    causal; shared by every level), ``VALID_ROW`` the batch row of ``KV_VALID``."""
+    offs_n, n_mask, _, _, nd_mask = _tile_rows(start_n, TK, D, BLOCK_N, BLOCK_D)
+    valid = tl.load(VALID_ROW + offs_n * stride_vt, mask=n_mask, other=0) != 0
+    vis = valid[None, :] & m_mask[:, None]  # (M, N)
+    if CAUSAL:
+        vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
+    return offs_n, nd_mask, vis
+
+
+@triton.jit
+def _level_kv(K, V, b, hk, rows, offs_d, mask, stride_kb, stride_kh, stride_kt, stride_kd,
+              stride_vb, stride_vh, stride_vt, stride_vd):  # fmt: skip
+    """Rows ``rows`` of kv head ``hk`` of one level's (or the memory's) ``K, V``: ``(k, v)``, 0 where not ``mask``."""
+    k = load_tile(K + b * stride_kb + hk * stride_kh, rows, stride_kt, offs_d, stride_kd, mask)
+    v = load_tile(V + b * stride_vb + hk * stride_vh, rows, stride_vt, offs_d, stride_vd, mask)
+    return k, v
 
 
 @triton.jit
@@ -122,28 +156,15 @@ def _mka_attention_fwd_kernel(
     l2 = tl.zeros([BLOCK_M], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    if CAUSAL:
-        hi = tl.minimum(TK, (pid_m + 1) * BLOCK_M + off)
-    else:
-        hi = TK
-    k1_base = K1 + b * stride_k1b + hk * stride_k1h
-    v1_base = V1 + b * stride_v1b + hk * stride_v1h
-    k2_base = K2 + b * stride_k2b + hk * stride_k2h
-    v2_base = V2 + b * stride_v2b + hk * stride_v2h
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = (start_n + tl.arange(0, BLOCK_N)).to(tl.int64)
-        n_mask = offs_n < TK
-        valid = tl.load(KV_VALID + b * stride_vb + offs_n * stride_vt, mask=n_mask, other=0) != 0
-        vis = valid[None, :] & m_mask[:, None]  # (M, N), shared by every level
-        if CAUSAL:
-            vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
-        nd_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k1_base + offs_n[:, None] * stride_k1t + offs_d[None, :] * stride_k1d, mask=nd_mask, other=0.0)
-        v = tl.load(v1_base + offs_n[:, None] * stride_v1t + offs_d[None, :] * stride_v1d, mask=nd_mask, other=0.0)
+    for start_n in range(0, _key_end(pid_m, TK, off, BLOCK_M, CAUSAL), BLOCK_N):
+        offs_n, nd_mask, vis = _key_block(start_n, KV_VALID + b * stride_vb, stride_vt, offs_m, m_mask, TK, D, off,
+                                          CAUSAL, BLOCK_N, BLOCK_D)  # fmt: skip
+        k, v = _level_kv(K1, V1, b, hk, offs_n, offs_d, nd_mask, stride_k1b, stride_k1h, stride_k1t, stride_k1d,
+                         stride_v1b, stride_v1h, stride_v1t, stride_v1d)  # fmt: skip
         m1, l1, acc1 = _attend_block(q, k, v, vis, m1, l1, acc1, qk_scale, DOT_PRECISION, DOT_UPCAST)
         if NUM_LEVELS == 2:
-            k = tl.load(k2_base + offs_n[:, None] * stride_k2t + offs_d[None, :] * stride_k2d, mask=nd_mask, other=0.0)
-            v = tl.load(v2_base + offs_n[:, None] * stride_v2t + offs_d[None, :] * stride_v2d, mask=nd_mask, other=0.0)
+            k, v = _level_kv(K2, V2, b, hk, offs_n, offs_d, nd_mask, stride_k2b, stride_k2h, stride_k2t, stride_k2d,
+                             stride_v2b, stride_v2h, stride_v2t, stride_v2d)  # fmt: skip
             m2, l2, acc2 = _attend_block(q, k, v, vis, m2, l2, acc2, qk_scale, DOT_PRECISION, DOT_UPCAST)
 
     lam_row = LAM + b * stride_lamb + hk * stride_lamg + offs_m * stride_lamt  # stride_lamg = 0 when G = 1
@@ -178,16 +199,14 @@ def _mka_attention_fwd_kernel(
                      mask=md_mask, other=0.0).to(tl.float32)  # fmt: skip
         idx_row = IDX + b * stride_ib + hk * stride_ih + offs_m * stride_it
         found_row = FOUND + b * stride_fb + hk * stride_fh + offs_m * stride_ft
-        mk_base = MEM_K + b * stride_mkb + hk * stride_mkh
-        mv_base = MEM_V + b * stride_mvb + hk * stride_mvh
         m3 = tl.full([BLOCK_M], -1.0e30, tl.float32)
         l3 = tl.zeros([BLOCK_M], tl.float32)
         acc3 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for r in range(0, R):
             slot, keep = _recalled_slot(idx_row, found_row, r, stride_ir, stride_fr, m_mask, S)
             ld = keep[:, None] & d_mask[None, :]
-            mk = tl.load(mk_base + slot[:, None] * stride_mks + offs_d[None, :] * stride_mkd, mask=ld, other=0.0)
-            mv = tl.load(mv_base + slot[:, None] * stride_mvs + offs_d[None, :] * stride_mvd, mask=ld, other=0.0)
+            mk, mv = _level_kv(MEM_K, MEM_V, b, hk, slot, offs_d, ld, stride_mkb, stride_mkh, stride_mks, stride_mkd,
+                               stride_mvb, stride_mvh, stride_mvs, stride_mvd)  # fmt: skip
             s = tl.where(keep, tl.sum(q3 * mk.to(tl.float32), 1) * qk_scale, float("-inf"))  # (M,)
             m_new = tl.maximum(m3, s)
             alpha = tl.exp2(m3 - m_new)
