@@ -16,7 +16,9 @@ from .triton_kernels import (
     _LOG2E,
     _LOG2E_F,
     _entries,
+    _entry_lists,
     _features,
+    _pair_parts,
     _prepare,
     _query_block,
     _rotated_keys,
@@ -51,19 +53,15 @@ def _bounded_attention_bwd_kernel(
     q_row = Q + b * stride_qb + h * stride_qh + offs_t * stride_qt
     th = t_mask[:, None] & h_mask[None, :]
     tp = t_mask[:, None] & p_mask[None, :]
-    q1 = tl.load(q_row[:, None] + off1[None, :] * stride_qd, mask=th, other=0.0).to(tl.float32)
-    q2 = tl.load(q_row[:, None] + off2[None, :] * stride_qd, mask=th, other=0.0).to(tl.float32)
-    qp = tl.load(q_row[:, None] + offp[None, :] * stride_qd, mask=tp, other=0.0).to(tl.float32)
+    q1, q2, qp = _pair_parts(q_row[:, None], off1[None, :], off2[None, :], offp[None, :], th, tp, stride_qd)
     go = tl.load(GO + b * stride_gb + h * stride_gh + offs_t[:, None] * stride_gt + offs_d[None, :] * stride_gd,
                  mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # fmt: skip
     lse = tl.load(LSE + pid_bh * T + offs_t, mask=t_mask, other=0.0)
     lse = tl.where(lse > float("-inf"), lse * _LOG2E, 0.0)  # queries with no entry: every p is 0 anyway
     dot = tl.load(DOT + pid_bh * T + offs_t, mask=t_mask, other=0.0)
-    steps = tl.load(STEPS + tl.arange(0, BLOCK_H), mask=h_mask, other=0)
-    idx_row = IDX + b * stride_ib + g * stride_ih + offs_t * stride_it
-    delta_row = DELTA + b * stride_db + g * stride_dh + offs_t * stride_dt
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
+    steps, idx_row, delta_row, k_base, v_base = _entry_lists(
+        STEPS, IDX, DELTA, K, V, b, g, offs_t, h_mask, stride_ib, stride_ih, stride_it,
+        stride_db, stride_dh, stride_dt, stride_kb, stride_kh, stride_vb, stride_vh, BLOCK_H)  # fmt: skip
     pool = (b * (H // REP) + g) * P * D  # DK, DV are contiguous
 
     dq1 = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)

@@ -80,19 +80,28 @@ def _entries(IDX_ROW, offs_m, t_mask, M, P, stride_im):
 
 
 @triton.jit
+def _pair_parts(ROWS, off1, off2, offp, m12, mp, stride):
+    """Float32 pair halves and pass-through tail of rows ``ROWS`` (pointers; the feature offsets come shaped to
+    broadcast against them, ``m12``/``mp`` their masks), 0 where masked."""
+    x1 = tl.load(ROWS + off1 * stride, mask=m12, other=0.0).to(tl.float32)
+    x2 = tl.load(ROWS + off2 * stride, mask=m12, other=0.0).to(tl.float32)
+    xp = tl.load(ROWS + offp * stride, mask=mp, other=0.0).to(tl.float32)
+    return x1, x2, xp
+
+
+@triton.jit
 def _rotated_keys(K_ROWS, DELTA_ROW, offs_m, ok, steps, off1, off2, offp, h_mask, p_mask, stride_dm, stride_kd):
     """Gathered keys ``K_ROWS: [BT, BM, 1]`` row pointers rotated by their angles: ``(y1, y2, kp, c, s)``, the
     pair halves ``[BT, BM, BH]``, the pass-through tail ``[BT, BM, BP]`` and the angles' cos/sin."""
     mh = ok[:, :, None] & h_mask[None, None, :]
-    x1 = tl.load(K_ROWS + off1[None, None, :] * stride_kd, mask=mh, other=0.0).to(tl.float32)
-    x2 = tl.load(K_ROWS + off2[None, None, :] * stride_kd, mask=mh, other=0.0).to(tl.float32)
-    kp = tl.load(K_ROWS + offp[None, None, :] * stride_kd, mask=ok[:, :, None] & p_mask[None, None, :], other=0.0)
+    mp = ok[:, :, None] & p_mask[None, None, :]
+    x1, x2, kp = _pair_parts(K_ROWS, off1[None, None, :], off2[None, None, :], offp[None, None, :], mh, mp, stride_kd)
     dl = tl.load(DELTA_ROW[:, None] + offs_m[None, :] * stride_dm, mask=ok, other=0)  # (BT, BM) int64
     turns = dl[:, :, None] * steps[None, None, :]  # angle mod one turn, in 2**-64 turns (int64 wraps)
     a = turns.to(tl.float32) * _RAD_PER_UNIT  # (BT, BM, BH) in [-pi, pi)
     c = tl.cos(a)
     s = tl.sin(a)
-    return x1 * c - x2 * s, x2 * c + x1 * s, kp.to(tl.float32), c, s
+    return x1 * c - x2 * s, x2 * c + x1 * s, kp, c, s
 
 
 @triton.jit
@@ -119,6 +128,17 @@ def _features(HALF, D, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P
         off2 = i + HALF
     offp = 2 * HALF + tl.arange(0, BLOCK_P).to(tl.int64)
     return off1, off2, offp, i < HALF, offp < D
+
+
+@triton.jit
+def _entry_lists(STEPS, IDX, DELTA, K, V, b, g, offs_t, h_mask, stride_ib, stride_ih, stride_it, stride_db,
+                 stride_dh, stride_dt, stride_kb, stride_kh, stride_vb, stride_vh, BLOCK_H: tl.constexpr):  # fmt: skip
+    """What the block's queries gather from: ``(steps, idx_row, delta_row, k_base, v_base)``, the frequencies' turn
+    steps, the ``[BT]`` row pointers of their entry lists and the pool of their kv head ``g``."""
+    steps = tl.load(STEPS + tl.arange(0, BLOCK_H), mask=h_mask, other=0)
+    idx_row = IDX + b * stride_ib + g * stride_ih + offs_t * stride_it
+    delta_row = DELTA + b * stride_db + g * stride_dh + offs_t * stride_dt
+    return steps, idx_row, delta_row, K + b * stride_kb + g * stride_kh, V + b * stride_vb + g * stride_vh
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -150,15 +170,11 @@ def _bounded_attention_fwd_kernel(
 
     q_row = Q + b * stride_qb + h * stride_qh + offs_t * stride_qt  # (BT,) pointers
     th = t_mask[:, None] & h_mask[None, :]
-    q1 = tl.load(q_row[:, None] + off1[None, :] * stride_qd, mask=th, other=0.0).to(tl.float32)
-    q2 = tl.load(q_row[:, None] + off2[None, :] * stride_qd, mask=th, other=0.0).to(tl.float32)
-    qp = tl.load(q_row[:, None] + offp[None, :] * stride_qd, mask=t_mask[:, None] & p_mask[None, :], other=0.0)
-    qp = qp.to(tl.float32)
-    steps = tl.load(STEPS + tl.arange(0, BLOCK_H), mask=h_mask, other=0)
-    idx_row = IDX + b * stride_ib + g * stride_ih + offs_t * stride_it
-    delta_row = DELTA + b * stride_db + g * stride_dh + offs_t * stride_dt
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
+    tp = t_mask[:, None] & p_mask[None, :]
+    q1, q2, qp = _pair_parts(q_row[:, None], off1[None, :], off2[None, :], offp[None, :], th, tp, stride_qd)
+    steps, idx_row, delta_row, k_base, v_base = _entry_lists(
+        STEPS, IDX, DELTA, K, V, b, g, offs_t, h_mask, stride_ib, stride_ih, stride_it,
+        stride_db, stride_dh, stride_dt, stride_kb, stride_kh, stride_vb, stride_vh, BLOCK_H)  # fmt: skip
 
     m_i = tl.full([BLOCK_T], -1.0e30, tl.float32)  # finite: chunks without entries leave (l_i, acc) alone
     l_i = tl.zeros([BLOCK_T], tl.float32)
