@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import as_bytes, for_device, pow2
+from .._triton import as_bytes, for_device, load_tile, pow2
 from ..session_scan.triton_kernels import _batch_head, _feature_block, _linrec2_combine
 from .reference import CHUNK_UPDATE, RECALL_SELECT
 
@@ -240,11 +240,8 @@ def _recall_select_fwd_kernel(
     rmask = rows < T
     dcols = tl.arange(0, BLOCK_D)
     dmask = dcols < D
-    q = tl.load(
-        q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + dcols[None, :] * stride_qd,
-        mask=rmask[:, None] & dmask[None, :],
-        other=0.0,
-    ).to(cdt)  # (BLOCK_Q, BLOCK_D)
+    q_mask = rmask[:, None] & dmask[None, :]
+    q = load_tile(q_ptr + b * stride_qb + h * stride_qh, rows, stride_qt, dcols, stride_qd, q_mask).to(cdt)  # (BQ, BD)
     n_avail = (tl.load(pos_ptr + b * stride_pb + rows * stride_pt, mask=rmask, other=0) // C).to(tl.int32)
     n_hi = tl.minimum(tl.max(n_avail, 0), N)  # summaries any query of the block may see (int32)
     top_v = tl.full((BLOCK_Q, R_PAD), float("-inf"), cdt)
@@ -259,21 +256,15 @@ def _recall_select_fwd_kernel(
         if i < n_summ:
             ent = i * BLOCK_N + ar  # summary slots
             emask = ent < n_hi
-            kt = tl.load(
-                summ_ptr + b * stride_sb + h * stride_sh + ent[:, None] * stride_sn + dcols[None, :] * stride_sd,
-                mask=emask[:, None] & dmask[None, :],
-                other=0.0,
-            ).to(cdt)  # (BLOCK_N, BLOCK_D)
+            e_mask = emask[:, None] & dmask[None, :]
+            kt = load_tile(summ_ptr + b * stride_sb + h * stride_sh, ent, stride_sn, dcols, stride_sd, e_mask).to(cdt)
             avail = emask[None, :] & (ent[None, :] < n_avail[:, None])  # (BLOCK_Q, BLOCK_N) causal, n < N
             eidx = ent
         else:
             ent = (i - n_summ) * BLOCK_N + ar  # bank entries
             emask = ent < M
-            kt = tl.load(
-                bank_ptr + b * stride_bb + h * stride_bh + ent[:, None] * stride_bm + dcols[None, :] * stride_bd,
-                mask=emask[:, None] & dmask[None, :],
-                other=0.0,
-            ).to(cdt)
+            e_mask = emask[:, None] & dmask[None, :]
+            kt = load_tile(bank_ptr + b * stride_bb + h * stride_bh, ent, stride_bm, dcols, stride_bd, e_mask).to(cdt)
             ok = emask
             if HAS_BANK_VALID:
                 ok = ok & (tl.load(bank_valid_ptr + b * stride_vb + ent * stride_vm, mask=emask, other=0) != 0)
