@@ -161,3 +161,44 @@ def test_attend_with_a_memory_bank_equals_its_definition(trained):
         )  # fmt: skip
     for b in range(B):
         torch.testing.assert_close(got[b][:, valid[b]].double(), want[b][:, : real_of[b]], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("trained,recall", [(0, 0), (0, 2), (40, 2)])
+def test_the_fixed_size_step_equals_attend(trained, recall):
+    """:func:`mka_compile.bounded_fixed.attend_one` (the exported decode step: one token per row, fixed shapes) gives
+    what :func:`bounded.attend` gives for the whole sequence, token by token from an empty store and from a PyTorch
+    prefill's store (``FixedStore.from_store``); a padded row (rotated at its real positions) writes nothing."""
+    from mka_compile.bounded_fixed import FixedStore, attend_one
+
+    torch.manual_seed(2)
+    cfg = MKAConfig(window=10, sink_tokens=3, chunk_size=4, top_r=2, recall_chunks=recall)
+    B, H, G, d, N = 2, 4, 2, 8, 70
+    freqs = 1.0 / (50.0 ** (torch.arange(d // 2, dtype=torch.float32) * 2 / d))
+    valid = torch.ones(B, N, dtype=torch.bool)
+    valid[1, :6] = False
+    real = (valid.long().cumsum(-1) - 1).clamp_min(0)
+    q, k = (
+        _rot(torch.randn(B, H, N, d), real[:, None], freqs).float(),
+        _rot(torch.randn(B, G, N, d), real[:, None], freqs).float(),
+    )
+    v = torch.randn(B, G, N, d)
+    want = bounded.attend(
+        bounded.BoundedStore.empty(B, G, d, k, cfg), q, k, v, valid, None, None, cfg, freqs, False, trained, 0.4
+    )
+    prefilled = bounded.BoundedStore.empty(B, G, d, k, cfg)
+    bounded.attend(
+        prefilled, q[:, :, :40], k[:, :, :40], v[:, :, :40], valid[:, :40], None, None, cfg, freqs, False, trained, 0.4
+    )
+    for start, fs in (
+        (0, FixedStore.empty(B, G, d, d + d // 2, 32, cfg, k)),
+        (40, FixedStore.from_store(prefilled, 32, cfg, freqs, False)),
+    ):
+        outs = []
+        for t in range(start, N):
+            one = (q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], valid[:, t])
+            o, fs = attend_one(fs, *one, cfg, freqs, False, trained, 0.4)
+            outs.append(o)
+        got = torch.cat(outs, 2)
+        m = valid[:, None, start:, None]
+        torch.testing.assert_close(got * m, want[:, :, start:] * m, rtol=1e-5, atol=1e-5)
+        assert torch.equal(fs.count, valid.sum(-1))

@@ -11,6 +11,10 @@
   (N = ``max_len // chunk_size`` fixed slots), and MKA mode's cache of the rotated EMA keys/values
   ``kv_k, kv_v: [B, Hkv, P, d]``; the outputs are the same tensors updated (``present`` and ``kv_*`` grown
   by T positions).
+
+Bounded memory (``MKAConfig(window=...)``, FastMKA, every layer converted): no ``past``; each site's state adds its
+fixed-size store (:data:`mka_compile.bounded_fixed.FIELDS`: ``count, sink_k, sink_v, ring_k, ring_v, chunk_k,
+chunk_v, bounds``), and every call takes one token per row (T = 1; a prompt is fed token by token).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mka_compile.bounded_fixed import FIELDS as FIXED_FIELDS
+from mka_compile.bounded_fixed import FixedStore
 from mka_compile.hf.compat import cache_kwargs, returned_cache
 from mka_compile.layers.cache import MKALayerState
 from mka_compile.sites.memory import SiteMemory
@@ -29,7 +35,29 @@ MKA_FIELDS = ("kv_k", "kv_v")
 
 
 def site_fields(mem: SiteMemory) -> tuple[str, ...]:
-    return STATE_FIELDS + (MKA_FIELDS if mem.mode == "mka" else ())
+    return STATE_FIELDS + (MKA_FIELDS if mem.mode == "mka" else ()) + (FIXED_FIELDS if mem.config.bounded else ())
+
+
+def is_bounded(sites: dict[str, SiteMemory]) -> bool:
+    return any(m.config.bounded for m in sites.values())
+
+
+def fixed_store(mem: SiteMemory, cache: Any, batch: int, ref: torch.Tensor) -> FixedStore:
+    """The site's bounded memory in fixed-size tensors: from the cache's store after a PyTorch prefill, or empty."""
+    layer = cache.layers[mem.layer_idx] if cache is not None and len(cache.layers) > mem.layer_idx else None
+    store = getattr(layer, "store", None)
+    freqs, inter = mem.rope_freqs, mem.rope_interleaved
+    if store is not None:
+        return FixedStore.from_store(store, mem.fixed_slots, mem.config, freqs, inter)
+    d, G = mem.head_dim, mem.num_kv_heads
+    width = d + recall_width(d, freqs, inter)
+    return FixedStore.empty(batch, G, d, width, mem.fixed_slots, mem.config, ref)
+
+
+def recall_width(d: int, freqs, interleaved: bool) -> int:
+    from mka_compile.bounded_recall import pair_norms
+
+    return pair_norms(torch.zeros(d), freqs, interleaved).shape[-1]
 
 
 def converted_sites(model: nn.Module) -> dict[str, SiteMemory]:
@@ -67,13 +95,18 @@ class DecodeStep(nn.Module):
 
     def input_names(self) -> list[str]:
         names = ["input_ids", "attention_mask"]
-        names += [f"past.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        names += [f"past.{i}.{kv}" for i in range(self.past_layers) for kv in ("key", "value")]
         names += [f"state.{j}.{f}" for j, m in enumerate(self.sites.values()) for f in site_fields(m)]
         return names
 
+    @property
+    def past_layers(self) -> int:
+        """Layers with a past K/V input: none with bounded memory (each site's fixed store is its state)."""
+        return 0 if is_bounded(self.sites) else self.num_layers
+
     def output_names(self) -> list[str]:
         names = ["logits"]
-        names += [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        names += [f"present.{i}.{kv}" for i in range(self.past_layers) for kv in ("key", "value")]
         names += [f"new_state.{j}.{f}" for j, m in enumerate(self.sites.values()) for f in site_fields(m)]
         return names
 
@@ -82,41 +115,61 @@ class DecodeStep(nn.Module):
     ):
         from transformers import DynamicCache
 
+        from mka_compile.hf.bounded import BoundedLayer
+
         L = self.num_layers
         states = list(state)
-        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(L)], config=self.model.config)
-        P = past[0].shape[2]
+        bounded = is_bounded(self.sites)
+        T = input_ids.shape[1]
+        if bounded:
+            cache = DynamicCache()
+            cache.layers = [BoundedLayer() for _ in range(L)]
+            for layer in cache.layers:
+                layer.positions = attention_mask.shape[1] - T
+        else:
+            cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(L)], config=self.model.config)
+        P = attention_mask.shape[1] - T
         for mem in self.sites.values():
             n = len(site_fields(mem))
             t, states = states[:n], states[n:]
             st = MKALayerState(*t[:7], fixed_slots=True)
             if mem.mode == "mka":
                 st.kv, st.kv_valid = [t[7], t[8]], attention_mask[:, :P].bool()
+            if bounded:
+                cache.layers[mem.layer_idx].fixed = FixedStore(*t[-len(FIXED_FIELDS) :])
             mem.bind_state(cache, st)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=generate_positions(attention_mask, input_ids.shape[1]),
+            position_ids=generate_positions(attention_mask, T),
             use_cache=True,
             **cache_kwargs(self.model, cache),
         )
-        present = [t for layer in cache.layers[:L] for t in (layer.keys, layer.values)]
+        present = [] if bounded else [t for layer in cache.layers[:L] for t in (layer.keys, layer.values)]
         new_state = []
         for mem in self.sites.values():
             new_state += state_tensors(mem, mem.state_of(cache), mem.fixed_slots)
+            if bounded:
+                new_state += cache.layers[mem.layer_idx].fixed.tensors()
         return (out.logits, *present, *new_state)
 
 
 @torch.no_grad()
 def example_step(model: nn.Module, input_ids: torch.Tensor) -> tuple[int, tuple[Any, ...]]:
     """``(num_layers, args)``: example arguments of :class:`DecodeStep` from ``input_ids: [B, T]`` (T >= 4): a
-    PyTorch prefill of all but the last two tokens gives the past and the state; the last two are the step."""
-    P = input_ids.shape[1] - 2
+    PyTorch prefill of all but the last two tokens (bounded memory: the last one) gives the past and the state; the
+    rest is the step."""
+    sites = converted_sites(model)
+    bounded = is_bounded(sites)
+    P = input_ids.shape[1] - (1 if bounded else 2)  # the bounded step takes one token per row
     out = model(input_ids=input_ids[:, :P], use_cache=True)
     cache = returned_cache(out)
     layers = cache.layers
-    past = [t.clone() for layer in layers for t in (layer.keys, layer.values)]  # fresh tensors, not views
+    past = [] if bounded else [t.clone() for layer in layers for t in (layer.keys, layer.values)]  # not views
     state = []
-    for mem in converted_sites(model).values():
+    for mem in sites.values():
         state += [t.clone() for t in state_tensors(mem, mem.state_of(cache), mem.fixed_slots)]
+        if bounded:
+            ref = out.logits
+            state += [t.clone() for t in fixed_store(mem, cache, input_ids.shape[0], ref).tensors()]
     return len(layers), (input_ids[:, P:].clone(), torch.ones_like(input_ids), past, state)

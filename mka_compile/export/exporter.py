@@ -244,11 +244,7 @@ def export_onnx(
     sites = converted_sites(model)
     bounded = [name for name, m in sites.items() if m.config.bounded]
     if bounded:
-        raise ValueError(
-            f"export_onnx does not export bounded memory (window=...) yet; sites {bounded[:3]} use it. Its per-query "
-            "recall and host chunk store have no fixed-size ONNX decode step here; export a model converted without "
-            "window=, or run the bounded model in PyTorch"
-        )
+        _check_bounded(model, sites, bounded, decode_step)
     max_len = _max_len(model, max_len, sites)
     slots = {name: max_len // m.config.chunk_size if max_len else 0 for name, m in sites.items()}
     was_training = model.training
@@ -296,6 +292,7 @@ def export_onnx(
     meta["mka.max_len"] = "" if max_len is None else str(max_len)
     meta["mka.com_mka_ops"] = ",".join(used)
     meta["mka.decode_step"] = str(int(decode_step))
+    meta["mka.bounded"] = str(int(bool(bounded)))
     program.save(path)
     if check:
         onnx.checker.check_model(str(path), full_check=True)
@@ -320,10 +317,30 @@ def _writable(path: Path) -> Path:
     return path
 
 
+def _check_bounded(model: nn.Module, sites: dict, bounded: list[str], decode_step: bool) -> None:
+    """Bounded memory exports as a fixed-size decode step (:mod:`mka_compile.bounded_fixed`): FastMKA, every
+    layer converted, ``decode_step=True``."""
+    why = None
+    if not decode_step:
+        why = "it exports as a fixed-size decode step only: pass decode_step=True (one token per row and call)"
+    elif any(m.mode != "fastmka" for m in sites.values()):
+        why = "its fixed-size decode step is built for FastMKA; MKA mode with window= runs in PyTorch"
+    elif len(bounded) != len(sites) or len(sites) != getattr(getattr(model, "config", None), "num_hidden_layers", 0):
+        why = "its fixed-size decode step needs every layer converted with window= (this model is partly converted)"
+    if why:
+        raise ValueError(f"export_onnx of bounded memory (window=...) at sites {bounded[:3]}: {why}")
+
+
 def _decode_shapes(step: DecodeStep, args: tuple) -> dict[str, Any]:
-    """Batch, new-token and past lengths symbolic; every other axis (heads, head size, slots) static."""
+    """Batch, new-token and past lengths symbolic; every other axis (heads, head size, slots) static. Bounded memory:
+    one new token per row, no past."""
+    from .decode_step import is_bounded
+
     Dim = torch.export.Dim
     B, T, P = Dim("batch"), Dim("new_tokens"), Dim("past")
+    if is_bounded(step.sites):
+        state = [{0: B}] * len(args[3])
+        return {"input_ids": {0: B}, "attention_mask": {0: B, 1: Dim.AUTO}, "past": [], "state": state}
     state = []
     for mem in step.sites.values():
         state += [{0: B}] * 7 + ([{0: B, 2: P}] * 2 if mem.mode == "mka" else [])

@@ -54,7 +54,8 @@ class OnnxDecoder:
         logits = dec(next_ids)                   # [B, 1, vocab]: one decode step
         dec.reset()                              # a new batch of sequences
 
-    ``attention_mask`` (``[B, T]`` for this call's tokens, 1 = real, 0 = left padding) defaults to ones.
+    ``attention_mask`` (``[B, T]`` for this call's tokens, 1 = real, 0 = left padding) defaults to ones. A bounded
+    memory file (``mka.bounded``) takes one token per call: a longer call is fed token by token.
     """
 
     def __init__(self, path: str | os.PathLike, providers_: list[str] | None = None, **options: Any) -> None:
@@ -63,6 +64,7 @@ class OnnxDecoder:
         if meta.get("mka.decode_step") != "1":
             raise ValueError(f"{path} is not a decode-step file; export it with export_onnx(..., decode_step=True)")
         self.max_len = int(meta["mka.max_len"]) if meta.get("mka.max_len") else None
+        self.one_token = meta.get("mka.bounded") == "1"  # bounded memory's fixed-size step: one token per call
         self.inputs = self.session.get_inputs()
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.feeds: dict[str, np.ndarray] | None = None
@@ -86,6 +88,8 @@ class OnnxDecoder:
         mask = np.ones((B, T), np.int64) if attention_mask is None else _numpy(attention_mask).astype(np.int64)
         if mask.shape != (B, T):
             raise ValueError(f"attention_mask must be [B, T] = {(B, T)} for this call's tokens, got {mask.shape}")
+        if self.one_token and T > 1:  # a prompt goes through the fixed-size step token by token
+            return np.concatenate([self(ids[:, i : i + 1], mask[:, i : i + 1]) for i in range(T)], 1)
         if self.feeds is None:
             self.feeds, self.mask = self._empty(B), np.zeros((B, 0), np.int64)
         elif self.mask.shape[0] != B:

@@ -20,6 +20,7 @@ from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 from mka_compile import bounded_recall as recall
 from mka_compile.bounded import BoundedStore, attend, attend_levels, level_stores
 from mka_compile.bounded_bank import BankLayer, MemoryBank
+from mka_compile.bounded_fixed import FixedStore, attend_one
 from mka_compile.config import MKAConfig
 from mka_compile.memory import group_mean
 
@@ -35,6 +36,7 @@ class BoundedLayer(CacheLayerMixin):
         super().__init__()
         self.stores: list[BoundedStore] = []  # one per full-length level (MKA mode: local, session)
         self.bank = bank  # an external memory bank's chunks for this layer (mka_compile.bounded_bank), never written
+        self.fixed: FixedStore | None = None  # the fixed-size store of the exported decode step (bounded_fixed)
         self.positions = 0  # positions passed, padding included (what get_seq_length reports)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -148,12 +150,22 @@ def site_attention(
             f"bounded MKA memory at {mem.site_name!r}: the site attends over {key.shape[2]} keys for {T} queries; "
             "its cache is not the bounded one (pass a transformers DynamicCache, or none)"
         )
+    layer = None if call.cache is None else layer_for(call.cache, mem.layer_idx, mem.site_name)
+    if layer is not None and layer.fixed is not None:  # the exported decode step: one token per row, fixed shapes
+        if T != 1 or mem.mode != "fastmka" or layer.bank is not None:
+            raise RuntimeError(
+                f"bounded MKA memory at {mem.site_name!r}: the fixed-size decode step takes one token per row, FastMKA "
+                "mode, no memory bank"
+            )
+        args = (cfg, mem.rope_freqs, mem.rope_interleaved, mem.trained_length, float(scaling))
+        out, layer.fixed = attend_one(layer.fixed, query, key, value, call.valid[:, 0], *args)
+        call.attended = True
+        return out.transpose(1, 2).contiguous()
     ks, vs = [key], [value]
     if mem.mode == "mka" and cfg.uses_session:
         k2, v2 = mem.session_keys(key, value)
         ks.append(k2)
         vs.append(v2)
-    layer = None if call.cache is None else layer_for(call.cache, mem.layer_idx, mem.site_name)
     stores = [] if layer is None else layer.stores
     if len(stores) != len(ks) or stores[0].n.shape[0] != B:
         stores = level_stores(len(ks), Hkv, d, key, cfg)
