@@ -155,12 +155,18 @@ def _goals_section(r: dict) -> list[str]:
     return lines + [""]
 
 
+def _length_head(first: str, lengths: list[int], W: int) -> list[str]:
+    """A table's two header lines: ``first`` (two columns), then one column per context length (in windows)."""
+    return [
+        first + " " + " | ".join(f"{_tok(n)} ({n // W}W)" for n in lengths) + " |",
+        "|---|---|" + "---|" * len(lengths),
+    ]
+
+
 def _retrieval_section(r: dict, names: dict, link) -> list[str]:
     if not r["retrieval"]:
         return []
     lengths = r["retrieval_lengths"]
-    W = r["settings"]["window"]
-    head = " | ".join(f"{_tok(n)} ({n // W}W)" for n in lengths)
     lines = [
         "## Retrieval",
         "",
@@ -168,8 +174,7 @@ def _retrieval_section(r: dict, names: dict, link) -> list[str]:
         f"answer byte in one forward), {r['settings']['samples']} samples per task and length, the asked needle's "
         f"depth spread uniformly over the context. The first column is the training length (in-length).",
         "",
-        f"| variant | task | {head} |",
-        "|---|---|" + "---|" * len(lengths),
+        *_length_head("| variant | task |", lengths, r["settings"]["window"]),
     ]
     for v, by_task in r["retrieval"].items():
         for task in r["tasks"]:
@@ -185,9 +190,7 @@ def _bank_section(r: dict) -> list[str]:
     bank = r.get("bank") or {}
     if not bank:
         return []
-    W = r["settings"]["window"]
     lengths = sorted({int(n) for by_n in bank.values() for n in by_n})
-    head = " | ".join(f"{_tok(n)} ({n // W}W)" for n in lengths)
     lines = [
         "## Retrieval from a memory bank",
         "",
@@ -196,8 +199,7 @@ def _bank_section(r: dict) -> list[str]:
         f'asked alone in a fresh `bounded_cache(bank)`, with {r["variants"]["mka"]["label"]}; "alone" asks it '
         f"without the bank. {r['settings']['bank_samples']} samples per task and length.",
         "",
-        f"| task | | {head} |",
-        "|---|---|" + "---|" * len(lengths),
+        *_length_head("| task | |", lengths, r["settings"]["window"]),
     ]
     for task, by_n in bank.items():
         for key, label in (("bank", "with the bank"), ("alone", "alone")):
