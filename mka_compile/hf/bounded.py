@@ -22,6 +22,7 @@ from mka_compile.bounded import BoundedStore, attend, attend_levels, level_store
 from mka_compile.bounded_bank import BankLayer, MemoryBank
 from mka_compile.bounded_fixed import FixedStore, attend_one
 from mka_compile.config import MKAConfig
+from mka_compile.hf.compat import cache_kwargs
 from mka_compile.memory import group_mean
 
 
@@ -221,7 +222,7 @@ def memory_bank(model: torch.nn.Module, input_ids: torch.Tensor, block_size: int
     cache = DynamicCache()
     try:
         for a in range(0, ids.shape[1], block_size):
-            model(input_ids=ids[:, a : a + block_size], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, a : a + block_size], use_cache=True, **cache_kwargs(model, cache))
     finally:
         model.train(was)
     C = cfg.chunk_size
