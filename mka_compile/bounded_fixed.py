@@ -27,6 +27,8 @@ from mka_compile.config import MKAConfig
 from mka_compile.kernels.bounded_attention import rotate_by
 
 FIELDS = ("count", "sink_k", "sink_v", "ring_k", "ring_v", "chunk_k", "chunk_v", "bounds")
+STORE_FIELDS = ("chunk_k", "chunk_v")  # read by a step, written by its driver (a step returns the chunk it completes)
+DONE_FIELDS = ("done_k", "done_v", "done_at")  # the chunk a step completed, and its slot (-1: none)
 
 
 @dataclass
@@ -93,7 +95,10 @@ class FixedStore:
 
 def attend_one(fs: FixedStore, q, k, v, valid, cfg: MKAConfig, freqs, interleaved: bool, trained_length: int, scale):
     """One token per row: ``q: [B, H, 1, d]``, ``k, v: [B, G, 1, d]`` rotated at the row's real position,
-    ``valid: [B]``. Returns ``(out [B, H, 1, d], the updated store)``; a padded row writes nothing."""
+    ``valid: [B]``. Returns ``(out [B, H, 1, d], the updated store, done)``; a padded row writes nothing. ``done =
+    (done_k, done_v [B, G, C, d], done_at [B])``: the chunk this token completed and its slot (-1: none), which
+    the updated store holds too. An exported step returns ``done`` instead of the whole chunk store, and its
+    driver writes it into the store it keeps (so no step copies the store)."""
     B, H, _, d = q.shape
     G = k.shape[1]
     S, W, C, R = cfg.sink_tokens, cfg.window, cfg.chunk_size, cfg.exact_recall
@@ -110,6 +115,7 @@ def attend_one(fs: FixedStore, q, k, v, valid, cfg: MKAConfig, freqs, interleave
     sink_v = torch.where(at_sink, v.to(fs.sink_v.dtype), fs.sink_v)
     chunk_k, chunk_v, bounds = fs.chunk_k, fs.chunk_v, fs.bounds
     o = torch.arange(C, device=dev)
+    done = (fs.ring_k.new_zeros(B, G, C, d), fs.ring_v.new_zeros(B, G, C, d), torch.full_like(t, -1))
     if N:  # a token that fills its chunk completes it: the chunk's tokens and recall key go to their slot
         c = t // C
         cpos = c[:, None] * C + o  # (B, C)
@@ -123,6 +129,7 @@ def attend_one(fs: FixedStore, q, k, v, valid, cfg: MKAConfig, freqs, interleave
         chunk_k = torch.where(write[..., None, None], ck[:, :, None], chunk_k)
         chunk_v = torch.where(write[..., None, None], cv[:, :, None], chunk_v)
         bounds = torch.where(write[..., None], torch.cat([mid, rad], -1)[:, :, None], bounds)
+        done = (ck, cv, torch.where(valid.bool() & ((t + 1) % C == 0), c, -1))
     new = FixedStore(t + valid.long(), sink_k, sink_v, ring_k, ring_v, chunk_k, chunk_v, bounds)
 
     # what the query sees: sinks, recalled chunks, window
@@ -150,8 +157,8 @@ def attend_one(fs: FixedStore, q, k, v, valid, cfg: MKAConfig, freqs, interleave
         found = sel < N
         sel = sel.clamp(max=N - 1)
         h = sel[..., None, None].expand(B, G, R_eff, C, d)
-        rk = torch.gather(new.chunk_k, 2, h).flatten(2, 3)  # (B, G, R*C, d)
-        rv = torch.gather(new.chunk_v, 2, h).flatten(2, 3)
+        rk = torch.gather(fs.chunk_k, 2, h).flatten(2, 3)  # (B, G, R*C, d); the input store: the chunk this
+        rv = torch.gather(fs.chunk_v, 2, h).flatten(2, 3)  # token completes is in its window, never recalled
         ci = sel[..., None] * C + o  # (B, G, R, C) real positions
         r_ok = (found[..., None] & (ci >= S)).flatten(2)
         n_rec = found.sum(-1)
@@ -175,4 +182,4 @@ def attend_one(fs: FixedStore, q, k, v, valid, cfg: MKAConfig, freqs, interleave
     sc = torch.einsum("bgrd,bgmd->bgrm", qq, kk.to(acc)) * scale
     sc = sc.masked_fill(~mask[:, :, None], -torch.inf)
     out = torch.einsum("bgrm,bgmd->bgrd", torch.softmax(sc, -1), vv.to(acc))
-    return out.reshape(B, H, 1, d).to(q.dtype), new
+    return out.reshape(B, H, 1, d).to(q.dtype), new, done

@@ -193,12 +193,14 @@ def test_the_fixed_size_step_equals_attend(trained, recall):
         (0, FixedStore.empty(B, G, d, d + d // 2, 32, cfg, k)),
         (40, FixedStore.from_store(prefilled, 32, cfg, freqs, False)),
     ):
-        outs = []
+        outs, kept = [], fs.chunk_k.clone()  # kept: a driver's store, written from what each step completes
         for t in range(start, N):
             one = (q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], valid[:, t])
-            o, fs = attend_one(fs, *one, cfg, freqs, False, trained, 0.4)
+            o, fs, (done_k, _, done_at) = attend_one(fs, *one, cfg, freqs, False, trained, 0.4)
             outs.append(o)
+            for b in (done_at >= 0).nonzero().flatten().tolist():
+                kept[b, :, done_at[b]] = done_k[b]
         got = torch.cat(outs, 2)
         m = valid[:, None, start:, None]
         torch.testing.assert_close(got * m, want[:, :, start:] * m, rtol=1e-5, atol=1e-5)
-        assert torch.equal(fs.count, valid.sum(-1))
+        assert torch.equal(fs.count, valid.sum(-1)) and torch.equal(kept, fs.chunk_k)

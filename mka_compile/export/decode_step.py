@@ -14,7 +14,10 @@
 
 Bounded memory (``MKAConfig(window=...)``, FastMKA, every layer converted): no ``past``; each site's state adds its
 fixed-size store (:data:`mka_compile.bounded_fixed.FIELDS`: ``count, sink_k, sink_v, ring_k, ring_v, chunk_k,
-chunk_v, bounds``), and every call takes one token per row (T = 1; a prompt is fed token by token).
+chunk_v, bounds``), and every call takes one token per row (T = 1; a prompt is fed token by token). The chunk store
+(``chunk_k, chunk_v``, ``max_len // C`` chunks) is an input only: a step returns the chunk it completed
+(``chunk_done.{j}.done_k, done_v, done_at``; ``done_at = -1``: none) and the driver writes it into the store it
+keeps (:class:`~mka_compile.export.OnnxDecoder` does), so no step copies the store.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mka_compile.bounded_fixed import DONE_FIELDS, STORE_FIELDS, FixedStore
 from mka_compile.bounded_fixed import FIELDS as FIXED_FIELDS
-from mka_compile.bounded_fixed import FixedStore
 from mka_compile.hf.compat import cache_kwargs, returned_cache
 from mka_compile.layers.cache import MKALayerState
 from mka_compile.sites.memory import SiteMemory
@@ -107,7 +110,9 @@ class DecodeStep(nn.Module):
     def output_names(self) -> list[str]:
         names = ["logits"]
         names += [f"present.{i}.{kv}" for i in range(self.past_layers) for kv in ("key", "value")]
-        names += [f"new_state.{j}.{f}" for j, m in enumerate(self.sites.values()) for f in site_fields(m)]
+        for j, m in enumerate(self.sites.values()):
+            names += [f"new_state.{j}.{f}" for f in site_fields(m) if f not in STORE_FIELDS]
+            names += [f"chunk_done.{j}.{f}" for f in (DONE_FIELDS if m.config.bounded else ())]
         return names
 
     def forward(
@@ -149,8 +154,10 @@ class DecodeStep(nn.Module):
         new_state = []
         for mem in self.sites.values():
             new_state += state_tensors(mem, mem.state_of(cache), mem.fixed_slots)
-            if bounded:
-                new_state += cache.layers[mem.layer_idx].fixed.tensors()
+            if bounded:  # the chunk store is read, not returned: the chunk a step completes is, for the driver
+                layer = cache.layers[mem.layer_idx]
+                new_state += [t for f, t in zip(FIXED_FIELDS, layer.fixed.tensors()) if f not in STORE_FIELDS]
+                new_state += list(layer.done)
         return (out.logits, *present, *new_state)
 
 

@@ -100,7 +100,18 @@ class OnnxDecoder:
         full_mask = np.concatenate([self.mask, mask], 1)
         feeds = {"input_ids": ids, "attention_mask": full_mask, **self.feeds}
         outs = self.session.run(self.output_names, feeds)
+        done = {}
         for name, value in zip(self.output_names[1:], outs[1:]):
+            if name.startswith("chunk_done."):  # bounded memory: the chunk a step completed, for the store kept here
+                done[name] = value
+                continue
             self.feeds[name.replace("present.", "past.").replace("new_state.", "state.")] = value
+        for name, at in done.items():
+            if name.endswith(".done_at"):
+                site = name[len("chunk_done.") : -len(".done_at")]
+                for kv in ("k", "v"):
+                    store, chunk = self.feeds[f"state.{site}.chunk_{kv}"], done[f"chunk_done.{site}.done_{kv}"]
+                    for b in np.nonzero(at >= 0)[0]:  # (B, G, N, C, d) <- (B, G, C, d), in place
+                        store[b, :, at[b]] = chunk[b]
         self.mask = full_mask
         return outs[0]

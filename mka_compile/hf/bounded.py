@@ -38,6 +38,7 @@ class BoundedLayer(CacheLayerMixin):
         self.stores: list[BoundedStore] = []  # one per full-length level (MKA mode: local, session)
         self.bank = bank  # an external memory bank's chunks for this layer (mka_compile.bounded_bank), never written
         self.fixed: FixedStore | None = None  # the fixed-size store of the exported decode step (bounded_fixed)
+        self.done: tuple | None = None  # the chunk the fixed-size step completed (bounded_fixed.attend_one)
         self.positions = 0  # positions passed, padding included (what get_seq_length reports)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -159,7 +160,7 @@ def site_attention(
                 "mode, no memory bank"
             )
         args = (cfg, mem.rope_freqs, mem.rope_interleaved, mem.trained_length, float(scaling))
-        out, layer.fixed = attend_one(layer.fixed, query, key, value, call.valid[:, 0], *args)
+        out, layer.fixed, layer.done = attend_one(layer.fixed, query, key, value, call.valid[:, 0], *args)
         call.attended = True
         return out.transpose(1, 2).contiguous()
     ks, vs = [key], [value]
