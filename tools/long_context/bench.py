@@ -203,7 +203,7 @@ def run(s: Settings, log, cache_dir: Path = CACHE_DIR, command: str = "") -> dic
     t0 = time.perf_counter()
     bank = {}
     left = s.budget_s - (time.perf_counter() - t_start)
-    if "mka" in models and s.bank_samples and left < 0.4 * s.budget_s:
+    if "mka" in models and s.bank_samples and left < 0.1 * s.budget_s:
         notes.append(f"Retrieval from a memory bank: skipped, {left:.0f} s of the {s.budget_s:.0f} s budget were left.")
     elif "mka" in models and s.bank_samples:
         model = models["mka"][1]
