@@ -18,9 +18,10 @@ from transformers import DynamicCache
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from mka_compile import bounded_recall as recall
-from mka_compile.bounded import BoundedStore, attend, attend_levels, level_stores
+from mka_compile.bounded import BoundedStore, attend
 from mka_compile.bounded_bank import BankLayer, MemoryBank
 from mka_compile.bounded_fixed import FixedStore, attend_one
+from mka_compile.bounded_levels import attend_levels, level_stores
 from mka_compile.config import MKAConfig
 from mka_compile.hf.compat import cache_kwargs
 from mka_compile.memory import group_mean
@@ -141,7 +142,7 @@ def site_attention(
     :class:`~mka_compile.sites.memory.SiteMemory`, with a call open): the site's query, keys and values of this call
     (rotated, as it attends to them, ``[B, H|Hkv, T, d]``) -> ``[B, T, H, d]``. FastMKA attends to the routed keys
     (:func:`~mka_compile.bounded.attend`); MKA mode mixes its levels' bounded attentions
-    (:func:`~mka_compile.bounded.attend_levels`). The keys are kept in the cache's :class:`BoundedLayer` (fresh
+    (:func:`~mka_compile.bounded_levels.attend_levels`). The keys are kept in the cache's :class:`BoundedLayer` (fresh
     stores without a cache)."""
     call = mem._call
     cfg = mem.config

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mka_compile import bounded
+from mka_compile import bounded, bounded_levels
 from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
 from mka_compile.kernels import _validate as check
@@ -212,7 +212,7 @@ class _MKABase(nn.Module):
         B, H, T, d = q.shape
         Hkv = self.num_kv_heads
         if st.bounded is None or len(st.bounded) != levels or st.bounded[0].n.shape[0] != B:
-            st.bounded = bounded.level_stores(levels, Hkv, d, k, cfg)
+            st.bounded = bounded_levels.level_stores(levels, Hkv, d, k, cfg)
         q_r = None
         if cfg.exact_recall > 0 and cfg.chunk_keys == "mean":
             q_r = q.view(B, Hkv, H // Hkv, T, d).mean(2).float()
@@ -271,7 +271,7 @@ class MKAAttention(_MKABase):
         if self.config.bounded:
             stores, q_r, summ, freqs = self._bounded_inputs(q, ks[0], st, len(ks))
             l3 = None if recall is None else (q, *recall[1:])
-            return bounded.attend_levels(
+            return bounded_levels.attend_levels(
                 stores, self._rope(q, pos), [self._rope(k, pos) for k in ks], vs, valid, lam, q_r, summ, l3,
                 self.config, freqs, False, self.config.trained_length or 0, self.scale,
             )  # fmt: skip
