@@ -32,6 +32,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from mka_compile import bounded_recall as recall
+from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
 from mka_compile.kernels.bounded_attention import rotate_cs
 
@@ -265,7 +266,7 @@ def attend(
             remap = None
     zero = torch.zeros((), dtype=torch.int64, device=dev)
     n_rec = torch.zeros(B, G, T, dtype=torch.int64, device=dev)  # chunks each query recalled
-    far = None
+    far = None  # the recalled entries: (pool_k, pool_v, idx, delta)
     if R > 0 and store.chunk_bounds is not None:  # chunk_keys="bounds": the store's own chunk bounds
         recall.update_bounds(store, freqs, interleaved)
         q_r, summ_k = recall.recall_keys(store, q, t, freqs, interleaved)
@@ -281,19 +282,63 @@ def attend(
             big = torch.iinfo(torch.int64).max
             offset = torch.where(real, rot_pos.to(dev) - t, big).amin(-1)
             offset = torch.where(offset == big, 0, offset)  # (B,)
-        far, n_rec = recall.recalled(
-            store, q, ws, real, q_r, summ_k, cfg, remap, freqs, interleaved, scale, bank, offset
-        )
+        *far, n_rec = recall.entries(store, q, ws, real, q_r, summ_k, cfg, remap, freqs, interleaved, bank, offset)
     s_delta = None  # the sinks sit right before the recalled chunks, which sit right before the window
     if remap is not None:
         s_delta = torch.where(remap[:, None], ws[:, None] - n_rec * C - S, zero)  # (B, G, T)
-    near = _window_attention(q, store, t, real, ws, scale, s_delta, freqs, interleaved)
+    if T <= GATHER_QUERIES:
+        out = _gathered_attention(q, store, t, real, ws, scale, s_delta, freqs, interleaved, far)
+    else:
+        out, lse = _window_attention(q, store, t, real, ws, scale, s_delta, freqs, interleaved)
+        if far is not None:
+            pool_k, pool_v, idx, delta = far
+            fr = freqs if delta is not None else None
+            delta = torch.zeros_like(idx) if delta is None else delta
+            args = (idx.contiguous(), delta.contiguous(), fr, scale, interleaved)
+            out = _merge(out, lse, *K.bounded_attention(q, pool_k.to(q.dtype), pool_v.to(q.dtype), *args, run=C))
     store.settle()
-    out = near[0] if far is None else _merge(*near, *far)
     return out.to(q.dtype)
 
 
+GATHER_QUERIES = 16  # calls of at most this many queries (decode steps) attend in one mka::bounded_attention
 WINDOW_BLOCK = 256  # queries per block of the dense window attention
+
+
+def _gathered_attention(q, store: BoundedStore, t, real, ws, scale: float, s_delta, freqs, interleaved: bool, far):
+    """A short call's attention as one ``mka::bounded_attention`` over a pool of the call's recalled entries (``far``,
+    from :func:`~mka_compile.bounded_recall.entries`, or ``store.recent`` alone), its sinks (moved by ``s_delta``)
+    and its window: the same set and moves as :func:`_window_attention` merged with the recalled entries, with one
+    op instead of a dense window attention per block (the form of a decode step)."""
+    B, H, T, d = q.shape
+    G = store.recent_k.shape[1]
+    S, C, W = store.sinks, store.chunk, store.window
+    dev = q.device
+    if far is None:
+        pool_k, pool_v, idx, delta = store.recent_k, store.recent_v, None, None
+    else:
+        pool_k, pool_v, idx, delta = far
+    P = pool_k.shape[2]
+    j = torch.arange(W + C - 1, device=dev)  # a window holds at most W + C - 1 tokens
+    wpos = ws[..., None] + j  # (B, T, W + C - 1) real positions
+    w_ok = real[..., None] & (wpos <= t[..., None])
+    parts_i = [torch.where(w_ok, wpos - store.base[:, None, None], -1)[:, None].expand(B, G, T, -1)]
+    parts_d = [torch.zeros_like(parts_i[0])]
+    if S:
+        s = torch.arange(S, device=dev)
+        s_ok = real[..., None] & (s < ws[..., None])  # (B, T, S): the sinks not in the window
+        parts_i.append(torch.where(s_ok, P + s, -1)[:, None].expand(B, G, T, S))
+        parts_d.append(torch.zeros_like(parts_i[-1]) if s_delta is None else s_delta[..., None].expand(B, G, T, S))
+        pool_k = torch.cat([pool_k, store.sink_k], 2)
+        pool_v = torch.cat([pool_v, store.sink_v], 2)
+    if idx is not None:
+        parts_i.append(idx)
+        parts_d.append(torch.zeros_like(idx) if delta is None else delta)
+    moved = s_delta is not None or delta is not None
+    ix = torch.cat(parts_i, -1).contiguous()
+    dl = torch.cat(parts_d, -1).contiguous()
+    fr = freqs if moved else None
+    out, _ = K.bounded_attention(q, pool_k.to(q.dtype), pool_v.to(q.dtype), ix, dl, fr, scale, interleaved)
+    return out
 
 
 def _window_attention(q, store: BoundedStore, t, real, ws, scale: float, s_delta, freqs, interleaved: bool):

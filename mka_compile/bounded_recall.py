@@ -6,16 +6,15 @@
   score ``q . mid + sum_pairs |q_pair| rad_pair`` bounds ``max over its keys of q . k`` (summed over a kv group's
   query heads), as Quest bounds a page by per-channel minima and maxima; a rotation common to a row (positions
   offset from the real ones) changes neither term. ``chunk_keys="mean"`` scores the long-term level's summaries.
-- **Recalled attention**: each query's R best chunks among those before its window (``mka::recall_select``), their
-  tokens fetched once per call from the host store and attended exactly (``mka::bounded_attention``, one RoPE move
-  per chunk when positions are moved).
+- **Recalled entries**: each query's R best chunks among those before its window (``mka::recall_select``), their
+  tokens fetched once per call from the host store, as entries (with their RoPE moves) that
+  :mod:`mka_compile.bounded` attends exactly with the window and the sinks (``mka::bounded_attention``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
 from mka_compile.kernels.bounded_attention import rotate_by
 
@@ -86,10 +85,12 @@ def recall_keys(store, q: torch.Tensor, t: torch.Tensor, freqs, interleaved: boo
     return q_r, store.chunk_bounds
 
 
-def recalled(store, q, ws, real, q_r, summ_k, cfg: MKAConfig, remap, freqs, interleaved, scale, bank=None, offset=None):
+def entries(store, q, ws, real, q_r, summ_k, cfg: MKAConfig, remap, freqs, interleaved: bool, bank=None, offset=None):
     """Each query's R recalled chunks (``mka::recall_select`` among its own chunks before its window and, with a
-    ``bank`` (:class:`~mka_compile.bounded_bank.BankLayer`), the bank's chunks), their tokens attended exactly
-    (``mka::bounded_attention``, one move per chunk): ``((out, lse), n_rec [B, G, T])``. A recalled bank chunk is
+    ``bank`` (:class:`~mka_compile.bounded_bank.BankLayer`), the bank's chunks) as entries of a pool for
+    ``mka::bounded_attention``: ``(pool_k, pool_v [B, G, P, d], idx [B, G, T, R*C], delta [B, G, T, R*C] or None,
+    n_rec [B, G, T])``. The pool starts with ``store.recent`` (slot ``j``: real position ``base + j``), then the
+    fetched chunks; ``delta`` moves each entry (one move per chunk; None: none moves). A recalled bank chunk is
     placed right before the window, before the query's own recalled chunks; ``offset: [B]`` the row's rotation
     positions minus its real ones (None: 0)."""
     B, H, T, d = q.shape
@@ -138,12 +139,9 @@ def recalled(store, q, ws, real, q_r, summ_k, cfg: MKAConfig, remap, freqs, inte
     delta = None
     if remap is not None or bank is not None:
         delta = _moves(sel, found, is_bank, ws, n_rec, remap, bank, N, offset, C).flatten(3)
-    pool_k = torch.cat(parts_k, 2).to(q.dtype)
-    pool_v = torch.cat(parts_v, 2).to(q.dtype)
-    fr = freqs if delta is not None else None
-    delta = torch.zeros_like(idx) if delta is None else delta
-    out = K.bounded_attention(q, pool_k, pool_v, idx.contiguous(), delta.contiguous(), fr, scale, interleaved, run=C)
-    return out, n_rec
+    pool_k = torch.cat(parts_k, 2) if len(parts_k) > 1 else parts_k[0]
+    pool_v = torch.cat(parts_v, 2) if len(parts_v) > 1 else parts_v[0]
+    return pool_k, pool_v, idx, delta, n_rec
 
 
 def _fetch(chosen, ids, keys, values, dev):

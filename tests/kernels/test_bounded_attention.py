@@ -122,3 +122,37 @@ def test_runs_sharing_one_move_equal_entry_by_entry(interleaved, rot):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="run"):
         K.bounded_attention(q, k, v, idx, delta, freqs, 0.5, interleaved, run=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("rot", [8, 4])
+def test_cpu_kernel_equals_the_reference(dtype, interleaved, rot):
+    """The C++ CPU kernel (``kernels/bounded_attention/extension.cpp``, the op's CPU implementation where it builds)
+    against the reference: skipped entries, a query with none, moves in runs and entry by entry; an entry past the
+    pool is refused."""
+    from mka_compile.kernels.bounded_attention import cpu
+
+    if cpu.extension() is None:
+        pytest.skip("the C++ CPU kernel did not build here (or MKA_CPU_FUSED=0)")
+    B, H, G, T, P, d = 2, 6, 3, 5, 37, 12
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(*s, generator=g, dtype=dtype) for s in ((B, H, T, d), (B, G, P, d), (B, G, P, d)))
+    idx = torch.randint(-1, P, (B, G, T, 24), generator=g)
+    idx[0, 1, 2] = -1  # no entry
+    delta = torch.randint(-3000, 3000, (B, G, T, 6), generator=g).repeat_interleave(4, -1)
+    delta[..., :5] = torch.randint(-9, 9, (B, G, T, 5), generator=g)  # a few entries moved one by one
+    delta[..., 20:] = 0
+    freqs = 1.0 / (100.0 ** (torch.arange(rot // 2, dtype=torch.float32) * 2 / rot))
+    args = (q, k, v, idx, delta, freqs, 0.4, interleaved)
+    out, lse = torch.ops.mka.bounded_attention(*args, 1)
+    want, want_lse = K.reference_bounded_attention(*args)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, want, **tol)
+    torch.testing.assert_close(lse, want_lse, **tol)
+    assert torch.all(out[0, 2:4, 2] == 0) and torch.all(torch.isneginf(lse[0, 2:4, 2]))
+    got = cpu.extension().forward(*args)  # the kernel itself ran (not a fallback)
+    torch.testing.assert_close(got[0], out, rtol=0, atol=0)
+    idx[1, 0, 0, 3] = P
+    with pytest.raises(RuntimeError, match="past the pool"):
+        torch.ops.mka.bounded_attention(q, k, v, idx, delta, freqs, 0.4, interleaved, 1)
