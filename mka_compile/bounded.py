@@ -160,6 +160,14 @@ class BoundedStore:
         self.settle()  # (a store that was cropped)
         B, G, T, d = k.shape
         valid = valid.to(self.n.device)
+        if self._appends_at_the_end(valid):  # every row real, past its sinks, its recent tokens end at one slot
+            pos = self.n[:, None] + torch.arange(T, device=self.n.device)
+            self.recent_k = torch.cat([self.recent_k, k.to(self.recent_k.dtype)], 2)
+            self.recent_v = torch.cat([self.recent_v, v.to(self.recent_v.dtype)], 2)
+            self.n = self.n + T
+            self.positions += T
+            self.tail_real += T
+            return pos
         pos = self.n[:, None] + valid.long().cumsum(-1) - 1  # (B, T)
         cnt = valid.long().sum(-1)
         length = int((self.n + cnt - self.base).max())
@@ -181,6 +189,13 @@ class BoundedStore:
         trailing = int(torch.flip(all_real, (0,)).long().cumprod(0).sum())
         self.tail_real = self.tail_real + T if trailing == T else trailing
         return torch.where(valid, pos, -1)
+
+    def _appends_at_the_end(self, valid: torch.Tensor) -> bool:
+        """Whether a call's tokens simply follow ``recent`` (the common decode step): all real, no sink among them,
+        and every row's recent tokens fill ``recent`` exactly."""
+        if self.sinks and int(self.n.min()) < self.sinks:
+            return False
+        return bool(valid.all()) and bool((self.n - self.base == self.recent_k.shape[2]).all())
 
     def settle(self) -> None:
         """After a call: chunks no later query sees leave the device for the chunk store."""

@@ -144,14 +144,23 @@ def entries(store, q, ws, real, q_r, summ_k, cfg: MKAConfig, remap, freqs, inter
     return pool_k, pool_v, idx, delta, n_rec
 
 
+FETCH_EACH = 16  # at most this many entries per (row, kv head): fetched one by one (duplicates included)
+
+
 def _fetch(chosen, ids, keys, values, dev):
     """The chunks ``ids[chosen]`` (``[B, G, T, R]``) of ``keys, values: [B|1, G, N, C, d]`` (host memory), each
     fetched once: ``(k, v [B, G, U*C, d] on dev, u [B, G, T, R] each entry's place among them)``, or None."""
     n = keys.shape[2]
     if n == 0 or not bool(chosen.any()):
         return None
-    B, G, _, R = ids.shape
+    B, G, T, R = ids.shape
     C, d = keys.shape[3], keys.shape[4]
+    if T * R <= FETCH_EACH:  # few entries (a decode step): fetch each, without finding the distinct chunks first
+        h = ids.clamp(0, n - 1).flatten(2).to(keys.device)[..., None, None].expand(B, G, T * R, C, d)
+        fk = torch.gather(keys.expand(B, -1, -1, -1, -1), 2, h).to(dev, non_blocking=True)
+        fv = torch.gather(values.expand(B, -1, -1, -1, -1), 2, h).to(dev, non_blocking=True)
+        u = torch.arange(T * R, device=ids.device).view(1, 1, T, R).expand(B, G, T, R)
+        return fk.flatten(2, 3), fv.flatten(2, 3), u
     present = torch.zeros(B, G, n + 1, dtype=torch.bool, device=ids.device)
     present.scatter_(2, torch.where(chosen, ids, n).clamp(0, n).flatten(2), True)
     present = present[..., :n]
