@@ -23,6 +23,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from mka_compile.kernels.bounded_attention import triton_backward as bb
+from mka_compile.kernels.bounded_attention import triton_kernels as bk
 from mka_compile.kernels.longterm import triton_kernels as lt
 from mka_compile.kernels.mka_attention import triton_launch as mt
 from mka_compile.kernels.session_scan import triton_kernels as ss
@@ -148,6 +150,16 @@ def run_cases() -> None:
         )
         mt.mka_attention_fwd(*margs)
         mt.mka_attention_bwd(q, *margs, lse=torch.zeros(B, 8, 3, T), levels=torch.zeros(B, 8, 3, T, d))
+    for dt in (torch.float32, torch.bfloat16):  # bounded attention: a decode step and a prefill block, keys moved
+        for T, M in ((1, 4 + 8 * 64 + 1024 + 63), (300, 4 + 4 * 64)):
+            _Compile.case = f"{str(dt)[6:]} bounded T={T} M={M}"
+            q, k, v = _rand(B, 8, T, d, dtype=dt), _rand(B, 2, 2000, d, dtype=dt), _rand(B, 2, 2000, d, dtype=dt)
+            idx = torch.randint(-1, 2000, (B, 2, T, M))
+            delta = torch.randint(-500, 500, (B, 2, T, M))
+            freqs = 1.0 / (10000.0 ** (torch.arange(d // 2, dtype=torch.float32) * 2 / d))
+            args = (q, k, v, idx, delta, freqs, d**-0.5, False)
+            bk.bounded_attention_fwd(*args)
+            bb.bounded_attention_bwd(q, torch.zeros(B, 8, T), *args)
     pos = torch.arange(300).expand(B, 300).contiguous()
     for R, bank in ((8, True), (32, False)):
         _Compile.case = f"recall R={R} bank={bank}"
@@ -161,7 +173,7 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
     ns = parser.parse_args()
     _Compile.target = GPUTarget("cuda", ns.arch, 32)
-    for mod in (ss, lt, mt):
+    for mod in (ss, lt, mt, bk, bb):
         mod.for_device = lambda kernel, device: _Compile(kernel)
     for mod in (fa, importlib.import_module("mka_compile.kernels.flash_attention.plumbing")):
         mod.launchable = lambda kernel, device: _Compile(kernel)
