@@ -93,6 +93,8 @@ def test_stream_and_memory_numbers(run) -> None:
         mka = r["stream"]["mka"]["checkpoints"]
         assert mka[-1]["tokens"] == r["settings"]["stream_tokens"]
         assert mka[-1]["offloaded_bytes"] > 0
+        assert all(math.isfinite(c["ppl_1k"]) for c in mka if c["tokens"] >= 2048)  # the text-difficulty reference
+        assert any("ppl_1k" in c for c in mka)
     for rows in r["timing"].values():
         assert all(t["prefill_s"] > 0 and t["decode_ms"] > 0 for t in rows)
 
@@ -106,3 +108,20 @@ def test_goals_follow_the_numbers(run) -> None:
     k = r["prefill_exponent"]["full"]
     rows = r["timing"]["full"]
     assert k == pytest.approx(measure.fit_exponent([t["tokens"] for t in rows], [t["prefill_s"] for t in rows]))
+
+
+def test_fresh_segment_perplexity_equals_one_forward(run) -> None:
+    """The 1K-context reference of a stream segment, streamed in blocks through a cache, equals the perplexity of
+    the same tokens from one uncached forward over the same window of text."""
+    _, out = run
+    s = bench.QUICK
+    model = build_model(s.train)
+    model.load_state_dict(torch.load(out / "cache" / f"{s.train.key()}.pt", weights_only=False)["state"])
+    model.eval()
+    ids = torch.cat([torch.tensor([tasks.BOS]), tasks.text_ids("test")[:2047]])
+    got = measure.fresh_segment_ppl(model, ids, 2048, block=256, warm=512)
+    with torch.no_grad():
+        logits = model(ids[512:2048][None], use_cache=False).logits[0].float()  # window [n/2 - warm, n)
+    nll = torch.nn.functional.cross_entropy(logits[:-1], ids[513:2048], reduction="none")
+    want = math.exp(nll[1024 - 512 :].mean().item())  # tokens 1025 .. 2047 predicted (the segment (n/2, n])
+    assert got == pytest.approx(want, rel=1e-4)

@@ -61,6 +61,8 @@ class Settings:
     stream_block: int = 512
     stream_full_cap: int = 16384  # full attention streamed this far (quadratic cost)
     timing_multiples: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # decode / prefill lengths in windows
+    # longer lengths timed for full attention and bounded MKA at init only: where bounded decode starts to win
+    timing_far_multiples: tuple[int, ...] = (128, 256, 512)
     decode_steps: int = 8
     bank_multiples: tuple[int, ...] = (32, 64)  # lengths (in windows) of the documents put in a memory bank
     bank_samples: int = 20  # per task and length (passkey, multikey)
@@ -92,6 +94,7 @@ QUICK = Settings(  # tiny sizes for the smoke run; L stays 256 so that every tas
     stream_block=256,
     stream_full_cap=1024,
     timing_multiples=(1, 4, 16),
+    timing_far_multiples=(),
     decode_steps=3,
     budget_s=600.0,
 )
@@ -225,6 +228,10 @@ def run(s: Settings, log, cache_dir: Path = CACHE_DIR, command: str = "") -> dic
         cap = s.stream_full_cap if v.bounded is None else s.stream_tokens
         res = measure.stream(model, ids[:cap], s.stream_block, checkpoints, log, v.label)
         rows = [{**c, "ppl": measure.segment_ppl(res["nll"], c["tokens"])} for c in res["checkpoints"]]
+        if name in ("mka", "mka_ft", "sinks"):  # the same segments with a 1K-token context (text difficulty)
+            for c in rows:
+                if c["tokens"] >= 2048:
+                    c["ppl_1k"] = measure.fresh_segment_ppl(model, ids, c["tokens"], s.stream_block)
         d = {"checkpoints": rows}
         if cap < s.stream_tokens:
             d["capped_at"] = cap
@@ -235,9 +242,14 @@ def run(s: Settings, log, cache_dir: Path = CACHE_DIR, command: str = "") -> dic
     # Decode ms/token and prefill time, variants interleaved per length.
     t0 = time.perf_counter()
     timing = {name: [] for name in models}
-    for m in s.timing_multiples:
+    far = ("full", "mka")  # the variants timed at the longer lengths too
+    for m in (*s.timing_multiples, *s.timing_far_multiples):
         n = m * W
+        if n > len(ids):
+            continue
         for name, (v, model, _) in models.items():
+            if m not in s.timing_multiples and name not in far:
+                continue
             res = measure.prefill_decode(model, ids[:n], s.decode_steps)
             timing[name].append({"tokens": n, **res})
             log(

@@ -91,6 +91,17 @@ def bank_retrieval(model, samples: list[tasks.Sample], chunk: int) -> dict:
 
 
 @torch.no_grad()
+def fresh_segment_ppl(model, ids: torch.Tensor, n: int, block: int, warm: int = 1024) -> float:
+    """Perplexity of the tokens in ``(n / 2, n]`` of ``ids`` (the segment :func:`segment_ppl` scores) predicted by
+    ``model`` from a fresh cache that starts ``warm`` tokens before the segment: the same text with a short context,
+    the reference that tells what a long stream adds or costs from how hard the text is."""
+    lo = max(0, n // 2 - warm)
+    res = stream(model, ids[lo:n], block, [], lambda _: None, "")
+    seg = res["nll"][n // 2 - lo : n - lo - 1]
+    return math.exp(sum(seg) / len(seg))
+
+
+@torch.no_grad()
 def stream(
     model, ids: torch.Tensor, block: int, checkpoints: list[int], log: Callable[[str], None], label: str
 ) -> dict:
