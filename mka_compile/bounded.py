@@ -67,6 +67,7 @@ class BoundedStore:
     # mean un-rotated key) then its radius per channel pair (P = rot/2 + d - rot pairs; mka_compile.bounded_recall)
     chunk_bounds: torch.Tensor | None = None
     bounds_done: torch.Tensor | None = None  # (B,) int64: chunks whose bounds are computed
+    cropped: bool = False  # a crop moved ``base`` back: the next call settles the store first
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, head_dim: int, ref: torch.Tensor, cfg: MKAConfig) -> BoundedStore:
@@ -157,7 +158,8 @@ class BoundedStore:
     def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Store a call's keys and values ``[B, G, T, d]`` (as the site attends to them, rotated) for its real tokens
         ``valid: [B, T]``; returns their real positions ``[B, T]`` (-1 for padding)."""
-        self.settle()  # (a store that was cropped)
+        if self.cropped:
+            self.settle()
         B, G, T, d = k.shape
         valid = valid.to(self.n.device)
         if self._appends_at_the_end(valid):  # every row real, past its sinks, its recent tokens end at one slot
@@ -200,6 +202,7 @@ class BoundedStore:
     def settle(self) -> None:
         """After a call: chunks no later query sees leave the device for the chunk store."""
         self._rebase(torch.maximum(self.base, self.window_start(self.n)))
+        self.cropped = False
 
     def crop(self, remove: int) -> None:
         """Forget the latest ``remove`` positions (real tokens in every row; see ``tail_real``)."""
@@ -215,6 +218,7 @@ class BoundedStore:
             self.bounds_done = torch.minimum(self.bounds_done, self.n // self.chunk)
         self.tail_real -= remove
         self.positions -= remove
+        self.cropped = True
         self._rebase(torch.minimum(self.base, self.window_start(self.n)))
         self.recent_k = self.recent_k[:, :, : int((self.n - self.base).max())]
         self.recent_v = self.recent_v[:, :, : self.recent_k.shape[2]]

@@ -112,13 +112,15 @@ def entries(store, q, ws, real, q_r, summ_k, cfg: MKAConfig, remap, freqs, inter
                 mid = unrotate(bank_k[..., :d], -offset[:, None].expand(B, bank_k.shape[2]), freqs, interleaved)
                 bank_k = torch.cat([mid, bank_k[..., d:]], -1)
         sel, found = torch.ops.mka.recall_select(q_r, summ_k, at, C, R, bank_k, None)  # (B, G, T, R)
-    is_bank = found & (sel >= N)  # slots N .. N + M - 1: the bank's chunks
-    own = found & ~is_bank
+    is_bank = None if bank is None else found & (sel >= N)  # slots N .. N + M - 1: the bank's chunks
+    own = found if bank is None else found & ~is_bank
     stored = base // C  # (B,) chunks in the host store
     in_store = own & (sel < stored[:, None, None, None])
     o = torch.arange(C, device=dev)
     ci = sel[..., None] * C + o  # (B, G, T, R, C) real positions (own chunks)
-    ok = (own[..., None] & (ci >= S)) | is_bank[..., None]  # a sink is attended as a sink
+    ok = own[..., None] & (ci >= S)  # a sink is attended as a sink
+    if bank is not None:
+        ok = ok | is_bank[..., None]
     slot = ci - base[:, None, None, None, None]  # in recent (the pool starts with recent)
     parts_k, parts_v = [store.recent_k], [store.recent_v]
     pooled = store.recent_k.shape[2]
@@ -181,11 +183,13 @@ def _moves(sel, found, is_bank, ws, n_rec, remap, bank, N, offset, C):
     position in the source; it moves into the row's frame (``offset``)."""
     B, G, T, R = sel.shape
     M = 0 if bank is None else bank.chunks
-    okey = torch.where(is_bank, sel - N - M, sel)  # bank chunks first
+    okey = sel if bank is None else torch.where(is_bank, sel - N - M, sel)  # bank chunks first
     earlier = okey[..., None, :] < okey[..., :, None]  # (B, G, T, R, R): entry j comes before entry i
     w = ws[:, None, :, None]
     target = w - (n_rec[..., None] - (found[..., None, :] & earlier).sum(-1)) * C  # moved: everything laid out
     orig = sel * C
+    if bank is None and remap is not None and bool(remap.all()):  # every query moved (a decode step past L)
+        return torch.where(found, target - orig, 0)[..., None].expand(B, G, T, R, C)
     if bank is not None:
         bank_target = w - (is_bank.sum(-1, keepdim=True) - (is_bank[..., None, :] & earlier).sum(-1)) * C
         start = bank.starts.to(sel.device)[(sel - N).clamp(0, max(M - 1, 0))]
