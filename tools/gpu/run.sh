@@ -13,7 +13,8 @@
 # hangs. Environment (defaults): OUT (/tmp/gpu_out), PYTHON (python, else python3), MKA_PKG_DIR (/tmp/pkg),
 # T_TESTS (150 s), T_CHECK (420 s; smoke 900 s), SWEEP_BUDGET (170 s), CHECK_ARGS (extra check.py args),
 # TEST_IDS (space-separated pytest ids run one by one instead of the whole GPU set; T_EACH s each, 30),
-# NO_SWEEP (1: checks, timings and goals only), MODELS_CHECK (1: tools/gpu/models_check.py instead of check.py).
+# NO_SWEEP (1: checks, timings and goals only), MODELS_CHECK (1: tools/gpu/models_check.py instead of check.py),
+# BOUNDED (1: then tools/gpu/bounded.py, bounded memory against full attention at 4K-128K; T_BOUNDED s, 300).
 # A module that fails to import (say hypothesis missing there) does not stop the other GPU tests.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 3
@@ -92,11 +93,19 @@ EOF
     timeout -k 10 "$T_CHECK" "$PY" tools/gpu/check.py "${args[@]}"
     rc_check=$?
     local dt_check=$(($(date +%s) - t1))
+    local rc_bounded=0
+    if [[ "${BOUNDED:-0}" == 1 ]]; then  # bounded memory end to end (its table comes last)
+        local bargs=(--out "$OUT")
+        ((SMOKE)) && bargs+=(--device cpu --tiny)
+        step "tools/gpu/bounded.py ${bargs[*]} (timeout ${T_BOUNDED:-300}s)"
+        timeout -k 10 "${T_BOUNDED:-300}" "$PY" tools/gpu/bounded.py "${bargs[@]}"
+        rc_bounded=$?
+    fi
 
     echo
-    echo "== done: tests rc=$rc_tests (${dt_tests} s), check rc=$rc_check (${dt_check} s)," \
+    echo "== done: tests rc=$rc_tests (${dt_tests} s), check rc=$rc_check (${dt_check} s), bounded rc=$rc_bounded," \
         "total $(($(date +%s) - t0)) s; rc 124/137 = timed out; results in $OUT"
-    ((rc_tests == 0 && rc_check == 0)) || return 1
+    ((rc_tests == 0 && rc_check == 0 && rc_bounded == 0)) || return 1
 }
 
 main 2>&1 | tee "$OUT/log.txt"
