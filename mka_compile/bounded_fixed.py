@@ -24,11 +24,11 @@ import torch
 
 from mka_compile import bounded_recall as recall
 from mka_compile.config import MKAConfig
-from mka_compile.kernels.bounded_attention import rotate_by
+from mka_compile.kernels.bounded_attention import rotate_by, rotate_cs
 
 FIELDS = ("count", "sink_k", "sink_v", "ring_k", "ring_v", "chunk_k", "chunk_v", "bounds")
-STORE_FIELDS = ("chunk_k", "chunk_v")  # read by a step, written by its driver (a step returns the chunk it completes)
-DONE_FIELDS = ("done_k", "done_v", "done_at")  # the chunk a step completed, and its slot (-1: none)
+STORE_FIELDS = ("chunk_k", "chunk_v", "bounds")  # read by a step, written by its driver (from the step's DONE_FIELDS)
+DONE_FIELDS = ("done_k", "done_v", "done_bounds", "done_at")  # the chunk a step completed, its recall key, its slot
 
 
 @dataclass
@@ -96,9 +96,10 @@ class FixedStore:
 def attend_one(fs: FixedStore, q, k, v, valid, cfg: MKAConfig, freqs, interleaved: bool, trained_length: int, scale):
     """One token per row: ``q: [B, H, 1, d]``, ``k, v: [B, G, 1, d]`` rotated at the row's real position,
     ``valid: [B]``. Returns ``(out [B, H, 1, d], the updated store, done)``; a padded row writes nothing. ``done =
-    (done_k, done_v [B, G, C, d], done_at [B])``: the chunk this token completed and its slot (-1: none), which
-    the updated store holds too. An exported step returns ``done`` instead of the whole chunk store, and its
-    driver writes it into the store it keeps (so no step copies the store)."""
+    (done_k, done_v [B, G, C, d], done_bounds [B, G, d + P], done_at [B])``: the chunk this token completed, its
+    recall key and its slot (-1: none), which the updated store holds too. An exported step returns ``done``
+    instead of the whole chunk store and recall keys, and its driver writes it into the store it keeps (so no step
+    copies them)."""
     B, H, _, d = q.shape
     G = k.shape[1]
     S, W, C, R = cfg.sink_tokens, cfg.window, cfg.chunk_size, cfg.exact_recall
@@ -115,7 +116,12 @@ def attend_one(fs: FixedStore, q, k, v, valid, cfg: MKAConfig, freqs, interleave
     sink_v = torch.where(at_sink, v.to(fs.sink_v.dtype), fs.sink_v)
     chunk_k, chunk_v, bounds = fs.chunk_k, fs.chunk_v, fs.bounds
     o = torch.arange(C, device=dev)
-    done = (fs.ring_k.new_zeros(B, G, C, d), fs.ring_v.new_zeros(B, G, C, d), torch.full_like(t, -1))
+    nothing = (
+        fs.ring_k.new_zeros(B, G, C, d),
+        fs.ring_v.new_zeros(B, G, C, d),
+        bounds.new_zeros(B, G, bounds.shape[-1]),
+    )
+    done = (*nothing, torch.full_like(t, -1))
     if N:  # a token that fills its chunk completes it: the chunk's tokens and recall key go to their slot
         c = t // C
         cpos = c[:, None] * C + o  # (B, C)
@@ -128,8 +134,9 @@ def attend_one(fs: FixedStore, q, k, v, valid, cfg: MKAConfig, freqs, interleave
         write = ok[..., 0] & ((t + 1) % C == 0)[:, None, None] & here[:, None]  # (B, 1, N)
         chunk_k = torch.where(write[..., None, None], ck[:, :, None], chunk_k)
         chunk_v = torch.where(write[..., None, None], cv[:, :, None], chunk_v)
-        bounds = torch.where(write[..., None], torch.cat([mid, rad], -1)[:, :, None], bounds)
-        done = (ck, cv, torch.where(valid.bool() & ((t + 1) % C == 0), c, -1))
+        key = torch.cat([mid, rad], -1)  # (B, G, d + P)
+        bounds = torch.where(write[..., None], key[:, :, None], bounds)
+        done = (ck, cv, key, torch.where(valid.bool() & ((t + 1) % C == 0), c, -1))
     new = FixedStore(t + valid.long(), sink_k, sink_v, ring_k, ring_v, chunk_k, chunk_v, bounds)
 
     # what the query sees: sinks, recalled chunks, window
@@ -148,7 +155,7 @@ def attend_one(fs: FixedStore, q, k, v, valid, cfg: MKAConfig, freqs, interleave
     if R_eff > 0:
         qu = recall.unrotate(q.float(), t[:, None], freqs, interleaved).view(B, G, H // G, d)
         q_r = torch.cat([qu.sum(2), recall.pair_norms(qu, freqs, interleaved).sum(2)], -1)  # (B, G, d + P)
-        scores = torch.einsum("bgw,bgnw->bgn", q_r, bounds)
+        scores = torch.einsum("bgw,bgnw->bgn", q_r, fs.bounds)  # the input keys: the chunk this token completes
         avail = torch.arange(N, device=dev)[None] < (ws // C)[:, None]  # (B, N)
         vals_r, sel = scores.masked_fill(~avail[:, None], -torch.inf).topk(R_eff, -1)  # (B, G, R)
         found = torch.isfinite(vals_r)
@@ -166,7 +173,9 @@ def attend_one(fs: FixedStore, q, k, v, valid, cfg: MKAConfig, freqs, interleave
             rank = torch.arange(R_eff, device=dev)
             target = ws[:, None, None] - (n_rec[..., None] - rank) * C  # (B, G, R)
             cd = torch.where(move[:, None, None] & found, target - sel * C, 0)
-            rk = rotate_by(rk, cd.repeat_interleave(C, -1).to(torch.float64)[..., None] * freqs.double(), interleaved)
+            ang = cd.to(torch.float64)[..., None] * freqs.double()  # (B, G, R, rot/2): one turn per chunk
+            cos, sin = (f(ang).repeat_interleave(C, 2) for f in (torch.cos, torch.sin))  # (B, G, R*C, rot/2)
+            rk = rotate_cs(rk, cos, sin, interleaved)
         keys.append(rk)
         vals.append(rv)
         oks.append(r_ok)

@@ -4,6 +4,8 @@ calls, moved positions and both recall keys (``chunk_keys``)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -193,14 +195,21 @@ def test_the_fixed_size_step_equals_attend(trained, recall):
         (0, FixedStore.empty(B, G, d, d + d // 2, 32, cfg, k)),
         (40, FixedStore.from_store(prefilled, 32, cfg, freqs, False)),
     ):
-        outs, kept = [], fs.chunk_k.clone()  # kept: a driver's store, written from what each step completes
+        outs, store = [], fs
+        # kept: a driver's chunk store and recall keys (inputs only), written from what each step completes
+        kept = [fs.chunk_k.clone(), fs.chunk_v.clone(), fs.bounds.clone()]
         for t in range(start, N):
             one = (q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], valid[:, t])
-            o, fs, (done_k, _, done_at) = attend_one(fs, *one, cfg, freqs, False, trained, 0.4)
+            driven = dataclasses.replace(fs, chunk_k=kept[0].clone(), chunk_v=kept[1].clone(), bounds=kept[2].clone())
+            o, fs, (*done, done_at) = attend_one(driven, *one, cfg, freqs, False, trained, 0.4)
+            o2, store, _ = attend_one(store, *one, cfg, freqs, False, trained, 0.4)  # the store it returns, whole
+            torch.testing.assert_close(o2, o, rtol=0, atol=0)
             outs.append(o)
             for b in (done_at >= 0).nonzero().flatten().tolist():
-                kept[b, :, done_at[b]] = done_k[b]
+                for x, part in zip(kept, done):
+                    x[b, :, done_at[b]] = part[b]
         got = torch.cat(outs, 2)
         m = valid[:, None, start:, None]
         torch.testing.assert_close(got * m, want[:, :, start:] * m, rtol=1e-5, atol=1e-5)
-        assert torch.equal(fs.count, valid.sum(-1)) and torch.equal(kept, fs.chunk_k)
+        assert torch.equal(fs.count, valid.sum(-1))
+        assert all(torch.equal(x, y) for x, y in zip(kept, (store.chunk_k, store.chunk_v, store.bounds)))

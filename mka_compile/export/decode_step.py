@@ -15,9 +15,10 @@
 Bounded memory (``MKAConfig(window=...)``, FastMKA, every layer converted): no ``past``; each site's state adds its
 fixed-size store (:data:`mka_compile.bounded_fixed.FIELDS`: ``count, sink_k, sink_v, ring_k, ring_v, chunk_k,
 chunk_v, bounds``), and every call takes one token per row (T = 1; a prompt is fed token by token). The chunk store
-(``chunk_k, chunk_v``, ``max_len // C`` chunks) is an input only: a step returns the chunk it completed
-(``chunk_done.{j}.done_k, done_v, done_at``; ``done_at = -1``: none) and the driver writes it into the store it
-keeps (:class:`~mka_compile.export.OnnxDecoder` does), so no step copies the store.
+and the chunks' recall keys (``chunk_k, chunk_v, bounds``, ``max_len // C`` chunks) are inputs only: a step returns
+the chunk it completed and its recall key (``chunk_done.{j}.done_k, done_v, done_bounds, done_at``; ``done_at =
+-1``: none) and the driver writes them into the store it keeps (:class:`~mka_compile.export.OnnxDecoder` does), so
+no step copies the store.
 """
 
 from __future__ import annotations

@@ -109,9 +109,9 @@ class OnnxDecoder:
         for name, at in done.items():
             if name.endswith(".done_at"):
                 site = name[len("chunk_done.") : -len(".done_at")]
-                for kv in ("k", "v"):
-                    store, chunk = self.feeds[f"state.{site}.chunk_{kv}"], done[f"chunk_done.{site}.done_{kv}"]
-                    for b in np.nonzero(at >= 0)[0]:  # (B, G, N, C, d) <- (B, G, C, d), in place
+                for field, part in (("chunk_k", "done_k"), ("chunk_v", "done_v"), ("bounds", "done_bounds")):
+                    store, chunk = self.feeds[f"state.{site}.{field}"], done[f"chunk_done.{site}.{part}"]
+                    for b in np.nonzero(at >= 0)[0]:  # (B, G, N, ...) <- (B, G, ...) at the chunk's slot, in place
                         store[b, :, at[b]] = chunk[b]
         self.mask = full_mask
         return outs[0]
