@@ -13,7 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(args: list[str], tmp_path: Path, safe_path: bool = True) -> dict:
+def run_tiny(args: list[str], tmp_path: Path, safe_path: bool = True, report: str = "timings.json") -> dict:
+    """Run a tools/gpu script with ``--device cpu --tiny --out tmp_path``; its JSON ``report`` and ``stdout``."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
     if safe_path:  # as run.sh runs scripts: the current directory is not on sys.path
         env["PYTHONSAFEPATH"] = "1"
@@ -26,11 +27,11 @@ def _run(args: list[str], tmp_path: Path, safe_path: bool = True) -> dict:
         env=env,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return {"stdout": res.stdout, **json.loads((tmp_path / "timings.json").read_text())}
+    return {"stdout": res.stdout, **json.loads((tmp_path / report).read_text())}
 
 
 def test_tiny_run_on_cpu(tmp_path: Path) -> None:
-    report = _run([str(ROOT / "tools" / "gpu" / "timings.py")], tmp_path)
+    report = run_tiny([str(ROOT / "tools" / "gpu" / "timings.py")], tmp_path)
     models = {r["what"]: r for r in report["models"]}
     for name in ("original (SDPA)", "converted fastmka", "converted mka"):
         for phase in ("prefill", "decode"):
@@ -45,7 +46,7 @@ def test_tiny_run_on_cpu(tmp_path: Path) -> None:
 
 def test_module_form_without_ops(tmp_path: Path) -> None:
     """``python -m tools.gpu.timings`` from the repository root (which puts the root on sys.path)."""
-    report = _run(["-m", "tools.gpu.timings", "--skip-ops", "--modes", "fastmka"], tmp_path, safe_path=False)
+    report = run_tiny(["-m", "tools.gpu.timings", "--skip-ops", "--modes", "fastmka"], tmp_path, safe_path=False)
     assert "ops" not in report
     assert [r["what"] for r in report["models"]] == [
         "original (SDPA) prefill",

@@ -32,6 +32,8 @@ import torch
 if not __package__:  # run as a file: the checkout's `tools` package, appended so an installed mka_compile still wins
     sys.path.append(str(Path(__file__).resolve().parents[2]))
 
+from tools.gpu.timings import llama  # noqa: E402
+
 FULL = {"vocab": 32000, "hidden": 2048, "intermediate": 8192, "layers": 16, "heads": 32, "kv_heads": 8}
 FULL_RUN = {"contexts": (4096, 32768, 131072), "block": 8192, "steps": 16}
 FULL_MEMORY = {"window": 2048, "sink_tokens": 4, "chunk_size": 64, "recall_chunks": 8}
@@ -43,23 +45,10 @@ TINY_MEMORY = {"window": 32, "sink_tokens": 4, "chunk_size": 16, "recall_chunks"
 def build(dev, dtype, shape: dict, memory: dict, positions: int) -> tuple:
     """``(original, bounded, bounded at init, config)`` on ``dev`` in ``dtype``, the same random weights; the
     bounded models converted on the CPU in fp32 (as a user converts a loaded checkpoint), then moved."""
-    import transformers as tf
-
     import mka_compile
     from mka_compile.bench import randomize_mka
 
-    cfg = tf.LlamaConfig(
-        vocab_size=shape["vocab"],
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["intermediate"],
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"],
-        max_position_embeddings=positions,
-        rope_theta=500000.0,
-    )
-    torch.manual_seed(0)
-    base = tf.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+    base = llama(shape, positions, rope_theta=500000.0)
     mcfg = mka_compile.MKAConfig(**memory, trained_length=positions)
     at_init = mka_compile.convert(copy.deepcopy(base), config=mcfg)
     bounded = randomize_mka(copy.deepcopy(at_init))

@@ -81,13 +81,9 @@ def attn_flops(B, H, Tq, Tk, d, causal) -> float:
 # ------------------------------------------------------------------------------------------------------ models
 
 
-def build_models(dev, dtype, shape: dict, modes=("fastmka", "mka"), mka_config=None) -> dict:
-    """``{"original": model, mode: converted model, ...}`` on ``dev`` in ``dtype`` (same random weights); a mode
-    that fails to convert maps to its error message instead."""
+def llama(shape: dict, positions: int = 2048, **config):
+    """A random-weight ``LlamaForCausalLM`` of ``shape`` (SDPA attention, fp32 on the CPU, seed 0)."""
     import transformers as tf
-
-    import mka_compile
-    from mka_compile.bench import randomize_mka
 
     cfg = tf.LlamaConfig(
         vocab_size=shape["vocab"],
@@ -96,10 +92,20 @@ def build_models(dev, dtype, shape: dict, modes=("fastmka", "mka"), mka_config=N
         num_hidden_layers=shape["layers"],
         num_attention_heads=shape["heads"],
         num_key_value_heads=shape["kv_heads"],
-        max_position_embeddings=max(2048, shape.get("positions", 0)),
+        max_position_embeddings=positions,
+        **config,
     )
     torch.manual_seed(0)
-    base = tf.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()  # fp32 on the CPU
+    return tf.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def build_models(dev, dtype, shape: dict, modes=("fastmka", "mka"), mka_config=None) -> dict:
+    """``{"original": model, mode: converted model, ...}`` on ``dev`` in ``dtype`` (same random weights); a mode
+    that fails to convert maps to its error message instead."""
+    import mka_compile
+    from mka_compile.bench import randomize_mka
+
+    base = llama(shape, max(2048, shape.get("positions", 0)))
     models: dict = {}
     for mode in modes:  # converted on the CPU in fp32 (as a user converts a loaded checkpoint), then moved
         conv = _guarded(
