@@ -32,7 +32,7 @@ import torch
 if not __package__:  # run as a file: the checkout's `tools` package, appended so an installed mka_compile still wins
     sys.path.append(str(Path(__file__).resolve().parents[2]))
 
-from tools.gpu.timings import llama  # noqa: E402
+from tools.gpu.timings import device_arguments, device_of, llama  # noqa: E402
 
 FULL = {"vocab": 32000, "hidden": 2048, "intermediate": 8192, "layers": 16, "heads": 32, "kv_heads": 8}
 FULL_RUN = {"contexts": (4096, 32768, 131072), "block": 8192, "steps": 16}
@@ -135,19 +135,15 @@ def goals(rows: list[dict]) -> list[tuple[str, str, bool | None]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--tiny", action="store_true", help="tiny model and lengths (seconds on a CPU)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 (CUDA), float32")
+    device_arguments(p)
     p.add_argument("--contexts", type=int, nargs="+", help="prompt lengths (default 4096 32768 131072)")
     p.add_argument("--block", type=int, help="prefill block (default 8192)")
     p.add_argument("--steps", type=int, help="decode steps per length (default 16)")
     p.add_argument("--out", default=None, help="folder for bounded.json")
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: run with --device cpu --tiny to exercise the script on the CPU", file=sys.stderr)
+    if (got := device_of(args)) is None:
         return 2
-    dev = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
+    dev, dtype = got
     shape, run, memory = (TINY, dict(TINY_RUN), TINY_MEMORY) if args.tiny else (FULL, dict(FULL_RUN), FULL_MEMORY)
     run.update({k: getattr(args, k) for k in run if getattr(args, k) is not None})
     contexts = sorted(run["contexts"])

@@ -252,11 +252,25 @@ def print_op_table(rows: list[dict]) -> None:
     sys.stdout.flush()
 
 
+def device_arguments(p: argparse.ArgumentParser) -> None:
+    """``--device``, ``--tiny`` and ``--dtype``, as every tools/gpu script takes them."""
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes (seconds on a CPU)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 (CUDA), float32")
+
+
+def device_of(args: argparse.Namespace) -> tuple[torch.device, torch.dtype] | None:
+    """The device and dtype the arguments ask for; None (after saying why) when CUDA is asked for but absent."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --device cpu --tiny to exercise the script on the CPU", file=sys.stderr)
+        return None
+    dev = torch.device(args.device)
+    return dev, getattr(torch, args.dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--tiny", action="store_true", help="tiny model and op sizes (seconds on a CPU)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bfloat16 (CUDA), float32")
+    device_arguments(p)
     p.add_argument("--reps", type=int, default=None, help="rounds per model, calls per op (default 5 / 30; tiny 2)")
     for key in ("batch", "prompt", "new_tokens"):
         p.add_argument(
@@ -266,11 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-ops", action="store_true", help="only the model timings")
     p.add_argument("--out", default=None, help="folder for timings.json")
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: run with --device cpu --tiny to exercise the script on the CPU", file=sys.stderr)
+    if (got := device_of(args)) is None:
         return 2
-    dev = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
+    dev, dtype = got
     shape, run = (TINY, dict(TINY_RUN)) if args.tiny else (FULL, dict(FULL_RUN))
     run.update({k: getattr(args, k) for k in run if getattr(args, k) is not None})
     op_size = {"B": 1, "H": 2, "T": 48, "d": 32} if args.tiny else {"B": 4, "H": 32, "T": 8192, "d": 128}
