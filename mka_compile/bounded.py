@@ -352,6 +352,8 @@ def _gathered_attention(q, store: BoundedStore, t, real, ws, scale: float, s_del
     if idx is not None:
         parts_i.append(idx)
         parts_d.append(torch.zeros_like(idx) if delta is None else delta)
+    if pool_k.shape[2] == 0:  # nothing stored yet (every token of the call padding): no key to attend to
+        return torch.zeros_like(q)
     moved = s_delta is not None or delta is not None
     ix = torch.cat(parts_i, -1).contiguous()
     dl = torch.cat(parts_d, -1).contiguous()

@@ -213,3 +213,17 @@ def test_the_fixed_size_step_equals_attend(trained, recall):
         torch.testing.assert_close(got * m, want[:, :, start:] * m, rtol=1e-5, atol=1e-5)
         assert torch.equal(fs.count, valid.sum(-1))
         assert all(torch.equal(x, y) for x, y in zip(kept, (store.chunk_k, store.chunk_v, store.bounds)))
+
+
+@pytest.mark.parametrize("fused", ["1", "0"])
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_a_call_of_padding_only_attends_to_nothing(fused, sinks, monkeypatch):
+    """A first short call whose tokens are all padding (nothing stored yet) gives zeros, with the C++ kernel and
+    with the reference (``MKA_CPU_FUSED=0``)."""
+    monkeypatch.setenv("MKA_CPU_FUSED", fused)
+    cfg = MKAConfig(window=8, sink_tokens=sinks, chunk_size=4, recall_chunks=0)
+    store = bounded.BoundedStore.empty(2, 1, 4, torch.zeros(1), cfg)
+    q, k = torch.randn(2, 2, 3, 4), torch.randn(2, 1, 3, 4)
+    none = torch.zeros(2, 3, dtype=torch.bool)
+    out = bounded.attend(store, q, k, k, none, None, None, cfg, None, False, 0, 0.5)
+    assert torch.equal(out, torch.zeros_like(q)) and int(store.n.sum()) == 0
