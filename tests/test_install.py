@@ -32,6 +32,7 @@ def test_regular_install_imports_mapped_packages(tmp_path: Path) -> None:
     assert (target / "mka_compile" / "kernels" / "session_scan" / "reference.py").is_file()
     fused = target / "mka_compile" / "kernels" / "fastmka_memory_cpu"  # the C++ sources built on first use ship too
     assert all((fused / f).is_file() for f in ("extension.cpp", "common.h", "forward.h", "backward.h"))
+    assert (target / "mka_compile" / "kernels" / "bounded_attention" / "extension.cpp").is_file()
     assert not (target / "kernels").exists()  # mapped, not installed as a top-level package
 
 
