@@ -161,7 +161,7 @@ _CAT_DIMS = (("keys", 1), ("values", 1), ("starts", 0), ("bounds", 1))
 
 
 def check_bank(bank: BankLayer, store: Any, width: int, site: str) -> None:
-    """A bank layer must match the site's store (a :class:`~mka_compile.bounded.BoundedStore`): kv heads, head
+    """A bank layer must match the site's store (a :class:`~mka_compile.bounded_store.BoundedStore`): kv heads, head
     size, chunk size and recall-key width."""
     G, d, C = store.recent_k.shape[1], store.recent_k.shape[3], store.chunk
     want = (G, bank.chunks, C, d)

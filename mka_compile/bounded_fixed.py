@@ -62,8 +62,8 @@ class FixedStore:
 
     @classmethod
     def from_store(cls, store, slots: int, cfg: MKAConfig, freqs, interleaved: bool) -> FixedStore:
-        """The same memory as a :class:`~mka_compile.bounded.BoundedStore` after a PyTorch prefill (whose rows were
-        rotated at their real positions, as ``generate`` does)."""
+        """The same memory as a :class:`~mka_compile.bounded_store.BoundedStore` after a PyTorch prefill (whose rows
+        were rotated at their real positions, as ``generate`` does)."""
         B, G, _, d = store.recent_k.shape
         C, Wr, dev = store.chunk, cfg.window + cfg.chunk_size, store.n.device
         if store.chunk_bounds is not None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from mka_compile import kernels as K
-from mka_compile.bounded import BoundedStore, attend
+from mka_compile.bounded import attend
+from mka_compile.bounded_store import BoundedStore
 from mka_compile.config import MKAConfig
 
 

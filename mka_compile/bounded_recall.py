@@ -37,8 +37,8 @@ def pair_norms(x: torch.Tensor, freqs: torch.Tensor | None, interleaved: bool) -
 
 
 def update_bounds(store, freqs: torch.Tensor | None, interleaved: bool) -> None:
-    """Compute the bounds of the chunks of ``store`` (a :class:`~mka_compile.bounded.BoundedStore`) completed since
-    the last call (all still in ``recent``): the keys are turned back by their real positions, the centre is their
+    """Compute the bounds of the chunks of ``store`` (a :class:`~mka_compile.bounded_store.BoundedStore`) completed
+    since the last call (all still in ``recent``): the keys are turned back by their real positions, the centre is their
     mean, and the radius of each channel pair (a RoPE pair; a single channel outside RoPE) is the largest distance
     of a key's pair from the centre's."""
     C = store.chunk

@@ -7,7 +7,7 @@ from dataclasses import fields
 
 import torch
 
-from mka_compile.bounded import BoundedStore
+from mka_compile.bounded_store import BoundedStore
 
 
 def _bytes(obj, seen: set[int]) -> int:

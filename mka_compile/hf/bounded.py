@@ -1,6 +1,6 @@
 """Bounded memory in a Hugging Face cache: the converted sites' layers of a ``transformers`` ``Cache`` become
-:class:`BoundedLayer` s (transformers' cache-layer interface), which keep a :class:`~mka_compile.bounded.BoundedStore`
-instead of every key and value.
+:class:`BoundedLayer` s (transformers' cache-layer interface), which keep a
+:class:`~mka_compile.bounded_store.BoundedStore` instead of every key and value.
 
 The model keeps calling ``cache.update(k, v, layer_idx)``: the layer counts the positions and hands the call's own keys
 and values to the attention, which the converted site answers (``mka_compile.hf.attention``) by storing them in the
@@ -18,10 +18,11 @@ from transformers import DynamicCache
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer
 
 from mka_compile import bounded_recall as recall
-from mka_compile.bounded import BoundedStore, attend
+from mka_compile.bounded import attend
 from mka_compile.bounded_bank import BankLayer, MemoryBank
 from mka_compile.bounded_fixed import FixedStore, attend_one
 from mka_compile.bounded_levels import attend_levels, level_stores
+from mka_compile.bounded_store import BoundedStore
 from mka_compile.config import MKAConfig
 from mka_compile.hf.compat import cache_kwargs
 from mka_compile.memory import group_mean
