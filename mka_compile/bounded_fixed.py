@@ -27,8 +27,10 @@ from mka_compile.config import MKAConfig
 from mka_compile.kernels.bounded_attention import rotate_by, rotate_cs
 
 FIELDS = ("count", "sink_k", "sink_v", "ring_k", "ring_v", "chunk_k", "chunk_v", "bounds")
-STORE_FIELDS = ("chunk_k", "chunk_v", "bounds")  # read by a step, written by its driver (from the step's DONE_FIELDS)
-DONE_FIELDS = ("done_k", "done_v", "done_bounds", "done_at")  # the chunk a step completed, its recall key, its slot
+# what a step reads but its driver writes: each store field from the part of the completed chunk a step returns
+DRIVER_WRITES = {"chunk_k": "done_k", "chunk_v": "done_v", "bounds": "done_bounds"}
+STORE_FIELDS = tuple(DRIVER_WRITES)
+DONE_FIELDS = (*DRIVER_WRITES.values(), "done_at")  # the chunk a step completed, its recall key, its slot (-1: none)
 
 
 @dataclass

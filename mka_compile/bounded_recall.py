@@ -188,17 +188,14 @@ def _moves(sel, found, is_bank, ws, n_rec, remap, bank, N, offset, C):
     w = ws[:, None, :, None]
     target = w - (n_rec[..., None] - (found[..., None, :] & earlier).sum(-1)) * C  # moved: everything laid out
     orig = sel * C
-    if bank is None and remap is not None and bool(remap.all()):  # every query moved (a decode step past L)
-        return torch.where(found, target - orig, 0)[..., None].expand(B, G, T, R, C)
-    if bank is not None:
-        bank_target = w - (is_bank.sum(-1, keepdim=True) - (is_bank[..., None, :] & earlier).sum(-1)) * C
-        start = bank.starts.to(sel.device)[(sel - N).clamp(0, max(M - 1, 0))]
-        off = torch.zeros_like(sel) if offset is None else offset[:, None, None, None].expand_as(sel)
-        orig = torch.where(is_bank, start - off, orig)
-        stay = torch.where(is_bank, bank_target, orig)
-    else:
-        stay = orig
     moved = torch.zeros_like(found) if remap is None else remap[:, None, :, None].expand_as(found)
+    if bank is None:  # own chunks stay at their true positions unless their query moves them
+        return torch.where(moved & found, target - orig, 0)[..., None].expand(B, G, T, R, C)
+    bank_target = w - (is_bank.sum(-1, keepdim=True) - (is_bank[..., None, :] & earlier).sum(-1)) * C
+    start = bank.starts.to(sel.device)[(sel - N).clamp(0, max(M - 1, 0))]
+    off = torch.zeros_like(sel) if offset is None else offset[:, None, None, None].expand_as(sel)
+    orig = torch.where(is_bank, start - off, orig)
+    stay = torch.where(is_bank, bank_target, orig)
     cd = torch.where(moved, target, stay) - orig
     return torch.where(found, cd, 0)[..., None].expand(B, G, T, R, C)
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from mka_compile.bounded_fixed import DRIVER_WRITES
+
 _NP = {
     "tensor(float)": np.float32,
     "tensor(double)": np.float64,
@@ -109,7 +111,7 @@ class OnnxDecoder:
         for name, at in done.items():
             if name.endswith(".done_at"):
                 site = name[len("chunk_done.") : -len(".done_at")]
-                for field, part in (("chunk_k", "done_k"), ("chunk_v", "done_v"), ("bounds", "done_bounds")):
+                for field, part in DRIVER_WRITES.items():
                     store, chunk = self.feeds[f"state.{site}.{field}"], done[f"chunk_done.{site}.{part}"]
                     for b in np.nonzero(at >= 0)[0]:  # (B, G, N, ...) <- (B, G, ...) at the chunk's slot, in place
                         store[b, :, at[b]] = chunk[b]
