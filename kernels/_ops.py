@@ -6,14 +6,8 @@ from __future__ import annotations
 from . import fastmka_memory_cpu  # noqa: F401  (the fused CPU memory path; built on first use)
 from .bounded_attention import bounded_attention, reference_bounded_attention
 from .flash_attention import flash_attention, reference_flash_attention
-from .longterm import (
-    real_positions,
-    recall_mask,
-    recall_mix,
-    recall_probs,
-    reference_chunk_update,
-    reference_recall_select,
-)
+from .longterm import *  # noqa: F403  (the L3 references and recall helpers: longterm.__all__)
+from .longterm import __all__ as _LONGTERM
 from .mka_attention import mka_attention, reference_mka_attention, visibility
 from .route_mix import reference_route_mix, route_mix
 from .session_scan import reference_session_scan, session_scan
@@ -40,14 +34,9 @@ __all__ = [
     "reference_bounded_attention",
     "flash_attention",
     "mka_attention",
-    "real_positions",
-    "recall_mask",
-    "recall_mix",
-    "recall_probs",
-    "reference_chunk_update",
+    *_LONGTERM,
     "reference_flash_attention",
     "reference_mka_attention",
-    "reference_recall_select",
     "reference_route_mix",
     "reference_session_scan",
     "route_mix",

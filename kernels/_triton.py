@@ -6,6 +6,10 @@ variable, so the launchers pick the kernel per call instead: tensors on the CPU 
 Triton interpreter (whatever ``TRITON_INTERPRET`` said), tensors on a GPU the compiled kernel. The
 CPU tests therefore pass in any import order, and CPU interpreter tests can share a process with
 compiled GPU tests.
+
+The kernels take a tensor's strides as one tuple argument (``x.stride()``), indexed in the kernel
+(``stride_x[0]``); :func:`load_head_tile` / :func:`store_head_tile` address one head of a ``[B, H, T, d]`` tensor
+through such a tuple.
 """
 
 from __future__ import annotations
@@ -91,3 +95,16 @@ def load_tile(base, rows, stride_r, cols, stride_c, mask):
 def store_tile(base, rows, stride_r, cols, stride_c, x, mask):
     """Store ``x`` (cast to the element type of ``base``) into the tile :func:`load_tile` reads."""
     tl.store(base + rows[:, None] * stride_r + cols[None, :] * stride_c, x.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def load_head_tile(base, strides, b, h, rows, cols, mask):
+    """:func:`load_tile` of head ``h`` of batch ``b`` of a ``[B, H, T, d]`` tensor at ``base`` (``strides``: its
+    four strides, a tuple)."""
+    return load_tile(base + b * strides[0] + h * strides[1], rows, strides[2], cols, strides[3], mask)
+
+
+@triton.jit
+def store_head_tile(base, strides, b, h, rows, cols, x, mask):
+    """Store ``x`` into the tile :func:`load_head_tile` reads."""
+    store_tile(base + b * strides[0] + h * strides[1], rows, strides[2], cols, strides[3], x, mask)

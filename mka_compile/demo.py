@@ -29,6 +29,7 @@ import mka_compile
 from mka_compile import training
 from mka_compile.bench import randomize_mka
 from mka_compile.hf.compat import cache_kwargs, returned_cache
+from mka_compile.model_spec import TINY
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -71,15 +72,7 @@ def run_demo(quick: bool = False, corpus: str = "shakespeare", out: str = "out/d
     pre_steps, ft_steps, windows = (10, 10, 8) if quick else (200, 150, 48)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    cfg = tf.LlamaConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
+    cfg = tf.LlamaConfig(**{**TINY, "hidden_size": 128, "intermediate_size": 384})  # the CLI's tiny:llama, wider
     model = tf.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
     console.rule("1. inspect: a tiny byte-level Llama (random init)")
     print(mka_compile.inspect(model), flush=True)

@@ -30,13 +30,7 @@ from .triton_kernels import (
 @triton.jit
 def _bounded_attention_bwd_kernel(
     Q, K, V, IDX, DELTA, STEPS, GO, LSE, DOT, DQ, DK, DV,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kp, stride_kd,
-    stride_vb, stride_vh, stride_vp, stride_vd,
-    stride_ib, stride_ih, stride_it, stride_im,
-    stride_db, stride_dh, stride_dt, stride_dm,
-    stride_gb, stride_gh, stride_gt, stride_gd,
-    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    stride_q, stride_k, stride_v, stride_i, stride_d, stride_g, stride_dq,
     H, REP, T, M, P, D, HALF, NT, scale, qk_scale,
     INTERLEAVED: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -50,18 +44,18 @@ def _bounded_attention_bwd_kernel(
     pid_bh, b, h, g, offs_t, t_mask, offs_d, d_mask = _query_block(NT, H, REP, T, D, BLOCK_T, BLOCK_D)
     off1, off2, offp, h_mask, p_mask = _features(HALF, D, INTERLEAVED, BLOCK_H, BLOCK_P)
 
-    q_row = Q + b * stride_qb + h * stride_qh + offs_t * stride_qt
+    q_row = Q + b * stride_q[0] + h * stride_q[1] + offs_t * stride_q[2]
     th = t_mask[:, None] & h_mask[None, :]
     tp = t_mask[:, None] & p_mask[None, :]
-    q1, q2, qp = _pair_parts(q_row[:, None], off1[None, :], off2[None, :], offp[None, :], th, tp, stride_qd)
-    go = tl.load(GO + b * stride_gb + h * stride_gh + offs_t[:, None] * stride_gt + offs_d[None, :] * stride_gd,
+    q1, q2, qp = _pair_parts(q_row[:, None], off1[None, :], off2[None, :], offp[None, :], th, tp, stride_q[3])
+    go = tl.load(GO + b * stride_g[0] + h * stride_g[1] + offs_t[:, None] * stride_g[2] + offs_d[None, :] * stride_g[3],
                  mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # fmt: skip
     lse = tl.load(LSE + pid_bh * T + offs_t, mask=t_mask, other=0.0)
     lse = tl.where(lse > float("-inf"), lse * _LOG2E, 0.0)  # queries with no entry: every p is 0 anyway
     dot = tl.load(DOT + pid_bh * T + offs_t, mask=t_mask, other=0.0)
     steps, idx_row, delta_row, k_base, v_base = _entry_lists(
-        STEPS, IDX, DELTA, K, V, b, g, offs_t, h_mask, stride_ib, stride_ih, stride_it,
-        stride_db, stride_dh, stride_dt, stride_kb, stride_kh, stride_vb, stride_vh, BLOCK_H)  # fmt: skip
+        STEPS, IDX, DELTA, K, V, b, g, offs_t, h_mask, stride_i, stride_d, stride_k, stride_v, BLOCK_H
+    )
     pool = (b * (H // REP) + g) * P * D  # DK, DV are contiguous
 
     dq1 = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
@@ -69,15 +63,15 @@ def _bounded_attention_bwd_kernel(
     dqp = tl.zeros([BLOCK_T, BLOCK_P], tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        ix, ok = _entries(idx_row, offs_m, t_mask, M, P, stride_im)
+        ix, ok = _entries(idx_row, offs_m, t_mask, M, P, stride_i[3])
         y1, y2, kp, c, s_ = _rotated_keys(
-            k_base + ix[:, :, None] * stride_kp, delta_row, offs_m, ok, steps,
-            off1, off2, offp, h_mask, p_mask, stride_dm, stride_kd,
+            k_base + ix[:, :, None] * stride_k[2], delta_row, offs_m, ok, steps,
+            off1, off2, offp, h_mask, p_mask, stride_d[3], stride_k[3],
         )  # fmt: skip
         s = tl.sum(q1[:, None, :] * y1, 2) + tl.sum(q2[:, None, :] * y2, 2) + tl.sum(qp[:, None, :] * kp, 2)
         p = tl.where(ok, tl.exp2(s * qk_scale - lse[:, None]), 0.0)  # (BT, BM)
         vmask = ok[:, :, None] & d_mask[None, None, :]
-        v = tl.load(v_base + ix[:, :, None] * stride_vp + offs_d[None, None, :] * stride_vd, mask=vmask, other=0.0)
+        v = tl.load(v_base + ix[:, :, None] * stride_v[2] + offs_d[None, None, :] * stride_v[3], mask=vmask, other=0.0)
         dp = tl.sum(go[:, None, :] * v.to(tl.float32), 2)
         ds = p * (dp - dot[:, None])  # dL/ds, (BT, BM)
         dq1 += tl.sum(ds[:, :, None] * y1, 1)
@@ -94,10 +88,10 @@ def _bounded_attention_bwd_kernel(
         tl.atomic_add(DK + rows + offp[None, None, :], dsc * qp[:, None, :], mask=mp, sem="relaxed")
         tl.atomic_add(DV + rows + offs_d[None, None, :], p[:, :, None] * go[:, None, :], mask=vmask, sem="relaxed")
 
-    dq_row = DQ + b * stride_dqb + h * stride_dqh + offs_t * stride_dqt
-    tl.store(dq_row[:, None] + off1[None, :] * stride_dqd, (dq1 * scale).to(DQ.dtype.element_ty), mask=th)
-    tl.store(dq_row[:, None] + off2[None, :] * stride_dqd, (dq2 * scale).to(DQ.dtype.element_ty), mask=th)
-    tl.store(dq_row[:, None] + offp[None, :] * stride_dqd, (dqp * scale).to(DQ.dtype.element_ty), mask=tp)
+    dq_row = DQ + b * stride_dq[0] + h * stride_dq[1] + offs_t * stride_dq[2]
+    tl.store(dq_row[:, None] + off1[None, :] * stride_dq[3], (dq1 * scale).to(DQ.dtype.element_ty), mask=th)
+    tl.store(dq_row[:, None] + off2[None, :] * stride_dq[3], (dq2 * scale).to(DQ.dtype.element_ty), mask=th)
+    tl.store(dq_row[:, None] + offp[None, :] * stride_dq[3], (dqp * scale).to(DQ.dtype.element_ty), mask=tp)
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -126,7 +120,7 @@ def bounded_attention_bwd(
         dot = dot - grad_lse.to(dot.dtype)  # d lse / d s = p: the lse gradient enters as D_t - dlse_t
         for_device(_bounded_attention_bwd_kernel, q.device)[cfg["grid"]](
             *cfg["tensors"], grad_out, lse, dot, dq, dk, dv,
-            *cfg["strides"], *grad_out.stride(), *dq.stride(),
+            *cfg["strides"], grad_out.stride(), dq.stride(),
             *cfg["dims"], float(scale), float(scale) * _LOG2E_F,
             **cfg["meta"],
         )  # fmt: skip

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import for_device, pow2
+from .._triton import for_device, load_head_tile, pow2
 from .reference import BOUNDED_ATTENTION, check_bounded_attention
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
@@ -131,14 +131,15 @@ def _features(HALF, D, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P
 
 
 @triton.jit
-def _entry_lists(STEPS, IDX, DELTA, K, V, b, g, offs_t, h_mask, stride_ib, stride_ih, stride_it, stride_db,
-                 stride_dh, stride_dt, stride_kb, stride_kh, stride_vb, stride_vh, BLOCK_H: tl.constexpr):  # fmt: skip
+def _entry_lists(
+    STEPS, IDX, DELTA, K, V, b, g, offs_t, h_mask, stride_i, stride_d, stride_k, stride_v, BLOCK_H: tl.constexpr
+):
     """What the block's queries gather from: ``(steps, idx_row, delta_row, k_base, v_base)``, the frequencies' turn
     steps, the ``[BT]`` row pointers of their entry lists and the pool of their kv head ``g``."""
     steps = tl.load(STEPS + tl.arange(0, BLOCK_H), mask=h_mask, other=0)
-    idx_row = IDX + b * stride_ib + g * stride_ih + offs_t * stride_it
-    delta_row = DELTA + b * stride_db + g * stride_dh + offs_t * stride_dt
-    return steps, idx_row, delta_row, K + b * stride_kb + g * stride_kh, V + b * stride_vb + g * stride_vh
+    idx_row = IDX + b * stride_i[0] + g * stride_i[1] + offs_t * stride_i[2]
+    delta_row = DELTA + b * stride_d[0] + g * stride_d[1] + offs_t * stride_d[2]
+    return steps, idx_row, delta_row, K + b * stride_k[0] + g * stride_k[1], V + b * stride_v[0] + g * stride_v[1]
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -147,13 +148,7 @@ def _entry_lists(STEPS, IDX, DELTA, K, V, b, g, offs_t, h_mask, stride_ib, strid
 @triton.jit
 def _bounded_attention_fwd_kernel(
     Q, K, V, IDX, DELTA, STEPS, OUT, LSE, GO, DOT,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kp, stride_kd,
-    stride_vb, stride_vh, stride_vp, stride_vd,
-    stride_ib, stride_ih, stride_it, stride_im,
-    stride_db, stride_dh, stride_dt, stride_dm,
-    stride_ob, stride_oh, stride_ot, stride_od,
-    stride_gb, stride_gh, stride_gt, stride_gd,
+    stride_q, stride_k, stride_v, stride_i, stride_d, stride_o, stride_g,
     H, REP, T, M, P, D, HALF, NT, qk_scale,
     INTERLEAVED: tl.constexpr,
     BWD_PREP: tl.constexpr,
@@ -168,23 +163,23 @@ def _bounded_attention_fwd_kernel(
     pid_bh, b, h, g, offs_t, t_mask, offs_d, d_mask = _query_block(NT, H, REP, T, D, BLOCK_T, BLOCK_D)
     off1, off2, offp, h_mask, p_mask = _features(HALF, D, INTERLEAVED, BLOCK_H, BLOCK_P)
 
-    q_row = Q + b * stride_qb + h * stride_qh + offs_t * stride_qt  # (BT,) pointers
+    q_row = Q + b * stride_q[0] + h * stride_q[1] + offs_t * stride_q[2]  # (BT,) pointers
     th = t_mask[:, None] & h_mask[None, :]
     tp = t_mask[:, None] & p_mask[None, :]
-    q1, q2, qp = _pair_parts(q_row[:, None], off1[None, :], off2[None, :], offp[None, :], th, tp, stride_qd)
+    q1, q2, qp = _pair_parts(q_row[:, None], off1[None, :], off2[None, :], offp[None, :], th, tp, stride_q[3])
     steps, idx_row, delta_row, k_base, v_base = _entry_lists(
-        STEPS, IDX, DELTA, K, V, b, g, offs_t, h_mask, stride_ib, stride_ih, stride_it,
-        stride_db, stride_dh, stride_dt, stride_kb, stride_kh, stride_vb, stride_vh, BLOCK_H)  # fmt: skip
+        STEPS, IDX, DELTA, K, V, b, g, offs_t, h_mask, stride_i, stride_d, stride_k, stride_v, BLOCK_H
+    )
 
     m_i = tl.full([BLOCK_T], -1.0e30, tl.float32)  # finite: chunks without entries leave (l_i, acc) alone
     l_i = tl.zeros([BLOCK_T], tl.float32)
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        ix, ok = _entries(idx_row, offs_m, t_mask, M, P, stride_im)  # (BT, BM)
+        ix, ok = _entries(idx_row, offs_m, t_mask, M, P, stride_i[3])  # (BT, BM)
         y1, y2, kp, c, s_ = _rotated_keys(
-            k_base + ix[:, :, None] * stride_kp, delta_row, offs_m, ok, steps,
-            off1, off2, offp, h_mask, p_mask, stride_dm, stride_kd,
+            k_base + ix[:, :, None] * stride_k[2], delta_row, offs_m, ok, steps,
+            off1, off2, offp, h_mask, p_mask, stride_d[3], stride_k[3],
         )  # fmt: skip
         s = tl.sum(q1[:, None, :] * y1, 2) + tl.sum(q2[:, None, :] * y2, 2) + tl.sum(qp[:, None, :] * kp, 2)
         s = tl.where(ok, s * qk_scale, float("-inf"))  # (BT, BM), log2 units
@@ -193,7 +188,7 @@ def _bounded_attention_fwd_kernel(
         p = tl.exp2(s - m_new[:, None])  # 0 where not ok
         l_i = l_i * alpha + tl.sum(p, 1)
         vmask = ok[:, :, None] & d_mask[None, None, :]
-        v = tl.load(v_base + ix[:, :, None] * stride_vp + offs_d[None, None, :] * stride_vd, mask=vmask, other=0.0)
+        v = tl.load(v_base + ix[:, :, None] * stride_v[2] + offs_d[None, None, :] * stride_v[3], mask=vmask, other=0.0)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32), 1)  # (BT, BD)
         m_i = m_new
 
@@ -203,11 +198,10 @@ def _bounded_attention_fwd_kernel(
     tl.store(LSE + pid_bh * T + offs_t, lse, mask=t_mask)
     td = t_mask[:, None] & d_mask[None, :]
     if BWD_PREP:
-        go = tl.load(GO + b * stride_gb + h * stride_gh + offs_t[:, None] * stride_gt + offs_d[None, :] * stride_gd,
-                     mask=td, other=0.0).to(tl.float32)  # fmt: skip
+        go = load_head_tile(GO, stride_g, b, h, offs_t, offs_d, td).to(tl.float32)
         tl.store(DOT + pid_bh * T + offs_t, tl.sum(go * o, 1), mask=t_mask)
     else:
-        o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_t[:, None] * stride_ot + offs_d[None, :] * stride_od
+        o_ptrs = OUT + b * stride_o[0] + h * stride_o[1] + offs_t[:, None] * stride_o[2] + offs_d[None, :] * stride_o[3]
         tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=td)
 
 
@@ -248,7 +242,7 @@ def _prepare(args: tuple, tiles, budget=4096):
     return dict(
         grid=(nt * B * H,),
         tensors=(q, kk, vv, idx, delta, steps),
-        strides=(*q.stride(), *k.stride(), *v.stride(), *idx.stride(), *delta.stride()),
+        strides=(q.stride(), k.stride(), v.stride(), idx.stride(), delta.stride()),
         dims=(H, H // G, T, M, P, d, half, nt),
         meta=meta,
     )
@@ -263,7 +257,7 @@ def _run_fwd(cfg, q, scale, go=None):
     go_t = go if prep else q
     for_device(_bounded_attention_fwd_kernel, q.device)[cfg["grid"]](
         *cfg["tensors"], out, lse, go_t, dot,
-        *cfg["strides"], *out.stride(), *go_t.stride(),
+        *cfg["strides"], out.stride(), go_t.stride(),
         *cfg["dims"], float(scale) * _LOG2E_F,
         BWD_PREP=prep, **cfg["meta"],
     )  # fmt: skip

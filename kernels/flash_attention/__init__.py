@@ -180,7 +180,7 @@ def flash_attention_fwd(
     bd = block_d(d)
     configs, cacheable = configs_for(FWD_CONFIGS, q, bd, block_m, block_n, num_warps, num_stages)
     precision = dot_precision(q)
-    args = (q, k, v, mask_t, out, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride())
+    args = (q, k, v, mask_t, out, lse, q.stride(), k.stride(), v.stride(), mask_strides, out.stride())
     args += (H, H // Hkv, Tq, Tk, scale * LOG2E)
     consts = dict(HEAD_DIM=d, BLOCK_D=bd, CAUSAL=bool(causal), MASK_KIND=kind, DOT_PRECISION=precision)
     key = ("fwd", q.device, q.dtype, d, bool(causal), kind, precision) if cacheable else None
@@ -252,8 +252,8 @@ def flash_attention_bwd(
             grad_out,
             g_lse,
             delta,
-            *out.stride(),
-            *grad_out.stride(),
+            out.stride(),
+            grad_out.stride(),
             H,
             Tq,
             HEAD_DIM=d,
@@ -262,13 +262,13 @@ def flash_attention_bwd(
             HAS_DLSE=grad_lse is not None,
             num_warps=4,
         )
-        common = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *grad_out.stride())
+        common = (q.stride(), k.stride(), v.stride(), mask_strides, grad_out.stride())
         configs, cacheable = configs_for(DKDV_CONFIGS, q, bd, block_m, block_n, num_warps, num_stages)
         launch(
             tk._flash_attention_bwd_dkdv_kernel,
             q,
             lambda bm, bn: (cdiv(Tk, bn), B * Hkv),
-            (q, k, v, mask_t, grad_out, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride())
+            (q, k, v, mask_t, grad_out, lse, delta, dk, dv, *common, dk.stride(), dv.stride())
             + (Hkv, H // Hkv, Tq, Tk, scale * LOG2E, scale),
             flags,
             configs,
@@ -279,7 +279,7 @@ def flash_attention_bwd(
             tk._flash_attention_bwd_dq_kernel,
             q,
             lambda bm, bn: (cdiv(Tq, bm), B * H),
-            (q, k, v, mask_t, grad_out, lse, delta, dq, *common, *dq.stride())
+            (q, k, v, mask_t, grad_out, lse, delta, dq, *common, dq.stride())
             + (H, H // Hkv, Tq, Tk, scale * LOG2E, scale),
             flags,
             configs,

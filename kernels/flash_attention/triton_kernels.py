@@ -7,8 +7,9 @@ tensors through the Triton interpreter (``flash_attention.launchable``).
 
 Conventions shared by every kernel:
 
-- tensors are addressed through explicit strides; program ids and row/column offsets are cast to
-  ``tl.int64`` before they meet a stride, so a tensor may exceed 2**31 elements;
+- tensors are addressed through explicit strides, one tuple per tensor (``stride_q = q.stride()``: batch, head,
+  row, feature; Triton specialises each element as it would a scalar argument); program ids and row/column
+  offsets are cast to ``tl.int64`` before they meet a stride, so a tensor may exceed 2**31 elements;
 - query row ``i`` sits at key position ``i + Tk - Tq`` (bottom-right alignment), so ``CAUSAL`` lets it
   see keys ``j <= i + Tk - Tq``; GQA maps query head ``h`` to kv head ``h // group``;
 - scores live in base 2: ``qk_scale = scale * log2(e)``, so ``exp2`` replaces ``exp``; the stored
@@ -24,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._triton import load_tile, store_tile
+from .._triton import load_head_tile, load_tile, store_head_tile
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -109,26 +110,11 @@ def _flash_attention_fwd_kernel(
     Mask,
     Out,
     Lse,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_mb,
-    stride_mh,
-    stride_mm,
-    stride_mn,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_od,
+    stride_q,
+    stride_k,
+    stride_v,
+    stride_m,
+    stride_o,
     num_heads,
     group,
     seq_q,
@@ -156,10 +142,10 @@ def _flash_attention_fwd_kernel(
     d_ok = offs_d < HEAD_DIM
     offs_m, offs_m64, row_ok, qd_mask = _rows(start_m, seq_q, d_ok, BLOCK_M)
     pos_m = offs_m + offset
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m64, stride_qm, offs_d, stride_qd, qd_mask)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    mask_rows = Mask + b * stride_mb + h * stride_mh + offs_m64[:, None] * stride_mm
+    q = load_head_tile(Q, stride_q, b, h, offs_m64, offs_d, qd_mask)
+    k_base = K + b * stride_k[0] + hk * stride_k[1]
+    v_base = V + b * stride_v[0] + hk * stride_v[1]
+    mask_rows = Mask + b * stride_m[0] + h * stride_m[1] + offs_m64[:, None] * stride_m[2]
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -168,17 +154,17 @@ def _flash_attention_fwd_kernel(
     hi, full_hi = _key_range(seq_k, start_m, offset, BLOCK_M=BLOCK_M, CAUSAL=CAUSAL)
     for start_n in range(0, hi, BLOCK_N):
         offs_n, offs_n64, col_ok, kv_mask = _rows(start_n, seq_k, d_ok, BLOCK_N)
-        k = load_tile(k_base, offs_n64, stride_kn, offs_d, stride_kd, kv_mask)
+        k = load_tile(k_base, offs_n64, stride_k[2], offs_d, stride_k[3], kv_mask)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         s = _mask_scores(
-            s, mask_rows, stride_mn, pos_m, offs_n, row_ok, col_ok, start_n, full_hi, BLOCK_N, CAUSAL, MASK_KIND
+            s, mask_rows, stride_m[3], pos_m, offs_n, row_ok, col_ok, start_n, full_hi, BLOCK_N, CAUSAL, MASK_KIND
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key so far: keep exp2 finite
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_tile(v_base, offs_n64, stride_vn, offs_d, stride_vd, kv_mask)
+        v = load_tile(v_base, offs_n64, stride_v[2], offs_d, stride_v[3], kv_mask)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -186,5 +172,5 @@ def _flash_attention_fwd_kernel(
     l_use = tl.where(empty, 1.0, l_i)
     out = acc / l_use[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_use)) * LN2)
-    store_tile(Out + b * stride_ob + h * stride_oh, offs_m64, stride_om, offs_d, stride_od, out, qd_mask)
+    store_head_tile(Out, stride_o, b, h, offs_m64, offs_d, out, qd_mask)
     tl.store(Lse + pid_bh * seq_q + offs_m64, lse, mask=row_ok)

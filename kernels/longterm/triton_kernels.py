@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import as_bytes, for_device, load_tile, pow2
+from .._triton import as_bytes, for_device, load_head_tile, pow2
 from ..session_scan.triton_kernels import _batch_head, _feature_block, _linrec2_combine
 from .reference import CHUNK_UPDATE, RECALL_SELECT
 
@@ -61,16 +61,9 @@ def _chunk_update_fwd_kernel(
     H,
     N,
     C,
-    stride_kb,
-    stride_kh,
-    stride_kt,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vt,
-    stride_vd,
-    stride_mb,
-    stride_mt,
+    stride_k,
+    stride_v,
+    stride_m,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -83,20 +76,20 @@ def _chunk_update_fwd_kernel(
     acc_v = tl.load(part_v_ptr + st_off, mask=cmask, other=0.0).to(cdt)
     n_seen = tl.load(n_seen_ptr + b)
     seen = n_seen
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
+    k_base = k_ptr + b * stride_k[0] + h * stride_k[1]
+    v_base = v_ptr + b * stride_v[0] + h * stride_v[1]
     summ_base = pid_bh * N * D
     for t0 in range(0, T, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
         rmask = rows < T
-        ok = tl.load(valid_ptr + b * stride_mb + rows * stride_mt, mask=rmask, other=0) != 0  # (BLOCK_T,)
+        ok = tl.load(valid_ptr + b * stride_m[0] + rows * stride_m[1], mask=rmask, other=0) != 0  # (BLOCK_T,)
         pos = seen + tl.cumsum(ok.to(tl.int32), 0) - 1  # real position of each real token
         opens = ok & (pos % C == 0) & (pos > n_seen)
         closes = ok & (pos % C == C - 1)
         c = tl.where(opens, 0.0, 1.0).to(cdt)
         m2 = ok[:, None] & cmask[None, :]
-        xk = tl.load(k_base + rows[:, None] * stride_kt + cols[None, :] * stride_kd, mask=m2, other=0.0).to(cdt)
-        xv = tl.load(v_base + rows[:, None] * stride_vt + cols[None, :] * stride_vd, mask=m2, other=0.0).to(cdt)
+        xk = tl.load(k_base + rows[:, None] * stride_k[2] + cols[None, :] * stride_k[3], mask=m2, other=0.0).to(cdt)
+        xv = tl.load(v_base + rows[:, None] * stride_v[2] + cols[None, :] * stride_v[3], mask=m2, other=0.0).to(cdt)
         c2 = tl.broadcast_to(c[:, None], (BLOCK_T, BLOCK_D))
         prod, hk, hv = tl.associative_scan((c2, xk, xv), 0, _linrec2_combine)
         hk += prod * acc_k[None, :]
@@ -164,9 +157,9 @@ def chunk_update_fwd(
         H,
         N,
         int(chunk_size),
-        *k.stride(),
-        *v.stride(),
-        *valid.stride(),
+        k.stride(),
+        v.stride(),
+        valid.stride(),
         BLOCK_T=bt,
         BLOCK_D=bd,
         BLOCK_N=BLOCK_N,
@@ -208,22 +201,11 @@ def _recall_select_fwd_kernel(
     N,
     M,
     C,
-    stride_qb,
-    stride_qh,
-    stride_qt,
-    stride_qd,
-    stride_sb,
-    stride_sh,
-    stride_sn,
-    stride_sd,
-    stride_pb,
-    stride_pt,
-    stride_bb,
-    stride_bh,
-    stride_bm,
-    stride_bd,
-    stride_vb,
-    stride_vm,
+    stride_q,
+    stride_s,
+    stride_p,
+    stride_b,
+    stride_v,
     HAS_BANK: tl.constexpr,
     HAS_BANK_VALID: tl.constexpr,
     R: tl.constexpr,
@@ -241,8 +223,8 @@ def _recall_select_fwd_kernel(
     dcols = tl.arange(0, BLOCK_D)
     dmask = dcols < D
     q_mask = rmask[:, None] & dmask[None, :]
-    q = load_tile(q_ptr + b * stride_qb + h * stride_qh, rows, stride_qt, dcols, stride_qd, q_mask).to(cdt)  # (BQ, BD)
-    n_avail = (tl.load(pos_ptr + b * stride_pb + rows * stride_pt, mask=rmask, other=0) // C).to(tl.int32)
+    q = load_head_tile(q_ptr, stride_q, b, h, rows, dcols, q_mask).to(cdt)  # (BQ, BD)
+    n_avail = (tl.load(pos_ptr + b * stride_p[0] + rows * stride_p[1], mask=rmask, other=0) // C).to(tl.int32)
     n_hi = tl.minimum(tl.max(n_avail, 0), N)  # summaries any query of the block may see (int32)
     top_v = tl.full((BLOCK_Q, R_PAD), float("-inf"), cdt)
     top_i = tl.zeros((BLOCK_Q, R_PAD), tl.int32)
@@ -257,17 +239,17 @@ def _recall_select_fwd_kernel(
             ent = i * BLOCK_N + ar  # summary slots
             emask = ent < n_hi
             e_mask = emask[:, None] & dmask[None, :]
-            kt = load_tile(summ_ptr + b * stride_sb + h * stride_sh, ent, stride_sn, dcols, stride_sd, e_mask).to(cdt)
+            kt = load_head_tile(summ_ptr, stride_s, b, h, ent, dcols, e_mask).to(cdt)
             avail = emask[None, :] & (ent[None, :] < n_avail[:, None])  # (BLOCK_Q, BLOCK_N) causal, n < N
             eidx = ent
         else:
             ent = (i - n_summ) * BLOCK_N + ar  # bank entries
             emask = ent < M
             e_mask = emask[:, None] & dmask[None, :]
-            kt = load_tile(bank_ptr + b * stride_bb + h * stride_bh, ent, stride_bm, dcols, stride_bd, e_mask).to(cdt)
+            kt = load_head_tile(bank_ptr, stride_b, b, h, ent, dcols, e_mask).to(cdt)
             ok = emask
             if HAS_BANK_VALID:
-                ok = ok & (tl.load(bank_valid_ptr + b * stride_vb + ent * stride_vm, mask=emask, other=0) != 0)
+                ok = ok & (tl.load(bank_valid_ptr + b * stride_v[0] + ent * stride_v[1], mask=emask, other=0) != 0)
             avail = tl.broadcast_to(ok[None, :], (BLOCK_Q, BLOCK_N))
             eidx = N + ent
         s = tl.dot(q, tl.trans(kt), input_precision="ieee")  # (BLOCK_Q, BLOCK_N)
@@ -318,11 +300,11 @@ def recall_select_fwd(
         N,
         M,
         int(chunk_size),
-        *q_r.stride(),
-        *summ_k.stride(),
-        *pos.stride(),
-        *bank.stride(),
-        *bvalid.stride(),
+        q_r.stride(),
+        summ_k.stride(),
+        pos.stride(),
+        bank.stride(),
+        bvalid.stride(),
         HAS_BANK=has_bank,
         HAS_BANK_VALID=bank_valid is not None,
         R=top_r,

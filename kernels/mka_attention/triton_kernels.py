@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._triton import load_tile
+from .._triton import load_head_tile
 
 _LOG2E_F = 1.4426950408889634
 _LOG2E: tl.constexpr = tl.constexpr(_LOG2E_F)
@@ -72,12 +72,12 @@ def _key_end(pid_m, TK, off, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _key_block(start_n, VALID_ROW, stride_vt, offs_m, m_mask, TK, D, off, CAUSAL: tl.constexpr,
+def _key_block(start_n, KV_VALID, b, stride_valid, offs_m, m_mask, TK, D, off, CAUSAL: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    """Keys ``start_n + [0, BLOCK_N)`` of query rows ``offs_m``: ``(offs_n, nd_mask, vis)``, ``vis: [M, N]`` (valid,
-    causal; shared by every level), ``VALID_ROW`` the batch row of ``KV_VALID``."""
+    """Keys ``start_n + [0, BLOCK_N)`` of query rows ``offs_m`` of batch ``b``: ``(offs_n, nd_mask, vis)``,
+    ``vis: [M, N]`` (valid, causal; shared by every level)."""
     offs_n, n_mask, _, _, nd_mask = _tile_rows(start_n, TK, D, BLOCK_N, BLOCK_D)
-    valid = tl.load(VALID_ROW + offs_n * stride_vt, mask=n_mask, other=0) != 0
+    valid = tl.load(KV_VALID + b * stride_valid[0] + offs_n * stride_valid[1], mask=n_mask, other=0) != 0
     vis = valid[None, :] & m_mask[:, None]  # (M, N)
     if CAUSAL:
         vis = vis & (offs_n[None, :] <= offs_m[:, None] + off)
@@ -85,11 +85,10 @@ def _key_block(start_n, VALID_ROW, stride_vt, offs_m, m_mask, TK, D, off, CAUSAL
 
 
 @triton.jit
-def _level_kv(K, V, b, hk, rows, offs_d, mask, stride_kb, stride_kh, stride_kt, stride_kd,
-              stride_vb, stride_vh, stride_vt, stride_vd):  # fmt: skip
+def _level_kv(K, V, b, hk, rows, offs_d, mask, stride_k, stride_v):  # fmt: skip
     """Rows ``rows`` of kv head ``hk`` of one level's (or the memory's) ``K, V``: ``(k, v)``, 0 where not ``mask``."""
-    k = load_tile(K + b * stride_kb + hk * stride_kh, rows, stride_kt, offs_d, stride_kd, mask)
-    v = load_tile(V + b * stride_vb + hk * stride_vh, rows, stride_vt, offs_d, stride_vd, mask)
+    k = load_head_tile(K, stride_k, b, hk, rows, offs_d, mask)
+    v = load_head_tile(V, stride_v, b, hk, rows, offs_d, mask)
     return k, v
 
 
@@ -114,20 +113,8 @@ def _recalled_slot(IDX_ROW, FOUND_ROW, r, stride_ir, stride_fr, row_mask, S):
 def _mka_attention_fwd_kernel(
     Q, K1, V1, K2, V2, LAM, Q3, MEM_K, MEM_V, IDX, FOUND, KV_VALID,
     OUT, LSE, LVL, GO, DOT,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_k1b, stride_k1h, stride_k1t, stride_k1d,
-    stride_v1b, stride_v1h, stride_v1t, stride_v1d,
-    stride_k2b, stride_k2h, stride_k2t, stride_k2d,
-    stride_v2b, stride_v2h, stride_v2t, stride_v2d,
-    stride_lamb, stride_lamg, stride_lamt, stride_laml,
-    stride_q3b, stride_q3h, stride_q3t, stride_q3d,
-    stride_mkb, stride_mkh, stride_mks, stride_mkd,
-    stride_mvb, stride_mvh, stride_mvs, stride_mvd,
-    stride_ib, stride_ih, stride_it, stride_ir,
-    stride_fb, stride_fh, stride_ft, stride_fr,
-    stride_vb, stride_vt,
-    stride_ob, stride_oh, stride_ot, stride_od,
-    stride_gb, stride_gh, stride_gt, stride_gd,
+    stride_q, stride_k1, stride_v1, stride_k2, stride_v2, stride_lam, stride_q3, stride_mk, stride_mv,
+    stride_i, stride_f, stride_valid, stride_o, stride_g,
     H, REP, TQ, TK, S, R, D, NLVL, qk_scale,
     NUM_LEVELS: tl.constexpr,
     HAS_L3: tl.constexpr,
@@ -147,8 +134,7 @@ def _mka_attention_fwd_kernel(
     offs_m, m_mask, offs_d, d_mask, md_mask = _tile_rows(pid_m * BLOCK_M, TQ, D, BLOCK_M, BLOCK_D)
     off = TK - TQ  # bottom-right alignment: query i is key position i + off
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=md_mask, other=0.0)  # fmt: skip
+    q = load_head_tile(Q, stride_q, b, h, offs_m, offs_d, md_mask)
     m1 = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l1 = tl.zeros([BLOCK_M], tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -157,23 +143,21 @@ def _mka_attention_fwd_kernel(
     acc2 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     for start_n in range(0, _key_end(pid_m, TK, off, BLOCK_M, CAUSAL), BLOCK_N):
-        offs_n, nd_mask, vis = _key_block(start_n, KV_VALID + b * stride_vb, stride_vt, offs_m, m_mask, TK, D, off,
-                                          CAUSAL, BLOCK_N, BLOCK_D)  # fmt: skip
-        k, v = _level_kv(K1, V1, b, hk, offs_n, offs_d, nd_mask, stride_k1b, stride_k1h, stride_k1t, stride_k1d,
-                         stride_v1b, stride_v1h, stride_v1t, stride_v1d)  # fmt: skip
+        offs_n, nd_mask, vis = _key_block(
+            start_n, KV_VALID, b, stride_valid, offs_m, m_mask, TK, D, off, CAUSAL, BLOCK_N, BLOCK_D
+        )
+        k, v = _level_kv(K1, V1, b, hk, offs_n, offs_d, nd_mask, stride_k1, stride_v1)
         m1, l1, acc1 = _attend_block(q, k, v, vis, m1, l1, acc1, qk_scale, DOT_PRECISION, DOT_UPCAST)
         if NUM_LEVELS == 2:
-            k, v = _level_kv(K2, V2, b, hk, offs_n, offs_d, nd_mask, stride_k2b, stride_k2h, stride_k2t, stride_k2d,
-                             stride_v2b, stride_v2h, stride_v2t, stride_v2d)  # fmt: skip
+            k, v = _level_kv(K2, V2, b, hk, offs_n, offs_d, nd_mask, stride_k2, stride_v2)
             m2, l2, acc2 = _attend_block(q, k, v, vis, m2, l2, acc2, qk_scale, DOT_PRECISION, DOT_UPCAST)
 
-    lam_row = LAM + b * stride_lamb + hk * stride_lamg + offs_m * stride_lamt  # stride_lamg = 0 when G = 1
+    lam_row = LAM + b * stride_lam[0] + hk * stride_lam[1] + offs_m * stride_lam[2]  # stride_lam[1] = 0 when G = 1
     lse_row = LSE + pid_bh * NLVL * TQ + offs_m
     lvl_tile = LVL + (pid_bh * NLVL * TQ + offs_m[:, None]) * D + offs_d[None, :]
     dot_row = DOT + pid_bh * NLVL * TQ + offs_m
     if BWD_PREP:
-        go = tl.load(GO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :] * stride_gd,
-                     mask=md_mask, other=0.0).to(tl.float32)  # fmt: skip
+        go = load_head_tile(GO, stride_g, b, h, offs_m, offs_d, md_mask).to(tl.float32)
 
     # level 1 (rows that see no key have l = 0 and acc = 0: their output is 0, their lse -inf)
     seen = l1 > 0
@@ -186,7 +170,7 @@ def _mka_attention_fwd_kernel(
         tl.store(dot_row, tl.sum(go * o, 1), mask=m_mask)
     if NUM_LEVELS == 2:
         o = acc2 / tl.where(seen, l2, 1.0)[:, None]
-        out += tl.load(lam_row + stride_laml, mask=m_mask, other=0.0).to(tl.float32)[:, None] * o
+        out += tl.load(lam_row + stride_lam[3], mask=m_mask, other=0.0).to(tl.float32)[:, None] * o
         lse = tl.where(seen, (m2 + tl.log2(tl.where(seen, l2, 1.0))) * _LN2, float("-inf"))
         tl.store(lse_row + TQ, lse, mask=m_mask)
         if STORE_LEVELS:
@@ -195,18 +179,16 @@ def _mka_attention_fwd_kernel(
             tl.store(dot_row + TQ, tl.sum(go * o, 1), mask=m_mask)
 
     if HAS_L3:
-        q3 = tl.load(Q3 + b * stride_q3b + h * stride_q3h + offs_m[:, None] * stride_q3t + offs_d[None, :] * stride_q3d,
-                     mask=md_mask, other=0.0).to(tl.float32)  # fmt: skip
-        idx_row = IDX + b * stride_ib + hk * stride_ih + offs_m * stride_it
-        found_row = FOUND + b * stride_fb + hk * stride_fh + offs_m * stride_ft
+        q3 = load_head_tile(Q3, stride_q3, b, h, offs_m, offs_d, md_mask).to(tl.float32)
+        idx_row = IDX + b * stride_i[0] + hk * stride_i[1] + offs_m * stride_i[2]
+        found_row = FOUND + b * stride_f[0] + hk * stride_f[1] + offs_m * stride_f[2]
         m3 = tl.full([BLOCK_M], -1.0e30, tl.float32)
         l3 = tl.zeros([BLOCK_M], tl.float32)
         acc3 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for r in range(0, R):
-            slot, keep = _recalled_slot(idx_row, found_row, r, stride_ir, stride_fr, m_mask, S)
+            slot, keep = _recalled_slot(idx_row, found_row, r, stride_i[3], stride_f[3], m_mask, S)
             ld = keep[:, None] & d_mask[None, :]
-            mk, mv = _level_kv(MEM_K, MEM_V, b, hk, slot, offs_d, ld, stride_mkb, stride_mkh, stride_mks, stride_mkd,
-                               stride_mvb, stride_mvh, stride_mvs, stride_mvd)  # fmt: skip
+            mk, mv = _level_kv(MEM_K, MEM_V, b, hk, slot, offs_d, ld, stride_mk, stride_mv)
             s = tl.where(keep, tl.sum(q3 * mk.to(tl.float32), 1) * qk_scale, float("-inf"))  # (M,)
             m_new = tl.maximum(m3, s)
             alpha = tl.exp2(m3 - m_new)
@@ -216,7 +198,7 @@ def _mka_attention_fwd_kernel(
             m3 = m_new
         seen3 = l3 > 0
         o = acc3 / tl.where(seen3, l3, 1.0)[:, None]
-        out += tl.load(lam_row + NUM_LEVELS * stride_laml, mask=m_mask, other=0.0).to(tl.float32)[:, None] * o
+        out += tl.load(lam_row + NUM_LEVELS * stride_lam[3], mask=m_mask, other=0.0).to(tl.float32)[:, None] * o
         lse = tl.where(seen3, (m3 + tl.log2(tl.where(seen3, l3, 1.0))) * _LN2, float("-inf"))
         tl.store(lse_row + NUM_LEVELS * TQ, lse, mask=m_mask)
         if STORE_LEVELS:
@@ -225,7 +207,7 @@ def _mka_attention_fwd_kernel(
             tl.store(dot_row + NUM_LEVELS * TQ, tl.sum(go * o, 1), mask=m_mask)
 
     if not BWD_PREP:
-        o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+        o_ptrs = OUT + b * stride_o[0] + h * stride_o[1] + offs_m[:, None] * stride_o[2] + offs_d[None, :] * stride_o[3]
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=md_mask)
 
 

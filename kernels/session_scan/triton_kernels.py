@@ -68,20 +68,10 @@ def _session_scan_fwd_kernel(
     T,
     D,
     H,
-    stride_kb,
-    stride_kh,
-    stride_kt,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vt,
-    stride_vd,
-    stride_mb,
-    stride_mt,
-    stride_ob,
-    stride_oh,
-    stride_ot,
-    stride_od,
+    stride_k,
+    stride_v,
+    stride_m,
+    stride_o,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -91,23 +81,23 @@ def _session_scan_fwd_kernel(
     carry_k = tl.load(state_k_ptr + st_off, mask=cmask, other=0.0).to(cdt)  # (BLOCK_D,)
     carry_v = tl.load(state_v_ptr + st_off, mask=cmask, other=0.0).to(cdt)
     seen = tl.load(n_seen_ptr + b)  # real tokens before the current tile
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    o_off = b * stride_ob + h * stride_oh
+    k_base = k_ptr + b * stride_k[0] + h * stride_k[1]
+    v_base = v_ptr + b * stride_v[0] + h * stride_v[1]
+    o_off = b * stride_o[0] + h * stride_o[1]
     for t0 in range(0, T, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
         rmask = rows < T
-        ok = tl.load(valid_ptr + b * stride_mb + rows * stride_mt, mask=rmask, other=0) != 0  # (BLOCK_T,)
+        ok = tl.load(valid_ptr + b * stride_m[0] + rows * stride_m[1], mask=rmask, other=0) != 0  # (BLOCK_T,)
         first = ok & (seen + tl.cumsum(ok.to(tl.int32), 0) == 1)
         a = tl.where(first, 0.0, tl.where(ok, beta, 1.0)).to(cdt)  # pads (and rows past T) keep the state
         m2 = rmask[:, None] & cmask[None, :]
-        kx = tl.load(k_base + rows[:, None] * stride_kt + cols[None, :] * stride_kd, mask=m2, other=0.0).to(cdt)
-        vx = tl.load(v_base + rows[:, None] * stride_vt + cols[None, :] * stride_vd, mask=m2, other=0.0).to(cdt)
+        kx = tl.load(k_base + rows[:, None] * stride_k[2] + cols[None, :] * stride_k[3], mask=m2, other=0.0).to(cdt)
+        vx = tl.load(v_base + rows[:, None] * stride_v[2] + cols[None, :] * stride_v[3], mask=m2, other=0.0).to(cdt)
         a2 = tl.broadcast_to(a[:, None], (BLOCK_T, BLOCK_D))  # (BLOCK_T, BLOCK_D)
         prod, hk, hv = tl.associative_scan((a2, (1.0 - a2) * kx, (1.0 - a2) * vx), 0, _linrec2_combine)
         sk = hk + prod * carry_k[None, :]
         sv = hv + prod * carry_v[None, :]
-        offs = o_off + rows[:, None] * stride_ot + cols[None, :] * stride_od
+        offs = o_off + rows[:, None] * stride_o[2] + cols[None, :] * stride_o[3]
         tl.store(sk_ptr + offs, sk.to(sk_ptr.dtype.element_ty), mask=m2)
         tl.store(sv_ptr + offs, sv.to(sv_ptr.dtype.element_ty), mask=m2)
         last = rows[:, None] == t0 + BLOCK_T - 1  # rows past T carry the state unchanged to the tile end
@@ -144,10 +134,10 @@ def _scan(kernel, xk, xv, valid, n_seen, state_k, state_v, beta, out_dtype, stat
         T,
         D,
         H,
-        *xk.stride(),
-        *xv.stride(),
-        *valid.stride(),
-        *yk.stride(),
+        xk.stride(),
+        xv.stride(),
+        valid.stride(),
+        yk.stride(),
         BLOCK_T=bt,
         BLOCK_D=bd,
         num_warps=num_warps,
@@ -204,20 +194,10 @@ def _session_scan_bwd_kernel(
     T,
     D,
     H,
-    stride_gkb,
-    stride_gkh,
-    stride_gkt,
-    stride_gkd,
-    stride_gvb,
-    stride_gvh,
-    stride_gvt,
-    stride_gvd,
-    stride_mb,
-    stride_mt,
-    stride_ob,
-    stride_oh,
-    stride_ot,
-    stride_od,
+    stride_gk,
+    stride_gv,
+    stride_m,
+    stride_o,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -229,40 +209,40 @@ def _session_scan_bwd_kernel(
     first = T
     for t0 in range(0, T, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)
-        ok = tl.load(valid_ptr + b * stride_mb + rows * stride_mt, mask=rows < T, other=0) != 0
+        ok = tl.load(valid_ptr + b * stride_m[0] + rows * stride_m[1], mask=rows < T, other=0) != 0
         first = tl.minimum(first, tl.min(tl.where(ok, rows, T), 0))
     first = tl.where((n_seen == 0) & (first < T), first, -1)
     # lam just after the tile being processed; g_state enters at T - 1 with a_T := 1
     carry_k = tl.load(gstate_k_ptr + st_off, mask=cmask, other=0.0).to(cdt)
     carry_v = tl.load(gstate_v_ptr + st_off, mask=cmask, other=0.0).to(cdt)
-    gk_base = gk_ptr + b * stride_gkb + h * stride_gkh
-    gv_base = gv_ptr + b * stride_gvb + h * stride_gvh
-    o_off = b * stride_ob + h * stride_oh
+    gk_base = gk_ptr + b * stride_gk[0] + h * stride_gk[1]
+    gv_base = gv_ptr + b * stride_gv[0] + h * stride_gv[1]
+    o_off = b * stride_o[0] + h * stride_o[1]
     n_tiles = tl.cdiv(T, BLOCK_T)
     for i in range(0, n_tiles):
         t0 = (n_tiles - 1 - i) * BLOCK_T
         rows = t0 + tl.arange(0, BLOCK_T)
         rmask = rows < T
-        ok = tl.load(valid_ptr + b * stride_mb + rows * stride_mt, mask=rmask, other=0) != 0
+        ok = tl.load(valid_ptr + b * stride_m[0] + rows * stride_m[1], mask=rmask, other=0) != 0
         a = tl.where(rows == first, 0.0, tl.where(ok, beta, 1.0)).to(cdt)  # a_t
         nxt = rows + 1
-        ok_n = tl.load(valid_ptr + b * stride_mb + nxt * stride_mt, mask=nxt < T, other=0) != 0
+        ok_n = tl.load(valid_ptr + b * stride_m[0] + nxt * stride_m[1], mask=nxt < T, other=0) != 0
         a_n = tl.where(nxt == first, 0.0, tl.where(ok_n, beta, 1.0)).to(cdt)  # a_{t+1}; 1 past the end
         m2 = rmask[:, None] & cmask[None, :]
-        gk = tl.load(gk_base + rows[:, None] * stride_gkt + cols[None, :] * stride_gkd, mask=m2, other=0.0).to(cdt)
-        gv = tl.load(gv_base + rows[:, None] * stride_gvt + cols[None, :] * stride_gvd, mask=m2, other=0.0).to(cdt)
+        gk = tl.load(gk_base + rows[:, None] * stride_gk[2] + cols[None, :] * stride_gk[3], mask=m2, other=0.0).to(cdt)
+        gv = tl.load(gv_base + rows[:, None] * stride_gv[2] + cols[None, :] * stride_gv[3], mask=m2, other=0.0).to(cdt)
         c2 = tl.broadcast_to(a_n[:, None], (BLOCK_T, BLOCK_D))  # (BLOCK_T, BLOCK_D)
         prod, lk, lv = tl.associative_scan((c2, gk, gv), 0, _linrec2_combine, reverse=True)
         lam_k = lk + prod * carry_k[None, :]
         lam_v = lv + prod * carry_v[None, :]
         u = 1.0 - a[:, None]
-        offs = o_off + rows[:, None] * stride_ot + cols[None, :] * stride_od
+        offs = o_off + rows[:, None] * stride_o[2] + cols[None, :] * stride_o[3]
         tl.store(dk_ptr + offs, (u * lam_k).to(dk_ptr.dtype.element_ty), mask=m2)
         tl.store(dv_ptr + offs, (u * lam_v).to(dv_ptr.dtype.element_ty), mask=m2)
         head = rows[:, None] == t0
         carry_k = tl.sum(tl.where(head, lam_k, 0.0), 0)
         carry_v = tl.sum(tl.where(head, lam_v, 0.0), 0)
-    ok0 = tl.load(valid_ptr + b * stride_mb) != 0
+    ok0 = tl.load(valid_ptr + b * stride_m[0]) != 0
     a0 = tl.where(first == 0, 0.0, tl.where(ok0, beta, 1.0)).to(cdt)
     tl.store(dstate_k_ptr + st_off, a0 * carry_k, mask=cmask)
     tl.store(dstate_v_ptr + st_off, a0 * carry_v, mask=cmask)

@@ -56,6 +56,21 @@ def _resources(kernel) -> str:
     return f"regs {fields.get('REG', '?'):>3}  stack {fields.get('STACK', '?'):>5}  shared {shared:>4}"
 
 
+def _type(v, path: tuple[int, ...], consts: dict) -> str:
+    """The signature type of one launch argument (``path``: its place, an index into a tuple argument included),
+    recording ints equal to 1 as constants, as the launcher specialises them."""
+    if isinstance(v, int) and not isinstance(v, bool) and v == 1:
+        consts[path] = v
+        return "constexpr"
+    if isinstance(v, torch.Tensor):
+        return "*" + _TY[v.dtype]
+    if isinstance(v, bool):
+        return "i1"
+    if isinstance(v, int):
+        return "i32" if -(2**31) <= v < 2**31 else "i64"
+    return "fp32"
+
+
 class _Compile:
     """Stands in for ``for_device(kernel, device)``: ``[grid](*args, **meta)`` compiles instead of launching."""
 
@@ -70,18 +85,14 @@ class _Compile:
         def run(*args, num_warps: int = 4, num_stages: int = 3, **meta):
             values = dict(zip(self.kernel.arg_names, args), **meta)
             sig, consts = {}, {}
-            for p, name in zip(self.kernel.params, self.kernel.arg_names):
+            for i, (p, name) in enumerate(zip(self.kernel.params, self.kernel.arg_names)):
                 v = values[name]
-                if p.is_constexpr or (isinstance(v, int) and not isinstance(v, bool) and v == 1):
-                    sig[name], consts[name] = "constexpr", v  # ints equal to 1 are specialised like this
-                elif isinstance(v, torch.Tensor):
-                    sig[name] = "*" + _TY[v.dtype]
-                elif isinstance(v, bool):
-                    sig[name] = "i1"
-                elif isinstance(v, int):
-                    sig[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
+                if p.is_constexpr:
+                    sig[name], consts[(i,)] = "constexpr", v
+                elif isinstance(v, tuple):  # a tuple of strides: each element is specialised as a scalar is
+                    sig[name] = tuple(_type(v[j], (i, j), consts) for j in range(len(v)))
                 else:
-                    sig[name] = "fp32"
+                    sig[name] = _type(v, (i,), consts)
             try:
                 k = triton.compile(
                     ASTSource(self.kernel, sig, consts),
@@ -110,9 +121,9 @@ def _gpu_configs(table, x, bd, block_m, block_n, num_warps, num_stages):
     return [(block_m or bm, block_n or bn, num_warps or w, num_stages or st)], False
 
 
-def run_cases() -> None:
+def run_cases(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)) -> None:
     B, H, d = 2, 4, 128
-    for dt in (torch.float32, torch.bfloat16):
+    for dt in dtypes:
         for T in (1, 300):
             _Compile.case = f"{str(dt)[6:]} T={T}"
             k, v = _rand(B, H, T, d, dtype=dt, bthd=True), _rand(B, H, T, d, dtype=dt, bthd=True)
@@ -124,7 +135,7 @@ def run_cases() -> None:
             ss.session_scan_bwd(*g, valid, n, 0.9, dt, torch.float32)
             _Compile.case = f"{str(dt)[6:]} T={T} C=16"
             lt.chunk_update_fwd(k, v, valid, n, *st, torch.zeros(B, H, 40, d), torch.zeros(B, H, 40, d), 16)
-    for dt in (torch.float32, torch.bfloat16):  # attention kernels: GQA (8 query heads on 2 kv heads), causal
+    for dt in dtypes:  # attention kernels: GQA (8 query heads on 2 kv heads), causal
         T = 300
         q, k, v = _rand(B, 8, T, d, dtype=dt), _rand(B, 2, T, d, dtype=dt), _rand(B, 2, T, d, dtype=dt)
         _Compile.case = f"{str(dt)[6:]} flash T={T} causal"
@@ -150,7 +161,7 @@ def run_cases() -> None:
         )
         mt.mka_attention_fwd(*margs)
         mt.mka_attention_bwd(q, *margs, lse=torch.zeros(B, 8, 3, T), levels=torch.zeros(B, 8, 3, T, d))
-    for dt in (torch.float32, torch.bfloat16):  # bounded attention: a decode step and a prefill block, keys moved
+    for dt in dtypes:  # bounded attention: a decode step and a prefill block, keys moved
         for T, M in ((1, 4 + 8 * 64 + 1024 + 63), (300, 4 + 4 * 64)):
             _Compile.case = f"{str(dt)[6:]} bounded T={T} M={M}"
             q, k, v = _rand(B, 8, T, d, dtype=dt), _rand(B, 2, 2000, d, dtype=dt), _rand(B, 2, 2000, d, dtype=dt)
@@ -171,6 +182,7 @@ def run_cases() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="only this dtype's cases (default: both)")
     ns = parser.parse_args()
     _Compile.target = GPUTarget("cuda", ns.arch, 32)
     for mod in (ss, lt, mt, bk, bb):
@@ -180,7 +192,7 @@ def main() -> int:
     fa.configs_for = _gpu_configs
     compiled_meta = mt._dot_meta  # compile as for a GPU: no interpreter-only bf16 upcast
     mt._dot_meta = lambda q, allow_tf32: {**compiled_meta(q, allow_tf32), "DOT_UPCAST": False}
-    run_cases()
+    run_cases((getattr(torch, ns.dtype),) if ns.dtype else (torch.float32, torch.bfloat16))
     failed = 0
     for name, case, res in _Compile.rows:
         failed += res.startswith("FAILED")
