@@ -1,7 +1,8 @@
 """The MKA memory step, written once: the router, the gated routing weights, and the memory levels of one call (the
-session EMA, the chunk summaries and the long-term recall) composed from the ``mka::`` ops. The layers built from
-scratch (:mod:`mka_compile.layers.attention`), converted sites (:mod:`mka_compile.sites.memory`) and the cache's
-rewind (:mod:`mka_compile.layers.cache`) are adapters over it; :func:`fused_memory` is the same step as one op
+session EMA, the chunk summaries and the long-term recall) composed from the ``mka::`` ops, and for FastMKA the
+routed mix (:func:`memory_step`). The layers built from scratch (:mod:`mka_compile.layers.attention`) and converted
+sites (:mod:`mka_compile.sites.memory`) both call :func:`memory_step`; the cache's rewind
+(:mod:`mka_compile.layers.cache`) replays :func:`memory_levels`. :func:`fused_memory` is the same step as one op
 (``mka::memory_mix`` / ``mka::memory_levels``, ``kernels/fastmka_memory_cpu``: a fused C++ pass on the CPU), chosen
 by :func:`fused_step`."""
 
@@ -183,6 +184,68 @@ def fused_memory(mode: str, cfg: MKAConfig, st: Any, k1, v1, q_flat, logits, gat
         out = (kf, vf, lam, None)
     st.ema_k, st.ema_v, st.part_k, st.part_v, st.summ_k, st.summ_v = new
     return out
+
+
+class Step(NamedTuple):
+    """One call's memory step, as the mode's attention reads it.
+
+    FastMKA: ``ks = [kf]``, ``vs = [vf]``, the routed mixes ``[B, Hkv, T, d]``. MKA mode: the levels
+    ``ks = [k1, (session)]``, ``vs`` likewise, and ``recall = (mem_k, mem_v, idx, found)`` for the long-term level
+    (None without it). ``lam: [B, G, T, L]`` the routing weights, in both modes."""
+
+    ks: list[torch.Tensor]
+    vs: list[torch.Tensor]
+    lam: torch.Tensor
+    recall: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+
+
+def memory_step(
+    mode: str,
+    cfg: MKAConfig,
+    st: Any,
+    k1: torch.Tensor,
+    v1: torch.Tensor,
+    q_flat: torch.Tensor,
+    router: nn.Module,
+    gate: torch.Tensor,
+    valid: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    groups: int,
+    discarded: bool,
+    bank: tuple | None = None,
+) -> Step:
+    """The memory step of one call, the one composition that the layers built from scratch and converted sites
+    both run: the levels (:func:`memory_levels`), the routing weights (:func:`routing_weights`) and, for FastMKA,
+    the recalled level and the routed mix; as one op (:func:`fused_memory`) where :func:`fused_step` says so.
+
+    ``k1, v1: [B, Hkv, T, d]`` (this call's keys and values, un-rotated), ``q_flat: [B, T, H*d]`` (the query
+    projection), ``valid: [B, T]``; ``scale`` scores the recalled summaries; ``discarded``: the state is fresh and
+    nothing keeps it (no cache); ``bank``: an external memory ``(keys, values, valid)`` or None. ``st`` is advanced
+    except its count ``n_seen`` (the caller's)."""
+    has_bank = bank is not None and bank[0] is not None
+    if not has_bank and fused_step(mode, cfg, st, causal, discarded, k1, v1, q_flat):
+        a, b, lam, recalled = fused_memory(mode, cfg, st, k1, v1, q_flat, router(q_flat), gate, valid, scale)
+        if mode != "mka":
+            return Step([a], [b], lam, None)
+        ks, vs = ([k1, a], [v1, b]) if cfg.uses_session else ([k1], [v1])
+        return Step(ks, vs, lam, (st.summ_k, st.summ_v, *recalled) if cfg.uses_longterm else None)
+    B, T, Hkv, d = k1.shape[0], k1.shape[2], k1.shape[1], k1.shape[3]
+    q_r = None
+    if cfg.uses_longterm:  # the recall query of a kv group: the mean of its query heads
+        q_r = group_mean(q_flat.view(B, T, Hkv, q_flat.shape[-1] // (Hkv * d), d)).transpose(1, 2)
+    ks, vs, rec = memory_levels(cfg, st, k1, v1, valid, q_r, causal, bank if has_bank else None)
+    has_recall = None if rec is None else rec.found[:, 0, :, 0]  # (B, T): recall_select lists a found entry first
+    lam = routing_weights(router, gate, q_flat, has_recall, cfg.num_levels, groups)
+    if mode == "mka":  # MKA mode attends over the recalled entries itself
+        return Step(ks, vs, lam, None if rec is None else (rec.mem_k, rec.mem_v, rec.idx, rec.found))
+    if rec is not None:
+        k3, v3 = recall_level(*rec, scale)  # (B, Hkv, T, d) each
+        ks.append(k3.to(k1.dtype))
+        vs.append(v3.to(v1.dtype))
+    kf, vf = K.route_mix(lam, ks, vs)  # (B, Hkv, T, d) each
+    return Step([kf], [vf], lam, None)
 
 
 def group_mean(q: torch.Tensor) -> torch.Tensor:

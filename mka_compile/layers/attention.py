@@ -24,11 +24,9 @@ from mka_compile.layers.cache import MKACache, MKALayerState
 from mka_compile.layers.rope import RotaryEmbedding
 from mka_compile.memory import (  # noqa: F401  (Router, routing_weights, effective_gate: part of this API)
     Router,
+    Step,
     effective_gate,
-    fused_memory,
-    fused_step,
-    memory_levels,
-    recall_level,
+    memory_step,
     routing_weights,
 )
 
@@ -140,21 +138,18 @@ class _MKABase(nn.Module):
         v1 = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return q_flat, q, k1, v1
 
-    def _memory(self, x, valid, st: MKALayerState, bank):
-        """Projections, levels and routing. Returns q, [k_l], [v_l], recall info, lam, pos."""
-        B, T, _ = x.shape
-        H, Hkv, d, cfg = self.num_heads, self.num_kv_heads, self.head_dim, self.config
+    def _memory(self, x, valid, st: MKALayerState, bank, discarded: bool):
+        """Projections and the memory step (:func:`~mka_compile.memory.memory_step`, as converted sites run it):
+        ``(q [B, H, T, d], step, pos [B, T])``; advances ``st``, its count included."""
+        cfg = self.config
         q_flat, q, k1, v1 = self._project(x)
         pos = K.real_positions(valid, st.n_seen)  # (B, T)
-        q_r = q.view(B, Hkv, H // Hkv, T, d).mean(2) if cfg.uses_longterm else None  # (B, Hkv, T, d) per kv group
-        ks, vs, rec = memory_levels(cfg, st, k1, v1, valid, q_r, cfg.causal, bank)
-        recall = None if rec is None else (rec.q_r, rec.mem_k, rec.mem_v, rec.idx, rec.found)
-        lam = self._route(q_flat, None if rec is None else rec.found[:, 0, :, 0])
+        step = memory_step(
+            self.mode, cfg, st, k1, v1, q_flat, self.router, self.gate, valid, causal=cfg.causal,
+            scale=cfg.recall_scale or self.scale, groups=self.groups, discarded=discarded, bank=bank,
+        )  # fmt: skip
         st.n_seen = st.n_seen + valid.sum(-1)
-        return q, ks, vs, recall, lam, pos
-
-    def _route(self, q_flat: torch.Tensor, has_recall: torch.Tensor | None) -> torch.Tensor:
-        return routing_weights(self.router, self.gate, q_flat, has_recall, self.config.num_levels, self.groups)
+        return q, step, pos
 
     def forward(
         self,
@@ -168,40 +163,12 @@ class _MKABase(nn.Module):
         valid = self._check_inputs(x, attention_mask)
         B, T, _ = x.shape
         st = self._state(cache, B, x)
-        bank = self._bank(memory_bank, B, x)
-        if bank[0] is None and self._fused(x, st, cache):
-            q, ks, vs, recall, lam, pos = self._memory_fused(x, valid, st)
-        else:
-            q, ks, vs, recall, lam, pos = self._memory(x, valid, st, bank)
-        out = self._attend(q, ks, vs, recall, lam, pos, valid, st)  # (B, H, T, d)
+        q, step, pos = self._memory(x, valid, st, self._bank(memory_bank, B, x), cache is None)
+        out = self._attend(q, step, pos, valid, st)  # (B, H, T, d)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def _fused(self, x: torch.Tensor, st: MKALayerState, cache: MKACache | None) -> bool:
-        """Whether the memory step is one op (``mka::memory_mix`` / ``mka::memory_levels``: the fused C++ pass on
-        the CPU): see :func:`mka_compile.memory.fused_step` (as for converted sites); ``x`` has the weights' dtype
-        and device (``_check_inputs``)."""
-        return fused_step(self.mode, self.config, st, self.config.causal, cache is None, x)
-
-    def _memory_fused(self, x, valid, st: MKALayerState):
-        """:meth:`_memory` as one op (:func:`~mka_compile.memory.fused_memory`). FastMKA: ``ks, vs`` hold the routed
-        ``kf, vf`` alone and ``lam`` is None (already mixed); MKA mode: the levels and recall as :meth:`_memory`
-        gives them."""
-        cfg = self.config
-        q_flat, q, k1, v1 = self._project(x)
-        pos = K.real_positions(valid, st.n_seen)
-        scale = cfg.recall_scale or self.scale
-        a, b, lam, recalled = fused_memory(
-            self.mode, cfg, st, k1, v1, q_flat, self.router(q_flat), self.gate, valid, scale
-        )
-        st.n_seen = st.n_seen + valid.sum(-1)
-        if self.mode != "mka":
-            return q, [a], [b], None, None, pos
-        ks, vs = ([k1, a], [v1, b]) if cfg.uses_session else ([k1], [v1])
-        recall = (None, st.summ_k, st.summ_v, *recalled) if cfg.uses_longterm else None
-        return q, ks, vs, recall, lam, pos
-
-    def _attend(self, q, ks, vs, recall, lam, pos, valid, st: MKALayerState) -> torch.Tensor:
-        """The mode's attention over the memory levels: ``[B, H, T, d]``."""
+    def _attend(self, q, step: Step, pos, valid, st: MKALayerState) -> torch.Tensor:
+        """The mode's attention over the memory step's levels: ``[B, H, T, d]``."""
         raise NotImplementedError
 
     def _bounded_inputs(self, q, k, st: MKALayerState, levels: int):
@@ -224,7 +191,7 @@ class _MKABase(nn.Module):
         with torch.no_grad():
             valid = self._check_inputs(x, attention_mask)
             st = self._state(None, x.shape[0], x)
-            return self._memory(x, valid, st, self._bank(None, x.shape[0], x))[4]
+            return self._memory(x, valid, st, self._bank(None, x.shape[0], x), True)[1].lam
 
 
 class FastMKAAttention(_MKABase):
@@ -235,15 +202,8 @@ class FastMKAAttention(_MKABase):
 
     mode = "fastmka"
 
-    def _attend(self, q, ks, vs, recall, lam, pos, valid, st: MKALayerState) -> torch.Tensor:
-        if lam is None:  # mixed already (mka::memory_mix)
-            (kf,), (vf,) = ks, vs
-        else:
-            if recall is not None:
-                k3, v3 = recall_level(*recall, self.config.recall_scale or self.scale)  # (B, Hkv, T, d) each
-                ks.append(k3.to(q.dtype))
-                vs.append(v3.to(q.dtype))
-            kf, vf = K.route_mix(lam, ks, vs)  # (B, Hkv, T, d)
+    def _attend(self, q, step: Step, pos, valid, st: MKALayerState) -> torch.Tensor:
+        (kf,), (vf,) = step.ks, step.vs  # the routed mixes
         if self.config.bounded:
             return self._attend_bounded(q, kf, vf, pos, valid, st)
         (kc, vc), kv_valid = st.append([self._rope(kf, pos), vf], valid)
@@ -267,10 +227,11 @@ class MKAAttention(_MKABase):
 
     mode = "mka"
 
-    def _attend(self, q, ks, vs, recall, lam, pos, valid, st: MKALayerState) -> torch.Tensor:
+    def _attend(self, q, step: Step, pos, valid, st: MKALayerState) -> torch.Tensor:
+        ks, vs, lam, recall = step
         if self.config.bounded:
             stores, q_r, summ, freqs = self._bounded_inputs(q, ks[0], st, len(ks))
-            l3 = None if recall is None else (q, *recall[1:])
+            l3 = None if recall is None else (q, *recall)
             return bounded_levels.attend_levels(
                 stores, self._rope(q, pos), [self._rope(k, pos) for k in ks], vs, valid, lam, q_r, summ, l3,
                 self.config, freqs, False, self.config.trained_length or 0, self.scale,
@@ -279,7 +240,7 @@ class MKAAttention(_MKABase):
         full, kv_valid = st.append(stored, valid)
         kw = {}
         if recall is not None:
-            _, mem_k, mem_v, idx, found = recall
+            mem_k, mem_v, idx, found = recall
             kw = dict(q3=q, mem_k=mem_k, mem_v=mem_v, idx3=idx, found3=found)
         out = K.mka_attention(
             self._rope(q, pos),

@@ -19,15 +19,7 @@ from mka_compile import kernels as K
 from mka_compile.config import MKAConfig
 from mka_compile.hf import cache as hf_cache
 from mka_compile.layers.cache import MKALayerState
-from mka_compile.memory import (
-    Router,
-    fused_memory,
-    fused_step,
-    group_mean,
-    memory_levels,
-    recall_level,
-    routing_weights,
-)
+from mka_compile.memory import Router, memory_step
 from mka_compile.report import Site
 from mka_compile.rope_tables import calibrate as calibrate_rope
 from mka_compile.rope_tables import derive as derive_rope
@@ -283,58 +275,27 @@ class SiteMemory(nn.Module):
         return new
 
     def mix_levels(self, k1: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``k1, v1: [B, Hkv, T, d]`` (this call's keys and values) -> their routed mixes (FastMKA), and the
-        levels recorded in the call for MKA mode's attention."""
+        """``k1, v1: [B, Hkv, T, d]`` (this call's keys and values) -> their routed mixes (FastMKA); MKA mode records
+        the levels in the call for its attention and returns ``k1, v1``."""
         call = self._call
-        cfg, st = self.config, call.state
-        fused = self._fused(k1, v1, call)
         if call.before is not None:  # keep this call's keys for a rewind
-            st.record(call.before, k1, v1, call.valid)
+            call.state.record(call.before, k1, v1, call.valid)
             call.before = None
-        if fused:
-            return self._mix_fused(k1, v1)
-        B, _, T, d = k1.shape
-        Hkv, H = self.num_kv_heads, self.num_heads
-        q_r = group_mean(call.q.view(B, T, Hkv, H // Hkv, d)).transpose(1, 2) if cfg.uses_longterm else None
-        ks, vs, rec = memory_levels(cfg, st, k1, v1, call.valid, q_r, self.causal)  # (B, Hkv, T, d) levels
-        if cfg.uses_session:
-            call.ema_k, call.ema_v = ks[1], vs[1]
-        has_recall = None
-        if rec is not None:
-            has_recall = rec.found[:, 0, :, 0]  # (B, T): recall_select lists a found entry first when there is one
-            call.recall = (rec.idx, rec.found)
-            if self.mode == "fastmka":  # MKA mode attends over the recalled entries instead (attend)
-                k3, v3 = recall_level(*rec, self.recall_scale)  # (B, Hkv, T, d) each
-                ks.append(k3.to(k1.dtype))
-                vs.append(v3.to(v1.dtype))
-        call.lam = routing_weights(self.router, self.gate, call.q, has_recall, cfg.num_levels, self.groups)
-        self._record(call)
-        if self.mode == "mka":
-            call.k1 = k1  # to check how the site rotates its keys (calibrate_rope, derive_rope)
-            return k1, v1
-        return K.route_mix(call.lam, ks, vs)  # (B, Hkv, T, d) each
-
-    def _record(self, call: _Call) -> None:
+        step = memory_step(
+            self.mode, self.config, call.state, k1, v1, call.q, self.router, self.gate, call.valid,
+            causal=self.causal, scale=self.recall_scale, groups=self.groups, discarded=call.discarded,
+        )  # fmt: skip
+        call.lam = step.lam
         if self._stats is not None:  # routing_stats() is recording
             w = call.valid[:, None, :, None].to(call.lam.dtype)  # (B, 1, T, 1): real tokens only
             self._stats.append(((call.lam.detach() * w).sum((0, 1, 2)), float(w.sum()) * call.lam.shape[1]))
-
-    def _fused(self, k1: torch.Tensor, v1: torch.Tensor, call: _Call) -> bool:
-        """Whether this call's memory step is one op (``mka::memory_mix`` / ``mka::memory_levels``: the fused C++
-        pass on the CPU), see :func:`mka_compile.memory.fused_step`; the same answer in eager and compiled runs."""
-        return fused_step(self.mode, self.config, call.state, self.causal, call.discarded, k1, v1, call.q)
-
-    def _mix_fused(self, k1: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        call = self._call
-        a, b, call.lam, recalled = fused_memory(
-            self.mode, self.config, call.state, k1, v1, call.q, self.router(call.q), self.gate, call.valid,
-            self.recall_scale,
-        )  # fmt: skip
-        self._record(call)
         if self.mode == "fastmka":
-            return a, b
-        call.ema_k, call.ema_v, call.k1 = a, b, k1  # the levels attend reads
-        call.recall = recalled
+            return step.ks[0], step.vs[0]
+        if self.config.uses_session:
+            call.ema_k, call.ema_v = step.ks[1], step.vs[1]  # the session level, rotated by session_keys
+        if step.recall is not None:
+            call.recall = step.recall[2:]  # (idx, found) into the chunk summaries
+        call.k1 = k1  # to check how the site rotates its keys (calibrate_rope, derive_rope)
         return k1, v1
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
