@@ -4,7 +4,7 @@ every query of a bounded cache may recall beside its own past.
     bank = mka_compile.memory_bank(model, document_ids)   # run the converted model over the document once
     bank.save("doc.safetensors"); bank = mka_compile.MemoryBank.load("doc.safetensors")
     cache = mka_compile.bounded_cache(bank)               # a DynamicCache whose bounded layers recall from it
-    model.generate(question_ids, past_key_values=cache)   # (``cache=`` on transformers >= 5.2x)
+    model.generate(question_ids, cache=cache)   # (``past_key_values=`` before transformers 5.24)
 
 (``memory_bank`` and ``bounded_cache`` live with the cache layer, in :mod:`mka_compile.hf.bounded`.)
 

@@ -15,6 +15,7 @@ from bounded_models import CFG, _converted, _copy_memory, _llama
 
 import mka_compile
 from mka_compile import MKAConfig
+from mka_compile.hf.compat import cache_kwargs, returned_cache
 
 transformers.logging.set_verbosity_error()
 
@@ -73,9 +74,9 @@ def test_decode_equals_prefill_with_padding(trained_length, keys, mode):
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         out = model(ids[:, :30], attention_mask=mask[:, :30], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
+        cache, steps = returned_cache(out), [out.logits]
         for lo, hi in [(30, 31), (31, 45), *((t, t + 1) for t in range(45, T))]:
-            out = model(ids[:, lo:hi], attention_mask=mask[:, :hi], past_key_values=cache, use_cache=True)
+            out = model(ids[:, lo:hi], attention_mask=mask[:, :hi], **cache_kwargs(model, cache), use_cache=True)
             steps.append(out.logits)
     got = torch.cat(steps, 1)
     torch.testing.assert_close(got[0], full[0], rtol=1e-4, atol=1e-4)
@@ -126,8 +127,8 @@ def test_resident_memory_is_bounded(mode):
         for T in (160, 320, 640):
             ids = torch.randint(0, 64, (1, T))
             reps[T] = (
-                mka_compile.memory_report(model(ids, use_cache=True).past_key_values),
-                mka_compile.memory_report(full(ids, use_cache=True).past_key_values),
+                mka_compile.memory_report(returned_cache(model(ids, use_cache=True))),
+                mka_compile.memory_report(returned_cache(full(ids, use_cache=True))),
             )
     (b1, f1), (b2, f2), (b3, f3) = reps.values()
     assert f3["resident_bytes"] == 4 * f1["resident_bytes"]  # full attention grows with the context
@@ -150,18 +151,18 @@ def test_bad_uses_are_refused_with_the_reason():
     filled = transformers.DynamicCache()
     filled.update(torch.zeros(1, 2, 5, 16), torch.zeros(1, 2, 5, 16), 0)
     with pytest.raises(RuntimeError, match="empty dynamic cache"):
-        model(torch.randint(0, 64, (1, 4)), past_key_values=filled)
+        model(torch.randint(0, 64, (1, 4)), **cache_kwargs(model, filled))
 
 
 def test_crop_refuses_padded_positions_and_rewinds_decoded_ones():
     model = _converted(MKAConfig(**CFG))
     ids = torch.randint(0, 64, (1, 60))
     with torch.no_grad():
-        cache = model(ids[:, :50], use_cache=True).past_key_values
+        cache = returned_cache(model(ids[:, :50], use_cache=True))
         for t in range(50, 60):
-            model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            model(ids[:, t : t + 1], **cache_kwargs(model, cache), use_cache=True)
         cache.crop(-7)  # back to 53 tokens
-        again = model(ids[:, 53:60], past_key_values=cache, use_cache=True).logits
+        again = model(ids[:, 53:60], **cache_kwargs(model, cache), use_cache=True).logits
         full = model(ids).logits
     torch.testing.assert_close(again, full[:, 53:60], rtol=1e-4, atol=1e-4)
     assert math.isfinite(float(again.sum()))
@@ -246,11 +247,11 @@ def test_window_and_sinks_only_keep_no_chunks():
     with torch.no_grad():
         reps = []
         for T in (100, 400):
-            cache = model(torch.randint(0, 64, (1, T)), use_cache=True).past_key_values
+            cache = returned_cache(model(torch.randint(0, 64, (1, T)), use_cache=True))
             reps.append(mka_compile.memory_report(cache))
         assert reps[0]["offloaded_bytes"] == reps[1]["offloaded_bytes"] == 0
         for _ in range(3):
-            model(torch.randint(0, 64, (1, 1)), past_key_values=cache, use_cache=True)
+            model(torch.randint(0, 64, (1, 1)), **cache_kwargs(model, cache), use_cache=True)
         cache.crop(-2)  # within the window: fine
         with pytest.raises(RuntimeError, match="past the window"):
             for layer in cache.layers:
@@ -269,9 +270,9 @@ def test_bounds_recall_without_the_longterm_level():
     with torch.no_grad():
         full = model(ids).logits
         out = model(ids[:, :40], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
+        cache, steps = returned_cache(out), [out.logits]
         for t in range(40, 70):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, t : t + 1], **cache_kwargs(model, cache), use_cache=True)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
     stores = [layer.store for layer in cache.layers if getattr(layer, "store", None) is not None]

@@ -12,6 +12,7 @@ from bounded_models import CFG, _converted
 
 import mka_compile
 from mka_compile import MemoryBank, MKAConfig
+from mka_compile.hf.compat import cache_kwargs
 
 transformers.logging.set_verbosity_error()
 
@@ -33,14 +34,14 @@ def test_decode_with_a_bank_equals_prefill_and_padding_equals_alone(mode):
     mask = torch.ones(2, T, dtype=torch.long)
     mask[1, :6] = 0
     with torch.no_grad():
-        full = model(ids, attention_mask=mask, past_key_values=mka_compile.bounded_cache(bank)).logits
+        full = model(ids, attention_mask=mask, **cache_kwargs(model, mka_compile.bounded_cache(bank))).logits
         plain = model(ids, attention_mask=mask).logits
         cache = mka_compile.bounded_cache(bank)
-        steps = [model(ids[:, :25], attention_mask=mask[:, :25], past_key_values=cache, use_cache=True).logits]
+        steps = [model(ids[:, :25], attention_mask=mask[:, :25], **cache_kwargs(model, cache), use_cache=True).logits]
         for lo, hi in [(25, 26), (26, 40), *((t, t + 1) for t in range(40, T))]:
-            out = model(ids[:, lo:hi], attention_mask=mask[:, :hi], past_key_values=cache, use_cache=True)
+            out = model(ids[:, lo:hi], attention_mask=mask[:, :hi], **cache_kwargs(model, cache), use_cache=True)
             steps.append(out.logits)
-        alone = model(ids[1:, 6:], past_key_values=mka_compile.bounded_cache(bank)).logits
+        alone = model(ids[1:, 6:], **cache_kwargs(model, mka_compile.bounded_cache(bank))).logits
     got = torch.cat(steps, 1)
     torch.testing.assert_close(got[0], full[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got[1, 6:], full[1, 6:], rtol=1e-4, atol=1e-4)
@@ -60,10 +61,10 @@ def test_generate_with_a_bank_equals_recomputing_and_a_saved_bank_reloads(tmp_pa
     again = MemoryBank.load(tmp_path / "bank.safetensors")
     ids = torch.randint(0, 64, (1, 30))
     with torch.no_grad():
-        out = model.generate(ids, past_key_values=mka_compile.bounded_cache(bank), max_new_tokens=20, do_sample=False)
+        out = model.generate(ids, cache=mka_compile.bounded_cache(bank), max_new_tokens=20, do_sample=False)
         seq = ids
         for _ in range(20):  # every step from scratch, with a fresh cache on the reloaded bank
-            logits = model(seq, past_key_values=mka_compile.bounded_cache(again)).logits
+            logits = model(seq, **cache_kwargs(model, mka_compile.bounded_cache(again))).logits
             seq = torch.cat([seq, logits[:, -1:].argmax(-1)], 1)
     assert torch.equal(out, seq)
     two = MemoryBank.cat([bank, again])
@@ -77,12 +78,12 @@ def test_bad_banks_are_refused_with_the_reason():
     other = _converted(MKAConfig(**{**BANK_CFG, "chunk_size": 4, "sink_tokens": 2}))
     bank = _bank(other)
     with pytest.raises(ValueError, match="same model and MKAConfig"):
-        model(torch.randint(0, 64, (1, 40)), past_key_values=mka_compile.bounded_cache(bank))
+        model(torch.randint(0, 64, (1, 40)), **cache_kwargs(model, mka_compile.bounded_cache(bank)))
     mean = _converted(MKAConfig(**BANK_CFG, chunk_keys="mean"))
     with pytest.raises(ValueError, match="chunk_keys='bounds'"):
         mka_compile.memory_bank(mean, torch.randint(0, 64, (1, 40)))
     with pytest.raises(ValueError, match="chunk_keys='bounds'"):
-        mean(torch.randint(0, 64, (1, 40)), past_key_values=mka_compile.bounded_cache(_bank(model)))
+        mean(torch.randint(0, 64, (1, 40)), **cache_kwargs(mean, mka_compile.bounded_cache(_bank(model))))
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
@@ -97,12 +98,14 @@ def test_a_faiss_index_recalls_what_scoring_every_chunk_recalls(kind):
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     with torch.no_grad():
-        want = model(ids, attention_mask=mask, past_key_values=mka_compile.bounded_cache(bank)).logits
-        got = model(ids, attention_mask=mask, past_key_values=mka_compile.bounded_cache(indexed)).logits
+        want = model(ids, attention_mask=mask, **cache_kwargs(model, mka_compile.bounded_cache(bank))).logits
+        got = model(ids, attention_mask=mask, **cache_kwargs(model, mka_compile.bounded_cache(indexed))).logits
         cache = mka_compile.bounded_cache(indexed)
-        steps = [model(ids[:, :50], attention_mask=mask[:, :50], past_key_values=cache, use_cache=True).logits]
+        steps = [model(ids[:, :50], attention_mask=mask[:, :50], **cache_kwargs(model, cache), use_cache=True).logits]
         for t in range(50, 60):
-            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+            out = model(
+                ids[:, t : t + 1], attention_mask=mask[:, : t + 1], **cache_kwargs(model, cache), use_cache=True
+            )
             steps.append(out.logits)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.cat(steps, 1), want, rtol=1e-4, atol=1e-4)

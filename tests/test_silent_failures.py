@@ -14,6 +14,7 @@ import torch
 import zoo
 
 import mka_compile
+from mka_compile.hf.compat import cache_kwargs, returned_cache
 
 CFG = mka_compile.MKAConfig(chunk_size=4, top_r=2)
 
@@ -149,13 +150,13 @@ def test_crop_rewinds_the_mka_state(mode: str) -> None:
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         cache = transformers.DynamicCache(config=model.config)
-        model(ids[:, :12], attention_mask=mask[:, :12], past_key_values=cache)
+        model(ids[:, :12], attention_mask=mask[:, :12], **cache_kwargs(model, cache))
         for t in range(12, 17):  # token by token, then a chunk: rewinding crosses calls and splits one
-            model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache)
-        model(ids[:, 17:25], attention_mask=mask[:, :25], past_key_values=cache)
+            model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], **cache_kwargs(model, cache))
+        model(ids[:, 17:25], attention_mask=mask[:, :25], **cache_kwargs(model, cache))
         cache.crop(-11)  # back to 14 tokens: into the token-by-token calls
         assert cache.get_seq_length() == 14
-        out = model(ids[:, 14:30], attention_mask=mask, past_key_values=cache).logits
+        out = model(ids[:, 14:30], attention_mask=mask, **cache_kwargs(model, cache)).logits
     torch.testing.assert_close(out, full[:, 14:], rtol=1e-4, atol=1e-4)
 
 
@@ -178,8 +179,8 @@ def test_crop_beyond_the_history_is_refused() -> None:
     model = _converted()
     cache = transformers.DynamicCache(config=model.config)
     with torch.no_grad():
-        model(torch.randint(0, 90, (1, 300)), past_key_values=cache)
-        model(torch.randint(0, 90, (1, 1)), past_key_values=cache)
+        model(torch.randint(0, 90, (1, 300)), **cache_kwargs(model, cache))
+        model(torch.randint(0, 90, (1, 1)), **cache_kwargs(model, cache))
         with pytest.raises(RuntimeError, match="cannot remove the last 302 tokens"):
             cache.crop(-302)
     assert cache.get_seq_length() == 301  # refused: nothing cropped
@@ -337,9 +338,9 @@ def test_decode_equals_full_forward_gpt_neo(mode: str) -> None:
     with torch.no_grad():
         full = model(ids).logits
         out = model(ids[:, :10], use_cache=True)
-        cache, steps = out.past_key_values, [out.logits]
+        cache, steps = returned_cache(out), [out.logits]
         for t in range(10, 20):
-            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(model(ids[:, t : t + 1], **cache_kwargs(model, cache), use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
 
 

@@ -15,6 +15,7 @@ import transformers
 
 import mka_compile
 from mka_compile import MKAConfig
+from mka_compile.hf.compat import cache_kwargs, returned_cache
 
 
 def run(model, n: int, steps: int, block: int) -> tuple[float, float, dict]:
@@ -23,13 +24,13 @@ def run(model, n: int, steps: int, block: int) -> tuple[float, float, dict]:
     with torch.no_grad():
         t0 = time.perf_counter()
         for lo in range(0, n, block):
-            out = model(ids[:, lo : min(n, lo + block)], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(ids[:, lo : min(n, lo + block)], **cache_kwargs(model, cache), use_cache=True)
+            cache = returned_cache(out)
         prefill = time.perf_counter() - t0
         times = []
         for i in range(steps):
             t = time.perf_counter()
-            model(ids[:, n + i : n + i + 1], past_key_values=cache, use_cache=True)
+            model(ids[:, n + i : n + i + 1], **cache_kwargs(model, cache), use_cache=True)
             times.append(time.perf_counter() - t)
     times.sort()
     return prefill, 1000 * times[len(times) // 2], mka_compile.memory_report(cache)

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 import statistics
 import time
@@ -20,19 +19,14 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from mka_compile.hf.compat import cache_kwargs, returned_cache
 from tools.long_context import tasks
-
-
-def _cache_kw(model) -> str:
-    """The name of the cache argument and output: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def _call(model, ids: torch.Tensor, cache):
     """One cached call; returns ``(logits, cache)``."""
-    kw = _cache_kw(model)
-    out = model(ids, use_cache=True, **({kw: cache} if cache is not None else {}))
-    return out.logits, getattr(out, kw)
+    out = model(ids, use_cache=True, **(cache_kwargs(model, cache) if cache is not None else {}))
+    return out.logits, returned_cache(out)
 
 
 def memory_report(cache) -> dict:
@@ -84,7 +78,7 @@ def bank_retrieval(model, samples: list[tasks.Sample], chunk: int) -> dict:
         cut = (len(smp.ids) - smp.question) // chunk * chunk
         q = torch.cat([torch.tensor([tasks.BOS]), smp.ids[cut:]])[None]
         bank = memory_bank(model, smp.ids[None, :cut], block_size=1024)
-        for name, kw in (("bank", {_cache_kw(model): bounded_cache(bank)}), ("alone", {})):
+        for name, kw in (("bank", cache_kwargs(model, bounded_cache(bank))), ("alone", {})):
             pred = model(q, logits_to_keep=k + 1, **kw).logits[:, :-1].argmax(-1)
             hits[name].append(bool((pred[0] == q[0, -k:]).all()))
     return {name: sum(h) / len(h) for name, h in hits.items()} | {"n": len(samples)}

@@ -263,15 +263,17 @@ def _decode(model, ids, hf: bool, spec) -> torch.Tensor:  # noqa: F821
     """Logits of the last tokens, from a prefill then one cached step per token."""
     import torch
 
+    from mka_compile.hf.compat import cache_kwargs, returned_cache
+
     if not hf:
         return spec["decode"](model, ids)
     n = 3
     with torch.no_grad():
         out = model(ids[:, :-n], use_cache=True)
-        past, steps = out.past_key_values, []
+        past, steps = returned_cache(out), []
         for t in range(ids.shape[1] - n, ids.shape[1]):
-            out = model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(ids[:, t : t + 1], **cache_kwargs(model, past), use_cache=True)
+            past = returned_cache(out)
             steps.append(out.logits)
     return torch.cat(steps, 1)
 
