@@ -18,8 +18,10 @@ import subprocess
 import sys
 import tempfile
 
-import torch
-import triton
+os.environ.pop("TRITON_INTERPRET", None)  # compile the kernels: with it set, triton.jit would define them interpreted
+
+import torch  # noqa: E402
+import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
