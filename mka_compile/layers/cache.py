@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +23,42 @@ class _Step:
     k1: torch.Tensor  # (B, Hkv, T, d)
     v1: torch.Tensor  # (B, Hkv, T, d)
     valid: torch.Tensor  # (B, T)
+
+
+class _History:
+    """The latest calls kept for rewind, oldest first, and how many positions they hold (counted as calls come and
+    go, so that a decode step does not sum over the kept calls)."""
+
+    def __init__(self) -> None:
+        self.calls: collections.deque[_Step] = collections.deque()
+        self.positions = 0
+
+    def append(self, step: _Step) -> None:
+        self.calls.append(step)
+        self.positions += step.valid.shape[1]
+
+    def trim(self, keep: int) -> None:
+        """Drop the oldest calls while the others hold at least ``keep`` positions (the latest call stays)."""
+        while len(self.calls) > 1 and self.positions - self.calls[0].valid.shape[1] >= keep:
+            self.positions -= self.calls.popleft().valid.shape[1]
+
+    def truncate(self, n: int) -> None:
+        """Keep the oldest ``n`` calls."""
+        while len(self.calls) > n:
+            self.positions -= self.calls.pop().valid.shape[1]
+
+    def clear(self) -> None:
+        self.calls.clear()
+        self.positions = 0
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def __getitem__(self, i: int) -> _Step:
+        return self.calls[i]
+
+    def __iter__(self):
+        return iter(self.calls)
 
 
 @dataclass
@@ -45,7 +82,7 @@ class MKALayerState:
     kv_valid: torch.Tensor | None = None
     tokens_bound: int = 0  # tokens passed so far, padding included: a static bound on n_seen (no .item())
     fixed_slots: bool = False  # a preallocated summary buffer (export: static shapes); reserve() leaves it
-    steps: list[_Step] = field(default_factory=list)  # the latest calls, for rewind (crop)
+    steps: _History = field(default_factory=_History)  # the latest calls, for rewind (crop)
     config: MKAConfig | None = None  # the memory's settings, for rewind (set by the site that keeps the state)
     # bounded memory of a layer built from scratch: its BoundedStores (mka_compile.bounded), one per full-length level
     bounded: list | None = None
@@ -86,16 +123,14 @@ class MKALayerState:
         ``BOUNDED_REWIND_CALL`` is not kept (what stays resident is small next to the bounded store; a crop into
         such a call is refused with the reason)."""
         if self.config is not None and self.config.bounded and valid.shape[1] > BOUNDED_REWIND_CALL:
-            self.steps = []
+            self.steps.clear()
             return
         self.steps.append(_Step(before, k1.detach(), v1.detach(), valid))
-        total = sum(st.valid.shape[1] for st in self.steps)
-        while len(self.steps) > 1 and total - self.steps[0].valid.shape[1] >= REWIND_TOKENS:
-            total -= self.steps.pop(0).valid.shape[1]
+        self.steps.trim(REWIND_TOKENS)
 
     def rewindable(self) -> int:
         """How many of the latest positions :meth:`rewind` can remove."""
-        return sum(st.valid.shape[1] for st in self.steps)
+        return self.steps.positions
 
     def rewind(self, positions: int, config: MKAConfig) -> None:
         """Forget the latest ``positions`` positions (padding included), exactly: the state before the call they
@@ -114,7 +149,7 @@ class MKALayerState:
             total += self.steps[i].valid.shape[1]
         step, keep = self.steps[i], total - positions  # keep: the first tokens of call i that stay
         self.n_seen, self.ema_k, self.ema_v, self.part_k, self.part_v, self.tokens_bound, kv_len = step.before
-        del self.steps[i:]
+        self.steps.truncate(i)
         if self.kv:
             self.kv = [t[:, :, : kv_len + keep] for t in self.kv]
         if self.kv_valid is not None:

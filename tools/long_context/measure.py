@@ -2,7 +2,7 @@
 
 - :func:`retrieval`: accuracy under teacher forcing: one forward over the whole sample (question and answer), a
   sample is right when the argmax at every answer position is the answer's digit;
-- :func:`stream`: WikiText-2 test bytes fed through the model's cache block by block (``past_key_values``), the
+- :func:`stream`: WikiText-2 test bytes fed through the model's cache block by block (``cache``), the
   NLL of every token, and at checkpoints the cache's ``memory_report`` and the elapsed time;
 - :func:`prefill_decode`: one prefill call of ``n`` tokens (timed), then cached decode steps (median ms/token);
 - :func:`fit_exponent`: ``t ~ a * n^k`` by least squares in log-log.
