@@ -161,6 +161,37 @@ def test_crop_rewinds_the_mka_state(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["fastmka", "mka"])
+@pytest.mark.parametrize("remove", [11, 15])
+def test_crop_after_beam_reorders_rewinds_the_reordered_rows(mode: str, remove: int) -> None:
+    """The kept calls take batch edits lazily (a row index, applied when a rewind reads them): crop after two beam
+    reorders equals the reordered rows run alone. 11: into calls made between the reorders; 15: into the prefill,
+    made before both."""
+    import transformers
+
+    model = _converted(mode)
+    torch.manual_seed(3)
+    ids = torch.randint(0, 90, (3, 30))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in one row
+    first, second = torch.tensor([1, 2, 0]), torch.tensor([2, 0, 0])
+    rows = first[second]  # the rows the cache holds after both reorders
+    with torch.no_grad():
+        full = model(ids[rows], attention_mask=mask[rows]).logits
+        cache = transformers.DynamicCache(config=model.config)
+        model(ids[:, :12], attention_mask=mask[:, :12], **cache_kwargs(model, cache))
+        cache.reorder_cache(first)
+        ids1, mask1 = ids[first], mask[first]
+        for t in range(12, 17):
+            model(ids1[:, t : t + 1], attention_mask=mask1[:, : t + 1], **cache_kwargs(model, cache))
+        model(ids1[:, 17:25], attention_mask=mask1[:, :25], **cache_kwargs(model, cache))
+        cache.reorder_cache(second)
+        cache.crop(-remove)
+        keep = 25 - remove
+        out = model(ids[rows][:, keep:], attention_mask=mask[rows], **cache_kwargs(model, cache)).logits
+    torch.testing.assert_close(out, full[:, keep:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["fastmka", "mka"])
 def test_assisted_decoding_equals_greedy(mode: str) -> None:
     model = _converted(mode)
     torch.manual_seed(5)

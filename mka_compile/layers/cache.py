@@ -23,42 +23,75 @@ class _Step:
     k1: torch.Tensor  # (B, Hkv, T, d)
     v1: torch.Tensor  # (B, Hkv, T, d)
     valid: torch.Tensor  # (B, T)
+    edits: int = 0  # the batch edits (beam reorders...) its tensors are as of
 
 
 class _History:
     """The latest calls kept for rewind, oldest first, and how many positions they hold (counted as calls come and
-    go, so that a decode step does not sum over the kept calls)."""
+    go, so that a decode step does not sum over the kept calls).
+
+    A batch edit (a beam reorder, a selection, a repetition) is recorded as the row index it applies
+    (:meth:`edit`), not applied to every kept call: a call's tensors are brought up to date when a rewind reads
+    it (:meth:`__getitem__`). Beam search reorders the cache every step, and the kept calls are up to
+    ``REWIND_TOKENS`` of them per layer."""
 
     def __init__(self) -> None:
         self.calls: collections.deque[_Step] = collections.deque()
         self.positions = 0
+        self.edits = 0  # batch edits so far
+        self.rows: collections.deque[torch.Tensor] = collections.deque()  # the latest edits' row indices
 
     def append(self, step: _Step) -> None:
+        step.edits = self.edits
         self.calls.append(step)
         self.positions += step.valid.shape[1]
+
+    def edit(self, rows: torch.Tensor) -> None:
+        """A batch edit: new row ``r`` is old row ``rows[r]``."""
+        self.edits += 1
+        if self.calls:
+            self.rows.append(rows)
+            self._forget_edits()
 
     def trim(self, keep: int) -> None:
         """Drop the oldest calls while the others hold at least ``keep`` positions (the latest call stays)."""
         while len(self.calls) > 1 and self.positions - self.calls[0].valid.shape[1] >= keep:
             self.positions -= self.calls.popleft().valid.shape[1]
+        self._forget_edits()
 
     def truncate(self, n: int) -> None:
         """Keep the oldest ``n`` calls."""
         while len(self.calls) > n:
             self.positions -= self.calls.pop().valid.shape[1]
+        self._forget_edits()
 
     def clear(self) -> None:
         self.calls.clear()
+        self.rows.clear()
         self.positions = 0
+
+    def _forget_edits(self) -> None:
+        """Keep only the edits a kept call is not yet up to date with (the oldest call is the furthest behind)."""
+        behind = self.edits - self.calls[0].edits if self.calls else 0
+        while len(self.rows) > behind:
+            self.rows.popleft()
 
     def __len__(self) -> int:
         return len(self.calls)
 
     def __getitem__(self, i: int) -> _Step:
-        return self.calls[i]
-
-    def __iter__(self):
-        return iter(self.calls)
+        """The ``i``-th kept call, its tensors brought up to date with the batch edits made since it was kept."""
+        st = self.calls[i]
+        behind = self.edits - st.edits
+        if behind:
+            rows = None
+            for r in list(self.rows)[len(self.rows) - behind :]:
+                rows = r if rows is None else rows[r.to(rows.device)]
+            pick = lambda t: t.index_select(0, rows.to(t.device))  # noqa: E731
+            st.before = (*(pick(t) for t in st.before[:5]), *st.before[5:])
+            st.k1, st.v1, st.valid = pick(st.k1), pick(st.v1), pick(st.valid)
+            st.edits = self.edits
+        return st
 
 
 @dataclass
@@ -163,16 +196,14 @@ class MKALayerState:
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` (a selection / repetition along the batch axis) to every per-sequence tensor: beam search's
         reorder, select and repeat."""
+        rows = fn(torch.arange(self.n_seen.shape[0], device=self.n_seen.device))  # the edit as a row index
         for name in ("n_seen", "ema_k", "ema_v", "part_k", "part_v", "summ_k", "summ_v"):
             setattr(self, name, fn(getattr(self, name)))
         self.kv = [fn(t) for t in self.kv]
         self.kv_valid = None if self.kv_valid is None else fn(self.kv_valid)
         for store in self.bounded or ():
             store.map_batch(fn)
-        for st in self.steps:
-            b = st.before
-            st.before = (*(fn(t) for t in b[:5]), *b[5:])
-            st.k1, st.v1, st.valid = fn(st.k1), fn(st.v1), fn(st.valid)
+        self.steps.edit(rows)
 
     def reserve(self, new_tokens: int, chunk_size: int) -> None:
         """Make room for the chunks ``new_tokens`` more tokens can complete (a bound that needs no sync).
