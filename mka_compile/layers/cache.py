@@ -115,7 +115,7 @@ class MKALayerState:
     kv_valid: torch.Tensor | None = None
     tokens_bound: int = 0  # tokens passed so far, padding included: a static bound on n_seen (no .item())
     fixed_slots: bool = False  # a preallocated summary buffer (export: static shapes); reserve() leaves it
-    steps: _History = field(default_factory=_History)  # the latest calls, for rewind (crop)
+    steps: _History | None = None  # the latest calls, for rewind (crop); made by the first record (eager only)
     config: MKAConfig | None = None  # the memory's settings, for rewind (set by the site that keeps the state)
     # bounded memory of a layer built from scratch: its BoundedStores (mka_compile.bounded), one per full-length level
     bounded: list | None = None
@@ -156,14 +156,16 @@ class MKALayerState:
         ``BOUNDED_REWIND_CALL`` is not kept (what stays resident is small next to the bounded store; a crop into
         such a call is refused with the reason)."""
         if self.config is not None and self.config.bounded and valid.shape[1] > BOUNDED_REWIND_CALL:
-            self.steps.clear()
+            self.steps = None
             return
+        if self.steps is None:
+            self.steps = _History()
         self.steps.append(_Step(before, k1.detach(), v1.detach(), valid))
         self.steps.trim(REWIND_TOKENS)
 
     def rewindable(self) -> int:
         """How many of the latest positions :meth:`rewind` can remove."""
-        return self.steps.positions
+        return 0 if self.steps is None else self.steps.positions
 
     def rewind(self, positions: int, config: MKAConfig) -> None:
         """Forget the latest ``positions`` positions (padding included), exactly: the state before the call they
@@ -196,14 +198,16 @@ class MKALayerState:
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` (a selection / repetition along the batch axis) to every per-sequence tensor: beam search's
         reorder, select and repeat."""
-        rows = fn(torch.arange(self.n_seen.shape[0], device=self.n_seen.device))  # the edit as a row index
+        if self.steps is not None:  # the edit as a row index, for the kept calls
+            rows = fn(torch.arange(self.n_seen.shape[0], device=self.n_seen.device))
         for name in ("n_seen", "ema_k", "ema_v", "part_k", "part_v", "summ_k", "summ_v"):
             setattr(self, name, fn(getattr(self, name)))
         self.kv = [fn(t) for t in self.kv]
         self.kv_valid = None if self.kv_valid is None else fn(self.kv_valid)
         for store in self.bounded or ():
             store.map_batch(fn)
-        self.steps.edit(rows)
+        if self.steps is not None:
+            self.steps.edit(rows)
 
     def reserve(self, new_tokens: int, chunk_size: int) -> None:
         """Make room for the chunks ``new_tokens`` more tokens can complete (a bound that needs no sync).

@@ -218,7 +218,7 @@ class SiteMemory(nn.Module):
             hf_bounded.layer_for(cache, self.layer_idx, self.site_name)
         if cache is not None and self.causal and not state.fixed_slots:  # a cache's crop may rewind this call
             if torch.compiler.is_compiling():
-                state.steps.clear()  # compiled calls keep no history: crop refuses (clear error), no wrong rewind
+                state.steps = None  # compiled calls keep no history: crop refuses (clear error), no wrong rewind
             else:
                 call.before = state.snapshot()
 
