@@ -22,12 +22,8 @@ from mka_compile.bench import model_ratios
 GOALS = {"fastmka fwd": 1.10, "fastmka fwd+bwd": 1.15, "mka fwd": 1.6}
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=1024)
-    p.add_argument("--repeats", type=int, default=11)
-    args = p.parse_args(argv)
-    torch.manual_seed(0)
+def bench_llama() -> tf.LlamaForCausalLM:
+    """The CPU benchmarks' model: a tiny Llama (d=256, 4 layers, 8 heads, 4 kv heads, SDPA), random weights, eval."""
     cfg = tf.LlamaConfig(
         vocab_size=1000,
         hidden_size=256,
@@ -37,8 +33,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         num_key_value_heads=4,
         max_position_embeddings=4096,
     )
-    base = tf.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
-    ids = torch.randint(0, 1000, (1, args.tokens))
+    return tf.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=11)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    base = bench_llama()
+    ids = torch.randint(0, base.config.vocab_size, (1, args.tokens))
     rows = model_ratios(base, dict(input_ids=ids, labels=ids, use_cache=False), repeats=args.repeats)
     t = Table(
         title=f"convert overhead: tiny Llama d=256, 4 layers, 8/4 heads, T={args.tokens}, batch 1 "

@@ -12,16 +12,22 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
-import transformers as tf
 from rich.console import Console
 from rich.table import Table
 
 import mka_compile
 from mka_compile.bench import randomize_mka
 from mka_compile.hf.compat import cache_kwargs, returned_cache
+
+if not __package__:  # run as a file: the checkout's `tools` package
+    sys.path.append(str(Path(__file__).resolve().parents[2]))
+
+from tools.bench.conversion import bench_llama  # noqa: E402
 
 
 def greedy_ms(model, ids: torch.Tensor, steps: int) -> float:
@@ -59,21 +65,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def _run(args) -> list[dict]:
-    cfg = tf.LlamaConfig(
-        vocab_size=1000,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=4096,
-    )
-    original = tf.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+    original = bench_llama()
     models = {"original": original}
     for mode in ("fastmka", "mka"):
         models[mode] = mka_compile.convert(copy.deepcopy(original), mode=mode)
         randomize_mka(models[mode])
-    ids = torch.randint(0, cfg.vocab_size, (1, args.prompt))
+    ids = torch.randint(0, original.config.vocab_size, (1, args.prompt))
     times: dict[tuple[str, str], list[float]] = {}
     with torch.no_grad():
         for _ in range(args.repeats):
