@@ -65,11 +65,6 @@ class _History:
             self.positions -= self.calls.pop().valid.shape[1]
         self._forget_edits()
 
-    def clear(self) -> None:
-        self.calls.clear()
-        self.rows.clear()
-        self.positions = 0
-
     def _forget_edits(self) -> None:
         """Keep only the edits a kept call is not yet up to date with (the oldest call is the furthest behind)."""
         behind = self.edits - self.calls[0].edits if self.calls else 0
