@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import for_device
+from .._triton import for_device, load_head_tile
 from .reference import BOUNDED_ATTENTION
 from .triton_kernels import (
     _LOG2E,
@@ -48,8 +48,7 @@ def _bounded_attention_bwd_kernel(
     th = t_mask[:, None] & h_mask[None, :]
     tp = t_mask[:, None] & p_mask[None, :]
     q1, q2, qp = _pair_parts(q_row[:, None], off1[None, :], off2[None, :], offp[None, :], th, tp, stride_q[3])
-    go = tl.load(GO + b * stride_g[0] + h * stride_g[1] + offs_t[:, None] * stride_g[2] + offs_d[None, :] * stride_g[3],
-                 mask=t_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    go = load_head_tile(GO, stride_g, b, h, offs_t, offs_d, t_mask[:, None] & d_mask[None, :]).to(tl.float32)
     lse = tl.load(LSE + pid_bh * T + offs_t, mask=t_mask, other=0.0)
     lse = tl.where(lse > float("-inf"), lse * _LOG2E, 0.0)  # queries with no entry: every p is 0 anyway
     dot = tl.load(DOT + pid_bh * T + offs_t, mask=t_mask, other=0.0)

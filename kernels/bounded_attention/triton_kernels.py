@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._triton import for_device, load_head_tile, pow2
+from .._triton import for_device, load_head_tile, pow2, store_head_tile
 from .reference import BOUNDED_ATTENTION, check_bounded_attention
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
@@ -201,8 +201,7 @@ def _bounded_attention_fwd_kernel(
         go = load_head_tile(GO, stride_g, b, h, offs_t, offs_d, td).to(tl.float32)
         tl.store(DOT + pid_bh * T + offs_t, tl.sum(go * o, 1), mask=t_mask)
     else:
-        o_ptrs = OUT + b * stride_o[0] + h * stride_o[1] + offs_t[:, None] * stride_o[2] + offs_d[None, :] * stride_o[3]
-        tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=td)
+        store_head_tile(OUT, stride_o, b, h, offs_t, offs_d, o, td)
 
 
 # --------------------------------------------------------------------------------------------- launchers

@@ -8,7 +8,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._triton import load_head_tile
+from .._triton import load_head_tile, store_head_tile
 from .triton_kernels import _LOG2E, _key_block, _key_end, _level_kv, _mm, _program, _recalled_slot, _tile_rows
 
 
@@ -73,8 +73,7 @@ def _mka_attention_bwd_dq_kernel(
         if NUM_LEVELS == 2:
             k, v = _level_kv(K2, V2, b, hk, offs_n, offs_d, nd_mask, stride_k2, stride_v2)
             dq = _dq_block(q, go_kv, k, v, vis, lse2, dot2, w2, dq, qk_scale, DOT_PRECISION, DOT_UPCAST)
-    dq_ptrs = DQ + b * stride_dq[0] + h * stride_dq[1] + offs_m[:, None] * stride_dq[2] + offs_d[None, :] * stride_dq[3]
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
+    store_head_tile(DQ, stride_dq, b, h, offs_m, offs_d, dq * scale, md_mask)
 
     if HAS_L3:
         go32 = go.to(tl.float32)
@@ -99,8 +98,7 @@ def _mka_attention_bwd_dq_kernel(
             dm_ptrs = dm_base + slot[:, None] * stride_dm[2] + offs_d[None, :] * stride_dm[3]  # (M, D) offsets
             tl.atomic_add(DMEM_K + dm_ptrs, ds[:, None] * q3 * scale, mask=ld, sem="relaxed")
             tl.atomic_add(DMEM_V + dm_ptrs, (p * w3)[:, None] * go32, mask=ld, sem="relaxed")
-        dq3_ptrs = DQ3 + b * stride_dq3[0] + h * stride_dq3[1] + offs_m[:, None] * stride_dq3[2]
-        tl.store(dq3_ptrs + offs_d[None, :] * stride_dq3[3], (dq3 * scale).to(DQ3.dtype.element_ty), mask=md_mask)
+        store_head_tile(DQ3, stride_dq3, b, h, offs_m, offs_d, dq3 * scale, md_mask)
 
 
 @triton.jit

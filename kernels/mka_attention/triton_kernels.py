@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._triton import load_head_tile
+from .._triton import load_head_tile, store_head_tile
 
 _LOG2E_F = 1.4426950408889634
 _LOG2E: tl.constexpr = tl.constexpr(_LOG2E_F)
@@ -207,8 +207,7 @@ def _mka_attention_fwd_kernel(
             tl.store(dot_row + NUM_LEVELS * TQ, tl.sum(go * o, 1), mask=m_mask)
 
     if not BWD_PREP:
-        o_ptrs = OUT + b * stride_o[0] + h * stride_o[1] + offs_m[:, None] * stride_o[2] + offs_d[None, :] * stride_o[3]
-        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=md_mask)
+        store_head_tile(OUT, stride_o, b, h, offs_m, offs_d, out, md_mask)
 
 
 # ---------------------------------------------------------------------------------------------- backward
