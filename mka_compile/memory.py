@@ -231,7 +231,7 @@ def memory_step(
             return Step([a], [b], lam, None)
         ks, vs = ([k1, a], [v1, b]) if cfg.uses_session else ([k1], [v1])
         return Step(ks, vs, lam, (st.summ_k, st.summ_v, *recalled) if cfg.uses_longterm else None)
-    B, T, Hkv, d = k1.shape[0], k1.shape[2], k1.shape[1], k1.shape[3]
+    B, Hkv, T, d = k1.shape
     q_r = None
     if cfg.uses_longterm:  # the recall query of a kv group: the mean of its query heads
         q_r = group_mean(q_flat.view(B, T, Hkv, q_flat.shape[-1] // (Hkv * d), d)).transpose(1, 2)
